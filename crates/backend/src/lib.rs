@@ -1,0 +1,1 @@
+//! lmtrain-backend (being built).

@@ -1,0 +1,1 @@
+//! lmtrain-cpu (being built).

@@ -1,0 +1,1 @@
+//! lmtrain-cuda (being built).

@@ -1,0 +1,1 @@
+//! lmtrain-hf (being built).

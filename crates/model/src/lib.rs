@@ -1,0 +1,1 @@
+//! lmtrain-model (being built).

@@ -1,0 +1,1 @@
+//! lmtrain-optim (being built).

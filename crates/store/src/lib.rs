@@ -1,0 +1,1 @@
+//! lmtrain-store (being built).

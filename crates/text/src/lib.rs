@@ -1,0 +1,1 @@
+//! lmtrain-text (being built).

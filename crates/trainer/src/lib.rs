@@ -1,0 +1,1 @@
+//! lmtrain-trainer (being built).
