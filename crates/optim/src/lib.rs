@@ -1,1 +1,387 @@
-//! lmtrain-optim (being built).
+//! lmtrain-optim: the optimizer side of training, with Hugging Face / PyTorch semantics.
+//!
+//! * [`Schedule`]: learning-rate multipliers exactly as `transformers`'
+//!   `get_{linear,cosine,constant}_schedule_with_warmup` (a `LambdaLR` evaluated at the number
+//!   of optimizer steps already taken);
+//! * [`decay_segments`]: weight-decay groups (HF Trainer: no decay on biases and LayerNorm weights);
+//! * [`clip_scale`]: `torch.nn.utils.clip_grad_norm_` turned into a gradient scale factor;
+//! * [`AdamW`]: the optimizer state (first/second moments, step count) driving the backend's
+//!   fused `adamw_update`.
+
+use lmtrain_backend::{AdamWHyper, DecaySegment};
+use serde::{Deserialize, Serialize};
+
+/// Errors of this crate.
+#[derive(Debug, thiserror::Error)]
+pub enum OptimError {
+    /// The scheduler name is not one of the supported kinds.
+    #[error("unknown learning-rate scheduler `{0}` (expected linear, cosine, constant or constant_with_warmup)")]
+    UnknownScheduler(String),
+    /// Restored optimizer state does not match the parameter count.
+    #[error("optimizer state holds {found} values per moment, the model has {expected} parameters")]
+    StateSize {
+        /// Parameter count of the model.
+        expected: usize,
+        /// Length of the restored moment buffers.
+        found: usize,
+    },
+}
+
+/// Kind of learning-rate schedule (`--lr-scheduler`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SchedulerKind {
+    /// Linear warmup from 0, then linear decay to 0 at the last step (HF default).
+    Linear,
+    /// Linear warmup, then half a cosine period down to 0.
+    Cosine,
+    /// Constant learning rate; warmup is ignored, as HF's `get_constant_schedule`.
+    Constant,
+    /// Linear warmup, then constant.
+    ConstantWithWarmup,
+}
+
+impl std::str::FromStr for SchedulerKind {
+    type Err = OptimError;
+    fn from_str(s: &str) -> Result<Self, OptimError> {
+        match s.replace('-', "_").as_str() {
+            "linear" => Ok(Self::Linear),
+            "cosine" => Ok(Self::Cosine),
+            "constant" => Ok(Self::Constant),
+            "constant_with_warmup" => Ok(Self::ConstantWithWarmup),
+            _ => Err(OptimError::UnknownScheduler(s.to_string())),
+        }
+    }
+}
+
+impl std::fmt::Display for SchedulerKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Linear => "linear",
+            Self::Cosine => "cosine",
+            Self::Constant => "constant",
+            Self::ConstantWithWarmup => "constant_with_warmup",
+        })
+    }
+}
+
+/// A learning-rate schedule: `lr(k) = base_lr * multiplier(k)`, where `k` is the number of
+/// optimizer steps already taken (0 for the first update), as PyTorch's `LambdaLR` does.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Schedule {
+    /// Peak learning rate.
+    pub base_lr: f64,
+    /// Schedule shape.
+    pub kind: SchedulerKind,
+    /// Warmup length in optimizer steps.
+    pub warmup_steps: u64,
+    /// Total optimizer steps of the run.
+    pub total_steps: u64,
+}
+
+impl Schedule {
+    /// Multiplier of the base learning rate before optimizer step `k` (0-based).
+    ///
+    /// Computed in f64 like Python floats; HF's formulas use `max(1, ...)` guards so a zero
+    /// warmup or a zero-length decay never divides by zero.
+    pub fn multiplier(&self, k: u64) -> f64 {
+        let (k, w, n) = (k as f64, self.warmup_steps as f64, self.total_steps as f64);
+        let warm = || k / w.max(1.0);
+        match self.kind {
+            SchedulerKind::Constant => 1.0,
+            SchedulerKind::ConstantWithWarmup => {
+                if k < w {
+                    warm()
+                } else {
+                    1.0
+                }
+            }
+            SchedulerKind::Linear => {
+                if k < w {
+                    warm()
+                } else {
+                    ((n - k) / (n - w).max(1.0)).max(0.0)
+                }
+            }
+            SchedulerKind::Cosine => {
+                if k < w {
+                    warm()
+                } else {
+                    // num_cycles = 0.5: one half period from 1 down to 0.
+                    let progress = (k - w) / (n - w).max(1.0);
+                    (0.5 * (1.0 + (std::f64::consts::PI * progress).cos())).max(0.0)
+                }
+            }
+        }
+    }
+
+    /// Learning rate for optimizer step `k` (0-based).
+    pub fn lr(&self, k: u64) -> f64 {
+        self.base_lr * self.multiplier(k)
+    }
+}
+
+/// Warmup steps as HF `TrainingArguments.get_warmup_steps`: an explicit step count wins,
+/// otherwise `ceil(total_steps * warmup_ratio)`.
+pub fn warmup_steps(total_steps: u64, warmup_steps: u64, warmup_ratio: f64) -> u64 {
+    if warmup_steps > 0 {
+        warmup_steps
+    } else {
+        (total_steps as f64 * warmup_ratio).ceil() as u64
+    }
+}
+
+/// Builds the weight-decay segments covering a flat parameter buffer from
+/// `(offset, len, decay)` triples (one per named parameter, in any order). Adjacent
+/// parameters with the same decay flag merge into one segment.
+pub fn decay_segments(
+    params: impl IntoIterator<Item = (usize, usize, bool)>,
+    weight_decay: f32,
+) -> Vec<DecaySegment> {
+    let mut items: Vec<(usize, usize, bool)> = params.into_iter().collect();
+    items.sort_by_key(|&(offset, _, _)| offset);
+    let mut out: Vec<DecaySegment> = Vec::new();
+    for (offset, len, decay) in items {
+        let wd = if decay { weight_decay } else { 0.0 };
+        if let Some(last) = out.last_mut()
+            && last.offset + last.len == offset
+            && last.weight_decay == wd
+        {
+            last.len += len;
+            continue;
+        }
+        out.push(DecaySegment { offset, len, weight_decay: wd });
+    }
+    out
+}
+
+/// The factor `torch.nn.utils.clip_grad_norm_(max_norm)` multiplies gradients by, given
+/// their global L2 norm: `min(1, max_norm / (norm + 1e-6))`, evaluated in f32 as torch does.
+/// A non-positive `max_norm` disables clipping (HF Trainer skips the call then).
+pub fn clip_scale(norm: f32, max_norm: f32) -> f32 {
+    if max_norm <= 0.0 {
+        return 1.0;
+    }
+    (max_norm / (norm + 1e-6)).min(1.0)
+}
+
+/// Hyper-parameters of [`AdamW`] that do not change during a run.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct AdamWConfig {
+    /// First-moment decay (`--adam-beta1`, 0.9).
+    pub beta1: f32,
+    /// Second-moment decay (`--adam-beta2`, 0.999).
+    pub beta2: f32,
+    /// Denominator epsilon (`--adam-epsilon`, 1e-8).
+    pub eps: f32,
+    /// Decoupled weight decay for the decaying group (`--weight-decay`, 0).
+    pub weight_decay: f32,
+}
+
+impl Default for AdamWConfig {
+    fn default() -> Self {
+        Self { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 }
+    }
+}
+
+/// Result of one [`AdamW::step`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepReport {
+    /// Global L2 norm of the (averaged) gradient before clipping, as HF logs `grad_norm`.
+    pub grad_norm: f32,
+    /// Learning rate the update used.
+    pub lr: f32,
+}
+
+/// AdamW (`torch.optim.AdamW` semantics) over one flat parameter buffer, with
+/// gradient clipping folded into the update as a scale factor (no extra pass over grads).
+#[derive(Debug, Clone)]
+pub struct AdamW {
+    config: AdamWConfig,
+    segments: Vec<DecaySegment>,
+    m: Vec<f32>,
+    v: Vec<f32>,
+    step: u32,
+}
+
+impl AdamW {
+    /// A fresh optimizer (zero moments, step 0) for `n_params` parameters with the given
+    /// decay segments (see [`decay_segments`]; they must cover `0..n_params`).
+    pub fn new(config: AdamWConfig, n_params: usize, segments: Vec<DecaySegment>) -> Self {
+        debug_assert_eq!(segments.iter().map(|s| s.len).sum::<usize>(), n_params);
+        Self { config, segments, m: vec![0.0; n_params], v: vec![0.0; n_params], step: 0 }
+    }
+
+    /// The fixed hyper-parameters.
+    pub fn config(&self) -> &AdamWConfig {
+        &self.config
+    }
+
+    /// Number of updates taken so far.
+    pub fn step_count(&self) -> u32 {
+        self.step
+    }
+
+    /// First moments (`exp_avg`).
+    pub fn exp_avg(&self) -> &[f32] {
+        &self.m
+    }
+
+    /// Second moments (`exp_avg_sq`).
+    pub fn exp_avg_sq(&self) -> &[f32] {
+        &self.v
+    }
+
+    /// Restores the state saved by a checkpoint.
+    pub fn restore(&mut self, exp_avg: Vec<f32>, exp_avg_sq: Vec<f32>, step: u32) -> Result<(), OptimError> {
+        for found in [exp_avg.len(), exp_avg_sq.len()] {
+            if found != self.m.len() {
+                return Err(OptimError::StateSize { expected: self.m.len(), found });
+            }
+        }
+        self.m = exp_avg;
+        self.v = exp_avg_sq;
+        self.step = step;
+        Ok(())
+    }
+
+    /// One update. `grads` holds the SUM of `accum` micro-batch gradients (the model
+    /// accumulates); they are averaged, clipped to `max_norm` (when > 0) and applied with
+    /// learning rate `lr`. `grads` itself is not modified.
+    pub fn step(&mut self, params: &mut [f32], grads: &[f32], lr: f32, max_norm: f32, accum: usize) -> StepReport {
+        let inv_accum = 1.0 / accum as f32;
+        // The norm of the averaged gradient is the raw norm scaled, so averaging and
+        // clipping become one factor the fused update applies while it reads the grads.
+        let grad_norm = lmtrain_cpu::ops::global_norm(grads) * inv_accum;
+        let grad_scale = clip_scale(grad_norm, max_norm) * inv_accum;
+        self.step += 1;
+        let hp = AdamWHyper {
+            lr,
+            beta1: self.config.beta1,
+            beta2: self.config.beta2,
+            eps: self.config.eps,
+            step: self.step,
+            grad_scale,
+        };
+        lmtrain_cpu::ops::adamw_update(params, grads, &mut self.m, &mut self.v, &self.segments, &hp);
+        StepReport { grad_norm, lr }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sched(kind: SchedulerKind, warmup: u64, total: u64) -> Schedule {
+        Schedule { base_lr: 1.0, kind, warmup_steps: warmup, total_steps: total }
+    }
+
+    /// Values printed by `transformers` 5.23: `get_*_schedule_with_warmup(opt, 3, 10)` with
+    /// lr 1.0, reading `scheduler.get_last_lr()` before each of the 10 optimizer steps.
+    #[test]
+    fn linear_matches_hf() {
+        let s = sched(SchedulerKind::Linear, 3, 10);
+        let hf = [0.0, 1.0 / 3.0, 2.0 / 3.0, 1.0, 6.0 / 7.0, 5.0 / 7.0, 4.0 / 7.0, 3.0 / 7.0, 2.0 / 7.0, 1.0 / 7.0];
+        for (k, want) in hf.iter().enumerate() {
+            assert!((s.multiplier(k as u64) - want).abs() < 1e-12, "step {k}");
+        }
+        assert_eq!(s.multiplier(10), 0.0);
+        assert_eq!(s.multiplier(12), 0.0, "clamped at 0 past the end");
+    }
+
+    #[test]
+    fn cosine_matches_hf() {
+        let s = sched(SchedulerKind::Cosine, 3, 10);
+        let hf = [
+            0.0,
+            0.3333333333333333,
+            0.6666666666666666,
+            1.0,
+            0.9504844339512095,
+            0.8117449009293668,
+            0.6112604669781572,
+            0.38873953302184283,
+            0.18825509907063326,
+            0.04951556604879048,
+        ];
+        for (k, want) in hf.iter().enumerate() {
+            assert!((s.multiplier(k as u64) - want).abs() < 1e-12, "step {k}: {}", s.multiplier(k as u64));
+        }
+    }
+
+    #[test]
+    fn constant_kinds() {
+        let c = sched(SchedulerKind::Constant, 3, 10);
+        assert!((0..12).all(|k| c.multiplier(k) == 1.0));
+        let w = sched(SchedulerKind::ConstantWithWarmup, 4, 10);
+        assert_eq!(w.multiplier(0), 0.0);
+        assert_eq!(w.multiplier(2), 0.5);
+        assert_eq!(w.multiplier(4), 1.0);
+        assert_eq!(w.multiplier(9), 1.0);
+    }
+
+    #[test]
+    fn zero_warmup_starts_at_peak() {
+        let s = sched(SchedulerKind::Linear, 0, 4);
+        assert_eq!(s.multiplier(0), 1.0);
+        assert_eq!(s.multiplier(2), 0.5);
+    }
+
+    #[test]
+    fn warmup_from_ratio_rounds_up() {
+        assert_eq!(warmup_steps(1000, 0, 0.1), 100);
+        assert_eq!(warmup_steps(15, 0, 0.1), 2);
+        assert_eq!(warmup_steps(15, 7, 0.1), 7);
+        assert_eq!(warmup_steps(15, 0, 0.0), 0);
+    }
+
+    #[test]
+    fn scheduler_names_parse() {
+        assert_eq!("cosine".parse::<SchedulerKind>().unwrap(), SchedulerKind::Cosine);
+        assert_eq!("constant-with-warmup".parse::<SchedulerKind>().unwrap(), SchedulerKind::ConstantWithWarmup);
+        assert!("exponential".parse::<SchedulerKind>().is_err());
+    }
+
+    #[test]
+    fn segments_merge_by_decay_flag() {
+        let segs = decay_segments([(10, 5, false), (0, 6, true), (6, 4, true), (15, 3, true)], 0.1);
+        let got: Vec<_> = segs.iter().map(|s| (s.offset, s.len, s.weight_decay)).collect();
+        assert_eq!(got, vec![(0, 10, 0.1), (10, 5, 0.0), (15, 3, 0.1)]);
+    }
+
+    #[test]
+    fn clip_matches_torch_formula() {
+        assert_eq!(clip_scale(0.5, 1.0), 1.0);
+        let c = clip_scale(4.0, 1.0);
+        assert_eq!(c, 1.0f32 / (4.0f32 + 1e-6));
+        assert_eq!(clip_scale(100.0, 0.0), 1.0);
+    }
+
+    /// One AdamW step against a hand computation of torch.optim.AdamW, with accumulation
+    /// (grads summed over 2 micro-batches) and clipping active.
+    #[test]
+    fn adamw_step_matches_reference() {
+        let segs = decay_segments([(0, 2, true), (2, 1, false)], 0.1);
+        let mut opt = AdamW::new(AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.1 }, 3, segs);
+        let mut p = vec![1.0f32, -2.0, 0.5];
+        let g_sum = [6.0f32, 8.0, 0.0]; // averaged over 2: [3, 4, 0], norm 5
+        let r = opt.step(&mut p, &g_sum, 0.01, 1.0, 2);
+        assert!((r.grad_norm - 5.0).abs() < 1e-6);
+        let coef = 1.0f64 / (5.0 + 1e-6);
+        let want = |p0: f64, g: f64, wd: f64| {
+            let g = g * coef;
+            let p1 = p0 * (1.0 - 0.01 * wd);
+            let m = 0.1 * g;
+            let v = 0.001 * g * g;
+            let mhat = m / 0.1;
+            let vhat = v / 0.001;
+            p1 - 0.01 * mhat / (vhat.sqrt() + 1e-8)
+        };
+        let expect = [want(1.0, 3.0, 0.1), want(-2.0, 4.0, 0.1), want(0.5, 0.0, 0.0)];
+        for i in 0..3 {
+            assert!((p[i] as f64 - expect[i]).abs() < 1e-6, "param {i}: {} vs {}", p[i], expect[i]);
+        }
+        assert_eq!(opt.step_count(), 1);
+        assert!(opt.restore(vec![0.0; 2], vec![0.0; 3], 1).is_err());
+    }
+}

@@ -1,0 +1,161 @@
+//! Training arguments with Hugging Face `TrainingArguments` names, defaults and checks.
+
+use std::path::PathBuf;
+
+use lmtrain_optim::SchedulerKind;
+use serde::{Deserialize, Serialize};
+
+use crate::TrainerError;
+
+/// When to evaluate / save (`--eval-strategy`, `--save-strategy`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IntervalStrategy {
+    /// Never.
+    No,
+    /// Every `--eval-steps` / `--save-steps` optimizer steps.
+    Steps,
+    /// At the end of every epoch.
+    Epoch,
+}
+
+impl std::str::FromStr for IntervalStrategy {
+    type Err = TrainerError;
+    fn from_str(s: &str) -> Result<Self, TrainerError> {
+        match s {
+            "no" => Ok(Self::No),
+            "steps" => Ok(Self::Steps),
+            "epoch" => Ok(Self::Epoch),
+            _ => Err(TrainerError::Args(format!("unknown strategy `{s}` (expected steps, epoch or no)"))),
+        }
+    }
+}
+
+/// Everything the training loop needs to know, with HF semantics. Build it with
+/// [`TrainingArgs::new`] (HF defaults) and check it with [`TrainingArgs::validate`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainingArgs {
+    /// Where checkpoints, the metrics log and the final model go.
+    pub output_dir: PathBuf,
+    /// Peak learning rate (HF default 5e-5).
+    pub learning_rate: f64,
+    /// Decoupled weight decay of the decaying group (not biases / LayerNorm weights).
+    pub weight_decay: f32,
+    /// AdamW beta1.
+    pub adam_beta1: f32,
+    /// AdamW beta2.
+    pub adam_beta2: f32,
+    /// AdamW epsilon.
+    pub adam_epsilon: f32,
+    /// Warmup as a fraction of the total steps (used when `warmup_steps` is 0).
+    pub warmup_ratio: f64,
+    /// Warmup in optimizer steps (wins over the ratio).
+    pub warmup_steps: u64,
+    /// Learning-rate schedule.
+    pub lr_scheduler: SchedulerKind,
+    /// Epochs to train (fractional allowed) when `max_steps` is `None`.
+    pub num_train_epochs: f64,
+    /// Total optimizer steps; overrides `num_train_epochs`.
+    pub max_steps: Option<u64>,
+    /// Blocks per micro-batch.
+    pub per_device_train_batch_size: usize,
+    /// Blocks per evaluation batch.
+    pub per_device_eval_batch_size: usize,
+    /// Micro-batches per optimizer step.
+    pub gradient_accumulation_steps: usize,
+    /// Clip the global gradient norm to this (0 = no clipping).
+    pub max_grad_norm: f32,
+    /// When to evaluate.
+    pub eval_strategy: IntervalStrategy,
+    /// Evaluate every this many steps (`None`: `logging_steps`, as HF).
+    pub eval_steps: Option<u64>,
+    /// Log the training loss every this many steps.
+    pub logging_steps: u64,
+    /// When to write `checkpoint-STEP/`.
+    pub save_strategy: IntervalStrategy,
+    /// Save every this many steps.
+    pub save_steps: u64,
+    /// Keep at most this many checkpoints (the best one is never deleted).
+    pub save_total_limit: Option<usize>,
+    /// Load the checkpoint with the lowest eval loss at the end.
+    pub load_best_model_at_end: bool,
+    /// Seed of the data order and dropout.
+    pub seed: u64,
+}
+
+impl TrainingArgs {
+    /// HF defaults with the given output directory.
+    pub fn new(output_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            output_dir: output_dir.into(),
+            learning_rate: 5e-5,
+            weight_decay: 0.0,
+            adam_beta1: 0.9,
+            adam_beta2: 0.999,
+            adam_epsilon: 1e-8,
+            warmup_ratio: 0.0,
+            warmup_steps: 0,
+            lr_scheduler: SchedulerKind::Linear,
+            num_train_epochs: 3.0,
+            max_steps: None,
+            per_device_train_batch_size: 8,
+            per_device_eval_batch_size: 8,
+            gradient_accumulation_steps: 1,
+            max_grad_norm: 1.0,
+            eval_strategy: IntervalStrategy::No,
+            eval_steps: None,
+            logging_steps: 500,
+            save_strategy: IntervalStrategy::Steps,
+            save_steps: 500,
+            save_total_limit: None,
+            load_best_model_at_end: false,
+            seed: 42,
+        }
+    }
+
+    /// Evaluation interval in steps for the `steps` strategy.
+    pub fn eval_interval(&self) -> u64 {
+        self.eval_steps.unwrap_or(self.logging_steps)
+    }
+
+    /// Rejects values and combinations HF would reject (or that would silently do nothing).
+    pub fn validate(&self) -> Result<(), TrainerError> {
+        let bad = |m: &str| Err(TrainerError::Args(m.to_string()));
+        if !(self.learning_rate.is_finite() && self.learning_rate >= 0.0) {
+            return bad("--learning-rate must be a finite number >= 0");
+        }
+        if self.per_device_train_batch_size == 0 || self.per_device_eval_batch_size == 0 {
+            return bad("batch sizes must be at least 1");
+        }
+        if self.gradient_accumulation_steps == 0 {
+            return bad("--gradient-accumulation-steps must be at least 1");
+        }
+        if !(0.0..=1.0).contains(&self.warmup_ratio) {
+            return bad("--warmup-ratio must be in [0, 1]");
+        }
+        if !(0.0..1.0).contains(&self.adam_beta1) || !(0.0..1.0).contains(&self.adam_beta2) {
+            return bad("--adam-beta1 and --adam-beta2 must be in [0, 1)");
+        }
+        if self.max_steps == Some(0) || (self.max_steps.is_none() && !(self.num_train_epochs > 0.0)) {
+            return bad("nothing to train: --max-steps must be > 0 or --num-train-epochs > 0");
+        }
+        if self.logging_steps == 0 || self.save_steps == 0 || self.eval_steps == Some(0) {
+            return bad("--logging-steps, --save-steps and --eval-steps must be at least 1");
+        }
+        if self.save_total_limit == Some(0) {
+            return bad("--save-total-limit must be at least 1 (leave it out to keep every checkpoint)");
+        }
+        if self.load_best_model_at_end {
+            if self.eval_strategy == IntervalStrategy::No {
+                return bad("--load-best-model-at-end needs evaluation: set --eval-strategy steps or epoch");
+            }
+            if self.eval_strategy != self.save_strategy {
+                return bad("--load-best-model-at-end needs --save-strategy equal to --eval-strategy");
+            }
+            if self.save_strategy == IntervalStrategy::Steps && self.save_steps % self.eval_interval() != 0 {
+                return bad("--load-best-model-at-end needs --save-steps to be a multiple of --eval-steps");
+            }
+        }
+        Ok(())
+    }
+}

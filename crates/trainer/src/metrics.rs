@@ -1,0 +1,69 @@
+//! The JSON Lines metrics log (`OUTPUT_DIR/metrics.jsonl`): one object per line, written and
+//! flushed as it happens, so a crash or a NaN stop keeps everything logged before it.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+
+use crate::TrainerError;
+
+/// File name of the metrics log inside the output directory.
+pub const METRICS_FILE: &str = "metrics.jsonl";
+
+/// Appending writer of `metrics.jsonl`.
+pub struct MetricsLog {
+    path: PathBuf,
+    file: File,
+}
+
+impl MetricsLog {
+    /// Opens (appends to) the log in `output_dir`. When `keep_up_to_step` is given (a resume),
+    /// records of later steps — written by the run being resumed after its checkpoint —
+    /// are dropped first, so the log reads like one uninterrupted run.
+    pub fn open(output_dir: &Path, keep_up_to_step: Option<u64>) -> Result<Self, TrainerError> {
+        let path = output_dir.join(METRICS_FILE);
+        if let Some(limit) = keep_up_to_step
+            && path.exists()
+        {
+            let kept: Vec<String> = read_records(&path)?
+                .into_iter()
+                .filter(|v| v.get("step").and_then(Value::as_u64).is_some_and(|s| s <= limit))
+                .map(|v| v.to_string())
+                .collect();
+            let tmp = output_dir.join(format!(".{METRICS_FILE}.tmp"));
+            let mut text = kept.join("\n");
+            if !text.is_empty() {
+                text.push('\n');
+            }
+            fs::write(&tmp, text).map_err(|e| TrainerError::io(&tmp, e))?;
+            fs::rename(&tmp, &path).map_err(|e| TrainerError::io(&path, e))?;
+        }
+        let file = OpenOptions::new().create(true).append(true).open(&path).map_err(|e| TrainerError::io(&path, e))?;
+        Ok(Self { path, file })
+    }
+
+    /// Appends one record.
+    pub fn write(&mut self, record: &Value) -> Result<(), TrainerError> {
+        let mut line = record.to_string();
+        line.push('\n');
+        self.file.write_all(line.as_bytes()).map_err(|e| TrainerError::io(&self.path, e))
+    }
+}
+
+/// Reads every record of a metrics log.
+pub fn read_records(path: &Path) -> Result<Vec<Value>, TrainerError> {
+    let f = File::open(path).map_err(|e| TrainerError::io(path, e))?;
+    let mut out = Vec::new();
+    for line in BufReader::new(f).lines() {
+        let line = line.map_err(|e| TrainerError::io(path, e))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let v = serde_json::from_str(&line)
+            .map_err(|e| TrainerError::Checkpoint { path: path.to_path_buf(), msg: e.to_string() })?;
+        out.push(v);
+    }
+    Ok(out)
+}
