@@ -1,0 +1,196 @@
+//! Row-major matrix products on top of the `gemm` crate.
+//!
+//! Threading: on this project's 2-core machines, splitting the larger of M and N into one slab
+//! per rayon thread and running single-threaded `gemm` calls side by side beats the crate's own
+//! `Parallelism::Rayon` on the mid-sized transformer shapes (see TOOLCHAIN notes and
+//! `benches/ops.rs`). Each slab keeps the full K reduction, so results do not depend on the
+//! number of threads: runs are bit-for-bit reproducible.
+
+use gemm::Parallelism;
+use lmtrain_backend::GemmShape;
+
+/// Below this many multiply-adds a product runs on the calling thread.
+const PAR_THRESHOLD: usize = 1 << 18;
+
+#[derive(Clone, Copy)]
+struct SendPtr<T>(*mut T);
+// SAFETY: the pointers are only dereferenced on disjoint slabs of C (and read-only A/B) while the
+// borrows they come from are alive for the whole `rayon::scope`.
+unsafe impl<T> Send for SendPtr<T> {}
+unsafe impl<T> Sync for SendPtr<T> {}
+
+/// Strides (row, column) of a stored operand.
+fn strides(trans: bool, rows: usize, cols: usize) -> (isize, isize) {
+    // op(X) is [rows, cols]; stored [rows, cols] (row stride = cols) or [cols, rows] transposed.
+    if trans { (1, rows as isize) } else { (cols as isize, 1) }
+}
+
+/// `C (+)= op(A) · op(B)`; see [`GemmShape`]. Multi-threaded for large products.
+pub fn matmul(c: &mut [f32], a: &[f32], b: &[f32], s: GemmShape) {
+    let GemmShape { m, n, k, trans_a, trans_b, accumulate } = s;
+    assert!(c.len() >= m * n, "gemm: C has {} elements, needs {}", c.len(), m * n);
+    assert!(a.len() >= m * k, "gemm: A has {} elements, needs {}", a.len(), m * k);
+    assert!(b.len() >= k * n, "gemm: B has {} elements, needs {}", b.len(), k * n);
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            c[..m * n].fill(0.0);
+        }
+        return;
+    }
+    let (a_rs, a_cs) = strides(trans_a, m, k);
+    let (b_rs, b_cs) = strides(trans_b, k, n);
+    let threads = rayon::current_num_threads();
+    let work = m * n * k;
+    let cp = SendPtr(c.as_mut_ptr());
+    let ap = SendPtr(a.as_ptr() as *mut f32);
+    let bp = SendPtr(b.as_ptr() as *mut f32);
+    // One single-threaded call on rows [r0, r1) x columns [c0, c1) of C.
+    let run = move |r0: usize, r1: usize, c0: usize, c1: usize| {
+        let (cp, ap, bp) = (cp, ap, bp);
+        // SAFETY: offsets stay inside the asserted lengths; slabs of C are disjoint.
+        unsafe {
+            gemm::gemm(
+                r1 - r0,
+                c1 - c0,
+                k,
+                cp.0.add(r0 * n + c0),
+                1,
+                n as isize,
+                accumulate,
+                ap.0.offset(r0 as isize * a_rs),
+                a_cs,
+                a_rs,
+                bp.0.offset(c0 as isize * b_cs),
+                b_cs,
+                b_rs,
+                1.0,
+                1.0,
+                false,
+                false,
+                false,
+                Parallelism::None,
+            )
+        }
+    };
+    if threads <= 1 || work < PAR_THRESHOLD {
+        run(0, m, 0, n);
+        return;
+    }
+    // Slabs aligned to 16 so every slab keeps full-width micro-kernel tiles.
+    let split_rows = m >= n;
+    let dim = if split_rows { m } else { n };
+    let parts = threads.min(dim.div_ceil(16)).max(1);
+    let step = dim.div_ceil(parts).div_ceil(16) * 16;
+    rayon::scope(|sc| {
+        let mut start = 0;
+        while start < dim {
+            let end = (start + step).min(dim);
+            let run = &run;
+            sc.spawn(move |_| {
+                if split_rows { run(start, end, 0, n) } else { run(0, m, start, end) }
+            });
+            start = end;
+        }
+    });
+}
+
+/// Single-threaded `C (+)= scale · A · B` with explicit strides, for the small per-head products
+/// inside attention (called from already-parallel loops).
+///
+/// # Safety
+/// Every index `(i, j)` of C with `i < m, j < n`, `(i, p)` of A and `(p, j)` of B must lie inside
+/// allocations the caller owns (C exclusively) for the given strides.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn matmul_strided(
+    m: usize,
+    n: usize,
+    k: usize,
+    c: *mut f32,
+    c_rs: usize,
+    a: *const f32,
+    a_rs: isize,
+    a_cs: isize,
+    b: *const f32,
+    b_rs: isize,
+    b_cs: isize,
+    accumulate: bool,
+    scale: f32,
+) {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c,
+            1,
+            c_rs as isize,
+            accumulate,
+            a,
+            a_cs,
+            a_rs,
+            b,
+            b_cs,
+            b_rs,
+            1.0,
+            scale,
+            false,
+            false,
+            false,
+            Parallelism::None,
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn naive(a: &[f32], b: &[f32], s: GemmShape) -> Vec<f32> {
+        let mut c = vec![0f32; s.m * s.n];
+        for i in 0..s.m {
+            for j in 0..s.n {
+                let mut acc = 0f64;
+                for p in 0..s.k {
+                    let av = if s.trans_a { a[p * s.m + i] } else { a[i * s.k + p] };
+                    let bv = if s.trans_b { b[j * s.k + p] } else { b[p * s.n + j] };
+                    acc += av as f64 * bv as f64;
+                }
+                c[i * s.n + j] = acc as f32;
+            }
+        }
+        c
+    }
+
+    #[test]
+    fn all_transposes_and_accumulate_match_naive() {
+        let mut seed = 1u64;
+        let mut rnd = || {
+            seed = lmtrain_backend::mix64(seed);
+            (seed >> 40) as f32 / 16_777_216.0 - 0.5
+        };
+        // odd sizes, one product large enough to take the threaded path
+        for &(m, n, k) in &[(7, 5, 3), (33, 70, 19), (130, 300, 40), (300, 90, 77)] {
+            for ta in [false, true] {
+                for tb in [false, true] {
+                    let a: Vec<f32> = (0..m * k).map(|_| rnd()).collect();
+                    let b: Vec<f32> = (0..k * n).map(|_| rnd()).collect();
+                    let s = GemmShape { m, n, k, trans_a: ta, trans_b: tb, accumulate: false };
+                    let want = naive(&a, &b, s);
+                    let mut c = vec![f32::NAN; m * n];
+                    matmul(&mut c, &a, &b, s);
+                    for (x, y) in c.iter().zip(&want) {
+                        assert!((x - y).abs() < 1e-5, "{m}x{n}x{k} ta={ta} tb={tb}: {x} vs {y}");
+                    }
+                    matmul(&mut c, &a, &b, GemmShape { accumulate: true, ..s });
+                    for (x, y) in c.iter().zip(&want) {
+                        assert!((x - 2.0 * y).abs() < 2e-5);
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,616 @@
+//! The CPU ops: f32, row-major, multi-threaded with rayon. Every `*_backward` ACCUMULATES (`+=`)
+//! into its gradient outputs. Every reduction runs over fixed chunks in a fixed order, so results
+//! are bit-for-bit identical from run to run (resuming a training run relies on it).
+
+use lmtrain_backend::{AdamWHyper, AttnMask, AttnShape, DecaySegment, Dropout, GeluKind};
+use rayon::prelude::*;
+
+use crate::math;
+
+pub use crate::gemm::matmul;
+
+/// Elements per rayon task in elementwise loops.
+const CHUNK: usize = 1 << 14;
+
+/// Rows per rayon task for a row length of `cols` (about `CHUNK` elements per task).
+fn rows_per_task(cols: usize) -> usize {
+    (CHUNK / cols.max(1)).max(1)
+}
+
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+// SAFETY: used only to write disjoint regions from parallel tasks (documented at each use).
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+impl SendPtr {
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// elementwise
+
+/// `out = a + b`.
+pub fn residual_forward(out: &mut [f32], a: &[f32], b: &[f32]) {
+    assert!(a.len() == out.len() && b.len() == out.len(), "residual_forward: length mismatch");
+    out.par_chunks_mut(CHUNK).zip(a.par_chunks(CHUNK)).zip(b.par_chunks(CHUNK)).for_each(|((o, a), b)| {
+        for ((o, a), b) in o.iter_mut().zip(a).zip(b) {
+            *o = a + b;
+        }
+    });
+}
+
+/// `dst += src`.
+pub fn add_inplace(dst: &mut [f32], src: &[f32]) {
+    assert_eq!(dst.len(), src.len(), "add_inplace: length mismatch");
+    dst.par_chunks_mut(CHUNK).zip(src.par_chunks(CHUNK)).for_each(|(d, s)| {
+        for (d, s) in d.iter_mut().zip(s) {
+            *d += s;
+        }
+    });
+}
+
+/// `x *= s`.
+pub fn scale(x: &mut [f32], s: f32) {
+    x.par_chunks_mut(CHUNK).for_each(|c| c.iter_mut().for_each(|v| *v *= s));
+}
+
+/// Inverted dropout in place (also its own backward): `x[i] *= d.factor(i)`.
+pub fn dropout_inplace(x: &mut [f32], d: Dropout) {
+    if !d.active() {
+        return;
+    }
+    x.par_chunks_mut(CHUNK).enumerate().for_each(|(ci, c)| {
+        let base = (ci * CHUNK) as u64;
+        for (i, v) in c.iter_mut().enumerate() {
+            *v *= d.factor(base + i as u64);
+        }
+    });
+}
+
+// ---------------------------------------------------------------------------------------------
+// linear layers
+
+/// `out[r, :] += bias` for each of `rows` rows.
+pub fn add_bias(out: &mut [f32], bias: &[f32], rows: usize, cols: usize) {
+    assert!(out.len() == rows * cols && bias.len() == cols, "add_bias: shape mismatch");
+    out.par_chunks_mut(cols * rows_per_task(cols)).for_each(|c| {
+        for row in c.chunks_exact_mut(cols) {
+            for (o, b) in row.iter_mut().zip(bias) {
+                *o += b;
+            }
+        }
+    });
+}
+
+/// `dbias += sum over rows of dout`.
+pub fn bias_backward(dbias: &mut [f32], dout: &[f32], rows: usize, cols: usize) {
+    assert!(dout.len() == rows * cols && dbias.len() == cols, "bias_backward: shape mismatch");
+    let partials: Vec<Vec<f32>> = dout
+        .par_chunks(cols * rows_per_task(cols).max(32))
+        .map(|c| {
+            let mut acc = vec![0f32; cols];
+            for row in c.chunks_exact(cols) {
+                for (a, d) in acc.iter_mut().zip(row) {
+                    *a += d;
+                }
+            }
+            acc
+        })
+        .collect();
+    for p in &partials {
+        for (d, a) in dbias.iter_mut().zip(p) {
+            *d += a;
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// layernorm
+
+/// LayerNorm over rows of `cols`: `out = (inp - mean) * rstd * weight + bias`, biased variance as
+/// torch; saves `mean` and `rstd = 1/sqrt(var + eps)` per row.
+#[allow(clippy::too_many_arguments)]
+pub fn layernorm_forward(
+    out: &mut [f32],
+    mean: &mut [f32],
+    rstd: &mut [f32],
+    inp: &[f32],
+    weight: &[f32],
+    bias: &[f32],
+    rows: usize,
+    cols: usize,
+    eps: f32,
+) {
+    assert!(out.len() == rows * cols && inp.len() == rows * cols, "layernorm_forward: inp/out shape");
+    assert!(mean.len() == rows && rstd.len() == rows, "layernorm_forward: mean/rstd shape");
+    assert!(weight.len() == cols && bias.len() == cols, "layernorm_forward: weight/bias shape");
+    let rpt = rows_per_task(cols);
+    out.par_chunks_mut(cols * rpt)
+        .zip(inp.par_chunks(cols * rpt))
+        .zip(mean.par_chunks_mut(rpt).zip(rstd.par_chunks_mut(rpt)))
+        .for_each(|((o, x), (mu, rs))| {
+            for (((o, x), mu), rs) in o.chunks_exact_mut(cols).zip(x.chunks_exact(cols)).zip(mu).zip(rs) {
+                // two passes (mean, then centred variance): no cancellation for large means.
+                let m = x.iter().sum::<f32>() / cols as f32;
+                let v = x.iter().map(|&v| (v - m) * (v - m)).sum::<f32>() / cols as f32;
+                let r = 1.0 / (v + eps).sqrt();
+                for (((o, &x), &w), &b) in o.iter_mut().zip(x).zip(weight).zip(bias) {
+                    *o = (x - m) * r * w + b;
+                }
+                *mu = m;
+                *rs = r;
+            }
+        });
+}
+
+/// LayerNorm backward; accumulates into `dinp`, `dweight` and `dbias`.
+#[allow(clippy::too_many_arguments)]
+pub fn layernorm_backward(
+    dinp: &mut [f32],
+    dweight: &mut [f32],
+    dbias: &mut [f32],
+    dout: &[f32],
+    inp: &[f32],
+    weight: &[f32],
+    mean: &[f32],
+    rstd: &[f32],
+    rows: usize,
+    cols: usize,
+) {
+    let n = rows * cols;
+    assert!(dinp.len() == n && dout.len() == n && inp.len() == n, "layernorm_backward: shape");
+    assert!(dweight.len() == cols && dbias.len() == cols && weight.len() == cols, "layernorm_backward: param shape");
+    assert!(mean.len() == rows && rstd.len() == rows, "layernorm_backward: mean/rstd shape");
+    let rpt = rows_per_task(cols).max(16);
+    // each task returns its partial dweight (first half) and dbias (second half)
+    let partials: Vec<Vec<f32>> = dinp
+        .par_chunks_mut(cols * rpt)
+        .zip(dout.par_chunks(cols * rpt))
+        .zip(inp.par_chunks(cols * rpt))
+        .zip(mean.par_chunks(rpt).zip(rstd.par_chunks(rpt)))
+        .map(|(((di, dy), x), (mu, rs))| {
+            let mut acc = vec![0f32; 2 * cols];
+            let (dw, db) = acc.split_at_mut(cols);
+            for ((((di, dy), x), &m), &r) in
+                di.chunks_exact_mut(cols).zip(dy.chunks_exact(cols)).zip(x.chunks_exact(cols)).zip(mu).zip(rs)
+            {
+                // dnorm = dy * w; dx = r * (dnorm - mean(dnorm) - norm * mean(dnorm * norm))
+                let mut sum_dn = 0f32;
+                let mut sum_dn_n = 0f32;
+                for ((&dy, &x), &w) in dy.iter().zip(x).zip(weight) {
+                    let norm = (x - m) * r;
+                    let dn = dy * w;
+                    sum_dn += dn;
+                    sum_dn_n += dn * norm;
+                }
+                let mean_dn = sum_dn / cols as f32;
+                let mean_dn_n = sum_dn_n / cols as f32;
+                for (((((di, &dy), &x), &w), dw), db) in
+                    di.iter_mut().zip(dy).zip(x).zip(weight).zip(dw.iter_mut()).zip(db.iter_mut())
+                {
+                    let norm = (x - m) * r;
+                    *dw += dy * norm;
+                    *db += dy;
+                    *di += r * (dy * w - mean_dn - norm * mean_dn_n);
+                }
+            }
+            acc
+        })
+        .collect();
+    for p in &partials {
+        for (d, a) in dweight.iter_mut().zip(&p[..cols]) {
+            *d += a;
+        }
+        for (d, a) in dbias.iter_mut().zip(&p[cols..]) {
+            *d += a;
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// gelu
+
+const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+const GELU_C: f32 = 0.044_715;
+const FRAC_1_SQRT_2: f32 = std::f32::consts::FRAC_1_SQRT_2;
+/// 1 / sqrt(2 pi)
+const INV_SQRT_2PI: f32 = 0.398_942_3;
+
+/// `out = gelu(inp)`: `Tanh` = `0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))`,
+/// `Erf` = `0.5 x (1 + erf(x / sqrt 2))`.
+pub fn gelu_forward(out: &mut [f32], inp: &[f32], kind: GeluKind) {
+    assert_eq!(out.len(), inp.len(), "gelu_forward: length mismatch");
+    out.par_chunks_mut(CHUNK).zip(inp.par_chunks(CHUNK)).for_each(|(o, x)| match kind {
+        GeluKind::Tanh => {
+            for (o, &x) in o.iter_mut().zip(x) {
+                *o = 0.5 * x * (1.0 + math::tanh(SQRT_2_OVER_PI * (x + GELU_C * x * x * x)));
+            }
+        }
+        GeluKind::Erf => {
+            for (o, &x) in o.iter_mut().zip(x) {
+                *o = 0.5 * x * (1.0 + math::erf(x * FRAC_1_SQRT_2));
+            }
+        }
+    });
+}
+
+/// `dinp += gelu'(inp) * dout`.
+pub fn gelu_backward(dinp: &mut [f32], inp: &[f32], dout: &[f32], kind: GeluKind) {
+    assert!(dinp.len() == inp.len() && dout.len() == inp.len(), "gelu_backward: length mismatch");
+    dinp.par_chunks_mut(CHUNK).zip(inp.par_chunks(CHUNK)).zip(dout.par_chunks(CHUNK)).for_each(|((d, x), g)| {
+        match kind {
+            GeluKind::Tanh => {
+                for ((d, &x), &g) in d.iter_mut().zip(x).zip(g) {
+                    let th = math::tanh(SQRT_2_OVER_PI * (x + GELU_C * x * x * x));
+                    let dth = SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_C * x * x);
+                    *d += g * (0.5 * (1.0 + th) + 0.5 * x * (1.0 - th * th) * dth);
+                }
+            }
+            GeluKind::Erf => {
+                for ((d, &x), &g) in d.iter_mut().zip(x).zip(g) {
+                    let cdf = 0.5 * (1.0 + math::erf(x * FRAC_1_SQRT_2));
+                    let pdf = INV_SQRT_2PI * math::exp(-0.5 * x * x);
+                    *d += g * (cdf + x * pdf);
+                }
+            }
+        }
+    });
+}
+
+// ---------------------------------------------------------------------------------------------
+// embeddings
+
+/// `out[b, t, :] = wte[ids[b, t], :] + wpe[pos_offset + t, :]`.
+#[allow(clippy::too_many_arguments)]
+pub fn embedding_forward(
+    out: &mut [f32],
+    wte: &[f32],
+    wpe: &[f32],
+    ids: &[u32],
+    b: usize,
+    t: usize,
+    c: usize,
+    pos_offset: usize,
+) {
+    assert!(out.len() == b * t * c && ids.len() == b * t, "embedding_forward: shape");
+    let vocab = wte.len() / c;
+    let n_pos = wpe.len() / c;
+    assert!(pos_offset + t <= n_pos, "embedding_forward: position {} beyond {n_pos}", pos_offset + t - 1);
+    out.par_chunks_mut(c).zip(ids.par_iter()).enumerate().for_each(|(i, (o, &id))| {
+        let id = id as usize;
+        assert!(id < vocab, "embedding_forward: token id {id} >= vocabulary {vocab}");
+        let p = pos_offset + i % t;
+        for ((o, &e), &q) in o.iter_mut().zip(&wte[id * c..(id + 1) * c]).zip(&wpe[p * c..(p + 1) * c]) {
+            *o = e + q;
+        }
+    });
+}
+
+/// `dwte[ids[b, t]] += dout[b, t]`, `dwpe[t] += dout[b, t]` (positions start at 0).
+pub fn embedding_backward(dwte: &mut [f32], dwpe: &mut [f32], dout: &[f32], ids: &[u32], b: usize, t: usize, c: usize) {
+    assert!(dout.len() == b * t * c && ids.len() == b * t, "embedding_backward: shape");
+    assert!(dwpe.len() >= t * c, "embedding_backward: wpe too short");
+    dwpe[..t * c].par_chunks_mut(c).enumerate().for_each(|(p, d)| {
+        for bi in 0..b {
+            let row = &dout[(bi * t + p) * c..(bi * t + p + 1) * c];
+            for (d, g) in d.iter_mut().zip(row) {
+                *d += g;
+            }
+        }
+    });
+    // Token rows may repeat: split the channels between tasks instead of the tokens, so no two
+    // tasks touch the same element and the summation order is fixed.
+    let threads = rayon::current_num_threads().max(1);
+    let width = c.div_ceil(threads).max(16).min(c);
+    let ptr = SendPtr(dwte.as_mut_ptr());
+    let vocab = dwte.len() / c;
+    (0..c.div_ceil(width)).into_par_iter().for_each(|ci| {
+        let c0 = ci * width;
+        let c1 = (c0 + width).min(c);
+        for (i, &id) in ids.iter().enumerate() {
+            let id = id as usize;
+            assert!(id < vocab, "embedding_backward: token id {id} >= vocabulary {vocab}");
+            let g = &dout[i * c + c0..i * c + c1];
+            // SAFETY: columns [c0, c1) belong to this task alone; id < vocab keeps it in bounds.
+            let d = unsafe { std::slice::from_raw_parts_mut(ptr.get().add(id * c + c0), c1 - c0) };
+            for (d, g) in d.iter_mut().zip(g) {
+                *d += g;
+            }
+        }
+    });
+}
+
+// ---------------------------------------------------------------------------------------------
+// attention
+
+/// Scaled dot-product attention, see `Backend::attention_forward`. One task per (batch, head):
+/// scores and probabilities live in that head's `[t, t]` slice of `probs`.
+pub fn attention_forward(out: &mut [f32], probs: &mut [f32], qkv: &[f32], s: AttnShape, mask: AttnMask<'_>, dropout: Dropout) {
+    let AttnShape { b, t, n_head, head_size: hs } = s;
+    let c = s.channels();
+    assert!(out.len() == b * t * c && qkv.len() == b * t * 3 * c, "attention_forward: shape");
+    assert_eq!(probs.len(), s.probs_len(), "attention_forward: probs shape");
+    if let Some(kp) = mask.key_padding {
+        assert_eq!(kp.len(), b * t, "attention_forward: key_padding shape");
+    }
+    let scale = 1.0 / (hs as f32).sqrt();
+    let out_ptr = SendPtr(out.as_mut_ptr());
+    probs.par_chunks_mut(t * t).enumerate().for_each(|(bh, p)| {
+        let (bi, h) = (bh / n_head, bh % n_head);
+        let q = qkv[bi * t * 3 * c + h * hs..].as_ptr();
+        let k = qkv[bi * t * 3 * c + c + h * hs..].as_ptr();
+        let v = qkv[bi * t * 3 * c + 2 * c + h * hs..].as_ptr();
+        // SAFETY: q/k rows are read with row stride 3c inside qkv's batch bi; p is [t, t].
+        unsafe {
+            crate::gemm::matmul_strided(t, t, hs, p.as_mut_ptr(), t, q, 3 * c as isize, 1, k, 1, 3 * c as isize, false, scale);
+        }
+        let pad = mask.key_padding.map(|kp| &kp[bi * t..(bi + 1) * t]);
+        for (i, row) in p.chunks_exact_mut(t).enumerate() {
+            softmax_masked_row(row, if mask.causal { i + 1 } else { t }, pad);
+        }
+        let mut dropped;
+        let pv: &[f32] = if dropout.active() {
+            dropped = p.to_vec();
+            let base = (bh * t * t) as u64;
+            for (j, x) in dropped.iter_mut().enumerate() {
+                *x *= dropout.factor(base + j as u64);
+            }
+            &dropped
+        } else {
+            p
+        };
+        // SAFETY: this task writes out[bi, :, h*hs..(h+1)*hs] only (disjoint between tasks).
+        unsafe {
+            let o = out_ptr.get().add(bi * t * c + h * hs);
+            crate::gemm::matmul_strided(t, hs, t, o, c, pv.as_ptr(), t as isize, 1, v, 3 * c as isize, 1, false, 1.0);
+        }
+    });
+}
+
+/// Softmax of `row[..valid]` with padded keys removed; entries past `valid` or padded are 0.
+fn softmax_masked_row(row: &mut [f32], valid: usize, pad: Option<&[bool]>) {
+    let keep = |j: usize| pad.is_none_or(|p| p[j]);
+    let mut max = f32::NEG_INFINITY;
+    for (j, &x) in row[..valid].iter().enumerate() {
+        if keep(j) && x > max {
+            max = x;
+        }
+    }
+    if max == f32::NEG_INFINITY {
+        // every key masked: attend to nothing (a fully padded query row; its output is unused)
+        row.fill(0.0);
+        return;
+    }
+    let mut sum = 0f32;
+    for (j, x) in row[..valid].iter_mut().enumerate() {
+        *x = if keep(j) { math::exp(*x - max) } else { 0.0 };
+        sum += *x;
+    }
+    let inv = 1.0 / sum;
+    row[..valid].iter_mut().for_each(|x| *x *= inv);
+    row[valid..].fill(0.0);
+}
+
+/// Attention backward, see `Backend::attention_backward`; accumulates into `dqkv`.
+pub fn attention_backward(dqkv: &mut [f32], dout: &[f32], qkv: &[f32], probs: &[f32], s: AttnShape, dropout: Dropout) {
+    let AttnShape { b, t, n_head, head_size: hs } = s;
+    let c = s.channels();
+    assert!(dqkv.len() == b * t * 3 * c && qkv.len() == b * t * 3 * c, "attention_backward: qkv shape");
+    assert!(dout.len() == b * t * c && probs.len() == s.probs_len(), "attention_backward: shape");
+    let scale = 1.0 / (hs as f32).sqrt();
+    let dptr = SendPtr(dqkv.as_mut_ptr());
+    let c3 = 3 * c as isize;
+    probs.par_chunks(t * t).enumerate().for_each(|(bh, p)| {
+        let (bi, h) = (bh / n_head, bh % n_head);
+        let base = bi * t * 3 * c + h * hs;
+        let q = qkv[base..].as_ptr();
+        let k = qkv[base + c..].as_ptr();
+        let v = qkv[base + 2 * c..].as_ptr();
+        let dy = dout[bi * t * c + h * hs..].as_ptr();
+        // SAFETY: this task touches dqkv[bi, :, {0,c,2c} + h*hs ..+hs] only (disjoint).
+        let (dq, dk, dv) = unsafe { (dptr.get().add(base), dptr.get().add(base + c), dptr.get().add(base + 2 * c)) };
+        let mut dp = vec![0f32; t * t];
+        let drop_base = (bh * t * t) as u64;
+        // SAFETY (all products below): operands are strided views inside qkv/dout/dqkv of batch
+        // bi and head h, and the task-local [t, t] buffers.
+        unsafe {
+            // dP' = dY V^T
+            crate::gemm::matmul_strided(t, t, hs, dp.as_mut_ptr(), t, dy, c as isize, 1, v, 1, c3, false, 1.0);
+            // dV += P'^T dY, with P' the dropped-out probabilities the forward multiplied V by
+            if dropout.active() {
+                let pd: Vec<f32> =
+                    p.iter().enumerate().map(|(j, &x)| x * dropout.factor(drop_base + j as u64)).collect();
+                crate::gemm::matmul_strided(t, hs, t, dv, 3 * c, pd.as_ptr(), 1, t as isize, dy, c as isize, 1, true, 1.0);
+            } else {
+                crate::gemm::matmul_strided(t, hs, t, dv, 3 * c, p.as_ptr(), 1, t as isize, dy, c as isize, 1, true, 1.0);
+            }
+        }
+        if dropout.active() {
+            for (j, x) in dp.iter_mut().enumerate() {
+                *x *= dropout.factor(drop_base + j as u64);
+            }
+        }
+        // softmax backward: dS = P * (dP - sum_j dP * P)
+        for (dr, pr) in dp.chunks_exact_mut(t).zip(p.chunks_exact(t)) {
+            let dot: f32 = dr.iter().zip(pr).map(|(d, p)| d * p).sum();
+            for (d, &p) in dr.iter_mut().zip(pr) {
+                *d = p * (*d - dot);
+            }
+        }
+        unsafe {
+            // dQ += scale dS K ; dK += scale dS^T Q
+            crate::gemm::matmul_strided(t, hs, t, dq, 3 * c, dp.as_ptr(), t as isize, 1, k, c3, 1, true, scale);
+            crate::gemm::matmul_strided(t, hs, t, dk, 3 * c, dp.as_ptr(), 1, t as isize, q, c3, 1, true, scale);
+        }
+    });
+}
+
+/// Incremental causal attention for generation, see `Backend::attention_cached`.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_cached(
+    out: &mut [f32],
+    q: &[f32],
+    k_cache: &[f32],
+    v_cache: &[f32],
+    start: usize,
+    n_new: usize,
+    n_head: usize,
+    head_size: usize,
+) {
+    let c = n_head * head_size;
+    let total = start + n_new;
+    assert!(out.len() == n_new * c && q.len() == n_new * c, "attention_cached: q/out shape");
+    assert!(k_cache.len() >= total * c && v_cache.len() >= total * c, "attention_cached: cache too short");
+    let scale = 1.0 / (head_size as f32).sqrt();
+    out.par_chunks_mut(c).enumerate().for_each(|(i, o)| {
+        let pos = start + i;
+        let mut w = vec![0f32; pos + 1];
+        for h in 0..n_head {
+            let qh = &q[i * c + h * head_size..i * c + (h + 1) * head_size];
+            let mut max = f32::NEG_INFINITY;
+            for (j, wj) in w.iter_mut().enumerate() {
+                let kh = &k_cache[j * c + h * head_size..j * c + (h + 1) * head_size];
+                *wj = qh.iter().zip(kh).map(|(a, b)| a * b).sum::<f32>() * scale;
+                max = max.max(*wj);
+            }
+            let mut sum = 0f32;
+            for wj in w.iter_mut() {
+                *wj = math::exp(*wj - max);
+                sum += *wj;
+            }
+            let oh = &mut o[h * head_size..(h + 1) * head_size];
+            oh.fill(0.0);
+            for (j, &wj) in w.iter().enumerate() {
+                let vh = &v_cache[j * c + h * head_size..j * c + (h + 1) * head_size];
+                for (o, v) in oh.iter_mut().zip(vh) {
+                    *o += wj / sum * v;
+                }
+            }
+        }
+    });
+}
+
+// ---------------------------------------------------------------------------------------------
+// cross-entropy
+
+/// Target value that marks a position without loss (PyTorch / Hugging Face `ignore_index`).
+pub const IGNORE_INDEX: i32 = -100;
+
+/// Fused softmax + cross-entropy, see `Backend::cross_entropy`. Returns the sum of row losses.
+pub fn cross_entropy(logits: &mut [f32], targets: &[i32], rows: usize, vocab: usize, dloss: Option<f32>) -> f64 {
+    assert!(logits.len() == rows * vocab && targets.len() == rows, "cross_entropy: shape");
+    let losses: Vec<f64> = logits
+        .par_chunks_mut(vocab)
+        .zip(targets.par_iter())
+        .map(|(row, &tgt)| {
+            if tgt == IGNORE_INDEX {
+                if dloss.is_some() {
+                    row.fill(0.0);
+                }
+                return 0.0;
+            }
+            assert!(tgt >= 0 && (tgt as usize) < vocab, "cross_entropy: target {tgt} outside vocabulary {vocab}");
+            let target_logit = row[tgt as usize];
+            let max = lane_max(row);
+            match dloss {
+                Some(g) => {
+                    // one pass writes e^(x - max) in place and sums it; a second scales to g * p
+                    let sum = exp_in_place_sum(row, max);
+                    let f = g / sum as f32;
+                    row.iter_mut().for_each(|x| *x *= f);
+                    row[tgt as usize] -= g;
+                    sum.ln() + (max - target_logit) as f64
+                }
+                None => exp_sum(row, max).ln() + (max - target_logit) as f64,
+            }
+        })
+        .collect();
+    losses.iter().sum()
+}
+
+fn lane_max(x: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; 8];
+    let chunks = x.chunks_exact(8);
+    let tail = chunks.remainder();
+    for ch in chunks {
+        for (a, &v) in acc.iter_mut().zip(ch) {
+            *a = a.max(v);
+        }
+    }
+    tail.iter().chain(&acc).fold(f32::NEG_INFINITY, |m, &v| m.max(v))
+}
+
+fn exp_sum(x: &[f32], max: f32) -> f64 {
+    let mut acc = [0f32; 8];
+    let chunks = x.chunks_exact(8);
+    let tail = chunks.remainder();
+    for ch in chunks {
+        for (a, &v) in acc.iter_mut().zip(ch) {
+            *a += math::exp(v - max);
+        }
+    }
+    acc.iter().map(|&a| a as f64).sum::<f64>() + tail.iter().map(|&v| math::exp(v - max) as f64).sum::<f64>()
+}
+
+fn exp_in_place_sum(x: &mut [f32], max: f32) -> f64 {
+    let mut acc = [0f32; 8];
+    let mut chunks = x.chunks_exact_mut(8);
+    for ch in &mut chunks {
+        for (a, v) in acc.iter_mut().zip(ch.iter_mut()) {
+            *v = math::exp(*v - max);
+            *a += *v;
+        }
+    }
+    let mut tail = 0f64;
+    for v in chunks.into_remainder() {
+        *v = math::exp(*v - max);
+        tail += *v as f64;
+    }
+    acc.iter().map(|&a| a as f64).sum::<f64>() + tail
+}
+
+// ---------------------------------------------------------------------------------------------
+// optimizer
+
+/// torch.optim.AdamW semantics (decoupled decay: p -= lr*wd*p, then Adam with bias correction);
+/// grads are multiplied by hp.grad_scale first; segments cover the whole buffer.
+pub fn adamw_update(params: &mut [f32], grads: &[f32], m: &mut [f32], v: &mut [f32], segments: &[DecaySegment], hp: &AdamWHyper) {
+    let n = params.len();
+    assert!(grads.len() == n && m.len() == n && v.len() == n, "adamw_update: length mismatch");
+    assert!(hp.step >= 1, "adamw_update: step is 1-based");
+    let covered: usize = segments.iter().map(|s| s.len).sum();
+    assert_eq!(covered, n, "adamw_update: segments cover {covered} of {n} parameters");
+    // torch computes the bias corrections in double precision (Python floats)
+    let bc1 = 1.0 - (hp.beta1 as f64).powi(hp.step as i32);
+    let bc2 = 1.0 - (hp.beta2 as f64).powi(hp.step as i32);
+    let step_size = (hp.lr as f64 / bc1) as f32;
+    let bc2_sqrt = bc2.sqrt() as f32;
+    let (b1, b2, eps, gs) = (hp.beta1, hp.beta2, hp.eps, hp.grad_scale);
+    for seg in segments {
+        let r = seg.offset..seg.offset + seg.len;
+        let decay = 1.0 - hp.lr * seg.weight_decay;
+        params[r.clone()]
+            .par_chunks_mut(CHUNK)
+            .zip(grads[r.clone()].par_chunks(CHUNK))
+            .zip(m[r.clone()].par_chunks_mut(CHUNK).zip(v[r].par_chunks_mut(CHUNK)))
+            .for_each(|((p, g), (m, v))| {
+                for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
+                    let g = g * gs;
+                    *p *= decay;
+                    *m += (g - *m) * (1.0 - b1); // lerp, as torch
+                    *v = *v * b2 + (1.0 - b2) * g * g;
+                    let denom = v.sqrt() / bc2_sqrt + eps;
+                    *p -= step_size * (*m / denom);
+                }
+            });
+    }
+}
+
+/// sqrt(sum g^2), accumulated in f64.
+pub fn global_norm(grads: &[f32]) -> f32 {
+    let partials: Vec<f64> =
+        grads.par_chunks(CHUNK).map(|c| c.iter().map(|&g| g as f64 * g as f64).sum::<f64>()).collect();
+    partials.iter().sum::<f64>().sqrt() as f32
+}

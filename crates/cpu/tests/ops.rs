@@ -1,0 +1,354 @@
+//! CPU ops against straightforward f64 references and finite differences.
+
+use lmtrain_backend::{AdamWHyper, AttnMask, AttnShape, DecaySegment, Dropout, GeluKind};
+use lmtrain_cpu::ops;
+
+fn rand_vec(n: usize, seed: u64, scale: f32) -> Vec<f32> {
+    let mut s = seed;
+    (0..n)
+        .map(|_| {
+            s = lmtrain_backend::mix64(s);
+            ((s >> 40) as f32 / 16_777_216.0 - 0.5) * 2.0 * scale
+        })
+        .collect()
+}
+
+fn assert_close(got: &[f32], want: &[f64], tol: f64, what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    let scale = want.iter().fold(0f64, |m, v| m.max(v.abs())).max(1e-30);
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        let err = (*g as f64 - w).abs() / scale;
+        assert!(err <= tol, "{what}[{i}]: {g} vs {w} (rel err {err:e} > {tol:e})");
+    }
+}
+
+fn layernorm_ref(x: &[f32], w: &[f32], b: &[f32], rows: usize, cols: usize, eps: f64) -> Vec<f64> {
+    let mut out = vec![0f64; rows * cols];
+    for r in 0..rows {
+        let row = &x[r * cols..(r + 1) * cols];
+        let m = row.iter().map(|&v| v as f64).sum::<f64>() / cols as f64;
+        let v = row.iter().map(|&v| (v as f64 - m).powi(2)).sum::<f64>() / cols as f64;
+        for c in 0..cols {
+            out[r * cols + c] = (row[c] as f64 - m) / (v + eps).sqrt() * w[c] as f64 + b[c] as f64;
+        }
+    }
+    out
+}
+
+#[test]
+fn layernorm_forward_matches_reference_and_backward_matches_finite_differences() {
+    let (rows, cols) = (37, 72);
+    let x = rand_vec(rows * cols, 1, 2.0).iter().map(|v| v + 3.0).collect::<Vec<_>>();
+    let w = rand_vec(cols, 2, 1.0);
+    let b = rand_vec(cols, 3, 1.0);
+    let mut out = vec![0f32; rows * cols];
+    let (mut mean, mut rstd) = (vec![0f32; rows], vec![0f32; rows]);
+    ops::layernorm_forward(&mut out, &mut mean, &mut rstd, &x, &w, &b, rows, cols, 1e-5);
+    assert_close(&out, &layernorm_ref(&x, &w, &b, rows, cols, 1e-5), 1e-5, "layernorm out");
+
+    // loss = sum(out * g): analytic gradients vs central differences in f64
+    let g = rand_vec(rows * cols, 4, 1.0);
+    let mut dx = vec![0.5f32; rows * cols]; // accumulates onto existing values
+    let mut dw = vec![0f32; cols];
+    let mut db = vec![0f32; cols];
+    ops::layernorm_backward(&mut dx, &mut dw, &mut db, &g, &x, &w, &mean, &rstd, rows, cols);
+    let loss = |x: &[f32], w: &[f32], b: &[f32]| -> f64 {
+        layernorm_ref(x, w, b, rows, cols, 1e-5).iter().zip(&g).map(|(o, g)| o * *g as f64).sum()
+    };
+    let h = 1e-2f32;
+    for &i in &[0usize, 5, 71, 72, 1000, rows * cols - 1] {
+        let (mut xp, mut xm) = (x.clone(), x.clone());
+        xp[i] += h;
+        xm[i] -= h;
+        let fd = (loss(&xp, &w, &b) - loss(&xm, &w, &b)) / (2.0 * h as f64);
+        assert!((dx[i] as f64 - 0.5 - fd).abs() < 2e-3 * fd.abs().max(1.0), "dx[{i}] {} vs {fd}", dx[i] - 0.5);
+    }
+    for &i in &[0usize, 13, cols - 1] {
+        let (mut wp, mut wm) = (w.clone(), w.clone());
+        wp[i] += h;
+        wm[i] -= h;
+        let fd = (loss(&x, &wp, &b) - loss(&x, &wm, &b)) / (2.0 * h as f64);
+        assert!((dw[i] as f64 - fd).abs() < 1e-3 * fd.abs().max(1.0), "dw[{i}] {} vs {fd}", dw[i]);
+        let want_db: f64 = (0..rows).map(|r| g[r * cols + i] as f64).sum();
+        assert!((db[i] as f64 - want_db).abs() < 1e-4, "db[{i}]");
+    }
+}
+
+#[test]
+fn gelu_forward_and_backward_both_kinds() {
+    let x = rand_vec(5000, 9, 6.0);
+    let dy = rand_vec(5000, 10, 1.0);
+    for kind in [GeluKind::Tanh, GeluKind::Erf] {
+        let f = |x: f64| -> f64 {
+            match kind {
+                GeluKind::Tanh => 0.5 * x * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x.powi(3))).tanh()),
+                GeluKind::Erf => 0.5 * x * (1.0 + erf64(x / std::f64::consts::SQRT_2)),
+            }
+        };
+        let mut out = vec![0f32; x.len()];
+        ops::gelu_forward(&mut out, &x, kind);
+        for (o, &x) in out.iter().zip(&x) {
+            assert!((*o as f64 - f(x as f64)).abs() < 2e-6 * (1.0 + x.abs() as f64), "{kind:?} gelu({x})");
+        }
+        let mut dx = vec![1.0f32; x.len()];
+        ops::gelu_backward(&mut dx, &x, &dy, kind);
+        for i in 0..x.len() {
+            let xi = x[i] as f64;
+            let fd = (f(xi + 1e-5) - f(xi - 1e-5)) / 2e-5;
+            let want = 1.0 + fd * dy[i] as f64;
+            assert!((dx[i] as f64 - want).abs() < 1e-5, "{kind:?} gelu'({xi}): {} vs {want}", dx[i]);
+        }
+    }
+}
+
+/// erf by its Maclaurin series (|x| < 3) or asymptotic complement, in f64.
+fn erf64(x: f64) -> f64 {
+    if x.abs() < 3.0 {
+        let (mut sum, mut term, mut n) = (0.0, x, 0.0);
+        while term.abs() > 1e-17 {
+            sum += term / (2.0 * n + 1.0);
+            n += 1.0;
+            term *= -x * x / n;
+        }
+        sum * 2.0 / std::f64::consts::PI.sqrt()
+    } else {
+        let a = x.abs();
+        let s = 1.0 - 1.0 / (2.0 * a * a) + 3.0 / (4.0 * a.powi(4));
+        x.signum() * (1.0 - (-a * a).exp() / (a * std::f64::consts::PI.sqrt()) * s)
+    }
+}
+
+#[test]
+fn adamw_matches_torch_formula_per_segment() {
+    let n = 40_000; // larger than one parallel chunk
+    let mut p = rand_vec(n, 11, 1.0);
+    let g = rand_vec(n, 12, 0.1);
+    let mut m = rand_vec(n, 13, 0.01);
+    let mut v: Vec<f32> = rand_vec(n, 14, 0.001).iter().map(|x| x.abs()).collect();
+    let (p0, m0, v0) = (p.clone(), m.clone(), v.clone());
+    let segs = [
+        DecaySegment { offset: 0, len: 30_000, weight_decay: 0.1 },
+        DecaySegment { offset: 30_000, len: 10_000, weight_decay: 0.0 },
+    ];
+    let hp = AdamWHyper { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, step: 3, grad_scale: 0.5 };
+    ops::adamw_update(&mut p, &g, &mut m, &mut v, &segs, &hp);
+    for i in (0..n).step_by(997) {
+        let wd = if i < 30_000 { 0.1 } else { 0.0 };
+        let gi = g[i] as f64 * 0.5;
+        let mut pi = p0[i] as f64 * (1.0 - 1e-3 * wd);
+        let mi = 0.9 * m0[i] as f64 + 0.1 * gi;
+        let vi = 0.999 * v0[i] as f64 + 0.001 * gi * gi;
+        let bc1 = 1.0 - 0.9f64.powi(3);
+        let bc2 = 1.0 - 0.999f64.powi(3);
+        pi -= 1e-3 / bc1 * mi / (vi.sqrt() / bc2.sqrt() + 1e-8);
+        assert!((p[i] as f64 - pi).abs() < 1e-6, "p[{i}] {} vs {pi}", p[i]);
+        assert!((m[i] as f64 - mi).abs() < 1e-7 && (v[i] as f64 - vi).abs() < 1e-9, "moments [{i}]");
+    }
+}
+
+#[test]
+fn global_norm_is_f64_accurate() {
+    let g = rand_vec(100_003, 15, 1.0);
+    let want = g.iter().map(|&x| x as f64 * x as f64).sum::<f64>().sqrt();
+    assert!((ops::global_norm(&g) as f64 - want).abs() < 1e-6 * want);
+    assert_eq!(ops::global_norm(&[3.0, 4.0]), 5.0);
+}
+
+#[test]
+fn cross_entropy_loss_and_gradient_ignore_minus_100() {
+    let (rows, vocab) = (6, 1003);
+    let logits = rand_vec(rows * vocab, 16, 8.0);
+    let targets = [5, -100, 1002, 0, -100, 77];
+    let mut buf = logits.clone();
+    let sum_eval = ops::cross_entropy(&mut buf, &targets, rows, vocab, None);
+    assert_eq!(buf, logits, "eval mode leaves logits alone");
+    let sum = ops::cross_entropy(&mut buf, &targets, rows, vocab, Some(0.25));
+    assert_eq!(sum, sum_eval);
+    let mut want_sum = 0f64;
+    for r in 0..rows {
+        let row = &logits[r * vocab..(r + 1) * vocab];
+        let grad = &buf[r * vocab..(r + 1) * vocab];
+        if targets[r] == -100 {
+            assert!(grad.iter().all(|&g| g == 0.0), "ignored row has zero gradient");
+            continue;
+        }
+        let max = row.iter().fold(f64::MIN, |m, &v| m.max(v as f64));
+        let z: f64 = row.iter().map(|&v| (v as f64 - max).exp()).sum();
+        want_sum += z.ln() + max - row[targets[r] as usize] as f64;
+        for j in 0..vocab {
+            let p = (row[j] as f64 - max).exp() / z;
+            let want = 0.25 * (p - if j == targets[r] as usize { 1.0 } else { 0.0 });
+            assert!((grad[j] as f64 - want).abs() < 1e-7, "grad[{r},{j}]");
+        }
+    }
+    assert!((sum - want_sum).abs() < 1e-5 * want_sum, "{sum} vs {want_sum}");
+}
+
+/// Naive attention in f64 with both masks; returns (out, probs).
+fn attention_ref(qkv: &[f32], s: AttnShape, causal: bool, pad: Option<&[bool]>) -> (Vec<f64>, Vec<f64>) {
+    let AttnShape { b, t, n_head, head_size: hs } = s;
+    let c = n_head * hs;
+    let mut out = vec![0f64; b * t * c];
+    let mut probs = vec![0f64; s.probs_len()];
+    for bi in 0..b {
+        for h in 0..n_head {
+            for i in 0..t {
+                let q = |d: usize| qkv[(bi * t + i) * 3 * c + h * hs + d] as f64;
+                let ok = |j: usize| (!causal || j <= i) && pad.is_none_or(|p| p[bi * t + j]);
+                let mut sc = vec![f64::NEG_INFINITY; t];
+                for (j, scj) in sc.iter_mut().enumerate().filter(|(j, _)| ok(*j)) {
+                    *scj = (0..hs).map(|d| q(d) * qkv[(bi * t + j) * 3 * c + c + h * hs + d] as f64).sum::<f64>()
+                        / (hs as f64).sqrt();
+                }
+                let max = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let z: f64 = sc.iter().map(|&x| (x - max).exp()).sum();
+                for j in 0..t {
+                    let p = (sc[j] - max).exp() / z;
+                    probs[((bi * n_head + h) * t + i) * t + j] = p;
+                    for d in 0..hs {
+                        out[(bi * t + i) * c + h * hs + d] += p * qkv[(bi * t + j) * 3 * c + 2 * c + h * hs + d] as f64;
+                    }
+                }
+            }
+        }
+    }
+    (out, probs)
+}
+
+#[test]
+fn attention_forward_matches_reference_with_causal_and_padding_masks() {
+    let s = AttnShape { b: 2, t: 13, n_head: 3, head_size: 8 };
+    let qkv = rand_vec(s.b * s.t * 3 * s.channels(), 17, 1.5);
+    let mut pad = vec![true; s.b * s.t];
+    pad[s.t + 10..].iter_mut().for_each(|p| *p = false);
+    for (causal, pad) in [(true, None), (false, Some(&pad[..])), (true, Some(&pad[..]))] {
+        let mut out = vec![0f32; s.b * s.t * s.channels()];
+        let mut probs = vec![0f32; s.probs_len()];
+        ops::attention_forward(&mut out, &mut probs, &qkv, s, AttnMask { causal, key_padding: pad }, Dropout::NONE);
+        let (o, p) = attention_ref(&qkv, s, causal, pad);
+        assert_close(&out, &o, 1e-5, "attention out");
+        assert_close(&probs, &p, 1e-5, "attention probs");
+    }
+}
+
+#[test]
+fn attention_backward_matches_finite_differences() {
+    let s = AttnShape { b: 2, t: 7, n_head: 2, head_size: 4 };
+    let n = s.b * s.t * 3 * s.channels();
+    let qkv = rand_vec(n, 18, 1.0);
+    let g = rand_vec(s.b * s.t * s.channels(), 19, 1.0);
+    let mut out = vec![0f32; g.len()];
+    let mut probs = vec![0f32; s.probs_len()];
+    let mask = AttnMask { causal: true, key_padding: None };
+    ops::attention_forward(&mut out, &mut probs, &qkv, s, mask, Dropout::NONE);
+    let mut dqkv = vec![0f32; n];
+    ops::attention_backward(&mut dqkv, &g, &qkv, &probs, s, Dropout::NONE);
+    let loss = |qkv: &[f32]| -> f64 {
+        attention_ref(qkv, s, true, None).0.iter().zip(&g).map(|(o, g)| o * *g as f64).sum()
+    };
+    let h = 1e-3;
+    for i in (0..n).step_by(7) {
+        let (mut p, mut m) = (qkv.clone(), qkv.clone());
+        p[i] += h;
+        m[i] -= h;
+        let fd = (loss(&p) - loss(&m)) / (2.0 * h as f64);
+        assert!((dqkv[i] as f64 - fd).abs() < 2e-3 * fd.abs().max(0.1), "dqkv[{i}] {} vs {fd}", dqkv[i]);
+    }
+}
+
+#[test]
+fn attention_dropout_is_consistent_between_forward_and_backward() {
+    // With dropout, out = dropout(P) V is linear in V: the gradient w.r.t. V from backward must
+    // match the difference quotient of the forward with the same seed.
+    let s = AttnShape { b: 1, t: 9, n_head: 2, head_size: 4 };
+    let n = s.b * s.t * 3 * s.channels();
+    let qkv = rand_vec(n, 20, 1.0);
+    let g = rand_vec(s.b * s.t * s.channels(), 21, 1.0);
+    let d = Dropout { p: 0.3, seed: 99 };
+    let mask = AttnMask { causal: true, key_padding: None };
+    let fwd = |qkv: &[f32]| -> f64 {
+        let mut out = vec![0f32; g.len()];
+        let mut probs = vec![0f32; s.probs_len()];
+        ops::attention_forward(&mut out, &mut probs, qkv, s, mask, d);
+        out.iter().zip(&g).map(|(o, g)| *o as f64 * *g as f64).sum()
+    };
+    let mut out = vec![0f32; g.len()];
+    let mut probs = vec![0f32; s.probs_len()];
+    ops::attention_forward(&mut out, &mut probs, &qkv, s, mask, d);
+    let mut dqkv = vec![0f32; n];
+    ops::attention_backward(&mut dqkv, &g, &qkv, &probs, s, d);
+    let c = s.channels();
+    for i in (0..n).filter(|i| i % (3 * c) >= c) {
+        // k and v entries (q's gradient is tested without dropout above)
+        let (mut p, mut m) = (qkv.clone(), qkv.clone());
+        p[i] += 1e-2;
+        m[i] -= 1e-2;
+        let fd = (fwd(&p) - fwd(&m)) / 2e-2;
+        assert!((dqkv[i] as f64 - fd).abs() < 5e-3 * fd.abs().max(0.1), "dqkv[{i}] {} vs {fd}", dqkv[i]);
+    }
+}
+
+#[test]
+fn cached_attention_equals_full_causal_attention() {
+    let s = AttnShape { b: 1, t: 11, n_head: 3, head_size: 4 };
+    let c = s.channels();
+    let qkv = rand_vec(s.t * 3 * c, 22, 1.0);
+    let mut full = vec![0f32; s.t * c];
+    let mut probs = vec![0f32; s.probs_len()];
+    ops::attention_forward(&mut full, &mut probs, &qkv, s, AttnMask { causal: true, key_padding: None }, Dropout::NONE);
+    let split = |part: usize| -> Vec<f32> { (0..s.t).flat_map(|i| qkv[i * 3 * c + part * c..i * 3 * c + (part + 1) * c].to_vec()).collect() };
+    let (q, k, v) = (split(0), split(1), split(2));
+    // prompt of 6 positions, then one at a time
+    let mut got = vec![0f32; s.t * c];
+    ops::attention_cached(&mut got[..6 * c], &q[..6 * c], &k, &v, 0, 6, s.n_head, s.head_size);
+    for pos in 6..s.t {
+        ops::attention_cached(&mut got[pos * c..(pos + 1) * c], &q[pos * c..(pos + 1) * c], &k, &v, pos, 1, s.n_head, s.head_size);
+    }
+    for (a, b) in got.iter().zip(&full) {
+        assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+    }
+}
+
+#[test]
+fn embedding_forward_backward_with_repeated_ids() {
+    let (b, t, c, vocab) = (2, 5, 40, 9);
+    let wte = rand_vec(vocab * c, 23, 1.0);
+    let wpe = rand_vec(8 * c, 24, 1.0);
+    let ids = [3u32, 3, 0, 8, 3, 1, 1, 2, 3, 0];
+    let mut out = vec![0f32; b * t * c];
+    ops::embedding_forward(&mut out, &wte, &wpe, &ids, b, t, c, 2);
+    for i in 0..b * t {
+        for j in 0..c {
+            let want = wte[ids[i] as usize * c + j] + wpe[(2 + i % t) * c + j];
+            assert_eq!(out[i * c + j], want);
+        }
+    }
+    let g = rand_vec(b * t * c, 25, 1.0);
+    let mut dwte = vec![0f32; vocab * c];
+    let mut dwpe = vec![0f32; 8 * c];
+    ops::embedding_backward(&mut dwte, &mut dwpe, &g, &ids, b, t, c);
+    for j in 0..c {
+        let want3: f32 = [0usize, 1, 4, 8].iter().map(|&i| g[i * c + j]).sum();
+        assert!((dwte[3 * c + j] - want3).abs() < 1e-6);
+        assert!((dwpe[c + j] - (g[c + j] + g[(t + 1) * c + j])).abs() < 1e-6);
+    }
+    assert!(dwte[4 * c..5 * c].iter().all(|&x| x == 0.0), "unused row untouched");
+}
+
+#[test]
+fn bias_and_elementwise_ops() {
+    let (rows, cols) = (50, 33);
+    let x = rand_vec(rows * cols, 26, 1.0);
+    let bias = rand_vec(cols, 27, 1.0);
+    let mut y = x.clone();
+    ops::add_bias(&mut y, &bias, rows, cols);
+    assert_eq!(y[cols + 2], x[cols + 2] + bias[2]);
+    let mut db = vec![1.0f32; cols];
+    ops::bias_backward(&mut db, &x, rows, cols);
+    let want: f32 = 1.0 + (0..rows).map(|r| x[r * cols + 5]).sum::<f32>();
+    assert!((db[5] - want).abs() < 1e-5);
+    let mut d = vec![1.0f32; 100_000];
+    ops::dropout_inplace(&mut d, Dropout { p: 0.5, seed: 3 });
+    let zeros = d.iter().filter(|&&v| v == 0.0).count();
+    assert!((45_000..55_000).contains(&zeros) && d.iter().all(|&v| v == 0.0 || v == 2.0));
+}
