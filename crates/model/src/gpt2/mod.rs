@@ -70,8 +70,9 @@ impl<V> Tensors<V> {
     }
 }
 
-/// The parameter table of a configuration, in Hugging Face `named_parameters()` order.
-fn param_layout(cfg: &Gpt2Config) -> Vec<ParamInfo> {
+/// The parameter table of a configuration, in Hugging Face `named_parameters()` order (the
+/// layout of [`Gpt2::params`]).
+pub fn param_layout(cfg: &Gpt2Config) -> Vec<ParamInfo> {
     let (c, f, v, p) = (cfg.n_embd, cfg.n_inner(), cfg.vocab_size, cfg.n_positions);
     let mut infos = Vec::new();
     let mut offset = 0;
