@@ -1,0 +1,551 @@
+//! `prepare`: corpus -> tokenizer -> tokens -> blocks -> store files, streamed.
+//!
+//! A reader thread parses documents into chunks of about `chunk_bytes` of text and passes
+//! them through a bounded channel; the calling thread tokenizes each chunk in parallel
+//! (rayon, all cores), groups the tokens into blocks and appends them to the store being
+//! written. Memory stays bounded by a few chunks whatever the corpus size.
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{Receiver, sync_channel};
+use std::time::Instant;
+
+use lmtrain_store::{BlockStore, BlockWriter, FinishedStore, SpecialTokens, StoreSpec};
+use rayon::prelude::*;
+use tokenizers::Tokenizer;
+
+use crate::corpus::{CorpusFile, Documents, ReadOptions, resolve_inputs};
+use crate::group::{Grouper, word_starts_from_ids};
+use crate::tok::{ModelType, find_special_tokens, load_tokenizer, tokenizer_fingerprint, train_tokenizer};
+use crate::TextError;
+
+/// Everything `prepare` needs. Build with [`PrepareOptions::new`] and adjust the fields.
+#[derive(Clone, Debug)]
+pub struct PrepareOptions {
+    /// Corpus files or directories.
+    pub inputs: Vec<PathBuf>,
+    /// Where `train.bin`, `validation.bin` and `tokenizer.json` are written.
+    pub output_dir: PathBuf,
+    /// How documents are read.
+    pub read: ReadOptions,
+    /// A Hugging Face `tokenizer.json`; `None` trains one on the training documents.
+    pub tokenizer: Option<PathBuf>,
+    /// Vocabulary size of a trained tokenizer.
+    pub vocab_size: usize,
+    /// Causal (GPT-2 style) or masked (BERT style).
+    pub model_type: ModelType,
+    /// Tokens per block.
+    pub block_size: usize,
+    /// Separate validation corpus (same read options); overrides `validation_split`.
+    pub validation_files: Vec<PathBuf>,
+    /// Fraction of documents held out for validation, chosen by a hash of (seed, document
+    /// index): reproducible and streaming, so the held-out share is close to, not exactly,
+    /// this fraction.
+    pub validation_split: f64,
+    /// Seed of the split.
+    pub seed: u64,
+    /// Stop after this many training blocks (the first ones of the corpus).
+    pub max_train_blocks: Option<u64>,
+    /// Replace an existing store even if it was made with another tokenizer or block size.
+    pub overwrite: bool,
+    /// End-of-text token to insert between documents (causal); found automatically if `None`.
+    pub eos_token: Option<String>,
+    /// Text per chunk handed to the tokenizer.
+    pub chunk_bytes: usize,
+}
+
+impl PrepareOptions {
+    /// Defaults of the tutorials: causal LM, block size 128, no validation split, seed 42,
+    /// tokenizer trained with 8,192 entries unless `tokenizer` is set.
+    pub fn new(inputs: Vec<PathBuf>, output_dir: impl Into<PathBuf>) -> PrepareOptions {
+        PrepareOptions {
+            inputs,
+            output_dir: output_dir.into(),
+            read: ReadOptions::default(),
+            tokenizer: None,
+            vocab_size: 8192,
+            model_type: ModelType::Causal,
+            block_size: 128,
+            validation_files: Vec::new(),
+            validation_split: 0.0,
+            seed: 42,
+            max_train_blocks: None,
+            overwrite: false,
+            eos_token: None,
+            chunk_bytes: 1 << 20,
+        }
+    }
+}
+
+/// Counts for one split.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SplitSummary {
+    /// Documents tokenized.
+    pub documents: u64,
+    /// Tokens produced (special tokens included).
+    pub tokens: u64,
+    /// Blocks written.
+    pub blocks: u64,
+    /// Tokens not written: the incomplete last block, or everything after `max_train_blocks`.
+    pub dropped_tokens: u64,
+    /// The store file.
+    pub path: PathBuf,
+}
+
+/// What `prepare` did.
+#[derive(Clone, Debug)]
+pub struct PrepareSummary {
+    /// The training store.
+    pub train: SplitSummary,
+    /// The validation store, when there is one.
+    pub validation: Option<SplitSummary>,
+    /// Documents skipped for invalid UTF-8 (`--skip-invalid`).
+    pub skipped_invalid: u64,
+    /// Where the tokenizer was saved.
+    pub tokenizer_path: PathBuf,
+    /// Whether the tokenizer was trained here (rather than loaded).
+    pub tokenizer_trained: bool,
+    /// Vocabulary size.
+    pub vocab_size: u32,
+    /// Fingerprint stored in the headers.
+    pub tokenizer_fingerprint: u64,
+    /// Seconds spent training the tokenizer (0 when loaded).
+    pub tokenizer_seconds: f64,
+    /// Seconds spent reading, tokenizing, grouping and writing.
+    pub tokenize_seconds: f64,
+}
+
+impl PrepareSummary {
+    /// Tokens per second of the tokenize-group-write phase.
+    pub fn tokens_per_second(&self) -> f64 {
+        let tokens = self.train.tokens + self.validation.as_ref().map_or(0, |v| v.tokens);
+        tokens as f64 / self.tokenize_seconds.max(1e-9)
+    }
+}
+
+/// Phases reported to the progress callback.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    /// Reading the training documents to train a tokenizer.
+    TrainingTokenizer,
+    /// Tokenizing the training corpus.
+    Train,
+    /// Tokenizing the validation corpus (`validation_files`).
+    Validation,
+}
+
+/// A progress report.
+#[derive(Clone, Debug)]
+pub struct Progress {
+    /// Current phase.
+    pub phase: Phase,
+    /// Bytes of the phase's files read from disk so far.
+    pub bytes_done: u64,
+    /// Total bytes of the phase's files on disk.
+    pub bytes_total: u64,
+    /// Tokens produced so far (all splits).
+    pub tokens: u64,
+}
+
+/// Runs the pipeline without progress reports.
+pub fn prepare(opts: &PrepareOptions) -> Result<PrepareSummary, TextError> {
+    prepare_with_progress(opts, &|_| {})
+}
+
+/// Whether document `index` is held out for validation: a SplitMix64 hash of the seed and
+/// the index, compared with the split fraction.
+pub fn is_validation_doc(seed: u64, index: u64, split: f64) -> bool {
+    if split <= 0.0 {
+        return false;
+    }
+    let h = splitmix64(seed ^ splitmix64(index));
+    ((h >> 11) as f64 / (1u64 << 53) as f64) < split
+}
+
+fn splitmix64(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// Runs the pipeline, calling `progress` from time to time (possibly from several threads).
+pub fn prepare_with_progress(
+    opts: &PrepareOptions,
+    progress: &(dyn Fn(&Progress) + Sync),
+) -> Result<PrepareSummary, TextError> {
+    if opts.block_size == 0 {
+        return Err(TextError::ZeroBlockSize);
+    }
+    if !(0.0..1.0).contains(&opts.validation_split) {
+        return Err(TextError::BadSplit(opts.validation_split));
+    }
+    let train_files = resolve_inputs(&opts.inputs, opts.read.format)?;
+    let val_files =
+        if opts.validation_files.is_empty() { Vec::new() } else { resolve_inputs(&opts.validation_files, opts.read.format)? };
+    // The split only applies when no validation file is given.
+    let split = if val_files.is_empty() { opts.validation_split } else { 0.0 };
+    let has_validation = !val_files.is_empty() || split > 0.0;
+
+    std::fs::create_dir_all(&opts.output_dir).map_err(TextError::io(&opts.output_dir))?;
+    let train_path = opts.output_dir.join("train.bin");
+    let val_path = opts.output_dir.join("validation.bin");
+    let tok_path = opts.output_dir.join("tokenizer.json");
+    let existing = |fp: Option<u64>| -> Result<(), TextError> {
+        if opts.overwrite {
+            return Ok(());
+        }
+        for path in [&train_path, &val_path] {
+            check_existing_store(path, opts.block_size, fp)?;
+        }
+        Ok(())
+    };
+    // Fail before any expensive work when the block size alone already conflicts.
+    existing(None)?;
+
+    let started = Instant::now();
+    let (tokenizer, tok_json, trained) = match &opts.tokenizer {
+        Some(path) => {
+            let (tok, bytes) = load_tokenizer(path)?;
+            (tok, bytes, false)
+        }
+        None => {
+            let tok = train_on_corpus(opts, &train_files, split, progress)?;
+            let json = tok.to_string(true).map_err(|e| TextError::TokenizerTraining(e.to_string()))?;
+            (tok, json.into_bytes(), true)
+        }
+    };
+    let tokenizer_seconds = if trained { started.elapsed().as_secs_f64() } else { 0.0 };
+    let fingerprint = tokenizer_fingerprint(&tok_json);
+    existing(Some(fingerprint))?;
+
+    let mut special = find_special_tokens(&tokenizer);
+    if let Some(name) = &opts.eos_token {
+        special.eos = Some(tokenizer.token_to_id(name).ok_or_else(|| TextError::UnknownToken(name.clone()))?);
+    }
+    if opts.model_type == ModelType::Causal && special.eos.is_none() {
+        return Err(TextError::NoEos { looked_for: "<|endoftext|>, </s>, <eos>, [EOS]".into() });
+    }
+    let vocab_size = tokenizer.get_vocab_size(true) as u32;
+    let spec = StoreSpec {
+        block_size: opts.block_size as u32,
+        vocab_size,
+        tokenizer_fingerprint: fingerprint,
+        special,
+        word_starts: true,
+    };
+
+    let tokenize_started = Instant::now();
+    let encoder = Encoder { tokenizer: &tokenizer, model_type: opts.model_type, special };
+    let mut train = SplitWriter::create(&train_path, spec.clone(), opts.max_train_blocks)?;
+    let mut val = if has_validation { Some(SplitWriter::create(&val_path, spec.clone(), None)?) } else { None };
+    let mut tokens_so_far = 0u64;
+
+    let mut skipped_invalid = stream_corpus(opts, &train_files, Phase::Train, progress, &mut |chunk, first_index| {
+        let encoded = encoder.encode_chunk(&chunk)?;
+        for (k, (ids, starts)) in encoded.iter().enumerate() {
+            let target = match &mut val {
+                Some(v) if is_validation_doc(opts.seed, first_index + k as u64, split) => v,
+                _ => &mut train,
+            };
+            target.push_doc(ids, starts)?;
+            tokens_so_far += ids.len() as u64;
+        }
+        Ok((tokens_so_far, !train.is_full()))
+    })?;
+    if let Some(v) = &mut val
+        && !val_files.is_empty()
+    {
+        skipped_invalid += stream_corpus(opts, &val_files, Phase::Validation, progress, &mut |chunk, _| {
+            for (ids, starts) in encoder.encode_chunk(&chunk)? {
+                v.push_doc(&ids, &starts)?;
+                tokens_so_far += ids.len() as u64;
+            }
+            Ok((tokens_so_far, true))
+        })?;
+    }
+
+    let describe = |files: &[CorpusFile]| -> String {
+        let names: Vec<String> = files.iter().take(3).map(|f| f.path.display().to_string()).collect();
+        if files.len() > 3 { format!("{} and {} more files", names.join(", "), files.len() - 3) } else { names.join(", ") }
+    };
+    if train.summary.documents + val.as_ref().map_or(0, |v| v.summary.documents) == 0 {
+        return Err(TextError::EmptyCorpus { what: describe(&train_files) });
+    }
+    let (train_store, train_summary) = train.finish("training", opts.block_size)?;
+    let val_done = match val {
+        Some(v) => {
+            if v.summary.documents == 0 && !val_files.is_empty() {
+                return Err(TextError::EmptyCorpus { what: describe(&val_files) });
+            }
+            Some(v.finish("validation", opts.block_size)?)
+        }
+        None => None,
+    };
+    let tokenize_seconds = tokenize_started.elapsed().as_secs_f64();
+
+    // Everything is complete under temporary names: move it into place.
+    write_atomically(&tok_path, &tok_json)?;
+    let validation = match val_done {
+        Some((store, summary)) => {
+            store.persist()?;
+            Some(summary)
+        }
+        None => {
+            // A stale validation store from an earlier run would not match this one.
+            if val_path.exists() {
+                std::fs::remove_file(&val_path).map_err(TextError::io(&val_path))?;
+            }
+            None
+        }
+    };
+    train_store.persist()?;
+    Ok(PrepareSummary {
+        train: train_summary,
+        validation,
+        skipped_invalid,
+        tokenizer_path: tok_path,
+        tokenizer_trained: trained,
+        vocab_size,
+        tokenizer_fingerprint: fingerprint,
+        tokenizer_seconds,
+        tokenize_seconds,
+    })
+}
+
+/// Refuses to replace a store that was made with another block size or tokenizer (when
+/// `fingerprint` is known), or a file that is not a store at all.
+fn check_existing_store(path: &Path, block_size: usize, fingerprint: Option<u64>) -> Result<(), TextError> {
+    if !path.exists() {
+        return Ok(());
+    }
+    let incompatible = |reason: String| TextError::IncompatibleStore { path: path.to_path_buf(), reason };
+    let store = BlockStore::open(path)
+        .map_err(|e| incompatible(format!("exists and is not a readable lmtrain block store ({e})")))?;
+    let h = store.header();
+    if h.block_size as usize != block_size {
+        return Err(incompatible(format!(
+            "holds a store with block size {}, not {block_size}",
+            h.block_size
+        )));
+    }
+    if let Some(fp) = fingerprint
+        && h.tokenizer_fingerprint != fp
+    {
+        return Err(incompatible("holds a store made with a different tokenizer".into()));
+    }
+    Ok(())
+}
+
+/// Writes `bytes` to `path` through a temporary file and a rename.
+fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), TextError> {
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
+    let result = std::fs::write(&tmp, bytes).and_then(|()| std::fs::rename(&tmp, path));
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result.map_err(TextError::io(path))
+}
+
+/// Reads the training documents (validation ones excluded) once to train a tokenizer.
+fn train_on_corpus(
+    opts: &PrepareOptions,
+    files: &[CorpusFile],
+    split: f64,
+    progress: &(dyn Fn(&Progress) + Sync),
+) -> Result<Tokenizer, TextError> {
+    let mut docs = Documents::new(files.to_vec(), opts.read.clone());
+    let total = docs.total_bytes();
+    let counter = docs.bytes_read.clone();
+    // The trainer pulls documents through an iterator, which cannot return errors: the
+    // first one is parked here and reported after training stops.
+    let failure: Mutex<Option<TextError>> = Mutex::new(None);
+    let mut index = 0u64;
+    let iter = std::iter::from_fn(|| {
+        loop {
+            match docs.next_doc() {
+                Ok(Some(doc)) => {
+                    index += 1;
+                    if index % 4096 == 0 {
+                        progress(&Progress {
+                            phase: Phase::TrainingTokenizer,
+                            bytes_done: counter.load(Ordering::Relaxed),
+                            bytes_total: total,
+                            tokens: 0,
+                        });
+                    }
+                    if !is_validation_doc(opts.seed, index - 1, split) {
+                        return Some(doc);
+                    }
+                }
+                Ok(None) => return None,
+                Err(e) => {
+                    *failure.lock().unwrap() = Some(e);
+                    return None;
+                }
+            }
+        }
+    });
+    let trained = train_tokenizer(opts.model_type, opts.vocab_size, iter);
+    if let Some(e) = failure.into_inner().unwrap() {
+        return Err(e);
+    }
+    trained
+}
+
+/// Streams `files` in chunks through `handle(chunk, index of its first document)`, which
+/// returns (tokens so far, whether to continue). Returns the count of skipped invalid documents.
+fn stream_corpus(
+    opts: &PrepareOptions,
+    files: &[CorpusFile],
+    phase: Phase,
+    progress: &(dyn Fn(&Progress) + Sync),
+    handle: &mut dyn FnMut(Vec<String>, u64) -> Result<(u64, bool), TextError>,
+) -> Result<u64, TextError> {
+    let mut docs = Documents::new(files.to_vec(), opts.read.clone());
+    let total = docs.total_bytes();
+    let counter = docs.bytes_read.clone();
+    let chunk_bytes = opts.chunk_bytes.max(1);
+    std::thread::scope(|scope| {
+        // Two chunks in flight: the reader stays ahead of the tokenizer without letting
+        // memory grow with the corpus.
+        let (tx, rx) = sync_channel::<Result<(Vec<String>, u64), TextError>>(2);
+        let reader = scope.spawn(move || {
+            let mut first_index = 0u64;
+            loop {
+                let mut chunk = Vec::new();
+                let mut bytes = 0;
+                let status = loop {
+                    match docs.next_doc() {
+                        Ok(Some(doc)) => {
+                            bytes += doc.len();
+                            chunk.push(doc);
+                            if bytes >= chunk_bytes {
+                                break Ok(true);
+                            }
+                        }
+                        Ok(None) => break Ok(false),
+                        Err(e) => break Err(e),
+                    }
+                };
+                let n = chunk.len() as u64;
+                if !chunk.is_empty() && tx.send(Ok((chunk, first_index))).is_err() {
+                    break; // the consumer stopped early
+                }
+                first_index += n;
+                match status {
+                    Ok(true) => continue,
+                    Ok(false) => break,
+                    Err(e) => {
+                        let _ = tx.send(Err(e));
+                        break;
+                    }
+                }
+            }
+            docs.skipped_invalid
+        });
+        let consumed = consume(rx, handle, &|tokens| {
+            progress(&Progress { phase, bytes_done: counter.load(Ordering::Relaxed), bytes_total: total, tokens })
+        });
+        let skipped = reader.join().expect("corpus reader thread panicked");
+        consumed.map(|()| skipped)
+    })
+}
+
+fn consume(
+    rx: Receiver<Result<(Vec<String>, u64), TextError>>,
+    handle: &mut dyn FnMut(Vec<String>, u64) -> Result<(u64, bool), TextError>,
+    report: &dyn Fn(u64),
+) -> Result<(), TextError> {
+    for msg in rx {
+        let (chunk, first_index) = msg?;
+        let (tokens, more) = handle(chunk, first_index)?;
+        report(tokens);
+        if !more {
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// Turns documents into token ids and word-start flags.
+struct Encoder<'t> {
+    tokenizer: &'t Tokenizer,
+    model_type: ModelType,
+    special: SpecialTokens,
+}
+
+impl Encoder<'_> {
+    /// Tokenizes a chunk in parallel, keeping document order.
+    fn encode_chunk(&self, docs: &[String]) -> Result<Vec<(Vec<u32>, Vec<bool>)>, TextError> {
+        docs.par_iter().map(|d| self.encode_doc(d)).collect()
+    }
+
+    fn encode_doc(&self, doc: &str) -> Result<(Vec<u32>, Vec<bool>), TextError> {
+        // Masked LM: the tokenizer's post-processor adds [CLS] ... [SEP] per document, as
+        // Hugging Face's tokenize function does. Causal LM: no special tokens from the
+        // tokenizer; an end-of-text token is appended after every document so the model
+        // sees document boundaries (llm.c does this; HF's group_texts does not).
+        let add_special = self.model_type == ModelType::Masked;
+        let enc = self.tokenizer.encode_fast(doc, add_special).map_err(|e| TextError::Encode(e.to_string()))?;
+        let extra = usize::from(self.model_type == ModelType::Causal);
+        let mut ids = Vec::with_capacity(enc.len() + extra);
+        ids.extend_from_slice(enc.get_ids());
+        let mut starts = Vec::with_capacity(enc.len() + extra);
+        word_starts_from_ids(enc.get_word_ids(), &mut starts);
+        if self.model_type == ModelType::Causal {
+            ids.push(self.special.eos.expect("checked before tokenizing"));
+            starts.push(true);
+        }
+        Ok((ids, starts))
+    }
+}
+
+/// One output store being filled.
+struct SplitWriter {
+    writer: BlockWriter,
+    grouper: Grouper,
+    max_blocks: Option<u64>,
+    summary: SplitSummary,
+}
+
+impl SplitWriter {
+    fn create(path: &Path, spec: StoreSpec, max_blocks: Option<u64>) -> Result<SplitWriter, TextError> {
+        Ok(SplitWriter {
+            grouper: Grouper::new(spec.block_size as usize),
+            writer: BlockWriter::create(path, spec)?,
+            max_blocks,
+            summary: SplitSummary { path: path.to_path_buf(), ..Default::default() },
+        })
+    }
+
+    fn is_full(&self) -> bool {
+        self.max_blocks.is_some_and(|m| self.writer.n_blocks() >= m)
+    }
+
+    fn push_doc(&mut self, ids: &[u32], starts: &[bool]) -> Result<(), TextError> {
+        if self.is_full() {
+            return Ok(());
+        }
+        self.summary.documents += 1;
+        self.summary.tokens += ids.len() as u64;
+        self.grouper.push(ids, starts);
+        let (writer, max) = (&mut self.writer, self.max_blocks);
+        self.grouper.drain(|t, s| {
+            writer.push_block(t, Some(s))?;
+            Ok::<_, TextError>(max.is_none_or(|m| writer.n_blocks() < m))
+        })
+    }
+
+    fn finish(self, split: &'static str, block_size: usize) -> Result<(FinishedStore, SplitSummary), TextError> {
+        let mut summary = self.summary;
+        summary.blocks = self.writer.n_blocks();
+        summary.dropped_tokens = summary.tokens - summary.blocks * block_size as u64;
+        if summary.blocks == 0 {
+            return Err(TextError::TooSmall { split, tokens: summary.tokens, block_size });
+        }
+        Ok((self.writer.finish()?, summary))
+    }
+}
