@@ -1,6 +1,9 @@
 //! `train`: the lmtrain command line. Thin on purpose: it parses flags and hands
 //! the work to the library crates; every error reaches the user as one line.
 
+mod demo;
+mod eval;
+mod generate;
 mod prepare;
 mod run;
 
@@ -23,12 +26,21 @@ struct Cli {
 enum Command {
     /// Tokenize a text corpus and cut it into a memory-mapped block store.
     Prepare(prepare::PrepareArgs),
+    /// Loss and perplexity of a checkpoint on a block store or a text file.
+    Eval(eval::EvalArgs),
+    /// Continue a prompt with a checkpoint (greedy or sampled, with a KV cache).
+    Generate(generate::GenerateArgs),
 }
 
 fn main() {
+    // No arguments at all: the embedded demonstration.
+    let demo = std::env::args_os().len() == 1;
     let cli = Cli::parse();
     let result = match cli.command {
         Some(Command::Prepare(args)) => prepare::run(args),
+        Some(Command::Eval(args)) => eval::run(args),
+        Some(Command::Generate(args)) => generate::run(args),
+        None if demo => demo::run(),
         None => run::run(cli.train),
     };
     if let Err(err) = result {

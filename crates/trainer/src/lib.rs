@@ -173,7 +173,6 @@ pub struct Trainer {
     tokenizer_json: Vec<u8>,
     state: TrainerState,
     steps_per_epoch: u64,
-    resumed: bool,
     show_progress: bool,
 }
 
@@ -239,7 +238,6 @@ impl Trainer {
             tokenizer_json,
             state,
             steps_per_epoch,
-            resumed: false,
             show_progress: true,
         })
     }
@@ -308,7 +306,6 @@ impl Trainer {
         let mut state = restored.state;
         state.args = self.args.clone();
         self.state = state;
-        self.resumed = true;
         Ok(())
     }
 
@@ -327,7 +324,7 @@ impl Trainer {
     pub fn train(&mut self) -> Result<TrainOutcome, TrainerError> {
         let out_dir = self.args.output_dir.clone();
         std::fs::create_dir_all(&out_dir).map_err(|e| TrainerError::io(&out_dir, e))?;
-        let mut log = MetricsLog::open(&out_dir, self.resumed.then_some(self.state.global_step))?;
+        let mut log = MetricsLog::open(&out_dir, self.state.global_step)?;
         let bar = self.progress_bar();
 
         let n = self.train.len();

@@ -19,14 +19,14 @@ pub struct MetricsLog {
 }
 
 impl MetricsLog {
-    /// Opens (appends to) the log in `output_dir`. When `keep_up_to_step` is given (a resume),
-    /// records of later steps — written by the run being resumed after its checkpoint —
-    /// are dropped first, so the log reads like one uninterrupted run.
-    pub fn open(output_dir: &Path, keep_up_to_step: Option<u64>) -> Result<Self, TrainerError> {
+    /// Opens (appends to) the log in `output_dir`, first dropping the records of steps after
+    /// `keep_up_to_step`: on a resume those were written by the interrupted run after its
+    /// checkpoint, on a fresh run (0) by an earlier run; either way the log then reads like
+    /// one uninterrupted run.
+    pub fn open(output_dir: &Path, keep_up_to_step: u64) -> Result<Self, TrainerError> {
         let path = output_dir.join(METRICS_FILE);
-        if let Some(limit) = keep_up_to_step
-            && path.exists()
-        {
+        let limit = keep_up_to_step;
+        if path.exists() {
             let kept: Vec<String> = read_records(&path)?
                 .into_iter()
                 .filter(|v| v.get("step").and_then(Value::as_u64).is_some_and(|s| s <= limit))

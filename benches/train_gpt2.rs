@@ -1,0 +1,329 @@
+//! Training throughput of GPT-2 on the CPU backend, with a per-op time breakdown.
+//!
+//! The benchmark config: n_layer 4, n_head 4, n_embd 256, vocab 50257, batch 8,
+//! block 128, HF default dropout 0.1, one optimizer step (AdamW, clipping 1.0) per batch.
+//! `scripts/bench_pytorch.py` runs the same step in PyTorch; `scripts/bench_pytorch_compare.py`
+//! runs both and prints the table.
+//!
+//!     cargo bench --bench train_gpt2 -- [--steps N] [--warmup N] [--json]
+//!
+//! The breakdown runs the same model on a backend that wraps the CPU backend and times every
+//! op call (so it includes the per-call overhead of timing, a few µs per op).
+
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use lmtrain_backend::{AdamWHyper, AttnMask, AttnShape, Backend, DecaySegment, Dropout, GeluKind, GemmShape};
+use lmtrain_cpu::Cpu;
+use lmtrain_model::gpt2::{Gpt2, Gpt2Config};
+use lmtrain_optim::{AdamW, AdamWConfig, decay_segments};
+
+thread_local! {
+    static TIMES: RefCell<BTreeMap<&'static str, (Duration, u64)>> = const { RefCell::new(BTreeMap::new()) };
+}
+
+fn timed<R>(name: &'static str, f: impl FnOnce() -> R) -> R {
+    let t0 = Instant::now();
+    let r = f();
+    let dt = t0.elapsed();
+    TIMES.with(|t| {
+        let mut t = t.borrow_mut();
+        let e = t.entry(name).or_default();
+        e.0 += dt;
+        e.1 += 1;
+    });
+    r
+}
+
+/// The CPU backend with every op timed (the model only sees a `Backend`).
+struct Timed {
+    inner: Cpu,
+    vocab: usize,
+}
+
+impl Backend for Timed {
+    type Buf = Vec<f32>;
+    type View<'a> = &'a [f32];
+    type ViewMut<'a> = &'a mut [f32];
+
+    fn alloc(&self, len: usize) -> Vec<f32> {
+        self.inner.alloc(len)
+    }
+    fn from_host(&self, data: Vec<f32>) -> Vec<f32> {
+        data
+    }
+    fn to_host(&self, v: &[f32]) -> Vec<f32> {
+        v.to_vec()
+    }
+    fn buf_len(buf: &Vec<f32>) -> usize {
+        buf.len()
+    }
+    fn view(buf: &Vec<f32>) -> &[f32] {
+        buf
+    }
+    fn view_mut(buf: &mut Vec<f32>) -> &mut [f32] {
+        buf
+    }
+    fn slice<'a>(v: &'a [f32], offset: usize, len: usize) -> &'a [f32]
+    where
+        Self: 'a,
+    {
+        &v[offset..offset + len]
+    }
+    fn slice_mut<'a>(v: &'a mut [f32], offset: usize, len: usize) -> &'a mut [f32]
+    where
+        Self: 'a,
+    {
+        &mut v[offset..offset + len]
+    }
+    fn split_at_mut<'a>(v: &'a mut [f32], mid: usize) -> (&'a mut [f32], &'a mut [f32])
+    where
+        Self: 'a,
+    {
+        v.split_at_mut(mid)
+    }
+    fn reborrow<'s>(v: &'s mut &mut [f32]) -> &'s mut [f32] {
+        v
+    }
+    fn as_view<'s>(v: &'s &mut [f32]) -> &'s [f32] {
+        v
+    }
+    fn fill_zero(&self, x: &mut [f32]) {
+        timed("fill_zero", || self.inner.fill_zero(x))
+    }
+    fn copy(&self, dst: &mut [f32], src: &[f32]) {
+        timed("copy", || self.inner.copy(dst, src))
+    }
+    fn scale(&self, x: &mut [f32], s: f32) {
+        timed("scale", || self.inner.scale(x, s))
+    }
+    fn residual_forward(&self, out: &mut [f32], a: &[f32], b: &[f32]) {
+        timed("residual", || self.inner.residual_forward(out, a, b))
+    }
+    fn add_inplace(&self, dst: &mut [f32], src: &[f32]) {
+        timed("residual", || self.inner.add_inplace(dst, src))
+    }
+    fn dropout_inplace(&self, x: &mut [f32], d: Dropout) {
+        timed("dropout", || self.inner.dropout_inplace(x, d))
+    }
+    fn gemm(&self, c: &mut [f32], a: &[f32], b: &[f32], s: GemmShape) {
+        let name = if s.n == self.vocab || s.m == self.vocab || s.k == self.vocab {
+            "gemm (tied lm_head)"
+        } else {
+            "gemm (layers)"
+        };
+        timed(name, || self.inner.gemm(c, a, b, s))
+    }
+    fn add_bias(&self, out: &mut [f32], bias: &[f32], rows: usize, cols: usize) {
+        timed("bias", || self.inner.add_bias(out, bias, rows, cols))
+    }
+    fn bias_backward(&self, dbias: &mut [f32], dout: &[f32], rows: usize, cols: usize) {
+        timed("bias", || self.inner.bias_backward(dbias, dout, rows, cols))
+    }
+    #[allow(clippy::too_many_arguments)]
+    fn layernorm_forward(
+        &self,
+        out: &mut [f32],
+        mean: &mut [f32],
+        rstd: &mut [f32],
+        inp: &[f32],
+        weight: &[f32],
+        bias: &[f32],
+        rows: usize,
+        cols: usize,
+        eps: f32,
+    ) {
+        timed("layernorm", || self.inner.layernorm_forward(out, mean, rstd, inp, weight, bias, rows, cols, eps))
+    }
+    #[allow(clippy::too_many_arguments)]
+    fn layernorm_backward(
+        &self,
+        dinp: &mut [f32],
+        dweight: &mut [f32],
+        dbias: &mut [f32],
+        dout: &[f32],
+        inp: &[f32],
+        weight: &[f32],
+        mean: &[f32],
+        rstd: &[f32],
+        rows: usize,
+        cols: usize,
+    ) {
+        timed("layernorm", || {
+            self.inner.layernorm_backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd, rows, cols)
+        })
+    }
+    fn gelu_forward(&self, out: &mut [f32], inp: &[f32], kind: GeluKind) {
+        timed("gelu", || self.inner.gelu_forward(out, inp, kind))
+    }
+    fn gelu_backward(&self, dinp: &mut [f32], inp: &[f32], dout: &[f32], kind: GeluKind) {
+        timed("gelu", || self.inner.gelu_backward(dinp, inp, dout, kind))
+    }
+    #[allow(clippy::too_many_arguments)]
+    fn embedding_forward(
+        &self,
+        out: &mut [f32],
+        wte: &[f32],
+        wpe: &[f32],
+        ids: &[u32],
+        b: usize,
+        t: usize,
+        c: usize,
+        pos_offset: usize,
+    ) {
+        timed("embedding", || self.inner.embedding_forward(out, wte, wpe, ids, b, t, c, pos_offset))
+    }
+    #[allow(clippy::too_many_arguments)]
+    fn embedding_backward(&self, dwte: &mut [f32], dwpe: &mut [f32], dout: &[f32], ids: &[u32], b: usize, t: usize, c: usize) {
+        timed("embedding", || self.inner.embedding_backward(dwte, dwpe, dout, ids, b, t, c))
+    }
+    fn attention_forward(&self, out: &mut [f32], probs: &mut [f32], qkv: &[f32], s: AttnShape, mask: AttnMask<'_>, dropout: Dropout) {
+        timed("attention", || self.inner.attention_forward(out, probs, qkv, s, mask, dropout))
+    }
+    fn attention_backward(&self, dqkv: &mut [f32], dout: &[f32], qkv: &[f32], probs: &[f32], s: AttnShape, dropout: Dropout) {
+        timed("attention", || self.inner.attention_backward(dqkv, dout, qkv, probs, s, dropout))
+    }
+    #[allow(clippy::too_many_arguments)]
+    fn attention_cached(
+        &self,
+        out: &mut [f32],
+        q: &[f32],
+        k_cache: &[f32],
+        v_cache: &[f32],
+        start: usize,
+        n_new: usize,
+        n_head: usize,
+        head_size: usize,
+    ) {
+        timed("attention", || self.inner.attention_cached(out, q, k_cache, v_cache, start, n_new, n_head, head_size))
+    }
+    fn cross_entropy(&self, logits: &mut [f32], targets: &[i32], rows: usize, vocab: usize, dloss: Option<f32>) -> f64 {
+        timed("cross_entropy", || self.inner.cross_entropy(logits, targets, rows, vocab, dloss))
+    }
+    fn adamw_update(&self, params: &mut [f32], grads: &[f32], m: &mut [f32], v: &mut [f32], segments: &[DecaySegment], hp: &AdamWHyper) {
+        timed("adamw", || self.inner.adamw_update(params, grads, m, v, segments, hp))
+    }
+    fn global_norm(&self, grads: &[f32]) -> f32 {
+        timed("global_norm", || self.inner.global_norm(grads))
+    }
+}
+
+struct Opts {
+    steps: usize,
+    warmup: usize,
+    json: bool,
+    breakdown_steps: usize,
+}
+
+fn parse_opts() -> Opts {
+    let mut o = Opts { steps: 10, warmup: 2, json: false, breakdown_steps: 3 };
+    let mut it = std::env::args().skip(1);
+    while let Some(a) = it.next() {
+        let mut num = |name: &str| -> usize {
+            it.next().and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("{name} needs a number"))
+        };
+        match a.as_str() {
+            "--steps" => o.steps = num("--steps"),
+            "--warmup" => o.warmup = num("--warmup"),
+            "--breakdown-steps" => o.breakdown_steps = num("--breakdown-steps"),
+            "--json" => o.json = true,
+            "--bench" => {} // passed by `cargo bench`
+            other => panic!("unknown option {other} (use --steps N, --warmup N, --breakdown-steps N, --json)"),
+        }
+    }
+    o
+}
+
+fn bench_config() -> Gpt2Config {
+    let mut cfg = Gpt2Config::default();
+    cfg.vocab_size = 50257;
+    cfg.n_positions = 128;
+    cfg.n_layer = 4;
+    cfg.n_head = 4;
+    cfg.n_embd = 256;
+    cfg
+}
+
+/// One training step as the trainer does it: zero grads, forward+backward, clip + AdamW.
+fn train_step<B: Backend<Buf = Vec<f32>>>(model: &mut Gpt2<B>, opt: &mut AdamW, ids: &[u32], labels: &[i32], b: usize, t: usize, step: u64) -> f32 {
+    model.zero_grad();
+    let loss = model.forward_backward(ids, labels, b, t, Some(step));
+    let (params, grads) = model.bufs_mut();
+    timed("adamw + clip (optimizer)", || opt.step(params, grads, 5e-5, 1.0, 1));
+    loss
+}
+
+fn main() {
+    let o = parse_opts();
+    let cfg = bench_config();
+    let (b, t) = (8usize, 128usize);
+    // Deterministic pseudo-random tokens.
+    let ids: Vec<u32> = (0..b * t).map(|i| (lmtrain_backend::mix64(i as u64) % cfg.vocab_size as u64) as u32).collect();
+    let labels: Vec<i32> = ids.iter().map(|&x| x as i32).collect();
+    let threads = rayon::current_num_threads();
+
+    let new_opt = |infos: &[lmtrain_model::ParamInfo], n: usize| {
+        let segs = decay_segments(infos.iter().map(|p| (p.offset, p.len, p.decay)), 0.01);
+        AdamW::new(AdamWConfig { weight_decay: 0.01, ..AdamWConfig::default() }, n, segs)
+    };
+
+    // Throughput on the plain CPU backend.
+    let mut model = Gpt2::new(cfg.clone(), 0);
+    let mut opt = new_opt(model.param_infos(), model.num_params());
+    for s in 0..o.warmup {
+        train_step(&mut model, &mut opt, &ids, &labels, b, t, s as u64);
+    }
+    let mut times = Vec::with_capacity(o.steps);
+    for s in 0..o.steps {
+        let t0 = Instant::now();
+        let loss = train_step(&mut model, &mut opt, &ids, &labels, b, t, (o.warmup + s) as u64);
+        times.push(t0.elapsed().as_secs_f64());
+        assert!(loss.is_finite(), "loss {loss} at step {s}");
+    }
+    let mut sorted = times.clone();
+    sorted.sort_by(f64::total_cmp);
+    let median = sorted[sorted.len() / 2];
+    let tok_s = (b * t) as f64 / median;
+    let tok_s_mean = (b * t * times.len()) as f64 / times.iter().sum::<f64>();
+    eprintln!(
+        "lmtrain (CPU backend, {threads} threads): {tok_s:.0} tokens/s (median step {:.1} ms over {} steps; mean {tok_s_mean:.0} tokens/s), {:.2}M parameters",
+        median * 1e3,
+        times.len(),
+        model.num_params() as f64 / 1e6
+    );
+
+    // Per-op breakdown on the timed backend.
+    TIMES.with(|t| t.borrow_mut().clear());
+    let mut timed_model = Gpt2::with_backend(Timed { inner: Cpu, vocab: cfg.vocab_size }, cfg.clone(), 0);
+    let mut opt = new_opt(timed_model.param_infos(), timed_model.num_params());
+    train_step(&mut timed_model, &mut opt, &ids, &labels, b, t, 0);
+    TIMES.with(|t| t.borrow_mut().clear());
+    let t0 = Instant::now();
+    for s in 0..o.breakdown_steps {
+        train_step(&mut timed_model, &mut opt, &ids, &labels, b, t, 1 + s as u64);
+    }
+    let total = t0.elapsed().as_secs_f64() / o.breakdown_steps as f64;
+    let mut rows: Vec<(&'static str, f64, u64)> = TIMES.with(|t| {
+        t.borrow().iter().map(|(k, (d, n))| (*k, d.as_secs_f64() / o.breakdown_steps as f64, n / o.breakdown_steps as u64)).collect()
+    });
+    rows.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let accounted: f64 = rows.iter().map(|r| r.1).sum();
+    eprintln!("\nper-op time per training step ({} steps, timed backend; step {:.1} ms):", o.breakdown_steps, total * 1e3);
+    eprintln!("{:<28} {:>10} {:>7} {:>8}", "op", "ms/step", "share", "calls");
+    for (name, secs, calls) in &rows {
+        eprintln!("{name:<28} {:>10.2} {:>6.1}% {calls:>8}", secs * 1e3, 100.0 * secs / total);
+    }
+    eprintln!("{:<28} {:>10.2} {:>6.1}%", "(outside ops)", (total - accounted) * 1e3, 100.0 * (total - accounted) / total);
+
+    if o.json {
+        let ops: Vec<String> = rows.iter().map(|(n, s, _)| format!("{{\"op\":\"{n}\",\"ms_per_step\":{:.3}}}", s * 1e3)).collect();
+        println!(
+            "{{\"impl\":\"lmtrain-cpu\",\"threads\":{threads},\"steps\":{},\"step_ms_median\":{:.3},\"tokens_per_s\":{tok_s:.1},\"tokens_per_s_mean\":{tok_s_mean:.1},\"params\":{},\"ops\":[{}]}}",
+            times.len(),
+            median * 1e3,
+            model.num_params(),
+            ops.join(",")
+        );
+    }
+}

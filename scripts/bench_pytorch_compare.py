@@ -1,0 +1,75 @@
+#!/usr/bin/env python3
+"""Runs the GPT-2 training benchmark side by side: lmtrain's CPU backend
+(`cargo bench --bench train_gpt2`) and PyTorch eager float32 (scripts/bench_pytorch.py, Hugging
+Face GPT2LMHeadModel + torch.optim.AdamW), same config (n_layer 4, n_head 4, n_embd 256, vocab
+50257, batch 8, block 128), same thread count; prints a Markdown table and the ratio.
+
+    python3 scripts/bench_pytorch_compare.py [--threads 2] [--steps 10] [--compile]
+
+Run it on a quiet machine: both sides are timed by their median step.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def last_json(text):
+    for line in reversed(text.strip().splitlines()):
+        line = line.strip()
+        if line.startswith("{"):
+            return json.loads(line)
+    raise SystemExit("no JSON result in the output:\n" + text)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--compile", action="store_true", help="also time torch.compile")
+    args = ap.parse_args()
+
+    env = dict(os.environ, RAYON_NUM_THREADS=str(args.threads))
+    print(f"== lmtrain (cargo bench --bench train_gpt2, RAYON_NUM_THREADS={args.threads})", file=sys.stderr)
+    ours = subprocess.run(
+        ["cargo", "bench", "-q", "--bench", "train_gpt2", "--", "--json", "--steps", str(args.steps)],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True, check=True,
+    )
+    rows = [last_json(ours.stdout)]
+    runs = [[]] + ([["--compile"]] if args.compile else [])
+    for extra in runs:
+        print(f"== PyTorch {' '.join(extra) or 'eager'}", file=sys.stderr)
+        try:
+            theirs = subprocess.run(
+                [sys.executable, str(ROOT / "scripts" / "bench_pytorch.py"), "--threads", str(args.threads),
+                 "--steps", str(max(args.steps, 5))] + extra,
+                cwd=ROOT, stdout=subprocess.PIPE, text=True, check=True,
+            )
+            rows.append(last_json(theirs.stdout))
+        except (subprocess.CalledProcessError, FileNotFoundError) as e:
+            print(f"PyTorch side failed ({e}); is torch + transformers installed?", file=sys.stderr)
+    eager = next((r for r in rows if r["impl"] == "pytorch-eager"), None)
+    print()
+    print(f"GPT-2 training step, n_layer 4, n_head 4, n_embd 256, vocab 50257, batch 8 x 128, {args.threads} threads")
+    print()
+    print("| implementation | tokens/s (median step) | step ms | vs PyTorch eager |")
+    print("| --- | ---: | ---: | ---: |")
+    for r in rows:
+        ratio = f"{r['tokens_per_s'] / eager['tokens_per_s']:.2f}x" if eager else "n/a"
+        print(f"| {r['impl']} | {r['tokens_per_s']:.0f} | {r['step_ms_median']:.1f} | {ratio} |")
+    if "ops" in rows[0]:
+        print()
+        print("lmtrain per-op time per step (timed backend):")
+        print()
+        print("| op | ms/step |")
+        print("| --- | ---: |")
+        for op in rows[0]["ops"]:
+            print(f"| {op['op']} | {op['ms_per_step']:.2f} |")
+
+
+if __name__ == "__main__":
+    main()

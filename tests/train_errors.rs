@@ -1,0 +1,101 @@
+//! Bad input to `train`: one clear `error:` line, a non-zero exit, and nothing lost.
+
+mod train_support;
+
+use train_support::*;
+
+const VOCAB: usize = 40;
+
+#[test]
+fn block_size_beyond_n_positions_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = make_data(&tmp.path().join("data"), VOCAB, 12, 6, 2);
+    let cfg = model_config(&tmp.path().join("cfg"), VOCAB, 8, 0.0);
+    let out = tmp.path().join("out");
+    let line = train_err(&["--data", &s(&data), "--model-config", &s(&cfg), "--output-dir", &s(&out), "--max-steps", "1"]);
+    assert!(line.contains("block size 12") && line.contains("n_positions 8"), "{line}");
+    assert!(!out.join("checkpoint-1").exists());
+}
+
+#[test]
+fn store_vocabulary_beyond_the_model_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = make_data(&tmp.path().join("data"), VOCAB, 12, 6, 2);
+    let cfg = model_config(&tmp.path().join("cfg"), VOCAB - 8, 16, 0.0);
+    let out = tmp.path().join("out");
+    let line = train_err(&["--data", &s(&data), "--model-config", &s(&cfg), "--output-dir", &s(&out), "--max-steps", "1"]);
+    assert!(line.contains("vocabulary (40 tokens)") && line.contains("vocab_size 32"), "{line}");
+}
+
+#[test]
+fn a_store_from_another_tokenizer_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = make_data(&tmp.path().join("data"), VOCAB, 12, 6, 2);
+    let cfg = model_config(&tmp.path().join("cfg"), VOCAB, 16, 0.0);
+    let first = tmp.path().join("first");
+    train_ok(&["--data", &s(&data), "--model-config", &s(&cfg), "--output-dir", &s(&first), "--max-steps", "1", "--no-progress"]);
+    // Same sizes, other tokenizer.
+    let other = make_data_tagged(&tmp.path().join("other"), VOCAB, 12, 6, 2, "b");
+    let out = tmp.path().join("out");
+    let line = train_err(&["--data", &s(&other), "--init-from", &s(&first), "--output-dir", &s(&out), "--max-steps", "1"]);
+    assert!(line.contains("different tokenizer"), "{line}");
+    let line = train_err(&["eval", "--checkpoint", &s(&first), "--data", &s(&other)]);
+    assert!(line.contains("different tokenizer"), "{line}");
+}
+
+#[test]
+fn unknown_and_contradictory_flags_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = make_data(&tmp.path().join("data"), VOCAB, 12, 6, 2);
+    let cfg = model_config(&tmp.path().join("cfg"), VOCAB, 16, 0.0);
+    let (d, c, o) = (s(&data), s(&cfg), s(&tmp.path().join("out")));
+    let base = ["--data", d.as_str(), "--model-config", c.as_str(), "--output-dir", o.as_str()];
+    let with = |extra: &[&str]| -> Vec<String> { base.iter().chain(extra).map(|x| x.to_string()).collect() };
+    let cases: [(&[&str], &str); 8] = [
+        (&["--learning-rat", "1e-3"], "unexpected argument"),
+        (&["--max-steps", "3", "--num-train-epochs", "2"], "either --max-steps or --num-train-epochs"),
+        (&["--warmup-steps", "3", "--warmup-ratio", "0.1"], "either --warmup-steps or --warmup-ratio"),
+        (&["--load-best-model-at-end"], "needs evaluation"),
+        (&["--eval-strategy", "steps", "--save-strategy", "epoch", "--load-best-model-at-end"], "--save-strategy equal"),
+        (&["--lr-scheduler", "exponential"], "unknown learning-rate scheduler"),
+        (&["--n-layer", "2"], "either --model-config or --n-layer"),
+        (&["--device", "cuda"], "not implemented yet"),
+    ];
+    for (extra, want) in cases {
+        let args = with(extra);
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = train(&refs);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{extra:?} should fail");
+        assert!(stderr.contains(want), "{extra:?}: expected `{want}` in:\n{stderr}");
+    }
+    assert!(!tmp.path().join("out").exists(), "nothing written by refused runs");
+}
+
+#[test]
+fn a_config_file_key_that_does_not_exist_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let conf = tmp.path().join("run.toml");
+    std::fs::write(&conf, "learning-rate = 1e-3\nlearnin_rate = 2\n").unwrap();
+    let line = train_err(&["--config", &s(&conf), "--output-dir", &s(&tmp.path().join("o"))]);
+    assert!(line.contains("learnin-rate"), "{line}");
+}
+
+#[test]
+fn nan_loss_stops_names_the_step_and_keeps_the_last_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = make_data(&tmp.path().join("data"), VOCAB, 12, 6, 2);
+    let cfg = model_config(&tmp.path().join("cfg"), VOCAB, 16, 0.0);
+    let out = tmp.path().join("out");
+    // An absurd learning rate blows the weights up within a few steps.
+    let line = train_err(&[
+        "--data", &s(&data), "--model-config", &s(&cfg), "--output-dir", &s(&out), "--max-steps", "20",
+        "--learning-rate", "1e30", "--max-grad-norm", "0", "--save-steps", "1", "--logging-steps", "1",
+    ]);
+    assert!(line.contains("at step ") && line.contains("--learning-rate"), "{line}");
+    let step: u64 = line.split("at step ").nth(1).unwrap().split(' ').next().unwrap().parse().unwrap();
+    assert!(step >= 2, "step 1 has a finite loss: {line}");
+    let kept = out.join(format!("checkpoint-{}", step - 1));
+    assert!(kept.join("model.safetensors").is_file() && line.contains(&s(&kept)), "{line}");
+    assert!(!out.join(format!("checkpoint-{step}")).exists());
+}

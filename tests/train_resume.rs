@@ -1,0 +1,119 @@
+//! Checkpoints and resume through the `train` binary: the checkpoint layout, atomic writes,
+//! rotation, and a resumed run that reproduces the uninterrupted run bit for bit.
+
+mod train_support;
+
+use std::path::Path;
+
+use train_support::*;
+
+const VOCAB: usize = 40;
+
+fn base_args(data: &Path, cfg: &Path, out: &Path, extra: &[&str]) -> Vec<String> {
+    let mut v: Vec<String> = [
+        "--data", &s(data), "--model-config", &s(cfg), "--output-dir", &s(out), "--max-steps", "6",
+        "--per-device-train-batch-size", "3", "--gradient-accumulation-steps", "2", "--learning-rate", "3e-3",
+        "--warmup-steps", "2", "--lr-scheduler", "cosine", "--weight-decay", "0.1", "--logging-steps", "1",
+        "--save-steps", "3", "--seed", "7", "--no-progress",
+    ]
+    .iter()
+    .map(|x| x.to_string())
+    .collect();
+    v.extend(extra.iter().map(|x| x.to_string()));
+    v
+}
+
+fn run(args: &[String]) -> String {
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    train_ok(&refs)
+}
+
+#[test]
+fn resume_reproduces_the_uninterrupted_run_bit_for_bit() {
+    let tmp = tempfile::tempdir().unwrap();
+    // 10 blocks, batch 3, accumulation 2: 2 steps per epoch (the second with one short
+    // micro-batch), so 6 steps cross two epoch boundaries and the resume point (step 3) sits
+    // inside an epoch. Dropout is on, so the dropout seeds must be restored too.
+    let data = make_data(&tmp.path().join("data"), VOCAB, 12, 10, 4);
+    let cfg = model_config(&tmp.path().join("cfg"), VOCAB, 16, 0.1);
+    let full = tmp.path().join("full");
+    run(&base_args(&data, &cfg, &full, &[]));
+    let full_losses = logged_losses(&full);
+    assert_eq!(full_losses.iter().map(|l| l.0).collect::<Vec<_>>(), vec![1, 2, 3, 4, 5, 6]);
+
+    // The "interrupted" run: only checkpoint-3 survives, in a fresh output directory.
+    let part = tmp.path().join("part");
+    std::fs::create_dir_all(&part).unwrap();
+    copy_dir(&full.join("checkpoint-3"), &part.join("checkpoint-3"));
+    // Without DIR, the latest checkpoint of --output-dir is taken.
+    run(&base_args(&data, &cfg, &part, &["--resume-from-checkpoint"]));
+    let resumed = logged_losses(&part);
+    assert_eq!(resumed.iter().map(|l| l.0).collect::<Vec<_>>(), vec![4, 5, 6]);
+    for (a, b) in full_losses[3..].iter().zip(&resumed) {
+        assert_eq!(a.1.to_bits(), b.1.to_bits(), "step {}: {} vs {}", a.0, a.1, b.1);
+    }
+    for file in ["model.safetensors", "optimizer.safetensors"] {
+        let a = std::fs::read(full.join("checkpoint-6").join(file)).unwrap();
+        let b = std::fs::read(part.join("checkpoint-6").join(file)).unwrap();
+        assert!(a == b, "{file} of the resumed run differs");
+    }
+    let a = std::fs::read(full.join("model.safetensors")).unwrap();
+    let b = std::fs::read(part.join("model.safetensors")).unwrap();
+    assert!(a == b, "final model differs");
+}
+
+#[test]
+fn checkpoints_are_complete_atomic_and_rotated() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = make_data(&tmp.path().join("data"), VOCAB, 12, 10, 4);
+    let cfg = model_config(&tmp.path().join("cfg"), VOCAB, 16, 0.0);
+    let out = tmp.path().join("out");
+    run(&base_args(&data, &cfg, &out, &["--save-steps", "1", "--save-total-limit", "2"]));
+    let mut names: Vec<String> =
+        std::fs::read_dir(&out).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    names.sort();
+    assert_eq!(
+        names,
+        ["checkpoint-5", "checkpoint-6", "config.json", "metrics.jsonl", "model.safetensors", "tokenizer.json"],
+        "two newest checkpoints, the final model, no temporary directories"
+    );
+    for ck in ["checkpoint-5", "checkpoint-6"] {
+        for f in ["config.json", "model.safetensors", "tokenizer.json", "optimizer.safetensors", "trainer_state.json"] {
+            assert!(out.join(ck).join(f).is_file(), "{ck}/{f} missing");
+        }
+    }
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("checkpoint-5/trainer_state.json")).unwrap()).unwrap();
+    assert_eq!(state["global_step"], 5);
+    // 2 steps per epoch: after step 5 the run is 1 step into epoch 2.
+    assert_eq!((state["epoch"].as_u64(), state["step_in_epoch"].as_u64()), (Some(2), Some(1)));
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("checkpoint-6/config.json")).unwrap()).unwrap();
+    assert_eq!(config["model_type"], "gpt2");
+    assert_eq!(config["n_layer"], 2);
+}
+
+#[test]
+fn existing_checkpoints_are_not_overwritten_without_a_flag() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = make_data(&tmp.path().join("data"), VOCAB, 12, 10, 4);
+    let cfg = model_config(&tmp.path().join("cfg"), VOCAB, 16, 0.0);
+    let out = tmp.path().join("out");
+    run(&base_args(&data, &cfg, &out, &[]));
+    let before = std::fs::read(out.join("checkpoint-6/model.safetensors")).unwrap();
+    let args = base_args(&data, &cfg, &out, &["--learning-rate", "1e-2"]);
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let line = train_err(&refs);
+    assert!(line.contains("already holds checkpoints"), "{line}");
+    assert_eq!(std::fs::read(out.join("checkpoint-6/model.safetensors")).unwrap(), before);
+    run(&base_args(&data, &cfg, &out, &["--learning-rate", "1e-2", "--overwrite-output-dir"]));
+    assert_ne!(std::fs::read(out.join("checkpoint-6/model.safetensors")).unwrap(), before);
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    }
+}
