@@ -1,0 +1,317 @@
+//! Safe wrappers of the kernels in `kernels/*.cu`, one per operation, generic over the storage
+//! type. Each checks its arguments' shapes and the launch limits, then launches.
+//! Semantics follow `lmtrain_cpu::ops` (the reference); `*_backward` ACCUMULATES.
+
+use cudarc::driver::{CudaView, CudaViewMut, DeviceRepr, LaunchConfig, ValidAsZeroBits};
+use half::bf16;
+use lmtrain_backend::{AdamWHyper, DecaySegment, GeluKind};
+
+use crate::launch::Launch;
+use crate::{CudaDevice, Result, shape};
+
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for f32 {}
+    impl Sealed for half::bf16 {}
+}
+
+/// Element types the kernels are compiled for; a kernel `op` of type `T` is the CUDA symbol
+/// `op_{T::SUFFIX}` (e.g. `layernorm_fwd_bf16`).
+pub trait KernelDtype: DeviceRepr + ValidAsZeroBits + sealed::Sealed + Copy + 'static {
+    /// Symbol suffix: `f32` or `bf16`.
+    const SUFFIX: &'static str;
+}
+impl KernelDtype for f32 {
+    const SUFFIX: &'static str = "f32";
+}
+impl KernelDtype for bf16 {
+    const SUFFIX: &'static str = "bf16";
+}
+
+/// Threads per block of the row kernels: 8 warps, one row per warp (kWarpsPerBlock in layernorm.cu).
+const ROW_BLOCK: u32 = 256;
+const ROWS_PER_BLOCK: usize = 8;
+/// Threads per block and maximum blocks of the grid-stride element-wise kernels.
+const ELEM_BLOCK: u32 = 256;
+const ELEM_MAX_BLOCKS: usize = 1 << 16;
+/// Default dynamic shared memory limit per block (no opt-in needed below it).
+const SMEM_LIMIT: usize = 48 * 1024;
+
+fn check_len(op: &'static str, what: &str, len: usize, want: usize) -> Result<()> {
+    if len == want { Ok(()) } else { Err(shape(op, format!("{what} has {len} elements, expected {want}"))) }
+}
+
+fn to_i32(op: &'static str, what: &str, v: usize) -> Result<i32> {
+    i32::try_from(v).map_err(|_| shape(op, format!("{what} = {v} exceeds i32")))
+}
+
+fn rows_grid(rows: usize) -> u32 {
+    rows.div_ceil(ROWS_PER_BLOCK) as u32
+}
+
+fn elem_cfg(n: usize) -> LaunchConfig {
+    let blocks = n.div_ceil(ELEM_BLOCK as usize).clamp(1, ELEM_MAX_BLOCKS) as u32;
+    LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (ELEM_BLOCK, 1, 1), shared_mem_bytes: 0 }
+}
+
+/// A run of consecutive parameters with one weight decay (the kernel's unit of launch).
+struct DecayRun {
+    offset: usize,
+    len: usize,
+    weight_decay: f32,
+}
+
+/// Validates that `segments` tile `0..n` in order and merges neighbours with equal decay, so a
+/// GPT-2 step costs two or three launches instead of one per tensor.
+fn decay_runs(op: &'static str, segments: &[DecaySegment], n: usize) -> Result<Vec<DecayRun>> {
+    let mut runs: Vec<DecayRun> = Vec::new();
+    let mut next = 0;
+    for s in segments {
+        if s.offset != next {
+            return Err(shape(op, format!("segment at {} leaves a gap or overlap (expected offset {next})", s.offset)));
+        }
+        next += s.len;
+        match runs.last_mut() {
+            Some(r) if r.weight_decay == s.weight_decay => r.len += s.len,
+            _ => runs.push(DecayRun { offset: s.offset, len: s.len, weight_decay: s.weight_decay }),
+        }
+    }
+    if next != n {
+        return Err(shape(op, format!("segments cover {next} of {n} parameters")));
+    }
+    runs.retain(|r| r.len > 0);
+    Ok(runs)
+}
+
+/// Per-step scalars of the AdamW kernels, computed like the CPU reference (f64 bias corrections).
+struct AdamScalars {
+    lr: f32,
+    beta1: f32,
+    beta2: f32,
+    eps: f32,
+    grad_scale: f32,
+    step_size: f32,
+    bc2_sqrt: f32,
+}
+
+impl AdamScalars {
+    fn new(op: &'static str, hp: &AdamWHyper) -> Result<Self> {
+        if hp.step == 0 {
+            return Err(shape(op, "step is 1-based and must be at least 1"));
+        }
+        let bc1 = 1.0 - f64::from(hp.beta1).powi(hp.step as i32);
+        let bc2 = 1.0 - f64::from(hp.beta2).powi(hp.step as i32);
+        Ok(Self {
+            lr: hp.lr,
+            beta1: hp.beta1,
+            beta2: hp.beta2,
+            eps: hp.eps,
+            grad_scale: hp.grad_scale,
+            step_size: (f64::from(hp.lr) / bc1) as f32,
+            bc2_sqrt: bc2.sqrt() as f32,
+        })
+    }
+}
+
+impl CudaDevice {
+    /// LayerNorm forward over `rows` rows of `cols`: `out = (inp - mean) * rstd * weight + bias`;
+    /// saves `mean` and `rstd` (f32) for the backward pass.
+    #[allow(clippy::too_many_arguments)]
+    pub fn layernorm_forward<T: KernelDtype>(
+        &self,
+        out: &mut CudaViewMut<'_, T>,
+        mean: &mut CudaViewMut<'_, f32>,
+        rstd: &mut CudaViewMut<'_, f32>,
+        inp: &CudaView<'_, T>,
+        weight: &CudaView<'_, T>,
+        bias: &CudaView<'_, T>,
+        rows: usize,
+        cols: usize,
+        eps: f32,
+    ) -> Result<()> {
+        const OP: &str = "layernorm_forward";
+        let n = rows.checked_mul(cols).ok_or_else(|| shape(OP, "rows * cols overflows"))?;
+        check_len(OP, "out", out.len(), n)?;
+        check_len(OP, "inp", inp.len(), n)?;
+        check_len(OP, "mean", mean.len(), rows)?;
+        check_len(OP, "rstd", rstd.len(), rows)?;
+        check_len(OP, "weight", weight.len(), cols)?;
+        check_len(OP, "bias", bias.len(), cols)?;
+        let (rows_i, cols_i) = (to_i32(OP, "rows", rows)?, to_i32(OP, "cols", cols)?);
+        if rows == 0 || cols == 0 {
+            return Ok(());
+        }
+        let cfg = LaunchConfig { grid_dim: (rows_grid(rows), 1, 1), block_dim: (ROW_BLOCK, 1, 1), shared_mem_bytes: 0 };
+        let mut l = Launch::new(self, format!("layernorm_fwd_{}", T::SUFFIX))?;
+        l.output(out).output(mean).output(rstd).input(inp).input(weight).input(bias);
+        l.scalar(&rows_i).scalar(&cols_i).scalar(&eps);
+        // SAFETY: every buffer has exactly the length the kernel indexes (checked above): it
+        // touches rows*cols elements of out/inp, rows of mean/rstd and cols of weight/bias.
+        unsafe { l.launch(cfg) }
+    }
+
+    /// LayerNorm backward; ACCUMULATES into `dinp`, `dweight` and `dbias` (the parameter
+    /// gradients are f32 for both storage types). `cols` is limited to 6144 (shared memory).
+    #[allow(clippy::too_many_arguments)]
+    pub fn layernorm_backward<T: KernelDtype>(
+        &self,
+        dinp: &mut CudaViewMut<'_, T>,
+        dweight: &mut CudaViewMut<'_, f32>,
+        dbias: &mut CudaViewMut<'_, f32>,
+        dout: &CudaView<'_, T>,
+        inp: &CudaView<'_, T>,
+        weight: &CudaView<'_, T>,
+        mean: &CudaView<'_, f32>,
+        rstd: &CudaView<'_, f32>,
+        rows: usize,
+        cols: usize,
+    ) -> Result<()> {
+        const OP: &str = "layernorm_backward";
+        let n = rows.checked_mul(cols).ok_or_else(|| shape(OP, "rows * cols overflows"))?;
+        check_len(OP, "dinp", dinp.len(), n)?;
+        check_len(OP, "dout", dout.len(), n)?;
+        check_len(OP, "inp", inp.len(), n)?;
+        check_len(OP, "dweight", dweight.len(), cols)?;
+        check_len(OP, "dbias", dbias.len(), cols)?;
+        check_len(OP, "weight", weight.len(), cols)?;
+        check_len(OP, "mean", mean.len(), rows)?;
+        check_len(OP, "rstd", rstd.len(), rows)?;
+        let (rows_i, cols_i) = (to_i32(OP, "rows", rows)?, to_i32(OP, "cols", cols)?);
+        let smem = 2 * cols * size_of::<f32>();
+        if smem > SMEM_LIMIT {
+            return Err(shape(OP, format!("cols = {cols} needs {smem} bytes of shared memory (limit {SMEM_LIMIT})")));
+        }
+        if rows == 0 || cols == 0 {
+            return Ok(());
+        }
+        // A bounded grid: each block folds its rows' dweight/dbias in shared memory first, so
+        // fewer blocks mean fewer global atomics.
+        let blocks = rows_grid(rows).min(1024);
+        let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (ROW_BLOCK, 1, 1), shared_mem_bytes: smem as u32 };
+        let mut l = Launch::new(self, format!("layernorm_bwd_{}", T::SUFFIX))?;
+        l.output(dinp).output(dweight).output(dbias).input(dout).input(inp).input(weight).input(mean).input(rstd);
+        l.scalar(&rows_i).scalar(&cols_i);
+        // SAFETY: lengths checked above; the kernel touches rows*cols elements of
+        // dinp/dout/inp, cols of dweight/dbias/weight, rows of mean/rstd, and 2*cols floats of
+        // the dynamic shared memory it is given.
+        unsafe { l.launch(cfg) }
+    }
+
+    /// `out = gelu(inp)` element-wise.
+    pub fn gelu_forward<T: KernelDtype>(
+        &self,
+        out: &mut CudaViewMut<'_, T>,
+        inp: &CudaView<'_, T>,
+        kind: GeluKind,
+    ) -> Result<()> {
+        const OP: &str = "gelu_forward";
+        let n = inp.len();
+        check_len(OP, "out", out.len(), n)?;
+        if n == 0 {
+            return Ok(());
+        }
+        let n64 = n as u64;
+        let mut l = Launch::new(self, format!("gelu_{}_fwd_{}", gelu_name(kind), T::SUFFIX))?;
+        l.output(out).input(inp).scalar(&n64);
+        // SAFETY: out and inp both have n elements, the kernel's loop bound.
+        unsafe { l.launch(elem_cfg(n)) }
+    }
+
+    /// `dinp += gelu'(inp) * dout` element-wise.
+    pub fn gelu_backward<T: KernelDtype>(
+        &self,
+        dinp: &mut CudaViewMut<'_, T>,
+        inp: &CudaView<'_, T>,
+        dout: &CudaView<'_, T>,
+        kind: GeluKind,
+    ) -> Result<()> {
+        const OP: &str = "gelu_backward";
+        let n = inp.len();
+        check_len(OP, "dinp", dinp.len(), n)?;
+        check_len(OP, "dout", dout.len(), n)?;
+        if n == 0 {
+            return Ok(());
+        }
+        let n64 = n as u64;
+        let mut l = Launch::new(self, format!("gelu_{}_bwd_{}", gelu_name(kind), T::SUFFIX))?;
+        l.output(dinp).input(inp).input(dout).scalar(&n64);
+        // SAFETY: dinp, inp and dout all have n elements, the kernel's loop bound.
+        unsafe { l.launch(elem_cfg(n)) }
+    }
+
+    /// One fused AdamW step over f32 parameters (torch.optim.AdamW semantics, as
+    /// `lmtrain_cpu::ops::adamw_update`): `segments` tile the buffer and give each part its
+    /// weight decay; gradients are scaled by `hp.grad_scale` first.
+    pub fn adamw_update(
+        &self,
+        params: &mut CudaViewMut<'_, f32>,
+        grads: &CudaView<'_, f32>,
+        m: &mut CudaViewMut<'_, f32>,
+        v: &mut CudaViewMut<'_, f32>,
+        segments: &[DecaySegment],
+        hp: &AdamWHyper,
+    ) -> Result<()> {
+        const OP: &str = "adamw_update";
+        let n = params.len();
+        check_len(OP, "grads", grads.len(), n)?;
+        check_len(OP, "m", m.len(), n)?;
+        check_len(OP, "v", v.len(), n)?;
+        let s = AdamScalars::new(OP, hp)?;
+        for run in decay_runs(OP, segments, n)? {
+            let r = run.offset..run.offset + run.len;
+            let (mut p, g, mut mm, mut vv) = (params.slice_mut(r.clone()), grads.slice(r.clone()), m.slice_mut(r.clone()), v.slice_mut(r));
+            let len = run.len as u64;
+            let mut l = Launch::new(self, "adamw_f32".to_string())?;
+            l.output(&mut p).input(&g).output(&mut mm).output(&mut vv).scalar(&len);
+            l.scalar(&s.lr).scalar(&s.beta1).scalar(&s.beta2).scalar(&s.eps).scalar(&run.weight_decay);
+            l.scalar(&s.grad_scale).scalar(&s.step_size).scalar(&s.bc2_sqrt);
+            // SAFETY: the four views have run.len elements (sub-ranges of buffers whose lengths
+            // were checked), the kernel's loop bound.
+            unsafe { l.launch(elem_cfg(run.len)) }?;
+        }
+        Ok(())
+    }
+
+    /// Mixed-precision AdamW: updates the f32 `master` weights and moments from bf16
+    /// gradients, and refreshes the bf16 `params` copy the forward pass reads.
+    #[allow(clippy::too_many_arguments)]
+    pub fn adamw_update_bf16(
+        &self,
+        master: &mut CudaViewMut<'_, f32>,
+        params: &mut CudaViewMut<'_, bf16>,
+        grads: &CudaView<'_, bf16>,
+        m: &mut CudaViewMut<'_, f32>,
+        v: &mut CudaViewMut<'_, f32>,
+        segments: &[DecaySegment],
+        hp: &AdamWHyper,
+    ) -> Result<()> {
+        const OP: &str = "adamw_update_bf16";
+        let n = master.len();
+        check_len(OP, "params", params.len(), n)?;
+        check_len(OP, "grads", grads.len(), n)?;
+        check_len(OP, "m", m.len(), n)?;
+        check_len(OP, "v", v.len(), n)?;
+        let s = AdamScalars::new(OP, hp)?;
+        for run in decay_runs(OP, segments, n)? {
+            let r = run.offset..run.offset + run.len;
+            let (mut w, mut p, g) = (master.slice_mut(r.clone()), params.slice_mut(r.clone()), grads.slice(r.clone()));
+            let (mut mm, mut vv) = (m.slice_mut(r.clone()), v.slice_mut(r));
+            let len = run.len as u64;
+            let mut l = Launch::new(self, "adamw_bf16".to_string())?;
+            l.output(&mut w).output(&mut p).input(&g).output(&mut mm).output(&mut vv).scalar(&len);
+            l.scalar(&s.lr).scalar(&s.beta1).scalar(&s.beta2).scalar(&s.eps).scalar(&run.weight_decay);
+            l.scalar(&s.grad_scale).scalar(&s.step_size).scalar(&s.bc2_sqrt);
+            // SAFETY: the five views have run.len elements (sub-ranges of checked buffers), the
+            // kernel's loop bound.
+            unsafe { l.launch(elem_cfg(run.len)) }?;
+        }
+        Ok(())
+    }
+}
+
+fn gelu_name(kind: GeluKind) -> &'static str {
+    match kind {
+        GeluKind::Tanh => "tanh",
+        GeluKind::Erf => "erf",
+    }
+}

@@ -1,0 +1,136 @@
+//! How the CUDA tests reach a device.
+//!
+//! * With `LMTRAIN_CUDA_REAL=1` (scripts/gpu-check.sh) every test runs in-process against the
+//!   real driver.
+//! * Otherwise, when the build made the CPU emulator, each test re-executes this test binary
+//!   for itself with `LD_LIBRARY_PATH` pointing at the fake `libcuda.so`/`libcublas*.so`
+//!   (the dynamic loader reads the variable only at process start), once with the fibers of
+//!   each block scheduled forward and once in reverse (`CUEMU_SCHED`), and requires the child
+//!   to report exactly its tests as passed. The child sees `LMTRAIN_CUDA_CHILD=1` and runs the
+//!   body. `address_sanitizer_pass` runs all device tests once more in one child whose fake
+//!   libraries are built with AddressSanitizer (its runtime preloaded).
+//! * Without nvcc at build time there is no emulator: tests print SKIP and pass.
+#![allow(dead_code)] // each test binary uses a different subset
+
+use std::path::Path;
+use std::process::Command;
+
+use lmtrain_cuda::CudaDevice;
+
+/// Where this process stands.
+pub enum Mode {
+    /// Run test bodies here, against whatever libcuda the loader finds.
+    Direct,
+    /// Re-execute for each test against the emulator in this directory.
+    Emulate(&'static str),
+    /// Nothing to run against; the reason.
+    Skip(&'static str),
+}
+
+pub fn mode() -> Mode {
+    if std::env::var("LMTRAIN_CUDA_CHILD").is_ok_and(|v| v == "1") || std::env::var("LMTRAIN_CUDA_REAL").is_ok_and(|v| v == "1") {
+        return Mode::Direct;
+    }
+    match option_env!("LMTRAIN_CUEMU_DIR") {
+        Some(dir) if lmtrain_cuda::kernels_built() => Mode::Emulate(dir),
+        _ => Mode::Skip("no CUDA kernels in this build (nvcc not found at build time; see README, CUDA)"),
+    }
+}
+
+/// Runs `body` on device 0: directly, or in two emulator children (forward and reverse
+/// thread order), or prints why it is skipped.
+pub fn on_device(test: &str, body: impl FnOnce(&CudaDevice)) {
+    match mode() {
+        Mode::Direct => {
+            let dev = CudaDevice::open(0).unwrap_or_else(|e| panic!("{test}: {e}"));
+            body(&dev);
+        }
+        Mode::Emulate(dir) => {
+            for order in ["forward", "reverse"] {
+                run_children(&[test], &Child { lib_dir: dir, order, asan_runtime: None, allow_emulator: true });
+            }
+        }
+        Mode::Skip(why) => println!("SKIP {test}: {why}"),
+    }
+}
+
+/// How to start a child.
+pub struct Child<'a> {
+    pub lib_dir: &'a str,
+    pub order: &'a str,
+    pub asan_runtime: Option<&'a str>,
+    pub allow_emulator: bool,
+}
+
+/// Runs the named tests of this binary in one child process and checks that all passed.
+pub fn run_children(tests: &[&str], c: &Child<'_>) {
+    let exe = std::env::current_exe().expect("test binary path");
+    let mut cmd = Command::new(exe);
+    cmd.args(tests).args(["--exact", "--test-threads=1", "--nocapture"]);
+    let ld_path = match std::env::var_os("LD_LIBRARY_PATH") {
+        Some(old) if !old.is_empty() => format!("{}:{}", c.lib_dir, old.to_string_lossy()),
+        _ => c.lib_dir.to_string(),
+    };
+    cmd.env("LD_LIBRARY_PATH", ld_path).env("LMTRAIN_CUDA_CHILD", "1").env("CUEMU_SCHED", c.order);
+    if c.allow_emulator {
+        cmd.env("LMTRAIN_CUEMU", "1");
+    } else {
+        cmd.env_remove("LMTRAIN_CUEMU");
+    }
+    if let Some(rt) = c.asan_runtime {
+        assert!(Path::new(rt).exists(), "AddressSanitizer runtime {rt} is missing");
+        // Rust's own allocations are not instrumented; leaks of the test harness are not ours.
+        cmd.env("LD_PRELOAD", rt).env("ASAN_OPTIONS", "detect_leaks=0:abort_on_error=1:detect_stack_use_after_return=0");
+    }
+    let out = cmd.output().expect("spawning the test binary");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let expected = format!("test result: ok. {} passed", tests.len());
+    assert!(
+        out.status.success() && stdout.contains(&expected),
+        "emulated run of {tests:?} (CUEMU_SCHED={}, asan={}) failed: {}\n--- stdout\n{stdout}\n--- stderr\n{stderr}",
+        c.order,
+        c.asan_runtime.is_some(),
+        out.status
+    );
+}
+
+/// Small deterministic generator for test data (xorshift64*).
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Self(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+    /// Uniform in [-1, 1).
+    pub fn uniform(&mut self) -> f32 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        let bits = self.0.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 40; // 24 bits
+        bits as f32 / (1u64 << 23) as f32 - 1.0
+    }
+    pub fn vec(&mut self, n: usize, scale: f32, offset: f32) -> Vec<f32> {
+        (0..n).map(|_| offset + scale * self.uniform()).collect()
+    }
+}
+
+/// Relative error in the max norm: `max_i |got_i - want_i| / max_i |want_i|`.
+pub fn rel_err(got: &[f32], want: &[f32]) -> f64 {
+    assert_eq!(got.len(), want.len(), "length mismatch");
+    let mut num = 0f64;
+    let mut den = 0f64;
+    for (&g, &w) in got.iter().zip(want) {
+        assert!(g.is_finite(), "non-finite result {g}");
+        num = num.max((f64::from(g) - f64::from(w)).abs());
+        den = den.max(f64::from(w).abs());
+    }
+    if den == 0.0 { num } else { num / den }
+}
+
+/// Asserts `rel_err(got, want) <= tol` and reports the error.
+pub fn assert_close(what: &str, got: &[f32], want: &[f32], tol: f64) {
+    let e = rel_err(got, want);
+    println!("{what}: max-norm relative error {e:.3e} (tolerance {tol:.0e})");
+    assert!(e <= tol, "{what}: max-norm relative error {e:.3e} > {tol:.0e}");
+}

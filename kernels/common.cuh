@@ -1,0 +1,61 @@
+// common.cuh: shared helpers for lmtrain's CUDA kernels.
+//
+// Every kernels/*.cu file includes this header first. Under nvcc it pulls in the CUDA
+// headers; with `-DCUEMU` (host compiler) it pulls in the emulator, so the same source
+// runs on the CPU in CI. Kernel entry points are `extern "C"` and named <op>_<dtype>;
+// build.rs derives the emulator's kernel registry from those declarations.
+#pragma once
+
+#ifdef CUEMU
+#include "emu/cuemu.h"
+#else
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <mma.h>
+#endif
+
+#include <stdint.h>
+
+// Dynamic shared memory. `extern __shared__` arrays have no host equivalent, so kernels
+// declare them through this macro; the emulator hands out a per-launch buffer.
+#ifdef CUEMU
+#define DYN_SMEM(T, name) T* name = reinterpret_cast<T*>(::cuemu::dynamic_smem())
+#else
+#define DYN_SMEM(T, name)                                          \
+  extern __shared__ __align__(16) unsigned char name##_bytes_[];   \
+  T* name = reinterpret_cast<T*>(name##_bytes_)
+#endif
+
+namespace lm {
+
+typedef __nv_bfloat16 bf16;
+
+// Loads and stores in the storage type, arithmetic in f32.
+__device__ __forceinline__ float to_f32(float x) { return x; }
+__device__ __forceinline__ float to_f32(bf16 x) { return __bfloat162float(x); }
+template <class T> __device__ __forceinline__ T from_f32(float x);
+template <> __device__ __forceinline__ float from_f32<float>(float x) { return x; }
+template <> __device__ __forceinline__ bf16 from_f32<bf16>(float x) { return __float2bfloat16_rn(x); }
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  return v;
+}
+
+// Grid-stride loop bounds for element-wise kernels over `n` elements.
+__device__ __forceinline__ uint64_t global_thread() { return uint64_t(blockIdx.x) * blockDim.x + threadIdx.x; }
+__device__ __forceinline__ uint64_t grid_threads() { return uint64_t(gridDim.x) * blockDim.x; }
+
+// tanh with a hardware instruction on sm_75+; the portable path is the libm function.
+__device__ __forceinline__ float fast_tanh(float x) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 750
+  float y;
+  asm("tanh.approx.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+#else
+  return tanhf(x);
+#endif
+}
+
+}  // namespace lm
