@@ -25,6 +25,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Tokenize a text corpus and cut it into a memory-mapped block store.
+    #[command(long_about = prepare::LONG_ABOUT)]
     Prepare(prepare::PrepareArgs),
     /// Loss and perplexity of a checkpoint on a block store or a text file.
     Eval(eval::EvalArgs),

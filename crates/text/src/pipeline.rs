@@ -489,7 +489,9 @@ impl Encoder<'_> {
         // tokenizer; an end-of-text token is appended after every document so the model
         // sees document boundaries (llm.c does this; HF's group_texts does not).
         let add_special = self.model_type == ModelType::Masked;
-        let enc = self.tokenizer.encode_fast(doc, add_special).map_err(|e| TextError::Encode(e.to_string()))?;
+        // `encode`, not `encode_fast`: the fast variant leaves out the word ids that the
+        // word-start flags come from (and measured no faster here).
+        let enc = self.tokenizer.encode(doc, add_special).map_err(|e| TextError::Encode(e.to_string()))?;
         let extra = usize::from(self.model_type == ModelType::Causal);
         let mut ids = Vec::with_capacity(enc.len() + extra);
         ids.extend_from_slice(enc.get_ids());
