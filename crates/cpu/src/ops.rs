@@ -17,6 +17,38 @@ fn rows_per_task(cols: usize) -> usize {
     (CHUNK / cols.max(1)).max(1)
 }
 
+/// Call `$generic(args)` compiled for AVX2 when the CPU has it (the build targets baseline x86-64,
+/// whose SSE2 halves the width of the elementwise loops); `$avx2` is an `unsafe fn` with
+/// `#[target_feature(enable = "avx2")]` whose body calls the `#[inline(always)]` `$generic`.
+macro_rules! dispatch {
+    ($generic:ident, $avx2:ident, $($arg:expr),*) => {{
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx2") {
+                // SAFETY: the feature the function is compiled for was detected at run time.
+                unsafe { $avx2($($arg),*) }
+            } else {
+                $generic($($arg),*)
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            $generic($($arg),*)
+        }
+    }};
+}
+
+/// Define `$avx2` as the AVX2 build of `$generic` (see [`dispatch!`]).
+macro_rules! avx2_version {
+    ($avx2:ident, $generic:ident, ($($arg:ident: $ty:ty),*) -> $ret:ty) => {
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx2")]
+        unsafe fn $avx2($($arg: $ty),*) -> $ret {
+            $generic($($arg),*)
+        }
+    };
+}
+
 #[derive(Clone, Copy)]
 struct SendPtr(*mut f32);
 // SAFETY: used only to write disjoint regions from parallel tasks (documented at each use).
@@ -222,7 +254,12 @@ const INV_SQRT_2PI: f32 = 0.398_942_3;
 /// `Erf` = `0.5 x (1 + erf(x / sqrt 2))`.
 pub fn gelu_forward(out: &mut [f32], inp: &[f32], kind: GeluKind) {
     assert_eq!(out.len(), inp.len(), "gelu_forward: length mismatch");
-    out.par_chunks_mut(CHUNK).zip(inp.par_chunks(CHUNK)).for_each(|(o, x)| match kind {
+    out.par_chunks_mut(CHUNK).zip(inp.par_chunks(CHUNK)).for_each(|(o, x)| dispatch!(gelu_fwd_chunk, gelu_fwd_chunk_avx2, o, x, kind));
+}
+
+#[inline(always)]
+fn gelu_fwd_chunk(o: &mut [f32], x: &[f32], kind: GeluKind) {
+    match kind {
         GeluKind::Tanh => {
             for (o, &x) in o.iter_mut().zip(x) {
                 *o = 0.5 * x * (1.0 + math::tanh(SQRT_2_OVER_PI * (x + GELU_C * x * x * x)));
@@ -233,31 +270,39 @@ pub fn gelu_forward(out: &mut [f32], inp: &[f32], kind: GeluKind) {
                 *o = 0.5 * x * (1.0 + math::erf(x * FRAC_1_SQRT_2));
             }
         }
-    });
+    }
 }
+avx2_version!(gelu_fwd_chunk_avx2, gelu_fwd_chunk, (o: &mut [f32], x: &[f32], kind: GeluKind) -> ());
 
 /// `dinp += gelu'(inp) * dout`.
 pub fn gelu_backward(dinp: &mut [f32], inp: &[f32], dout: &[f32], kind: GeluKind) {
     assert!(dinp.len() == inp.len() && dout.len() == inp.len(), "gelu_backward: length mismatch");
-    dinp.par_chunks_mut(CHUNK).zip(inp.par_chunks(CHUNK)).zip(dout.par_chunks(CHUNK)).for_each(|((d, x), g)| {
-        match kind {
-            GeluKind::Tanh => {
-                for ((d, &x), &g) in d.iter_mut().zip(x).zip(g) {
-                    let th = math::tanh(SQRT_2_OVER_PI * (x + GELU_C * x * x * x));
-                    let dth = SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_C * x * x);
-                    *d += g * (0.5 * (1.0 + th) + 0.5 * x * (1.0 - th * th) * dth);
-                }
-            }
-            GeluKind::Erf => {
-                for ((d, &x), &g) in d.iter_mut().zip(x).zip(g) {
-                    let cdf = 0.5 * (1.0 + math::erf(x * FRAC_1_SQRT_2));
-                    let pdf = INV_SQRT_2PI * math::exp(-0.5 * x * x);
-                    *d += g * (cdf + x * pdf);
-                }
+    dinp.par_chunks_mut(CHUNK)
+        .zip(inp.par_chunks(CHUNK))
+        .zip(dout.par_chunks(CHUNK))
+        .for_each(|((d, x), g)| dispatch!(gelu_bwd_chunk, gelu_bwd_chunk_avx2, d, x, g, kind));
+}
+
+#[inline(always)]
+fn gelu_bwd_chunk(d: &mut [f32], x: &[f32], g: &[f32], kind: GeluKind) {
+    match kind {
+        GeluKind::Tanh => {
+            for ((d, &x), &g) in d.iter_mut().zip(x).zip(g) {
+                let th = math::tanh(SQRT_2_OVER_PI * (x + GELU_C * x * x * x));
+                let dth = SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_C * x * x);
+                *d += g * (0.5 * (1.0 + th) + 0.5 * x * (1.0 - th * th) * dth);
             }
         }
-    });
+        GeluKind::Erf => {
+            for ((d, &x), &g) in d.iter_mut().zip(x).zip(g) {
+                let cdf = 0.5 * (1.0 + math::erf(x * FRAC_1_SQRT_2));
+                let pdf = INV_SQRT_2PI * math::exp(-0.5 * x * x);
+                *d += g * (cdf + x * pdf);
+            }
+        }
+    }
 }
+avx2_version!(gelu_bwd_chunk_avx2, gelu_bwd_chunk, (d: &mut [f32], x: &[f32], g: &[f32], kind: GeluKind) -> ());
 
 // ---------------------------------------------------------------------------------------------
 // embeddings
@@ -517,13 +562,13 @@ pub fn cross_entropy(logits: &mut [f32], targets: &[i32], rows: usize, vocab: us
             match dloss {
                 Some(g) => {
                     // one pass writes e^(x - max) in place and sums it; a second scales to g * p
-                    let sum = exp_in_place_sum(row, max);
+                    let sum = dispatch!(exp_in_place_sum, exp_in_place_sum_avx2, row, max);
                     let f = g / sum as f32;
                     row.iter_mut().for_each(|x| *x *= f);
                     row[tgt as usize] -= g;
                     sum.ln() + (max - target_logit) as f64
                 }
-                None => exp_sum(row, max).ln() + (max - target_logit) as f64,
+                None => dispatch!(exp_sum, exp_sum_avx2, row, max).ln() + (max - target_logit) as f64,
             }
         })
         .collect();
@@ -542,6 +587,7 @@ fn lane_max(x: &[f32]) -> f32 {
     tail.iter().chain(&acc).fold(f32::NEG_INFINITY, |m, &v| m.max(v))
 }
 
+#[inline(always)]
 fn exp_sum(x: &[f32], max: f32) -> f64 {
     let mut acc = [0f32; 8];
     let chunks = x.chunks_exact(8);
@@ -554,6 +600,9 @@ fn exp_sum(x: &[f32], max: f32) -> f64 {
     acc.iter().map(|&a| a as f64).sum::<f64>() + tail.iter().map(|&v| math::exp(v - max) as f64).sum::<f64>()
 }
 
+avx2_version!(exp_sum_avx2, exp_sum, (x: &[f32], max: f32) -> f64);
+
+#[inline(always)]
 fn exp_in_place_sum(x: &mut [f32], max: f32) -> f64 {
     let mut acc = [0f32; 8];
     let mut chunks = x.chunks_exact_mut(8);
@@ -570,6 +619,7 @@ fn exp_in_place_sum(x: &mut [f32], max: f32) -> f64 {
     }
     acc.iter().map(|&a| a as f64).sum::<f64>() + tail
 }
+avx2_version!(exp_in_place_sum_avx2, exp_in_place_sum, (x: &mut [f32], max: f32) -> f64);
 
 // ---------------------------------------------------------------------------------------------
 // optimizer
