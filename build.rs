@@ -8,7 +8,7 @@
 //!   builds CPU-only (no kernels embedded; CUDA tests skip).
 //! * the root package `lmtrain` only declares its dependencies on this file.
 //!
-//! Environment: `NVCC`, `CUDA_HOME`/`CUDA_PATH`/`CUDA_ROOT` (where nvcc is), `LMTRAIN_CUDA_ARCHS`
+//! Environment: `NVCC` (nvcc to use; `none` = CPU-only), `CUDA_HOME`/`CUDA_PATH`/`CUDA_ROOT`, `LMTRAIN_CUDA_ARCHS`
 //! (e.g. `80,90`; default `80,90`), `LMTRAIN_REQUIRE_CUDA=1` (a missing nvcc is an error),
 //! `LMTRAIN_CUEMU=0` (skip the emulator build), `CXX` (host compiler for the emulator).
 //! The build never panics: failures are reported as one message and exit status 1.
@@ -71,9 +71,12 @@ fn build_cuda() -> Result<(), String> {
 
     let required = env::var("LMTRAIN_REQUIRE_CUDA").is_ok_and(|v| v == "1");
     let Some(nvcc) = find_nvcc(&root) else {
-        let looked = "$NVCC, $CUDA_HOME/$CUDA_PATH/$CUDA_ROOT bin/nvcc, /usr/local/cuda/bin/nvcc, PATH, .toolchain/cuda";
+        let looked = match env::var("NVCC") {
+            Ok(v) => format!("NVCC={v} is not an nvcc executable"),
+            Err(_) => "looked at $CUDA_HOME/$CUDA_PATH/$CUDA_ROOT bin/nvcc, /usr/local/cuda/bin/nvcc, PATH, .toolchain/cuda".into(),
+        };
         if required {
-            return fail(format!("LMTRAIN_REQUIRE_CUDA=1 but nvcc was not found (looked at {looked})"));
+            return fail(format!("LMTRAIN_REQUIRE_CUDA=1 but nvcc was not found ({looked})"));
         }
         println!(
             "cargo:warning=nvcc not found ({looked}): building lmtrain-cuda without kernels (CPU-only); \
@@ -119,14 +122,15 @@ fn build_cuda() -> Result<(), String> {
     build_emulator(&root, &out, &include, &sources, &params)
 }
 
-/// `$NVCC`, `$CUDA_HOME` / `$CUDA_PATH` / `$CUDA_ROOT`, `/usr/local/cuda`, `PATH`, then the
+/// `$NVCC`, else `$CUDA_HOME` / `$CUDA_PATH` / `$CUDA_ROOT`, `/usr/local/cuda`, `PATH`, then the
 /// toolchain that `.ci/run` installs into the repository. The canonical path matters: nvcc
 /// resolves its headers relative to the path it was invoked by.
+/// A set `$NVCC` is authoritative (`NVCC=none` builds CPU-only).
 fn find_nvcc(root: &Path) -> Option<PathBuf> {
-    let mut candidates: Vec<PathBuf> = Vec::new();
     if let Some(p) = env::var_os("NVCC") {
-        candidates.push(p.into());
+        return PathBuf::from(p).canonicalize().ok().filter(|p| p.is_file());
     }
+    let mut candidates: Vec<PathBuf> = Vec::new();
     for var in ["CUDA_HOME", "CUDA_PATH", "CUDA_ROOT"] {
         if let Some(p) = env::var_os(var) {
             candidates.push(PathBuf::from(p).join("bin/nvcc"));

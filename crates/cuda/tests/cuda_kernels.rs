@@ -409,12 +409,12 @@ fn address_sanitizer_pass() {
     ];
     match support::mode() {
         Mode::Direct => {} // a child (nothing to do) or a real GPU (no sanitizer)
-        Mode::Skip(why) => println!("SKIP address_sanitizer_pass: {why}"),
+        Mode::Skip(why) => support::skip("address_sanitizer_pass", why),
         Mode::Emulate(_) => match (option_env!("LMTRAIN_CUEMU_ASAN_DIR"), option_env!("LMTRAIN_CUEMU_ASAN_RUNTIME")) {
             (Some(dir), Some(rt)) => {
                 run_children(ALL, &Child { lib_dir: dir, order: "forward", asan_runtime: Some(rt), allow_emulator: true })
             }
-            _ => println!("SKIP address_sanitizer_pass: the host compiler has no AddressSanitizer runtime"),
+            _ => support::skip("address_sanitizer_pass", "the host compiler has no AddressSanitizer runtime"),
         },
     }
 }

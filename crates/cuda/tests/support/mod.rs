@@ -50,8 +50,14 @@ pub fn on_device(test: &str, body: impl FnOnce(&CudaDevice)) {
                 run_children(&[test], &Child { lib_dir: dir, order, asan_runtime: None, allow_emulator: true });
             }
         }
-        Mode::Skip(why) => println!("SKIP {test}: {why}"),
+        Mode::Skip(why) => skip(test, why),
     }
+}
+
+/// Reports a skipped test on stderr, bypassing libtest's output capture so that it is seen.
+pub fn skip(test: &str, why: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "SKIP {test}: {why}");
 }
 
 /// How to start a child.
