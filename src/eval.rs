@@ -30,6 +30,7 @@ fn open_eval_data(
     checkpoint: &Path,
     n_positions: usize,
     block_size: Option<usize>,
+    eos_token: Option<String>,
 ) -> anyhow::Result<(BlockStore, Option<tempfile::TempDir>)> {
     if data.is_dir() {
         for name in ["validation.bin", "train.bin"] {
@@ -50,6 +51,8 @@ fn open_eval_data(
     let tmp = tempfile::tempdir().context("creating a temporary directory")?;
     let mut opts = lmtrain_text::PrepareOptions::new(vec![data.to_path_buf()], tmp.path().to_path_buf());
     opts.tokenizer = Some(checkpoint.join("tokenizer.json"));
+    // Documents are joined with the model's end-of-text token, as in training.
+    opts.eos_token = eos_token;
     opts.block_size = block_size.unwrap_or(n_positions.min(1024));
     lmtrain_text::prepare(&opts).with_context(|| format!("tokenizing {}", data.display()))?;
     Ok((BlockStore::open(&tmp.path().join("train.bin"))?, Some(tmp)))
@@ -63,7 +66,12 @@ pub fn run(a: EvalArgs) -> anyhow::Result<()> {
     let mut model = lmtrain_hf::load_gpt2(&a.checkpoint).context("loading the checkpoint")?;
     let tok_path = a.checkpoint.join("tokenizer.json");
     let tokenizer = std::fs::read(&tok_path).ok();
-    let (store, _tmp) = open_eval_data(&a.data, &a.checkpoint, model.config().n_positions, a.block_size)?;
+    // The end-of-text token as text, for tokenizing a text file like the training data.
+    let eos_token = match (&tokenizer, model.config().eos_token_id) {
+        (Some(json), Some(id)) => tokenizers::Tokenizer::from_bytes(json).ok().and_then(|t| t.id_to_token(id)),
+        _ => None,
+    };
+    let (store, _tmp) = open_eval_data(&a.data, &a.checkpoint, model.config().n_positions, a.block_size, eos_token)?;
     check_store_fits(&store, &model, tokenizer.as_deref())?;
     if tokenizer.is_none() {
         eprintln!("note: {} is missing; the data's tokenizer cannot be checked", tok_path.display());

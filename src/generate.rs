@@ -50,7 +50,7 @@ pub fn load_model_and_tokenizer(dir: &Path) -> anyhow::Result<(lmtrain_model::gp
     Ok((model, tokenizer))
 }
 
-/// Generates text; returns only the continuation. With `stop_at_eos` generation ends at the
+/// Generates text; returns the prompt and its continuation. With `stop_at_eos` generation ends at the
 /// model's end-of-text token; without it, end-of-text tokens are shown as line breaks (the
 /// corpus's document boundaries) and generation runs to `max_new_tokens`.
 pub fn continue_text(
@@ -76,8 +76,10 @@ pub fn continue_text(
     }
     let eos = model.config().eos_token_id;
     let new = generate(model, ids, max_new_tokens, decoding, eos.filter(|_| stop_at_eos));
+    // Decode prompt and continuation together, so the tokenizer places the spaces between them.
+    let all: Vec<u32> = ids.iter().chain(&new).copied().collect();
     let pieces: Result<Vec<String>, _> =
-        new.split(|&t| Some(t) == eos).map(|seg| tokenizer.decode(seg, true)).collect();
+        all.split(|&t| Some(t) == eos).map(|seg| tokenizer.decode(seg, true)).collect();
     Ok(pieces.map_err(|e| anyhow::anyhow!("decoding: {e}"))?.join("\n"))
 }
 
@@ -99,6 +101,6 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
     };
     let (mut model, tokenizer) = load_model_and_tokenizer(&a.checkpoint).context("loading the checkpoint")?;
     let text = continue_text(&mut model, &tokenizer, &a.prompt, a.max_new_tokens, decoding, !a.ignore_eos)?;
-    println!("{}{}", a.prompt, text);
+    println!("{text}");
     Ok(())
 }

@@ -208,8 +208,8 @@ fn check_contradictions(flags: &TrainArgs, a: &TrainArgs) -> anyhow::Result<()> 
     if a.init_from.is_some() && scratch_flags {
         bail!("--init-from takes the model shape from its config.json; drop --model-config / --n-layer / --n-head / --n-embd / --n-positions");
     }
-    if a.resume_from_checkpoint.is_some() && (a.init_from.is_some() || scratch_flags) {
-        bail!("--resume-from-checkpoint restores the model of the checkpoint; drop --init-from and the model-shape flags");
+    if a.resume_from_checkpoint.is_some() && a.init_from.is_some() {
+        bail!("give either --resume-from-checkpoint (continue a run) or --init-from (start a new run from a model), not both");
     }
     if a.model_config.is_some() && (a.n_layer.is_some() || a.n_head.is_some() || a.n_embd.is_some()) {
         bail!("give either --model-config or --n-layer / --n-head / --n-embd, not both");
@@ -316,6 +316,8 @@ pub fn run(flags: TrainArgs) -> anyhow::Result<()> {
 
     let (train, eval, data_tokenizer) = open_data(&data)?;
     let (model, tokenizer) = if let Some(dir) = &resume {
+        // The model comes from the checkpoint (the same command line with
+        // --resume-from-checkpoint added resumes; its model-shape flags are not used).
         // The checkpoint's tokenizer must be the data's; Trainer::new checks the fingerprint.
         let tok = std::fs::read(dir.join(TOKENIZER_FILE)).with_context(|| format!("reading {}/tokenizer.json", dir.display()))?;
         (lmtrain_hf::load_gpt2(dir)?, tok)

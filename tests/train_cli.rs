@@ -109,7 +109,7 @@ fn init_from_continues_from_a_saved_model_and_generate_uses_it() {
         first_losses[0].1
     );
 
-    // Greedy generation is deterministic and continues the learned +stride pattern.
+    // Greedy generation is deterministic; the output is the prompt and its continuation.
     let g = |extra: &[&str]| {
         let mut a = vec!["generate", "--checkpoint", second.to_str().unwrap(), "--prompt", "w1 w2 w3 w4", "--max-new-tokens", "6"];
         a.extend_from_slice(extra);
@@ -118,7 +118,8 @@ fn init_from_continues_from_a_saved_model_and_generate_uses_it() {
     let greedy = g(&[]);
     assert_eq!(greedy, g(&["--greedy"]));
     assert!(greedy.starts_with("w1 w2 w3 w4 "), "{greedy}");
-    assert_eq!(greedy.split_whitespace().count(), 10, "{greedy}");
+    let words = greedy.split_whitespace().count();
+    assert!((5..=10).contains(&words), "1 to 6 new tokens (fewer if w0, the end of text, comes): {greedy}");
     let sampled = g(&["--temperature", "1.0", "--top-k", "5", "--seed", "3"]);
     assert_eq!(sampled, g(&["--temperature", "1.0", "--top-k", "5", "--seed", "3"]), "seeded sampling repeats");
     let line = train_err(&["generate", "--checkpoint", &s(&second), "--prompt", "w1", "--greedy", "--top-k", "3"]);

@@ -19,6 +19,13 @@ fn base_args(data: &Path, cfg: &Path, out: &Path, extra: &[&str]) -> Vec<String>
     .iter()
     .map(|x| x.to_string())
     .collect();
+    // A flag in `extra` replaces the base value (clap refuses repeated flags).
+    for (i, flag) in extra.iter().enumerate().filter(|(_, f)| f.starts_with("--")) {
+        if let Some(at) = v.iter().position(|x| x == flag) {
+            let takes_value = extra.get(i + 1).is_some_and(|x| !x.starts_with("--"));
+            v.drain(at..at + 1 + takes_value as usize);
+        }
+    }
     v.extend(extra.iter().map(|x| x.to_string()));
     v
 }

@@ -9,13 +9,15 @@ use std::process::{Command, Output};
 use lmtrain_store::{BlockWriter, SpecialTokens, StoreSpec};
 
 /// A Hugging Face `tokenizer.json` with a word-level vocabulary `w0 .. w{n-1}`
-/// (`w0` doubles as end of text), whitespace pre-tokenization.
+/// (`w0` doubles as end of text), whitespace pre-tokenization. Tag "a" has no normalizer, any
+/// other tag a lowercasing one: same ids, another tokenizer (another fingerprint).
 pub fn tokenizer_json(vocab: usize, tag: &str) -> String {
     let entries: Vec<String> = (0..vocab).map(|i| format!("\"w{i}\":{i}")).collect();
+    let normalizer = if tag == "a" { "null" } else { r#"{"type":"Lowercase"}"# };
     format!(
-        r#"{{"version":"1.0","truncation":null,"padding":null,"added_tokens":[],"normalizer":null,
+        r#"{{"version":"1.0","truncation":null,"padding":null,"added_tokens":[],"normalizer":{normalizer},
 "pre_tokenizer":{{"type":"WhitespaceSplit"}},"post_processor":null,
-"decoder":null,"model":{{"type":"WordLevel","vocab":{{{}}},"unk_token":"w0"}},"x-test-tag":"{tag}"}}"#,
+"decoder":null,"model":{{"type":"WordLevel","vocab":{{{}}},"unk_token":"w0"}}}}"#,
         entries.join(",")
     )
 }
