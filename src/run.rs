@@ -217,13 +217,21 @@ fn check_contradictions(flags: &TrainArgs, a: &TrainArgs) -> anyhow::Result<()> 
     Ok(())
 }
 
-/// Checks `--device`. The CUDA training backend is a later issue: `cuda` says so.
+/// Checks `--device`. The CUDA training backend is a later issue: `cuda` opens the device
+/// (lmtrain-cuda) to report what is there, then says so.
 pub fn check_device(device: Option<&str>) -> anyhow::Result<()> {
     match device.unwrap_or("cpu") {
         "cpu" => Ok(()),
-        "cuda" => bail!(
-            "--device cuda: training on CUDA is not implemented yet (the CUDA training backend is a later issue); use --device cpu"
-        ),
+        "cuda" => {
+            // Open the device so the user learns what is (not) there, then say what is missing.
+            let probe = match lmtrain_cuda::CudaDevice::open(0) {
+                Ok(dev) => format!("device 0 is {}", dev.name()),
+                Err(e) => e.to_string(),
+            };
+            bail!(
+                "--device cuda: training on CUDA is not implemented yet (the CUDA training backend is a later issue; {probe}); use --device cpu"
+            )
+        }
         other => bail!("unknown --device `{other}` (expected cpu or cuda)"),
     }
 }
