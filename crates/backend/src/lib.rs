@@ -313,6 +313,24 @@ pub trait Backend: Send + Sync + Sized {
     /// valid row's loss weighted by `g` (ignored rows become 0) — the probabilities are never
     /// stored separately.
     fn cross_entropy(&self, logits: Self::ViewMut<'_>, targets: &[i32], rows: usize, vocab: usize, dloss: Option<f32>) -> f64;
+    /// A tied output head fused with [`Backend::cross_entropy`]: `logits = x · wte^T`
+    /// (`x`: `[rows, c]`, `wte`: `[vocab, c]`), softmax cross-entropy against `targets`; returns
+    /// the SUM of the row losses. With `grad = Some((dx, dwte, dloss))` also runs the backward:
+    /// `dx = dlogits · wte` (overwritten) and `dwte += dlogits^T · x`, rows weighted by `dloss`.
+    /// `scratch` (at least `rows * vocab`) holds the logits in whatever layout the backend likes
+    /// (the CPU keeps vocabulary chunks contiguous); it is the only full-size buffer involved.
+    #[allow(clippy::too_many_arguments)]
+    fn lm_head_loss(
+        &self,
+        scratch: Self::ViewMut<'_>,
+        x: Self::View<'_>,
+        wte: Self::View<'_>,
+        targets: &[i32],
+        rows: usize,
+        vocab: usize,
+        c: usize,
+        grad: Option<(Self::ViewMut<'_>, Self::ViewMut<'_>, f32)>,
+    ) -> f64;
 
     // ---- optimizer ------------------------------------------------------------------------
     /// torch.optim.AdamW step over the flat buffer, see `lmtrain_cpu::ops::adamw_update`.

@@ -163,6 +163,19 @@ impl Backend for Cpu {
     fn cross_entropy(&self, logits: &mut [f32], targets: &[i32], rows: usize, vocab: usize, dloss: Option<f32>) -> f64 {
         ops::cross_entropy(logits, targets, rows, vocab, dloss)
     }
+    fn lm_head_loss(
+        &self,
+        scratch: &mut [f32],
+        x: &[f32],
+        wte: &[f32],
+        targets: &[i32],
+        rows: usize,
+        vocab: usize,
+        c: usize,
+        grad: Option<(&mut [f32], &mut [f32], f32)>,
+    ) -> f64 {
+        ops::lm_head_loss(scratch, x, wte, targets, rows, vocab, c, grad)
+    }
     fn adamw_update(&self, params: &mut [f32], grads: &[f32], m: &mut [f32], v: &mut [f32], segments: &[DecaySegment], hp: &AdamWHyper) {
         ops::adamw_update(params, grads, m, v, segments, hp);
     }

@@ -352,3 +352,33 @@ fn bias_and_elementwise_ops() {
     let zeros = d.iter().filter(|&&v| v == 0.0).count();
     assert!((45_000..55_000).contains(&zeros) && d.iter().all(|&v| v == 0.0 || v == 2.0));
 }
+
+#[test]
+fn fused_lm_head_equals_matmul_plus_cross_entropy_across_chunk_boundaries() {
+    use lmtrain_backend::GemmShape;
+    // vocabulary spanning three chunks, the last one partial; targets in each chunk
+    let (rows, c, vocab) = (9, 16, 2 * ops::LM_HEAD_CHUNK + 77);
+    let x = rand_vec(rows * c, 30, 1.0);
+    let wte = rand_vec(vocab * c, 31, 1.0);
+    let targets = [0, 1023, 1024, -100, 2047, 2048, (vocab - 1) as i32, 5, -100];
+    // reference: plain logits, cross_entropy, two products (sums differ only in f32 rounding order)
+    let mut logits = vec![0f32; rows * vocab];
+    ops::matmul(&mut logits, &x, &wte, GemmShape { m: rows, n: vocab, k: c, trans_a: false, trans_b: true, accumulate: false });
+    let want_eval = ops::cross_entropy(&mut logits.clone(), &targets, rows, vocab, None);
+    let want = ops::cross_entropy(&mut logits, &targets, rows, vocab, Some(0.5));
+    let mut want_dx = vec![0f32; rows * c];
+    ops::matmul(&mut want_dx, &logits, &wte, GemmShape { m: rows, n: c, k: vocab, trans_a: false, trans_b: false, accumulate: false });
+    let mut want_dw = vec![1f32; vocab * c];
+    ops::matmul(&mut want_dw, &logits, &x, GemmShape { m: vocab, n: c, k: rows, trans_a: true, trans_b: false, accumulate: true });
+
+    let mut scratch = vec![f32::NAN; rows * vocab];
+    let got_eval = ops::lm_head_loss(&mut scratch, &x, &wte, &targets, rows, vocab, c, None);
+    assert!((got_eval - want_eval).abs() < 1e-6 * want_eval.abs(), "{got_eval} vs {want_eval}");
+    let mut dx = vec![f32::NAN; rows * c]; // overwritten, not accumulated
+    let mut dw = vec![1f32; vocab * c];
+    let got = ops::lm_head_loss(&mut scratch, &x, &wte, &targets, rows, vocab, c, Some((&mut dx, &mut dw, 0.5)));
+    assert!((got - want).abs() < 1e-6 * want.abs(), "{got} vs {want}");
+    let to64 = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<_>>();
+    assert_close(&dx, &to64(&want_dx), 1e-6, "dx");
+    assert_close(&dw, &to64(&want_dw), 1e-6, "dwte");
+}

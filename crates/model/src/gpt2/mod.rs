@@ -125,7 +125,7 @@ struct Activations<B: Backend> {
     lnf: B::Buf,       // (BT, C)
     lnf_mean: B::Buf,  // (BT)
     lnf_rstd: B::Buf,  // (BT)
-    logits: B::Buf,    // (BT, V); turned into dlogits in place by the fused cross-entropy
+    logits: B::Buf,    // (BT, V) in the backend's lm_head layout; dlogits in place after the loss
     // scratch for the branch outputs and for backward
     tmp: B::Buf,       // (BT, C)
     dres: B::Buf,      // (BT, C) gradient flowing along the residual stream
@@ -341,12 +341,13 @@ impl<B: Backend> Gpt2<B> {
         }
     }
 
-    /// Forward pass up to (and including) the logits, which stay in the activations.
+    /// Forward pass up to the final LayerNorm (`acts.lnf`); the output head runs in
+    /// [`Gpt2::logits`] or fused with the loss.
     fn forward(&mut self, ids: &[u32], b: usize, t: usize, dropout_seed: Option<u64>) {
         assert_eq!(ids.len(), b * t, "input_ids has {} tokens, expected b*t = {}", ids.len(), b * t);
         self.ensure_acts(b, t);
         let cfg = &self.config;
-        let (c, f, v, l_n) = (cfg.n_embd, cfg.n_inner(), cfg.vocab_size, cfg.n_layer);
+        let (c, f, l_n) = (cfg.n_embd, cfg.n_inner(), cfg.n_layer);
         let bt = b * t;
         let eps = cfg.layer_norm_epsilon as f32;
         let site = |id: u64, p: f64| match dropout_seed {
@@ -421,15 +422,17 @@ impl<B: Backend> Gpt2<B> {
             c,
             eps,
         );
-        // tied head: logits = lnf · wte^T
-        let s = GemmShape { m: bt, n: v, k: c, trans_a: false, trans_b: true, accumulate: false };
-        be.gemm(B::view_mut(&mut a.logits), B::view(&a.lnf), p.wte, s);
     }
 
     /// Logits `[b, t, vocab]` for a batch (eval mode, no dropout), copied to the host.
     pub fn logits(&mut self, input_ids: &[u32], b: usize, t: usize) -> Vec<f32> {
         self.forward(input_ids, b, t, None);
-        let a = self.acts.as_ref().expect("forward allocates");
+        let (bt, v, c) = (b * t, self.config.vocab_size, self.config.n_embd);
+        let wte = B::slice(B::view(&self.params), self.infos[0].offset, self.infos[0].len);
+        let a = self.acts.as_mut().expect("forward allocates");
+        // tied head: logits = lnf · wte^T
+        let s = GemmShape { m: bt, n: v, k: c, trans_a: false, trans_b: true, accumulate: false };
+        self.backend.gemm(B::view_mut(&mut a.logits), B::view(&a.lnf), wte, s);
         self.backend.to_host(B::view(&a.logits))
     }
 
@@ -439,8 +442,10 @@ impl<B: Backend> Gpt2<B> {
         let targets = shifted_targets(labels, b, t, self.config.vocab_size);
         let n_valid = targets.iter().filter(|&&x| x != IGNORE_INDEX).count();
         self.forward(input_ids, b, t, None);
+        let (v, c) = (self.config.vocab_size, self.config.n_embd);
+        let wte = B::slice(B::view(&self.params), self.infos[0].offset, self.infos[0].len);
         let a = self.acts.as_mut().expect("forward allocates");
-        let sum = self.backend.cross_entropy(B::view_mut(&mut a.logits), &targets, b * t, self.config.vocab_size, None);
+        let sum = self.backend.lm_head_loss(B::view_mut(&mut a.logits), B::view(&a.lnf), wte, &targets, b * t, v, c, None);
         (sum / n_valid as f64) as f32
     }
 
@@ -452,19 +457,17 @@ impl<B: Backend> Gpt2<B> {
         let targets = shifted_targets(labels, b, t, self.config.vocab_size);
         let n_valid = targets.iter().filter(|&&x| x != IGNORE_INDEX).count();
         self.forward(input_ids, b, t, dropout_seed);
-        let v = self.config.vocab_size;
-        let a = self.acts.as_mut().expect("forward allocates");
         if n_valid == 0 {
             // nothing to learn from: NaN loss as Hugging Face, gradients untouched
             return f32::NAN;
         }
-        let sum = self.backend.cross_entropy(B::view_mut(&mut a.logits), &targets, b * t, v, Some(1.0 / n_valid as f32));
-        self.backward(input_ids, b, t, dropout_seed);
+        let sum = self.backward(input_ids, &targets, 1.0 / n_valid as f32, b, t, dropout_seed);
         (sum / n_valid as f64) as f32
     }
 
-    /// Backward from the dlogits the fused cross-entropy left in `acts.logits`.
-    fn backward(&mut self, ids: &[u32], b: usize, t: usize, dropout_seed: Option<u64>) {
+    /// The fused output head + cross-entropy (forward and backward), then backward through the
+    /// blocks and embeddings. Returns the summed loss.
+    fn backward(&mut self, ids: &[u32], targets: &[i32], dloss: f32, b: usize, t: usize, dropout_seed: Option<u64>) -> f64 {
         let cfg = &self.config;
         let (c, f, v, l_n) = (cfg.n_embd, cfg.n_inner(), cfg.vocab_size, cfg.n_layer);
         let bt = b * t;
@@ -489,10 +492,9 @@ impl<B: Backend> Gpt2<B> {
         let mut g = Tensors::from_ordered(views.into_iter(), l_n);
         let a = self.acts.as_mut().expect("forward ran");
 
-        // head: dlnf = dlogits · wte ; dwte += dlogits^T · lnf
-        let dlogits = B::view(&a.logits);
-        be.gemm(B::view_mut(&mut a.dln), dlogits, p.wte, GemmShape { m: bt, n: c, k: v, trans_a: false, trans_b: false, accumulate: false });
-        be.gemm(B::reborrow(&mut g.wte), dlogits, B::view(&a.lnf), GemmShape { m: v, n: c, k: bt, trans_a: true, trans_b: false, accumulate: true });
+        // head: logits = lnf · wte^T, loss, dlnf = dlogits · wte, dwte += dlogits^T · lnf
+        let grad = Some((B::view_mut(&mut a.dln), B::reborrow(&mut g.wte), dloss));
+        let loss_sum = be.lm_head_loss(B::view_mut(&mut a.logits), B::view(&a.lnf), p.wte, targets, bt, v, c, grad);
         be.fill_zero(B::view_mut(&mut a.dres));
         let last = B::slice(B::view(&a.residual3), (l_n - 1) * bt * c, bt * c);
         be.layernorm_backward(
@@ -577,6 +579,7 @@ impl<B: Backend> Gpt2<B> {
         }
         be.dropout_inplace(B::view_mut(&mut a.dres), site(0, embd_p));
         be.embedding_backward(B::reborrow(&mut g.wte), B::reborrow(&mut g.wpe), B::view(&a.dres), ids, b, t, c);
+        loss_sum
     }
 
     /// An empty key/value cache for up to `max_len` positions (at most `n_positions`).
