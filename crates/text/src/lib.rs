@@ -8,6 +8,7 @@
 
 pub mod corpus;
 mod error;
+mod fastbpe;
 pub mod group;
 pub mod pipeline;
 pub mod tok;
