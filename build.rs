@@ -76,7 +76,9 @@ fn build_cuda() -> Result<(), String> {
             Err(_) => "looked at $CUDA_HOME/$CUDA_PATH/$CUDA_ROOT bin/nvcc, /usr/local/cuda/bin/nvcc, PATH, .toolchain/cuda".into(),
         };
         if required {
-            return fail(format!("LMTRAIN_REQUIRE_CUDA=1 but nvcc was not found ({looked})"));
+            return fail(format!(
+                "LMTRAIN_REQUIRE_CUDA=1 but nvcc was not found ({looked})"
+            ));
         }
         println!(
             "cargo:warning=nvcc not found ({looked}): building lmtrain-cuda without kernels (CPU-only); \
@@ -87,15 +89,21 @@ fn build_cuda() -> Result<(), String> {
     };
 
     let archs = parse_archs(env::var("LMTRAIN_CUDA_ARCHS").ok().as_deref())?;
-    let include = nvcc.parent().and_then(Path::parent).map(|p| p.join("include")).unwrap_or_default();
+    let include = nvcc
+        .parent()
+        .and_then(Path::parent)
+        .map(|p| p.join("include"))
+        .unwrap_or_default();
 
     // nvcc: one fatbin per kernel file, in parallel; stderr holds the `ptxas -v` report.
-    let results: Vec<Result<(String, Vec<u8>, String), String>> = thread::scope(|s| {
+    let results: Vec<Result<Compiled, String>> = thread::scope(|s| {
         let jobs: Vec<_> = sources
             .iter()
             .map(|src| s.spawn(|| compile_fatbin(&nvcc, src, &kernels_dir, &out, &archs)))
             .collect();
-        jobs.into_iter().map(|j| j.join().unwrap_or_else(|_| fail("nvcc worker panicked"))).collect()
+        jobs.into_iter()
+            .map(|j| j.join().unwrap_or_else(|_| fail("nvcc worker panicked")))
+            .collect()
     });
     let mut modules = Vec::new();
     let mut report = String::new();
@@ -104,15 +112,24 @@ fn build_cuda() -> Result<(), String> {
         let (stem, fatbin, ptxas) = r?;
         let entries = ptx_entries(&fatbin).map_err(|e| format!("{stem}.fatbin: {e}"))?;
         if entries.is_empty() {
-            return fail(format!("{stem}.fatbin has no readable PTX entry (is the fatbin compressed?)"));
+            return fail(format!(
+                "{stem}.fatbin has no readable PTX entry (is the fatbin compressed?)"
+            ));
         }
         report.push_str(&ptxas);
-        modules.push((stem, entries.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>()));
+        modules.push((
+            stem,
+            entries.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>(),
+        ));
         params.extend(entries);
     }
     let report_path = out.join("ptxas-report.txt");
-    fs::write(&report_path, &report).map_err(|e| format!("writing {}: {e}", report_path.display()))?;
-    println!("cargo:rustc-env=LMTRAIN_PTXAS_REPORT={}", report_path.display());
+    fs::write(&report_path, &report)
+        .map_err(|e| format!("writing {}: {e}", report_path.display()))?;
+    println!(
+        "cargo:rustc-env=LMTRAIN_PTXAS_REPORT={}",
+        report_path.display()
+    );
     write_module_table(&out, &modules, &params)?;
     println!("cargo:rustc-cfg=lmtrain_kernels");
 
@@ -141,7 +158,10 @@ fn find_nvcc(root: &Path) -> Option<PathBuf> {
         candidates.extend(env::split_paths(&path).map(|d| d.join("nvcc")));
     }
     candidates.push(root.join(".toolchain/cuda/nvidia/cu13/bin/nvcc"));
-    candidates.into_iter().find(|p| p.is_file()).and_then(|p| p.canonicalize().ok())
+    candidates
+        .into_iter()
+        .find(|p| p.is_file())
+        .and_then(|p| p.canonicalize().ok())
 }
 
 /// `LMTRAIN_CUDA_ARCHS`: comma-separated compute capabilities such as `80,90` (`sm_` prefix
@@ -153,7 +173,11 @@ fn parse_archs(spec: Option<&str>) -> Result<Vec<u32>, String> {
         let digits = a.trim_start_matches("sm_").trim_start_matches("compute_");
         match digits.parse::<u32>() {
             Ok(v) if v >= 50 => archs.push(v),
-            _ => return fail(format!("LMTRAIN_CUDA_ARCHS: `{a}` is not a compute capability like 80 or sm_90")),
+            _ => {
+                return fail(format!(
+                    "LMTRAIN_CUDA_ARCHS: `{a}` is not a compute capability like 80 or sm_90"
+                ));
+            }
         }
     }
     archs.sort_unstable();
@@ -165,7 +189,9 @@ fn parse_archs(spec: Option<&str>) -> Result<Vec<u32>, String> {
 }
 
 fn run(cmd: &mut Command) -> Result<Output, String> {
-    let out = cmd.output().map_err(|e| format!("cannot run {:?}: {e}", cmd.get_program()))?;
+    let out = cmd
+        .output()
+        .map_err(|e| format!("cannot run {:?}: {e}", cmd.get_program()))?;
     if !out.status.success() {
         return fail(format!(
             "{:?} failed ({}):\n{}{}",
@@ -184,18 +210,35 @@ fn compile_fatbin(
     kernels_dir: &Path,
     out: &Path,
     archs: &[u32],
-) -> Result<(String, Vec<u8>, String), String> {
-    let stem = src.file_stem().unwrap_or_default().to_string_lossy().into_owned();
+) -> Result<Compiled, String> {
+    let stem = src
+        .file_stem()
+        .unwrap_or_default()
+        .to_string_lossy()
+        .into_owned();
     let fatbin = out.join(format!("{stem}.fatbin"));
     let mut cmd = Command::new(nvcc);
     // --no-compress: the PTX stays readable, for the parameter tables and the emulator.
-    cmd.args(["-fatbin", "--no-compress", "-O3", "-std=c++17", "-Xptxas", "-v"]);
+    cmd.args([
+        "-fatbin",
+        "--no-compress",
+        "-O3",
+        "-std=c++17",
+        "-Xptxas",
+        "-v",
+    ]);
     for a in archs {
         cmd.arg(format!("-gencode=arch=compute_{a},code=sm_{a}"));
     }
     let newest = archs[archs.len() - 1];
-    cmd.arg(format!("-gencode=arch=compute_{newest},code=compute_{newest}"));
-    cmd.arg("-I").arg(kernels_dir).arg("-o").arg(&fatbin).arg(src);
+    cmd.arg(format!(
+        "-gencode=arch=compute_{newest},code=compute_{newest}"
+    ));
+    cmd.arg("-I")
+        .arg(kernels_dir)
+        .arg("-o")
+        .arg(&fatbin)
+        .arg(src);
     let o = run(&mut cmd)?;
     let bytes = fs::read(&fatbin).map_err(|e| format!("reading {}: {e}", fatbin.display()))?;
     let mut report = format!("# {stem}.cu\n");
@@ -206,6 +249,8 @@ fn compile_fatbin(
 
 /// A kernel's PTX parameter sizes in bytes, in order.
 type Entry = (String, Vec<usize>);
+/// A compiled kernel file: (stem, fatbin bytes, ptxas report).
+type Compiled = (String, Vec<u8>, String);
 
 /// Parses `.entry name( .param .u64 [...] name_param_0, ... )` out of PTX text, which an
 /// uncompressed fatbin carries verbatim.
@@ -214,20 +259,31 @@ fn ptx_entries(image: &[u8]) -> Result<Vec<Entry>, String> {
     let mut entries: Vec<Entry> = Vec::new();
     for (at, _) in text.match_indices(".entry ") {
         let rest = &text[at + 7..];
-        let name_end = rest.find(|c: char| c == '(' || c.is_whitespace()).ok_or("truncated .entry")?;
+        let name_end = rest
+            .find(|c: char| c == '(' || c.is_whitespace())
+            .ok_or("truncated .entry")?;
         let name = rest[..name_end].to_string();
         let body = &rest[name_end..];
         let mut sizes = Vec::new();
         let brace = body.find('{').unwrap_or(body.len());
-        if let (Some(open), Some(close)) = (body.find('('), body.find(')')) {
-            if open < brace && close > open {
-                for decl in body[open + 1..close].split(',').filter(|d| d.contains(".param")) {
-                    sizes.push(param_size(decl).ok_or_else(|| format!("{name}: cannot size `{}`", decl.trim()))?);
-                }
+        if let (Some(open), Some(close)) = (body.find('('), body.find(')'))
+            && open < brace
+            && close > open
+        {
+            for decl in body[open + 1..close]
+                .split(',')
+                .filter(|d| d.contains(".param"))
+            {
+                sizes.push(
+                    param_size(decl)
+                        .ok_or_else(|| format!("{name}: cannot size `{}`", decl.trim()))?,
+                );
             }
         }
         match entries.iter().find(|(n, _)| *n == name) {
-            Some((_, prev)) if *prev != sizes => return fail(format!("{name}: PTX copies disagree on parameters")),
+            Some((_, prev)) if *prev != sizes => {
+                return fail(format!("{name}: PTX copies disagree on parameters"));
+            }
             Some(_) => {}
             None => entries.push((name, sizes)),
         }
@@ -236,12 +292,15 @@ fn ptx_entries(image: &[u8]) -> Result<Vec<Entry>, String> {
 }
 
 fn param_size(decl: &str) -> Option<usize> {
-    let elem = decl.split_whitespace().filter(|t| *t != ".param").find_map(|t| {
-        let t = t.strip_prefix('.')?;
-        let (kind, bits) = t.split_at(1);
-        let bits: usize = bits.parse().ok()?;
-        (matches!(kind, "u" | "s" | "b" | "f") && bits % 8 == 0).then_some(bits / 8)
-    })?;
+    let elem = decl
+        .split_whitespace()
+        .filter(|t| *t != ".param")
+        .find_map(|t| {
+            let t = t.strip_prefix('.')?;
+            let (kind, bits) = t.split_at(1);
+            let bits: usize = bits.parse().ok()?;
+            (matches!(kind, "u" | "s" | "b" | "f") && bits.is_multiple_of(8)).then_some(bits / 8)
+        })?;
     let count = match (decl.find('['), decl.find(']')) {
         (Some(l), Some(r)) if r > l => decl[l + 1..r].trim().parse().ok()?,
         _ => 1,
@@ -250,12 +309,22 @@ fn param_size(decl: &str) -> Option<usize> {
 }
 
 /// `kernels.rs`: the embedded fatbins and every kernel's PTX parameter sizes.
-fn write_module_table(out: &Path, modules: &[(String, Vec<String>)], params: &[Entry]) -> Result<(), String> {
-    let mut s = String::from("/// Embedded kernel modules: (name of the kernels/*.cu file, fatbin, its kernels).\n");
+fn write_module_table(
+    out: &Path,
+    modules: &[(String, Vec<String>)],
+    params: &[Entry],
+) -> Result<(), String> {
+    let mut s = String::from(
+        "/// Embedded kernel modules: (name of the kernels/*.cu file, fatbin, its kernels).\n",
+    );
     s.push_str("pub static MODULES: &[(&str, &[u8], &[&str])] = &[\n");
     for (m, kernels) in modules {
         let path = out.join(format!("{m}.fatbin"));
-        let _ = writeln!(s, "    ({m:?}, include_bytes!({:?}), &{kernels:?}),", path.display().to_string());
+        let _ = writeln!(
+            s,
+            "    ({m:?}, include_bytes!({:?}), &{kernels:?}),",
+            path.display().to_string()
+        );
     }
     s.push_str("];\n/// Every kernel's parameter sizes in bytes, as its PTX declares them.\n");
     s.push_str("pub static PARAMS: &[(&str, &[usize])] = &[\n");
@@ -270,19 +339,36 @@ fn write_module_table(out: &Path, modules: &[(String, Vec<String>)], params: &[E
 /// Compiles the CPU emulator twice (plain, and with AddressSanitizer) into
 /// `OUT_DIR/cuemu{,-asan}/lib{cuda,cublas,cublasLt}.so`. Object files compile in parallel;
 /// each kernels/*.cu is its own translation unit followed by its registration lines.
-fn build_emulator(root: &Path, out: &Path, include: &Path, sources: &[PathBuf], params: &[Entry]) -> Result<(), String> {
+fn build_emulator(
+    root: &Path,
+    out: &Path,
+    include: &Path,
+    sources: &[PathBuf],
+    params: &[Entry],
+) -> Result<(), String> {
     let cxx = env::var("CXX").unwrap_or_else(|_| "c++".into());
     let emu = root.join("kernels/emu");
     let gen_dir = out.join("cuemu-src");
     fs::create_dir_all(&gen_dir).map_err(|e| e.to_string())?;
     let mut kernel_units = Vec::new();
     for src in sources {
-        let stem = src.file_stem().unwrap_or_default().to_string_lossy().into_owned();
-        let mut unit = format!("#include {:?}\n#include \"emu/registry.h\"\n", src.display().to_string());
-        let text = fs::read_to_string(src).map_err(|e| format!("reading {}: {e}", src.display()))?;
+        let stem = src
+            .file_stem()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .into_owned();
+        let mut unit = format!(
+            "#include {:?}\n#include \"emu/registry.h\"\n",
+            src.display().to_string()
+        );
+        let text =
+            fs::read_to_string(src).map_err(|e| format!("reading {}: {e}", src.display()))?;
         for name in global_functions(&text) {
             if !params.iter().any(|(n, _)| *n == name) {
-                return fail(format!("{}: kernel {name} is not in nvcc's PTX", src.display()));
+                return fail(format!(
+                    "{}: kernel {name} is not in nvcc's PTX",
+                    src.display()
+                ));
             }
             let _ = writeln!(unit, "CUEMU_REGISTER({name})");
         }
@@ -297,14 +383,31 @@ fn build_emulator(root: &Path, out: &Path, include: &Path, sources: &[PathBuf], 
         .filter(|p| p.is_absolute() && p.exists());
     let mut variants = vec![("cuemu", vec!["-O2"])];
     if asan_runtime.is_some() {
-        variants.push(("cuemu-asan", vec!["-O1", "-g", "-fsanitize=address", "-fno-omit-frame-pointer"]));
+        variants.push((
+            "cuemu-asan",
+            vec!["-O1", "-g", "-fsanitize=address", "-fno-omit-frame-pointer"],
+        ));
     } else {
-        println!("cargo:warning=no libasan for {cxx}: the AddressSanitizer pass of the CUDA tests will skip");
+        println!(
+            "cargo:warning=no libasan for {cxx}: the AddressSanitizer pass of the CUDA tests will skip"
+        );
     }
 
     let common = |cmd: &mut Command, flags: &[&str]| {
-        cmd.args(["-std=c++17", "-fPIC", "-Wall", "-Wno-unknown-pragmas", "-DCUEMU"]).args(flags);
-        cmd.arg("-I").arg(root.join("kernels")).arg("-I").arg(&emu).arg("-I").arg(include);
+        cmd.args([
+            "-std=c++17",
+            "-fPIC",
+            "-Wall",
+            "-Wno-unknown-pragmas",
+            "-DCUEMU",
+        ])
+        .args(flags);
+        cmd.arg("-I")
+            .arg(root.join("kernels"))
+            .arg("-I")
+            .arg(&emu)
+            .arg("-I")
+            .arg(include);
     };
     // (variant, library, translation units)
     let mut libs: Vec<(&str, &[&str], &str, Vec<PathBuf>)> = Vec::new();
@@ -312,8 +415,18 @@ fn build_emulator(root: &Path, out: &Path, include: &Path, sources: &[PathBuf], 
         let mut cuda_units = vec![emu.join("fake_cuda.cpp")];
         cuda_units.extend(kernel_units.iter().cloned());
         libs.push((variant, flags, "libcuda.so", cuda_units));
-        libs.push((variant, flags, "libcublas.so", vec![emu.join("fake_cublas.cpp")]));
-        libs.push((variant, flags, "libcublasLt.so", vec![emu.join("fake_cublaslt.cpp")]));
+        libs.push((
+            variant,
+            flags,
+            "libcublas.so",
+            vec![emu.join("fake_cublas.cpp")],
+        ));
+        libs.push((
+            variant,
+            flags,
+            "libcublasLt.so",
+            vec![emu.join("fake_cublaslt.cpp")],
+        ));
     }
     // All objects in parallel (bounded by the machine's cores).
     let jobs: Vec<(String, PathBuf, PathBuf, &[&str])> = libs
@@ -338,7 +451,9 @@ fn build_emulator(root: &Path, out: &Path, include: &Path, sources: &[PathBuf], 
                     let mut errs = Vec::new();
                     loop {
                         let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        let Some((_, unit, obj, flags)) = jobs.get(i) else { break };
+                        let Some((_, unit, obj, flags)) = jobs.get(i) else {
+                            break;
+                        };
                         let mut cmd = Command::new(&cxx);
                         common(&mut cmd, flags);
                         cmd.arg("-c").arg(unit).arg("-o").arg(obj);
@@ -350,26 +465,63 @@ fn build_emulator(root: &Path, out: &Path, include: &Path, sources: &[PathBuf], 
                 })
             })
             .collect();
-        handles.into_iter().flat_map(|h| h.join().unwrap_or_else(|_| vec!["compiler worker panicked".into()])).collect()
+        handles
+            .into_iter()
+            .flat_map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| vec!["compiler worker panicked".into()])
+            })
+            .collect()
     });
     if let Some(e) = errors.into_iter().next() {
         return fail(format!("building the CUDA emulator: {e}"));
     }
+    // The emulator's own self-test program (plain variant), run by tests/cuda_emulator.rs.
+    let selftest = out.join("cuemu").join("cuemu-selftest");
+    let mut cmd = Command::new(&cxx);
+    common(&mut cmd, &["-O1"]);
+    cmd.arg(emu.join("selftest.cpp"))
+        .arg("-o")
+        .arg(&selftest)
+        .arg("-lpthread");
+    run(&mut cmd).map_err(|e| format!("building the emulator self-test: {e}"))?;
+    println!(
+        "cargo:rustc-env=LMTRAIN_CUEMU_SELFTEST={}",
+        selftest.display()
+    );
     for (variant, flags, lib, units) in &libs {
         let objs: Vec<PathBuf> = units
             .iter()
-            .map(|u| out.join(variant).join(format!("{lib}-{}.o", u.file_stem().unwrap_or_default().to_string_lossy())))
+            .map(|u| {
+                out.join(variant).join(format!(
+                    "{lib}-{}.o",
+                    u.file_stem().unwrap_or_default().to_string_lossy()
+                ))
+            })
             .collect();
         let mut cmd = Command::new(&cxx);
-        cmd.arg("-shared").args(flags.iter().filter(|f| f.starts_with("-fsanitize")));
-        cmd.arg(format!("-Wl,-soname,{lib}")).args(&objs).arg("-o").arg(out.join(variant).join(lib));
+        cmd.arg("-shared")
+            .args(flags.iter().filter(|f| f.starts_with("-fsanitize")));
+        cmd.arg(format!("-Wl,-soname,{lib}"))
+            .args(&objs)
+            .arg("-o")
+            .arg(out.join(variant).join(lib));
         cmd.arg("-lpthread");
         run(&mut cmd).map_err(|e| format!("linking the CUDA emulator: {e}"))?;
     }
-    println!("cargo:rustc-env=LMTRAIN_CUEMU_DIR={}", out.join("cuemu").display());
+    println!(
+        "cargo:rustc-env=LMTRAIN_CUEMU_DIR={}",
+        out.join("cuemu").display()
+    );
     if let Some(rt) = asan_runtime {
-        println!("cargo:rustc-env=LMTRAIN_CUEMU_ASAN_DIR={}", out.join("cuemu-asan").display());
-        println!("cargo:rustc-env=LMTRAIN_CUEMU_ASAN_RUNTIME={}", rt.display());
+        println!(
+            "cargo:rustc-env=LMTRAIN_CUEMU_ASAN_DIR={}",
+            out.join("cuemu-asan").display()
+        );
+        println!(
+            "cargo:rustc-env=LMTRAIN_CUEMU_ASAN_RUNTIME={}",
+            rt.display()
+        );
     }
     Ok(())
 }
@@ -380,9 +532,13 @@ fn global_functions(text: &str) -> Vec<String> {
     for (at, _) in text.match_indices("extern \"C\" __global__") {
         // `extern "C" __global__ [__launch_bounds__(..)] void name(`
         let rest = &text[at..];
-        let Some(void) = rest.find(" void ") else { continue };
+        let Some(void) = rest.find(" void ") else {
+            continue;
+        };
         let rest = &rest[void + 6..];
-        let Some(paren) = rest.find('(') else { continue };
+        let Some(paren) = rest.find('(') else {
+            continue;
+        };
         names.push(rest[..paren].trim().to_string());
     }
     names

@@ -38,7 +38,14 @@ const ELEM_MAX_BLOCKS: usize = 1 << 16;
 const SMEM_LIMIT: usize = 48 * 1024;
 
 fn check_len(op: &'static str, what: &str, len: usize, want: usize) -> Result<()> {
-    if len == want { Ok(()) } else { Err(shape(op, format!("{what} has {len} elements, expected {want}"))) }
+    if len == want {
+        Ok(())
+    } else {
+        Err(shape(
+            op,
+            format!("{what} has {len} elements, expected {want}"),
+        ))
+    }
 }
 
 fn to_i32(op: &'static str, what: &str, v: usize) -> Result<i32> {
@@ -51,7 +58,11 @@ fn rows_grid(rows: usize) -> u32 {
 
 fn elem_cfg(n: usize) -> LaunchConfig {
     let blocks = n.div_ceil(ELEM_BLOCK as usize).clamp(1, ELEM_MAX_BLOCKS) as u32;
-    LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (ELEM_BLOCK, 1, 1), shared_mem_bytes: 0 }
+    LaunchConfig {
+        grid_dim: (blocks, 1, 1),
+        block_dim: (ELEM_BLOCK, 1, 1),
+        shared_mem_bytes: 0,
+    }
 }
 
 /// A run of consecutive parameters with one weight decay (the kernel's unit of launch).
@@ -68,16 +79,29 @@ fn decay_runs(op: &'static str, segments: &[DecaySegment], n: usize) -> Result<V
     let mut next = 0;
     for s in segments {
         if s.offset != next {
-            return Err(shape(op, format!("segment at {} leaves a gap or overlap (expected offset {next})", s.offset)));
+            return Err(shape(
+                op,
+                format!(
+                    "segment at {} leaves a gap or overlap (expected offset {next})",
+                    s.offset
+                ),
+            ));
         }
         next += s.len;
         match runs.last_mut() {
             Some(r) if r.weight_decay == s.weight_decay => r.len += s.len,
-            _ => runs.push(DecayRun { offset: s.offset, len: s.len, weight_decay: s.weight_decay }),
+            _ => runs.push(DecayRun {
+                offset: s.offset,
+                len: s.len,
+                weight_decay: s.weight_decay,
+            }),
         }
     }
     if next != n {
-        return Err(shape(op, format!("segments cover {next} of {n} parameters")));
+        return Err(shape(
+            op,
+            format!("segments cover {next} of {n} parameters"),
+        ));
     }
     runs.retain(|r| r.len > 0);
     Ok(runs)
@@ -130,7 +154,9 @@ impl CudaDevice {
         eps: f32,
     ) -> Result<()> {
         const OP: &str = "layernorm_forward";
-        let n = rows.checked_mul(cols).ok_or_else(|| shape(OP, "rows * cols overflows"))?;
+        let n = rows
+            .checked_mul(cols)
+            .ok_or_else(|| shape(OP, "rows * cols overflows"))?;
         check_len(OP, "out", out.len(), n)?;
         check_len(OP, "inp", inp.len(), n)?;
         check_len(OP, "mean", mean.len(), rows)?;
@@ -141,9 +167,18 @@ impl CudaDevice {
         if rows == 0 || cols == 0 {
             return Ok(());
         }
-        let cfg = LaunchConfig { grid_dim: (rows_grid(rows), 1, 1), block_dim: (ROW_BLOCK, 1, 1), shared_mem_bytes: 0 };
+        let cfg = LaunchConfig {
+            grid_dim: (rows_grid(rows), 1, 1),
+            block_dim: (ROW_BLOCK, 1, 1),
+            shared_mem_bytes: 0,
+        };
         let mut l = Launch::new(self, format!("layernorm_fwd_{}", T::SUFFIX))?;
-        l.output(out).output(mean).output(rstd).input(inp).input(weight).input(bias);
+        l.output(out)
+            .output(mean)
+            .output(rstd)
+            .input(inp)
+            .input(weight)
+            .input(bias);
         l.scalar(&rows_i).scalar(&cols_i).scalar(&eps);
         // SAFETY: every buffer has exactly the length the kernel indexes (checked above): it
         // touches rows*cols elements of out/inp, rows of mean/rstd and cols of weight/bias.
@@ -167,7 +202,9 @@ impl CudaDevice {
         cols: usize,
     ) -> Result<()> {
         const OP: &str = "layernorm_backward";
-        let n = rows.checked_mul(cols).ok_or_else(|| shape(OP, "rows * cols overflows"))?;
+        let n = rows
+            .checked_mul(cols)
+            .ok_or_else(|| shape(OP, "rows * cols overflows"))?;
         check_len(OP, "dinp", dinp.len(), n)?;
         check_len(OP, "dout", dout.len(), n)?;
         check_len(OP, "inp", inp.len(), n)?;
@@ -179,7 +216,10 @@ impl CudaDevice {
         let (rows_i, cols_i) = (to_i32(OP, "rows", rows)?, to_i32(OP, "cols", cols)?);
         let smem = 2 * cols * size_of::<f32>();
         if smem > SMEM_LIMIT {
-            return Err(shape(OP, format!("cols = {cols} needs {smem} bytes of shared memory (limit {SMEM_LIMIT})")));
+            return Err(shape(
+                OP,
+                format!("cols = {cols} needs {smem} bytes of shared memory (limit {SMEM_LIMIT})"),
+            ));
         }
         if rows == 0 || cols == 0 {
             return Ok(());
@@ -187,9 +227,20 @@ impl CudaDevice {
         // A bounded grid: each block folds its rows' dweight/dbias in shared memory first, so
         // fewer blocks mean fewer global atomics.
         let blocks = rows_grid(rows).min(1024);
-        let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (ROW_BLOCK, 1, 1), shared_mem_bytes: smem as u32 };
+        let cfg = LaunchConfig {
+            grid_dim: (blocks, 1, 1),
+            block_dim: (ROW_BLOCK, 1, 1),
+            shared_mem_bytes: smem as u32,
+        };
         let mut l = Launch::new(self, format!("layernorm_bwd_{}", T::SUFFIX))?;
-        l.output(dinp).output(dweight).output(dbias).input(dout).input(inp).input(weight).input(mean).input(rstd);
+        l.output(dinp)
+            .output(dweight)
+            .output(dbias)
+            .input(dout)
+            .input(inp)
+            .input(weight)
+            .input(mean)
+            .input(rstd);
         l.scalar(&rows_i).scalar(&cols_i);
         // SAFETY: lengths checked above; the kernel touches rows*cols elements of
         // dinp/dout/inp, cols of dweight/dbias/weight, rows of mean/rstd, and 2*cols floats of
@@ -259,12 +310,27 @@ impl CudaDevice {
         let s = AdamScalars::new(OP, hp)?;
         for run in decay_runs(OP, segments, n)? {
             let r = run.offset..run.offset + run.len;
-            let (mut p, g, mut mm, mut vv) = (params.slice_mut(r.clone()), grads.slice(r.clone()), m.slice_mut(r.clone()), v.slice_mut(r));
+            let (mut p, g, mut mm, mut vv) = (
+                params.slice_mut(r.clone()),
+                grads.slice(r.clone()),
+                m.slice_mut(r.clone()),
+                v.slice_mut(r),
+            );
             let len = run.len as u64;
             let mut l = Launch::new(self, "adamw_f32".to_string())?;
-            l.output(&mut p).input(&g).output(&mut mm).output(&mut vv).scalar(&len);
-            l.scalar(&s.lr).scalar(&s.beta1).scalar(&s.beta2).scalar(&s.eps).scalar(&run.weight_decay);
-            l.scalar(&s.grad_scale).scalar(&s.step_size).scalar(&s.bc2_sqrt);
+            l.output(&mut p)
+                .input(&g)
+                .output(&mut mm)
+                .output(&mut vv)
+                .scalar(&len);
+            l.scalar(&s.lr)
+                .scalar(&s.beta1)
+                .scalar(&s.beta2)
+                .scalar(&s.eps)
+                .scalar(&run.weight_decay);
+            l.scalar(&s.grad_scale)
+                .scalar(&s.step_size)
+                .scalar(&s.bc2_sqrt);
             // SAFETY: the four views have run.len elements (sub-ranges of buffers whose lengths
             // were checked), the kernel's loop bound.
             unsafe { l.launch(elem_cfg(run.len)) }?;
@@ -294,13 +360,28 @@ impl CudaDevice {
         let s = AdamScalars::new(OP, hp)?;
         for run in decay_runs(OP, segments, n)? {
             let r = run.offset..run.offset + run.len;
-            let (mut w, mut p, g) = (master.slice_mut(r.clone()), params.slice_mut(r.clone()), grads.slice(r.clone()));
+            let (mut w, mut p, g) = (
+                master.slice_mut(r.clone()),
+                params.slice_mut(r.clone()),
+                grads.slice(r.clone()),
+            );
             let (mut mm, mut vv) = (m.slice_mut(r.clone()), v.slice_mut(r));
             let len = run.len as u64;
             let mut l = Launch::new(self, "adamw_bf16".to_string())?;
-            l.output(&mut w).output(&mut p).input(&g).output(&mut mm).output(&mut vv).scalar(&len);
-            l.scalar(&s.lr).scalar(&s.beta1).scalar(&s.beta2).scalar(&s.eps).scalar(&run.weight_decay);
-            l.scalar(&s.grad_scale).scalar(&s.step_size).scalar(&s.bc2_sqrt);
+            l.output(&mut w)
+                .output(&mut p)
+                .input(&g)
+                .output(&mut mm)
+                .output(&mut vv)
+                .scalar(&len);
+            l.scalar(&s.lr)
+                .scalar(&s.beta1)
+                .scalar(&s.beta2)
+                .scalar(&s.eps)
+                .scalar(&run.weight_decay);
+            l.scalar(&s.grad_scale)
+                .scalar(&s.step_size)
+                .scalar(&s.bc2_sqrt);
             // SAFETY: the five views have run.len elements (sub-ranges of checked buffers), the
             // kernel's loop bound.
             unsafe { l.launch(elem_cfg(run.len)) }?;

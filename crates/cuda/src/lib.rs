@@ -47,7 +47,9 @@ pub fn kernel_names() -> impl Iterator<Item = &'static str> {
 #[derive(Debug, thiserror::Error)]
 pub enum CudaError {
     /// libcuda.so cannot be loaded: no NVIDIA driver on this machine.
-    #[error("no NVIDIA driver found (libcuda.so could not be loaded): this machine cannot run --device cuda; use --device cpu")]
+    #[error(
+        "no NVIDIA driver found (libcuda.so could not be loaded): this machine cannot run --device cuda; use --device cpu"
+    )]
     NoDriver,
     /// The loaded libcuda.so is lmtrain's CPU emulator, which is for tests only.
     #[error(
@@ -55,7 +57,9 @@ pub enum CudaError {
     )]
     EmulatorOnly,
     /// This binary was built without nvcc, so it contains no kernels.
-    #[error("this build contains no CUDA kernels (nvcc was not found when it was compiled; see README, section CUDA)")]
+    #[error(
+        "this build contains no CUDA kernels (nvcc was not found when it was compiled; see README, section CUDA)"
+    )]
     NoKernels,
     /// A CUDA driver call failed.
     #[error("CUDA driver: {context}: {source}")]
@@ -82,7 +86,9 @@ pub enum CudaError {
         detail: String,
     },
     /// The Rust launch does not match the kernel's PTX parameter list.
-    #[error("kernel {kernel}: launch passes parameters of sizes {passed:?} bytes, the PTX declares {declared:?}")]
+    #[error(
+        "kernel {kernel}: launch passes parameters of sizes {passed:?} bytes, the PTX declares {declared:?}"
+    )]
     Signature {
         /// Kernel name.
         kernel: String,
@@ -99,11 +105,16 @@ pub enum CudaError {
 /// `Result` with [`CudaError`].
 pub type Result<T> = std::result::Result<T, CudaError>;
 
-pub(crate) fn driver(context: impl Into<String>) -> impl FnOnce(cudarc::driver::DriverError) -> CudaError {
+pub(crate) fn driver(
+    context: impl Into<String>,
+) -> impl FnOnce(cudarc::driver::DriverError) -> CudaError {
     let context = context.into();
     move |source| CudaError::Driver { context, source }
 }
 
 pub(crate) fn shape(op: &'static str, detail: impl Into<String>) -> CudaError {
-    CudaError::Shape { op, detail: detail.into() }
+    CudaError::Shape {
+        op,
+        detail: detail.into(),
+    }
 }

@@ -28,12 +28,16 @@ pub enum Mode {
 }
 
 pub fn mode() -> Mode {
-    if std::env::var("LMTRAIN_CUDA_CHILD").is_ok_and(|v| v == "1") || std::env::var("LMTRAIN_CUDA_REAL").is_ok_and(|v| v == "1") {
+    if std::env::var("LMTRAIN_CUDA_CHILD").is_ok_and(|v| v == "1")
+        || std::env::var("LMTRAIN_CUDA_REAL").is_ok_and(|v| v == "1")
+    {
         return Mode::Direct;
     }
     match option_env!("LMTRAIN_CUEMU_DIR") {
         Some(dir) if lmtrain_cuda::kernels_built() => Mode::Emulate(dir),
-        _ => Mode::Skip("no CUDA kernels in this build (nvcc not found at build time; see README, CUDA)"),
+        _ => Mode::Skip(
+            "no CUDA kernels in this build (nvcc not found at build time; see README, CUDA)",
+        ),
     }
 }
 
@@ -47,7 +51,15 @@ pub fn on_device(test: &str, body: impl FnOnce(&CudaDevice)) {
         }
         Mode::Emulate(dir) => {
             for order in ["forward", "reverse"] {
-                run_children(&[test], &Child { lib_dir: dir, order, asan_runtime: None, allow_emulator: true });
+                run_children(
+                    &[test],
+                    &Child {
+                        lib_dir: dir,
+                        order,
+                        asan_runtime: None,
+                        allow_emulator: true,
+                    },
+                );
             }
         }
         Mode::Skip(why) => skip(test, why),
@@ -72,21 +84,30 @@ pub struct Child<'a> {
 pub fn run_children(tests: &[&str], c: &Child<'_>) {
     let exe = std::env::current_exe().expect("test binary path");
     let mut cmd = Command::new(exe);
-    cmd.args(tests).args(["--exact", "--test-threads=1", "--nocapture"]);
+    cmd.args(tests)
+        .args(["--exact", "--test-threads=1", "--nocapture"]);
     let ld_path = match std::env::var_os("LD_LIBRARY_PATH") {
         Some(old) if !old.is_empty() => format!("{}:{}", c.lib_dir, old.to_string_lossy()),
         _ => c.lib_dir.to_string(),
     };
-    cmd.env("LD_LIBRARY_PATH", ld_path).env("LMTRAIN_CUDA_CHILD", "1").env("CUEMU_SCHED", c.order);
+    cmd.env("LD_LIBRARY_PATH", ld_path)
+        .env("LMTRAIN_CUDA_CHILD", "1")
+        .env("CUEMU_SCHED", c.order);
     if c.allow_emulator {
         cmd.env("LMTRAIN_CUEMU", "1");
     } else {
         cmd.env_remove("LMTRAIN_CUEMU");
     }
     if let Some(rt) = c.asan_runtime {
-        assert!(Path::new(rt).exists(), "AddressSanitizer runtime {rt} is missing");
+        assert!(
+            Path::new(rt).exists(),
+            "AddressSanitizer runtime {rt} is missing"
+        );
         // Rust's own allocations are not instrumented; leaks of the test harness are not ours.
-        cmd.env("LD_PRELOAD", rt).env("ASAN_OPTIONS", "detect_leaks=0:abort_on_error=1:detect_stack_use_after_return=0");
+        cmd.env("LD_PRELOAD", rt).env(
+            "ASAN_OPTIONS",
+            "detect_leaks=0:abort_on_error=1:detect_stack_use_after_return=0",
+        );
     }
     let out = cmd.output().expect("spawning the test binary");
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -138,5 +159,8 @@ pub fn rel_err(got: &[f32], want: &[f32]) -> f64 {
 pub fn assert_close(what: &str, got: &[f32], want: &[f32], tol: f64) {
     let e = rel_err(got, want);
     println!("{what}: max-norm relative error {e:.3e} (tolerance {tol:.0e})");
-    assert!(e <= tol, "{what}: max-norm relative error {e:.3e} > {tol:.0e}");
+    assert!(
+        e <= tol,
+        "{what}: max-norm relative error {e:.3e} > {tol:.0e}"
+    );
 }
