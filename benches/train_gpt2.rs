@@ -201,6 +201,20 @@ impl Backend for Timed {
     fn cross_entropy(&self, logits: &mut [f32], targets: &[i32], rows: usize, vocab: usize, dloss: Option<f32>) -> f64 {
         timed("cross_entropy", || self.inner.cross_entropy(logits, targets, rows, vocab, dloss))
     }
+    #[allow(clippy::too_many_arguments)]
+    fn lm_head_loss(
+        &self,
+        scratch: &mut [f32],
+        x: &[f32],
+        wte: &[f32],
+        targets: &[i32],
+        rows: usize,
+        vocab: usize,
+        c: usize,
+        grad: Option<(&mut [f32], &mut [f32], f32)>,
+    ) -> f64 {
+        timed("lm_head + cross_entropy (fused)", || self.inner.lm_head_loss(scratch, x, wte, targets, rows, vocab, c, grad))
+    }
     fn adamw_update(&self, params: &mut [f32], grads: &[f32], m: &mut [f32], v: &mut [f32], segments: &[DecaySegment], hp: &AdamWHyper) {
         timed("adamw", || self.inner.adamw_update(params, grads, m, v, segments, hp))
     }
