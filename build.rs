@@ -10,7 +10,7 @@
 //!
 //! Environment: `NVCC` (nvcc to use; `none` = CPU-only), `CUDA_HOME`/`CUDA_PATH`/`CUDA_ROOT`, `LMTRAIN_CUDA_ARCHS`
 //! (e.g. `80,90`; default `80,90`), `LMTRAIN_REQUIRE_CUDA=1` (a missing nvcc is an error),
-//! `LMTRAIN_CUEMU=0` (skip the emulator build), `CXX` (host compiler for the emulator).
+//! `LMTRAIN_BUILD_CUEMU=0` (skip the emulator build), `CXX` (host compiler for the emulator).
 //! The build never panics: failures are reported as one message and exit status 1.
 
 use std::env;
@@ -29,7 +29,7 @@ const ENV_VARS: &[&str] = &[
     "CXX",
     "LMTRAIN_CUDA_ARCHS",
     "LMTRAIN_REQUIRE_CUDA",
-    "LMTRAIN_CUEMU",
+    "LMTRAIN_BUILD_CUEMU",
 ];
 
 fn main() {
@@ -133,7 +133,7 @@ fn build_cuda() -> Result<(), String> {
     write_module_table(&out, &modules, &params)?;
     println!("cargo:rustc-cfg=lmtrain_kernels");
 
-    if env::var("LMTRAIN_CUEMU").is_ok_and(|v| v == "0") {
+    if env::var("LMTRAIN_BUILD_CUEMU").is_ok_and(|v| v == "0") {
         return Ok(());
     }
     build_emulator(&root, &out, &include, &sources, &params)

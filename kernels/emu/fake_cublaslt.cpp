@@ -4,8 +4,8 @@
 // one algorithm; cublasLtMatmul validates the problem like cuBLASLt and runs it on the
 // CPU (gemm.h): D = epilogue(alpha op(A) op(B) + beta C [+ bias]) with column- or
 // row-ordered layouts, leading dimensions, strided batches, f32/f16/bf16 data, and the
-// epilogues DEFAULT, RELU, GELU (tanh form), their BIAS variants and GELU_AUX[_BIAS]
-// (pre-activation saved for the backward pass). A rejected call says why on stderr.
+// epilogues cudarc can ask for: DEFAULT, RELU, GELU (tanh form) and their BIAS variants.
+// A rejected call says why on stderr.
 #include "gemm.h"
 
 #include <cstdarg>
@@ -22,8 +22,6 @@ struct Desc {
   const void* bias = nullptr;
   int bias_type = -1;     // -1: same as D
   int64_t bias_batch_stride = 0;
-  void* aux = nullptr;
-  int64_t aux_ld = 0, aux_batch_stride = 0;
 };
 
 struct Layout {
@@ -87,9 +85,6 @@ int cublasLtMatmulDescSetAttribute(void* desc, int attr, const void* buf, size_t
     case 7: return set(&d.epilogue, buf, size, "EPILOGUE");
     case 8: return set(&d.bias, buf, size, "BIAS_POINTER");
     case 10: return set(&d.bias_batch_stride, buf, size, "BIAS_BATCH_STRIDE");
-    case 11: return set(&d.aux, buf, size, "EPILOGUE_AUX_POINTER");
-    case 12: return set(&d.aux_ld, buf, size, "EPILOGUE_AUX_LD");
-    case 13: return set(&d.aux_batch_stride, buf, size, "EPILOGUE_AUX_BATCH_STRIDE");
     case 26: return set(&d.bias_type, buf, size, "BIAS_DATA_TYPE");
     default: return complain(kNotSupported, "matmul descriptor attribute %d is not supported", attr);
   }
@@ -183,17 +178,10 @@ int cublasLtMatmul(void* handle, void* desc, const void* alpha, const void* A, v
     case 4: break;                                          // BIAS
     case 6: g.epilogue = fakeblas::kRelu; break;            // RELU_BIAS
     case 32: case 36: g.epilogue = fakeblas::kGelu; break;  // GELU, GELU_BIAS
-    case 160: case 164: g.epilogue = fakeblas::kGelu; break;  // GELU_AUX, GELU_AUX_BIAS
     default: return complain(kNotSupported, "epilogue %u is not supported", d.epilogue);
   }
-  const bool wants_bias = d.epilogue == 4 || d.epilogue == 6 || d.epilogue == 36 || d.epilogue == 164;
+  const bool wants_bias = d.epilogue == 4 || d.epilogue == 6 || d.epilogue == 36;
   if (wants_bias && !d.bias) return complain(kInvalidValue, "epilogue %u needs BIAS_POINTER", d.epilogue);
-  if (d.epilogue >= 160) {
-    if (!d.aux || d.aux_ld < int64_t(m)) return complain(kInvalidValue, "GELU_AUX needs EPILOGUE_AUX_POINTER and AUX_LD >= %llu", (unsigned long long)m);
-    g.aux = d.aux;
-    g.aux_ld = d.aux_ld;
-    g.aux_batch_stride = d.aux_batch_stride;
-  }
   if (m == 0 || n == 0) return kSuccess;
   g.m = int64_t(m); g.n = int64_t(n); g.k = int64_t(ac); g.batch = ld.batch;
   g.alpha = *static_cast<const float*>(alpha);

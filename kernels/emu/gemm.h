@@ -95,8 +95,6 @@ struct Gemm {
   int bias_type = kF32;
   int64_t bias_batch_stride = 0;
   int epilogue = kNone;
-  void* aux = nullptr;  // pre-activation output (GELU_AUX), column-major, d's type
-  int64_t aux_ld = 0, aux_batch_stride = 0;
 };
 
 inline void run(const Gemm& g) {
@@ -127,7 +125,6 @@ inline void run(const Gemm& g) {
         float v = float(g.alpha * acc);
         if (g.beta != 0.f) v += g.beta * load(pc, g.c.type, g.c.at(i, j));  // beta == 0: C is not read (may be NaN)
         if (g.bias) v += load(g.bias, g.bias_type, size_t(bi * g.bias_batch_stride + i));
-        if (g.aux) store(g.aux, g.d.type, size_t(bi * g.aux_batch_stride + i + j * g.aux_ld), v);
         if (g.epilogue == kRelu) v = v > 0.f ? v : 0.f;
         if (g.epilogue == kGelu) v = gelu_tanh(v);
         store(pd, g.d.type, g.d.at(i, j), v);
