@@ -139,3 +139,43 @@ fn eval_accepts_a_text_file() {
     let stdout = train_ok(&["eval", "--checkpoint", &s(&out), "--data", &s(&text), "--block-size", "12"]);
     assert!(stdout.contains("perplexity") && stdout.contains("blocks of 12 tokens"), "{stdout}");
 }
+
+#[test]
+fn gradient_accumulation_matches_the_large_batch() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = make_data(&tmp.path().join("data"), VOCAB, 12, 16, 4);
+    let cfg = model_config(&tmp.path().join("cfg"), VOCAB, 16, 0.0);
+    let run = |name: &str, batch: &str, accum: &str| {
+        let out = tmp.path().join(name);
+        train_ok(&[
+            "--data", &s(&data), "--model-config", &s(&cfg), "--output-dir", &s(&out), "--max-steps", "6",
+            "--per-device-train-batch-size", batch, "--gradient-accumulation-steps", accum, "--learning-rate", "1e-2",
+            "--logging-steps", "1", "--save-strategy", "no", "--no-progress",
+        ]);
+        logged_losses(&out)
+    };
+    let big = run("big", "4", "1");
+    let acc = run("acc", "2", "2");
+    assert_eq!(big.len(), 6);
+    for (a, b) in big.iter().zip(&acc) {
+        assert!((a.1 - b.1).abs() < 1e-5 * a.1, "step {}: batch 4 loss {} vs 2x2 accumulated {}", a.0, a.1, b.1);
+    }
+}
+
+#[test]
+fn epoch_strategies_evaluate_and_save_at_epoch_ends() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = make_data(&tmp.path().join("data"), VOCAB, 12, 8, 4);
+    let cfg = model_config(&tmp.path().join("cfg"), VOCAB, 16, 0.0);
+    let out = tmp.path().join("out");
+    // 8 blocks of batch 3: 3 micro-batches (the last short), 3 steps per epoch.
+    train_ok(&[
+        "--data", &s(&data), "--model-config", &s(&cfg), "--output-dir", &s(&out), "--num-train-epochs", "2",
+        "--per-device-train-batch-size", "3", "--eval-strategy", "epoch", "--save-strategy", "epoch",
+        "--logging-steps", "100", "--no-progress",
+    ]);
+    assert_eq!(eval_records(&out).iter().map(|e| e.0).collect::<Vec<_>>(), vec![3, 6]);
+    assert!(out.join("checkpoint-3").is_dir() && out.join("checkpoint-6").is_dir());
+    // logging every 100 steps still logs the last step
+    assert_eq!(logged_losses(&out).iter().map(|l| l.0).collect::<Vec<_>>(), vec![6]);
+}
