@@ -159,3 +159,37 @@ impl TrainingArgs {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hf_defaults_validate() {
+        let a = TrainingArgs::new("out");
+        assert_eq!(a.learning_rate, 5e-5);
+        assert_eq!(a.max_grad_norm, 1.0);
+        assert_eq!(a.eval_interval(), a.logging_steps);
+        a.validate().unwrap();
+    }
+
+    #[test]
+    fn contradictions_are_rejected() {
+        let mut a = TrainingArgs::new("out");
+        a.load_best_model_at_end = true;
+        assert!(a.validate().unwrap_err().to_string().contains("needs evaluation"));
+        a.eval_strategy = IntervalStrategy::Steps;
+        a.eval_steps = Some(300);
+        assert!(a.validate().unwrap_err().to_string().contains("multiple of --eval-steps"));
+        a.save_steps = 600;
+        a.validate().unwrap();
+        a.save_strategy = IntervalStrategy::Epoch;
+        assert!(a.validate().is_err());
+        let mut b = TrainingArgs::new("out");
+        b.max_steps = Some(0);
+        assert!(b.validate().is_err());
+        b.max_steps = None;
+        b.gradient_accumulation_steps = 0;
+        assert!(b.validate().is_err());
+    }
+}

@@ -190,3 +190,46 @@ pub fn rotate(output_dir: &Path, limit: usize, keep: Option<&Path>) -> Result<()
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fake_checkpoint(dir: &Path, step: u64) -> PathBuf {
+        let p = dir.join(checkpoint_name(step));
+        fs::create_dir_all(&p).unwrap();
+        fs::write(p.join(STATE_FILE), "{}").unwrap();
+        p
+    }
+
+    fn steps(dir: &Path) -> Vec<u64> {
+        list_checkpoints(dir).unwrap().into_iter().map(|c| c.0).collect()
+    }
+
+    #[test]
+    fn listing_sorts_numerically_and_skips_incomplete_dirs() {
+        let tmp = tempfile::tempdir().unwrap();
+        for s in [100, 20, 3] {
+            fake_checkpoint(tmp.path(), s);
+        }
+        fs::create_dir_all(tmp.path().join("checkpoint-7")).unwrap(); // no state file: not a checkpoint
+        fs::create_dir_all(tmp.path().join(".checkpoint-8.tmp")).unwrap();
+        assert_eq!(steps(tmp.path()), vec![3, 20, 100]);
+    }
+
+    #[test]
+    fn rotation_keeps_the_newest_and_the_best() {
+        let tmp = tempfile::tempdir().unwrap();
+        let best = fake_checkpoint(tmp.path(), 1);
+        for s in 2..=5 {
+            fake_checkpoint(tmp.path(), s);
+        }
+        rotate(tmp.path(), 2, Some(&best)).unwrap();
+        assert_eq!(steps(tmp.path()), vec![1, 5]);
+        // limit 1 with the best not the newest: both stay (as HF)
+        rotate(tmp.path(), 1, Some(&best)).unwrap();
+        assert_eq!(steps(tmp.path()), vec![1, 5]);
+        rotate(tmp.path(), 1, None).unwrap();
+        assert_eq!(steps(tmp.path()), vec![5]);
+    }
+}

@@ -67,3 +67,30 @@ pub fn read_records(path: &Path) -> Result<Vec<Value>, TrainerError> {
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reopening_drops_records_after_the_resume_step() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut log = MetricsLog::open(tmp.path(), 0).unwrap();
+        for s in 1..=6 {
+            log.write(&serde_json::json!({"step": s, "loss": s as f64})).unwrap();
+        }
+        drop(log);
+        let mut log = MetricsLog::open(tmp.path(), 4).unwrap();
+        log.write(&serde_json::json!({"step": 5, "loss": 0.5})).unwrap();
+        let steps: Vec<(u64, f64)> = read_records(&tmp.path().join(METRICS_FILE))
+            .unwrap()
+            .iter()
+            .map(|v| (v["step"].as_u64().unwrap(), v["loss"].as_f64().unwrap()))
+            .collect();
+        assert_eq!(steps, vec![(1, 1.0), (2, 2.0), (3, 3.0), (4, 4.0), (5, 0.5)]);
+        // a fresh run (step 0) starts an empty log
+        drop(log);
+        MetricsLog::open(tmp.path(), 0).unwrap();
+        assert!(read_records(&tmp.path().join(METRICS_FILE)).unwrap().is_empty());
+    }
+}
