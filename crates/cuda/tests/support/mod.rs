@@ -12,8 +12,10 @@
 //! * Without nvcc at build time there is no emulator: tests print SKIP and pass.
 #![allow(dead_code)] // each test binary uses a different subset
 
+use std::io::Read;
 use std::path::Path;
-use std::process::Command;
+use std::process::{Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
 
 use lmtrain_cuda::CudaDevice;
 
@@ -109,17 +111,57 @@ pub fn run_children(tests: &[&str], c: &Child<'_>) {
             "detect_leaks=0:abort_on_error=1:detect_stack_use_after_return=0",
         );
     }
-    let out = cmd.output().expect("spawning the test binary");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let (status, stdout, stderr) = output_within(cmd, CHILD_TIMEOUT);
     let expected = format!("test result: ok. {} passed", tests.len());
     assert!(
-        out.status.success() && stdout.contains(&expected),
+        status.as_ref().is_some_and(|s| s.success()) && stdout.contains(&expected),
         "emulated run of {tests:?} (CUEMU_SCHED={}, asan={}) failed: {}\n--- stdout\n{stdout}\n--- stderr\n{stderr}",
         c.order,
         c.asan_runtime.is_some(),
-        out.status
+        status.map_or_else(
+            || format!("killed after {CHILD_TIMEOUT:?} (a kernel that never finishes?)"),
+            |s| s.to_string()
+        ),
     );
+}
+
+/// A child that runs longer has hung (an emulated kernel in an endless loop, say).
+const CHILD_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Runs `cmd`, killing it after `limit`; returns its status (None if killed) and output.
+fn output_within(mut cmd: Command, limit: Duration) -> (Option<ExitStatus>, String, String) {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawning the test binary");
+    // Drain both pipes on threads so a chatty child cannot block on a full pipe.
+    let drain = |mut r: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut s = Vec::new();
+            let _ = r.read_to_end(&mut s);
+            String::from_utf8_lossy(&s).into_owned()
+        })
+    };
+    let out = drain(Box::new(child.stdout.take().expect("piped stdout")));
+    let err = drain(Box::new(child.stderr.take().expect("piped stderr")));
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("waiting for the test binary") {
+            break Some(s);
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    (
+        status,
+        out.join().unwrap_or_default(),
+        err.join().unwrap_or_default(),
+    )
 }
 
 /// Small deterministic generator for test data (xorshift64*).
