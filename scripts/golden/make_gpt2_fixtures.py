@@ -37,6 +37,9 @@ CONFIGS = {
     # odd sizes: width 48 over 3 heads, vocabulary 101, T = 13, ignored labels inside rows too
     "gpt2_odd": (dict(vocab_size=101, n_positions=20, n_embd=48, n_layer=2, n_head=3), 3, 13,
                  [(0, 4), (1, 0), (1, 11), (1, 12), (2, 7), (2, 8)]),
+    # vocabulary wider than the CPU backend's output-head chunk (1024), exact-erf GELU
+    "gpt2_wide_vocab_erf": (dict(vocab_size=1100, n_positions=8, n_embd=20, n_layer=1, n_head=2,
+                                 activation_function="gelu"), 2, 7, [(0, 3)]),
 }
 
 ADAMW = dict(lr=1e-3, betas=[0.9, 0.999], eps=1e-8, weight_decay=0.1, warmup_steps=2,

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use safetensors::{Dtype, SafeTensors};
 
-const FIXTURES: [&str; 2] = ["gpt2_tiny", "gpt2_odd"];
+const FIXTURES: [&str; 3] = ["gpt2_tiny", "gpt2_odd", "gpt2_wide_vocab_erf"];
 
 fn fixture_dir(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../model/tests/fixtures").join(name)

@@ -11,7 +11,7 @@ fn fixture_dir(name: &str) -> PathBuf {
 
 #[test]
 fn saved_files_hold_exactly_what_transformers_wrote() {
-    for name in ["gpt2_tiny", "gpt2_odd"] {
+    for name in ["gpt2_tiny", "gpt2_odd", "gpt2_wide_vocab_erf"] {
         let src = fixture_dir(name);
         let model = load_gpt2(&src).unwrap();
         let out = tempfile::tempdir().unwrap();
