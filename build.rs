@@ -12,6 +12,11 @@
 //! (e.g. `80,90`; default `80,90`), `LMTRAIN_REQUIRE_CUDA=1` (a missing nvcc is an error),
 //! `LMTRAIN_BUILD_CUEMU=0` (skip the emulator build), `CXX` (host compiler for the emulator).
 //! The build never panics: failures are reported as one message and exit status 1.
+//!
+//! The host C++ compiler is invoked directly (`$CXX`, default `c++`) rather than through the
+//! `cc` crate: `cc` makes static archives linked into this crate, while the emulator must be
+//! separate shared libraries named like NVIDIA's (cudarc dlopens `libcuda.so`, ...) plus a
+//! self-test executable. The object files compile in parallel.
 
 use std::env;
 use std::fmt::Write as _;

@@ -5,7 +5,8 @@
 #
 #   scripts/gpu-check.sh
 #
-# Environment: NVCC (default: the pinned wheels, installed by scripts/cuda-toolchain.sh),
+# Environment: NVCC (default: $CUDA_HOME, /usr/local/cuda or PATH, else the pinned wheels of
+# scripts/cuda-toolchain.sh),
 # LMTRAIN_CUDA_ARCHS (default: 80,90 plus the GPU's own compute capability),
 # GPU_CHECK_BENCH_ITERS (default 20). Logs are kept in a printed temporary directory.
 set -uo pipefail
@@ -18,8 +19,14 @@ fi
 gpu="$(nvidia-smi --query-gpu=name,compute_cap,driver_version,memory.total --format=csv,noheader -i 0)"
 cap="$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader -i 0 | tr -d ' .')" # "9.0" -> 90
 
+# nvcc: $NVCC, else the machine's own toolkit (it matches its driver), else the pinned wheels.
 if [ -z "${NVCC:-}" ]; then
-    NVCC="$(scripts/cuda-toolchain.sh)" || { echo "gpu-check: cannot install nvcc" >&2; exit 1; }
+    for cand in "${CUDA_HOME:-/nonexistent}/bin/nvcc" /usr/local/cuda/bin/nvcc "$(command -v nvcc || true)"; do
+        if [ -n "$cand" ] && [ -x "$cand" ]; then NVCC="$(readlink -f "$cand")"; break; fi
+    done
+fi
+if [ -z "${NVCC:-}" ]; then
+    NVCC="$(scripts/cuda-toolchain.sh)" || { echo "gpu-check: no nvcc and cannot install one" >&2; exit 1; }
 fi
 export NVCC
 export LMTRAIN_CUDA_ARCHS="${LMTRAIN_CUDA_ARCHS:-80,90,$cap}"
