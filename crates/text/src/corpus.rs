@@ -319,8 +319,7 @@ impl DocSource for TxtParagraphs {
         let mut doc = String::new();
         // A paragraph with an invalid line is skipped as a whole (with --skip-invalid).
         let mut poisoned = false;
-        loop {
-            let Some((start, line)) = self.lines.next_line()? else { break };
+        while let Some((start, line)) = self.lines.next_line()? {
             if is_blank(line) {
                 if poisoned {
                     *skipped += 1;

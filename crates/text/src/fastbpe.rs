@@ -158,6 +158,9 @@ fn byte_level_table() -> [([u8; 2], u8); 256] {
     table
 }
 
+/// Ids of the pre-tokens seen so far, keyed by the pre-token's bytes.
+type WordCache = HashMap<Box<[u8]>, Box<[u32]>>;
+
 /// The fast path for one tokenizer; build with [`FastByteLevelBpe::new`].
 pub(crate) struct FastByteLevelBpe<'t> {
     tokenizer: &'t Tokenizer,
@@ -165,7 +168,7 @@ pub(crate) struct FastByteLevelBpe<'t> {
     table: [([u8; 2], u8); 256],
     added: Vec<String>,
     /// One cache per rayon worker (plus one for other threads), so lookups never contend.
-    caches: Vec<Mutex<HashMap<Box<[u8]>, Box<[u32]>>>>,
+    caches: Vec<Mutex<WordCache>>,
 }
 
 impl<'t> FastByteLevelBpe<'t> {

@@ -373,7 +373,7 @@ fn train_on_corpus(
             match docs.next_doc() {
                 Ok(Some(doc)) => {
                     index += 1;
-                    if index % 4096 == 0 {
+                    if index.is_multiple_of(4096) {
                         progress(&Progress {
                             phase: Phase::TrainingTokenizer,
                             bytes_done: counter.load(Ordering::Relaxed),
@@ -475,6 +475,9 @@ fn consume(
     Ok(())
 }
 
+/// A document's token ids and their word-start flags.
+type EncodedDoc = (Vec<u32>, Vec<bool>);
+
 /// Turns documents into token ids and word-start flags.
 struct Encoder<'t> {
     tokenizer: &'t Tokenizer,
@@ -486,11 +489,11 @@ struct Encoder<'t> {
 
 impl Encoder<'_> {
     /// Tokenizes a chunk in parallel, keeping document order.
-    fn encode_chunk(&self, docs: &[String]) -> Result<Vec<(Vec<u32>, Vec<bool>)>, TextError> {
+    fn encode_chunk(&self, docs: &[String]) -> Result<Vec<EncodedDoc>, TextError> {
         docs.par_iter().map(|d| self.encode_doc(d)).collect()
     }
 
-    fn encode_doc(&self, doc: &str) -> Result<(Vec<u32>, Vec<bool>), TextError> {
+    fn encode_doc(&self, doc: &str) -> Result<EncodedDoc, TextError> {
         if let Some(fast) = &self.fast
             && !fast.needs_regular_path(doc)
         {
