@@ -391,7 +391,7 @@ CUresult cuLaunchKernel(void* f, unsigned gx, unsigned gy, unsigned gz, unsigned
     if (!k.param_is_pointer[i]) continue;
     uintptr_t p;
     memcpy(&p, params[i], sizeof p);
-    if (p && !inside_allocation(p, 1))
+    if (p && !inside_allocation(p, 0))  // [base, base + size]: one-past-the-end is a valid pointer
       return complain(kInvalidValue, "%s: pointer parameter %zu (0x%lx) is not inside a live device allocation", k.name, i,
                       (unsigned long)p);
   }
