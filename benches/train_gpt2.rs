@@ -250,13 +250,7 @@ fn parse_opts() -> Opts {
 }
 
 fn bench_config() -> Gpt2Config {
-    let mut cfg = Gpt2Config::default();
-    cfg.vocab_size = 50257;
-    cfg.n_positions = 128;
-    cfg.n_layer = 4;
-    cfg.n_head = 4;
-    cfg.n_embd = 256;
-    cfg
+    Gpt2Config { vocab_size: 50257, n_positions: 128, n_layer: 4, n_head: 4, n_embd: 256, ..Gpt2Config::default() }
 }
 
 /// One training step as the trainer does it: zero grads, forward+backward, clip + AdamW.

@@ -50,7 +50,7 @@ pub fn run() -> anyhow::Result<()> {
     opts.block_size = BLOCK;
     opts.validation_split = 0.05;
     opts.seed = 42;
-    let summary = lmtrain_text::prepare(&opts).context("preparing the embedded corpus")?;
+    lmtrain_text::prepare(&opts).context("preparing the embedded corpus")?;
     let (train, eval, tokenizer_json) = crate::run::open_data(&data_dir)?;
     println!(
         "[1/4] data: {} training blocks and {} validation blocks of {BLOCK} tokens, tokenizer of {} tokens trained on the corpus ({:.1} s)",
@@ -59,22 +59,22 @@ pub fn run() -> anyhow::Result<()> {
         train.header().vocab_size,
         t0.elapsed().as_secs_f64()
     );
-    let _ = summary;
 
     // 2. Model: GPT-2 with 4 layers of width 128, no dropout (the run is far from overfitting).
-    let mut cfg = Gpt2Config::default();
-    cfg.vocab_size = train.header().vocab_size as usize;
-    cfg.n_positions = BLOCK;
-    cfg.n_layer = 4;
-    cfg.n_head = 4;
-    cfg.n_embd = 128;
-    cfg.embd_pdrop = 0.0;
-    cfg.attn_pdrop = 0.0;
-    cfg.resid_pdrop = 0.0;
-    if let Some(eos) = train.header().eos {
-        cfg.bos_token_id = Some(eos);
-        cfg.eos_token_id = Some(eos);
-    }
+    let eos = train.header().eos;
+    let cfg = Gpt2Config {
+        vocab_size: train.header().vocab_size as usize,
+        n_positions: BLOCK,
+        n_layer: 4,
+        n_head: 4,
+        n_embd: 128,
+        embd_pdrop: 0.0,
+        attn_pdrop: 0.0,
+        resid_pdrop: 0.0,
+        bos_token_id: eos,
+        eos_token_id: eos,
+        ..Gpt2Config::default()
+    };
     let model = Gpt2::new(cfg, 42);
 
     let mut args = TrainingArgs::new(&out_dir);

@@ -162,6 +162,7 @@ pub fn run(args: PrepareArgs) -> anyhow::Result<()> {
         ProgressStyle::with_template("{msg:18} [{elapsed_precise}] {wide_bar} {binary_bytes}/{binary_total_bytes} {prefix}")
             .expect("valid progress template"),
     );
+    bar.set_message("starting");
     bar.enable_steady_tick(Duration::from_millis(250));
     let summary = lmtrain_text::prepare_with_progress(&opts, &|p| {
         bar.set_message(match p.phase {

@@ -246,9 +246,11 @@ fn scratch_model(a: &TrainArgs, store: &BlockStore, seed: u64) -> anyhow::Result
             serde_json::from_str::<Gpt2Config>(&text).with_context(|| format!("{} is not a GPT-2 config.json", path.display()))?
         }
         None => {
-            let mut c = Gpt2Config::default();
-            c.vocab_size = h.vocab_size as usize;
-            c.n_positions = a.n_positions.unwrap_or(h.block_size as usize);
+            let mut c = Gpt2Config {
+                vocab_size: h.vocab_size as usize,
+                n_positions: a.n_positions.unwrap_or(h.block_size as usize),
+                ..Gpt2Config::default()
+            };
             if let Some(v) = a.n_layer {
                 c.n_layer = v;
             }

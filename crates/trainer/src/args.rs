@@ -136,7 +136,8 @@ impl TrainingArgs {
         if !(0.0..1.0).contains(&self.adam_beta1) || !(0.0..1.0).contains(&self.adam_beta2) {
             return bad("--adam-beta1 and --adam-beta2 must be in [0, 1)");
         }
-        if self.max_steps == Some(0) || (self.max_steps.is_none() && !(self.num_train_epochs > 0.0)) {
+        let epochs_positive = self.num_train_epochs.partial_cmp(&0.0) == Some(std::cmp::Ordering::Greater);
+        if self.max_steps == Some(0) || (self.max_steps.is_none() && !epochs_positive) {
             return bad("nothing to train: --max-steps must be > 0 or --num-train-epochs > 0");
         }
         if self.logging_steps == 0 || self.save_steps == 0 || self.eval_steps == Some(0) {
@@ -152,7 +153,7 @@ impl TrainingArgs {
             if self.eval_strategy != self.save_strategy {
                 return bad("--load-best-model-at-end needs --save-strategy equal to --eval-strategy");
             }
-            if self.save_strategy == IntervalStrategy::Steps && self.save_steps % self.eval_interval() != 0 {
+            if self.save_strategy == IntervalStrategy::Steps && !self.save_steps.is_multiple_of(self.eval_interval()) {
                 return bad("--load-best-model-at-end needs --save-steps to be a multiple of --eval-steps");
             }
         }

@@ -417,7 +417,7 @@ impl Trainer {
             bar.set_position(gs);
             bar.set_message(format!("loss {step_loss:.4} | {} tok/s", human(tok_s)));
 
-            if gs % self.args.logging_steps == 0 || is_last {
+            if gs.is_multiple_of(self.args.logging_steps) || is_last {
                 log.write(&json!({
                     "step": gs, "epoch": epoch_f, "loss": window_loss / window_steps as f64,
                     "learning_rate": lr, "grad_norm": report.grad_norm, "tokens_per_s": tok_s,
@@ -427,7 +427,7 @@ impl Trainer {
 
             let eval_now = match self.args.eval_strategy {
                 IntervalStrategy::No => false,
-                IntervalStrategy::Steps => gs % self.args.eval_interval() == 0,
+                IntervalStrategy::Steps => gs.is_multiple_of(self.args.eval_interval()),
                 IntervalStrategy::Epoch => end_of_epoch,
             };
             let mut eval_result = None;
@@ -441,7 +441,7 @@ impl Trainer {
 
             let save_now = match self.args.save_strategy {
                 IntervalStrategy::No => false,
-                IntervalStrategy::Steps => gs % self.args.save_steps == 0 || is_last,
+                IntervalStrategy::Steps => gs.is_multiple_of(self.args.save_steps) || is_last,
                 IntervalStrategy::Epoch => end_of_epoch || is_last,
             };
             if save_now {
