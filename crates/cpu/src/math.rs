@@ -13,7 +13,7 @@ pub fn exp(x: f32) -> f32 {
     // mantissa bits of the sum; reading it from there avoids a float-to-int conversion, so the
     // loops using exp vectorise.
     const ROUND: f32 = 12_582_912.0;
-    let x = x.max(-87.0).min(88.0);
+    let x = x.clamp(-87.0, 88.0);
     let shifted = x * LOG2E + ROUND;
     let n = shifted - ROUND;
     let r = (x - n * LN2_HI) - n * LN2_LO; // |r| <= ln2/2

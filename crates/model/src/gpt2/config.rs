@@ -125,7 +125,7 @@ impl Gpt2Config {
                 return bad(format!("{name} must be positive"));
             }
         }
-        if self.n_embd % self.n_head != 0 {
+        if !self.n_embd.is_multiple_of(self.n_head) {
             return bad(format!("n_embd {} is not divisible by n_head {}", self.n_embd, self.n_head));
         }
         for (name, p) in [("resid_pdrop", self.resid_pdrop), ("embd_pdrop", self.embd_pdrop), ("attn_pdrop", self.attn_pdrop)] {
@@ -133,7 +133,7 @@ impl Gpt2Config {
                 return bad(format!("{name} {p} must be in [0, 1)"));
             }
         }
-        if !(self.layer_norm_epsilon > 0.0) {
+        if self.layer_norm_epsilon.is_nan() || self.layer_norm_epsilon <= 0.0 {
             return bad(format!("layer_norm_epsilon {} must be positive", self.layer_norm_epsilon));
         }
         if !self.scale_attn_weights || self.scale_attn_by_inverse_layer_idx || self.reorder_and_upcast_attn {
