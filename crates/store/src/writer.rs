@@ -4,6 +4,7 @@
 use std::fs::File;
 use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::format::{HEADER_LEN, Header, SpecialTokens, TokenDtype, VERSION};
 use crate::StoreError;
@@ -32,7 +33,10 @@ struct TempFile {
 impl TempFile {
     fn next_to(target: &Path, tag: &str) -> TempFile {
         let name = target.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        let path = target.with_file_name(format!(".{name}.{tag}.{}.tmp", std::process::id()));
+        // Process id plus a counter: unique even when one process writes several stores.
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let path = target.with_file_name(format!(".{name}.{tag}.{}-{n}.tmp", std::process::id()));
         TempFile { path, keep: false }
     }
 }

@@ -272,6 +272,19 @@ mod tests {
     }
 
     #[test]
+    fn fast_path_equals_a_trained_byte_level_tokenizer() {
+        let docs: Vec<String> = (0..300)
+            .map(|i| format!("Verse {i}: and the LORD said unto them,  they'll go\tthither; ünïcödé {}", i * 7))
+            .collect();
+        let tok = crate::tok::train_tokenizer(crate::ModelType::Causal, 400, docs.clone().into_iter()).unwrap();
+        let fast = FastByteLevelBpe::new(&tok).expect("a trained causal tokenizer qualifies");
+        for d in &docs {
+            check(&fast, &tok, d);
+            check(&fast, &tok, &d.to_uppercase());
+        }
+    }
+
+    #[test]
     fn only_matching_tokenizers_qualify() {
         let bert = Tokenizer::from_file(concat!(env!("CARGO_MANIFEST_DIR"), "/../../data/tokenizers/bert-base-uncased.tokenizer.json")).unwrap();
         assert!(FastByteLevelBpe::new(&bert).is_none());
