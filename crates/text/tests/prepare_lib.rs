@@ -343,6 +343,20 @@ fn bad_inputs_are_refused_and_leave_nothing() {
     assert_eq!((s.skipped_invalid, s.train.documents), (1, 2));
     std::fs::remove_dir_all(&out).unwrap();
 
+    // In a gzip file the offset counts decompressed bytes, and the message says so.
+    let gz = dir.path().join("bad.jsonl.gz");
+    let mut enc = flate2::write::GzEncoder::new(std::fs::File::create(&gz).unwrap(), flate2::Compression::fast());
+    enc.write_all(b"{\"text\": \"ok\"}\n{\"text\": \"\xc3(\"}\n").unwrap();
+    enc.finish().unwrap();
+    let err = prepare(&base(vec![gz])).unwrap_err();
+    assert!(matches!(err, TextError::InvalidUtf8 { offset: 25, decompressed: true, .. }), "{err}");
+    assert!(err.to_string().contains("of the decompressed data"), "{err}");
+
+    let typed = dir.path().join("typed.jsonl");
+    std::fs::write(&typed, "{\"text\": 12}\n").unwrap();
+    let err = prepare(&base(vec![typed])).unwrap_err();
+    assert!(err.to_string().contains("typed.jsonl:1: field \"text\" is a number, not a string"), "{err}");
+
     let blank = dir.path().join("blank.txt");
     std::fs::write(&blank, "\n  \n\n").unwrap();
     assert!(matches!(prepare(&base(vec![blank])), Err(TextError::EmptyCorpus { .. })));
