@@ -1,9 +1,7 @@
 //! Matrix products through cuBLASLt with the fused bias and GELU epilogue.
 
-use std::sync::Arc;
-
 use cudarc::cublaslt::{Activation, CudaBlasLT, Matmul, MatmulConfig};
-use cudarc::driver::{CudaStream, CudaView, CudaViewMut};
+use cudarc::driver::{CudaView, CudaViewMut};
 use lmtrain_backend::GemmShape;
 
 use crate::{CudaDevice, CudaError, Result, shape};
@@ -11,7 +9,6 @@ use crate::{CudaDevice, CudaError, Result, shape};
 /// A cuBLASLt handle bound to a device's stream.
 pub struct LtMatmul {
     lt: CudaBlasLT,
-    _stream: Arc<CudaStream>,
 }
 
 impl std::fmt::Debug for LtMatmul {
@@ -34,10 +31,7 @@ impl LtMatmul {
             context: "creating a handle".into(),
             detail: e.to_string(),
         })?;
-        Ok(Self {
-            lt,
-            _stream: dev.stream().clone(),
-        })
+        Ok(Self { lt })
     }
 
     /// Row-major `C[m, n] = op(A) · op(B)` (+ `bias[n]` on every row) (then GELU, tanh form), with
