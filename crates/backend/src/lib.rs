@@ -166,9 +166,10 @@ pub trait Backend: Send + Sync + Sized {
     /// A zero-filled buffer of `len` elements.
     fn alloc(&self, len: usize) -> Self::Buf;
     /// A buffer holding `data` (moved, not copied, on the CPU).
-    fn upload(&self, data: Vec<f32>) -> Self::Buf;
+    #[allow(clippy::wrong_self_convention)] // a device backend needs its context to allocate
+    fn from_host(&self, data: Vec<f32>) -> Self::Buf;
     /// Copy a view to host memory.
-    fn download(&self, v: Self::View<'_>) -> Vec<f32>;
+    fn to_host(&self, v: Self::View<'_>) -> Vec<f32>;
     /// Elements in a buffer.
     fn buf_len(buf: &Self::Buf) -> usize;
     /// The whole buffer, shared.

@@ -23,10 +23,10 @@ impl Backend for Cpu {
     fn alloc(&self, len: usize) -> Vec<f32> {
         vec![0.0; len]
     }
-    fn upload(&self, data: Vec<f32>) -> Vec<f32> {
+    fn from_host(&self, data: Vec<f32>) -> Vec<f32> {
         data
     }
-    fn download(&self, v: &[f32]) -> Vec<f32> {
+    fn to_host(&self, v: &[f32]) -> Vec<f32> {
         v.to_vec()
     }
     fn buf_len(buf: &Vec<f32>) -> usize {

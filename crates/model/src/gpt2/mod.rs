@@ -285,7 +285,7 @@ impl<B: Backend> Gpt2<B> {
                 params.len()
             )));
         }
-        let params = backend.upload(params);
+        let params = backend.from_host(params);
         let grads = backend.alloc(total);
         Ok(Gpt2 { config, gelu, backend, infos, params, grads, acts: None })
     }
@@ -433,7 +433,7 @@ impl<B: Backend> Gpt2<B> {
         // tied head: logits = lnf · wte^T
         let s = GemmShape { m: bt, n: v, k: c, trans_a: false, trans_b: true, accumulate: false };
         self.backend.gemm(B::view_mut(&mut a.logits), B::view(&a.lnf), wte, s);
-        self.backend.download(B::view(&a.logits))
+        self.backend.to_host(B::view(&a.logits))
     }
 
     /// Mean cross-entropy over shifted labels (eval mode: no dropout, no gradients).
@@ -658,7 +658,7 @@ impl<B: Backend> Gpt2<B> {
         let mut logits = buf(v);
         let s = GemmShape { m: 1, n: v, k: c, trans_a: false, trans_b: true, accumulate: false };
         be.gemm(B::view_mut(&mut logits), B::view(&lnf), p.wte, s);
-        be.download(B::view(&logits))
+        be.to_host(B::view(&logits))
     }
 }
 
