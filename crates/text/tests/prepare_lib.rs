@@ -213,7 +213,18 @@ fn every_format_gives_the_same_blocks() {
             Some(r) => assert!(r == &blocks, "{} differs from the .txt result", file.display()),
         }
     }
-    // A directory holding the .txt twice (plain and gzip'd) reads both, in name order.
+    // An unknown extension is read as plain text unless --format says otherwise.
+    let data_file = dir.path().join("c.data");
+    std::fs::copy(dir.path().join("c.jsonl"), &data_file).unwrap();
+    let mut opts = PrepareOptions::new(vec![data_file], dir.path().join("forced"));
+    opts.tokenizer = Some(gpt2());
+    opts.block_size = 32;
+    opts.read.format = Some(lmtrain_text::CorpusFormat::Jsonl);
+    prepare(&opts).unwrap();
+    assert!(reference.as_ref() == Some(&all_blocks(&dir.path().join("forced/train.bin"))));
+
+    // A directory holding the corpus twice (.txt and .csv.gz) reads both, in name order,
+    // and skips files of unknown extension.
     let sub = dir.path().join("sub");
     std::fs::create_dir(&sub).unwrap();
     write_txt(&sub.join("a.txt"), &docs);
