@@ -1,7 +1,7 @@
 //! lmtrain-store: the pre-tokenized block store that training reads.
 //!
 //! A store is one file of fixed-size blocks of token ids (u16 when the vocabulary fits,
-//! else u32) behind a small versioned header (see [`format`]), plus one "starts a word"
+//! else u32) behind a small versioned header (see [`format`](mod@format)), plus one "starts a word"
 //! bit per token for whole-word masking. [`BlockWriter`] writes it incrementally to a
 //! temporary name and renames it into place only when complete; [`BlockStore`] reads it
 //! zero-copy through a memory map without ever pulling the file into RAM; and
