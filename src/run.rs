@@ -58,7 +58,7 @@ pub struct TrainArgs {
     /// Epochs to train [default: 3].
     #[arg(long)]
     pub num_train_epochs: Option<f64>,
-    /// Total optimizer steps (overrides --num-train-epochs).
+    /// Total optimizer steps, instead of --num-train-epochs (wins over a config file's epochs).
     #[arg(long)]
     pub max_steps: Option<u64>,
     /// Blocks per micro-batch [default: 8].
