@@ -152,7 +152,8 @@ pub struct TrainOutcome {
     pub last_loss: f64,
     /// Training tokens consumed by this invocation.
     pub tokens: u64,
-    /// Seconds spent in the loop by this invocation.
+    /// Seconds spent training (forward, backward, optimizer) by this invocation; evaluation
+    /// and checkpoint writing are not counted.
     pub seconds: f64,
     /// Last evaluation of this invocation.
     pub last_eval: Option<EvalResult>,
@@ -344,7 +345,9 @@ impl Trainer {
             best_checkpoint: self.state.best_model_checkpoint.clone(),
         };
         let start = Instant::now();
-        let (mut window_loss, mut window_steps, mut window_tokens, mut window_start) = (0.0f64, 0u64, 0u64, Instant::now());
+        let mut side_time = std::time::Duration::ZERO; // evaluation + checkpoints
+        let (mut window_loss, mut window_steps, mut window_tokens) = (0.0f64, 0u64, 0u64);
+        let (mut window_start, mut window_side) = (Instant::now(), std::time::Duration::ZERO);
 
         while self.state.global_step < self.state.max_steps {
             if order_epoch != self.state.epoch {
@@ -412,7 +415,7 @@ impl Trainer {
             window_steps += 1;
             window_tokens += step_tokens;
 
-            let elapsed = window_start.elapsed().as_secs_f64().max(1e-9);
+            let elapsed = window_start.elapsed().saturating_sub(window_side).as_secs_f64().max(1e-9);
             let tok_s = window_tokens as f64 / elapsed;
             bar.set_position(gs);
             bar.set_message(format!("loss {step_loss:.4} | {} tok/s", human(tok_s)));
@@ -422,7 +425,8 @@ impl Trainer {
                     "step": gs, "epoch": epoch_f, "loss": window_loss / window_steps as f64,
                     "learning_rate": lr, "grad_norm": report.grad_norm, "tokens_per_s": tok_s,
                 }))?;
-                (window_loss, window_steps, window_tokens, window_start) = (0.0, 0, 0, Instant::now());
+                (window_loss, window_steps, window_tokens) = (0.0, 0, 0);
+                (window_start, window_side) = (Instant::now(), std::time::Duration::ZERO);
             }
 
             let eval_now = match self.args.eval_strategy {
@@ -431,12 +435,12 @@ impl Trainer {
                 IntervalStrategy::Epoch => end_of_epoch,
             };
             let mut eval_result = None;
+            let side_start = Instant::now();
             if eval_now && let Some(r) = self.evaluate() {
                 log.write(&json!({"step": gs, "epoch": epoch_f, "eval_loss": r.loss, "perplexity": r.perplexity}))?;
                 bar.suspend(|| eprintln!("step {gs}: eval loss {:.4}, perplexity {:.2}", r.loss, r.perplexity));
                 eval_result = Some(r);
                 outcome.last_eval = Some(r);
-                window_start = Instant::now(); // keep eval time out of tokens/s
             }
 
             let save_now = match self.args.save_strategy {
@@ -464,11 +468,13 @@ impl Trainer {
                     checkpoint::rotate(&out_dir, limit, self.state.best_model_checkpoint.as_deref())?;
                 }
                 outcome.last_checkpoint = Some(saved);
-                window_start = Instant::now();
             }
+            // Evaluation and checkpoint time stay out of tokens/s.
+            side_time += side_start.elapsed();
+            window_side += side_start.elapsed();
         }
         bar.finish_and_clear();
-        outcome.seconds = start.elapsed().as_secs_f64();
+        outcome.seconds = (start.elapsed() - side_time).as_secs_f64();
         outcome.global_step = self.state.global_step;
 
         if self.args.load_best_model_at_end
