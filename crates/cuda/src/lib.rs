@@ -47,13 +47,11 @@ pub fn kernel_names() -> impl Iterator<Item = &'static str> {
 #[derive(Debug, thiserror::Error)]
 pub enum CudaError {
     /// libcuda.so cannot be loaded: no NVIDIA driver on this machine.
-    #[error(
-        "no NVIDIA driver found (libcuda.so could not be loaded): this machine cannot run --device cuda; use --device cpu"
-    )]
+    #[error("no NVIDIA driver found (libcuda.so could not be loaded)")]
     NoDriver,
     /// The loaded libcuda.so is lmtrain's CPU emulator, which is for tests only.
     #[error(
-        "no NVIDIA driver found: libcuda.so is lmtrain's CPU emulator (test-only; set LMTRAIN_CUEMU=1 to use it anyway); use --device cpu"
+        "no NVIDIA driver found: libcuda.so is lmtrain's CPU emulator, for tests only (LMTRAIN_CUEMU=1 allows it)"
     )]
     EmulatorOnly,
     /// This binary was built without nvcc, so it contains no kernels.
