@@ -8,7 +8,9 @@
 //   * __syncthreads() is a barrier over the live fibers of the block, and all fibers
 //     must reach it from the same source line (divergent barriers are reported);
 //   * warp intrinsics (__shfl_*_sync, __ballot_sync, __any/__all_sync, __syncwarp) meet
-//     at a per-warp barrier and exchange values through per-lane slots;
+//     at a per-warp barrier that waits for the non-exited lanes of the mask (as sm_70+),
+//     and values are handed over when the last lane arrives; reading from a lane outside
+//     the mask or one that exited without taking part is reported as a bug;
 //   * __shared__ variables are per-OS-thread statics, dynamic shared memory is a
 //     per-launch buffer poisoned with 0xff bytes (NaN) before every block;
 //   * atomics are real atomics; bf16/half come from NVIDIA's own headers in host mode;
@@ -108,15 +110,22 @@ struct Fiber {
   char* stack = nullptr;  // usable region (above the guard page)
   State state = State::Ready;
   uint3 tid{};
-  unsigned warp_gen = 0;  // parity of this lane's next warp exchange
+  // Warp-synchronous call in progress: its mask, what the lane wants delivered (a source
+  // lane, kWantNone or kWantBallot) and, once the warp has met, the delivered value.
+  unsigned sync_mask = 0;
+  int want = -1;
+  bool inbox_ok = false;
+  alignas(16) unsigned char inbox[16];
 #ifdef CUEMU_ASAN
   void* fake_stack = nullptr;
 #endif
 };
 
+constexpr int kWantNone = -1, kWantBallot = -2;
+
 struct WarpSlots {
-  unsigned arrived = 0;
-  alignas(16) unsigned char slot[2][kWarp][16];
+  unsigned arrived = 0;                      // lanes waiting in a warp-synchronous call
+  alignas(16) unsigned char slot[kWarp][16];  // the value each of them published
 };
 
 // State of one OS thread that executes blocks of a launch.
@@ -207,13 +216,21 @@ inline void release(Worker& w, State waiting) {
     if (f.state == waiting) f.state = State::Ready;
 }
 
-// Called when a fiber exits: a barrier may now be complete without it (sm_70+ semantics).
+inline bool try_release_warp(Worker& w, int warp, unsigned mask);
+
+// Called when a fiber exits: a barrier or warp sync may now be complete without it
+// (sm_70+ semantics: exited threads are not waited for).
 inline void on_exit(Worker& w) {
   --w.live;
   if (w.barrier_arrived > 0 && w.barrier_arrived == w.live) {
     w.barrier_arrived = 0;
     w.barrier_line = -1;
     release(w, State::AtBarrier);
+  }
+  const int warp = w.cur / kWarp;
+  for (int l = 0; l < kWarp; ++l) {
+    const int t = warp * kWarp + l;
+    if (t < w.nthreads && w.fibers[t].state == State::AtWarpSync) try_release_warp(w, warp, w.fibers[t].sync_mask);
   }
 }
 
@@ -259,41 +276,78 @@ inline unsigned live_lanes(const Worker& w, int warp) {
   return m;
 }
 
-// All lanes named in `mask` meet here; a lane outside the mask or an exited lane in
-// the mask is a bug in the kernel (undefined behaviour on the GPU).
-inline void warp_sync(unsigned mask) {
-  Worker& w = worker();
-  int t = w.cur, warp = t / kWarp, lane = t % kWarp;
-  if (!(mask >> lane & 1)) fail("warp-synchronous call from a lane outside its mask");
-  if (mask & ~live_lanes(w, warp)) fail("warp mask names exited or nonexistent lanes");
+// Completes a warp-synchronous call once every non-exited lane named in `mask` has arrived
+// (CUDA: "all non-exited threads named in mask must execute the same intrinsic"): delivers
+// to each participant the value it asked for, then lets them go. Values are delivered at
+// this moment, while every participant's slot is fresh, so a lane that runs ahead into its
+// next call cannot overwrite what a slower lane has yet to read.
+inline bool try_release_warp(Worker& w, int warp, unsigned mask) {
   WarpSlots& ws = w.warps[warp];
-  ws.arrived |= 1u << lane;
-  if ((ws.arrived & mask) == mask) {
-    ws.arrived &= ~mask;
-    for (int l = 0; l < kWarp; ++l) {
-      if (!(mask >> l & 1)) continue;
-      Fiber& f = w.fibers[warp * kWarp + l];
-      if (f.state == State::AtWarpSync) f.state = State::Ready;
-    }
-    return;
+  const unsigned need = mask & live_lanes(w, warp);
+  if ((ws.arrived & need) != need) return false;
+  unsigned ballot = 0;
+  for (int l = 0; l < kWarp; ++l) {
+    int pred;
+    memcpy(&pred, ws.slot[l], sizeof pred);
+    if ((need >> l & 1) && pred) ballot |= 1u << l;
   }
-  w.fibers[t].state = State::AtWarpSync;
-  to_scheduler();
+  for (int l = 0; l < kWarp; ++l) {
+    if (!(need >> l & 1)) continue;
+    Fiber& f = w.fibers[warp * kWarp + l];
+    if (f.want == kWantBallot) {
+      memcpy(f.inbox, &ballot, sizeof ballot);
+      f.inbox_ok = true;
+    } else if (f.want >= 0) {
+      f.inbox_ok = need >> f.want & 1;  // the source took part (it is named and has not exited)
+      if (f.inbox_ok) memcpy(f.inbox, ws.slot[f.want], sizeof f.inbox);
+    }
+    if (f.state == State::AtWarpSync) f.state = State::Ready;
+  }
+  ws.arrived &= ~need;
+  return true;
 }
 
-// Each lane publishes `v`, the warp meets, and the lane reads the value of `src`.
+// The calling lane publishes `value` (up to 16 bytes) and waits until the lanes of `mask`
+// have met; then its inbox holds what `want` asked for.
+inline Fiber& warp_meet(unsigned mask, const void* value, size_t bytes, int want) {
+  Worker& w = worker();
+  const int t = w.cur, warp = t / kWarp, lane = t % kWarp;
+  if (!(mask >> lane & 1)) fail("warp-synchronous call from a lane outside its mask");
+  if (want >= 0 && !(mask >> want & 1)) fail("shuffle reads a lane outside the mask");
+  Fiber& f = w.fibers[t];
+  WarpSlots& ws = w.warps[warp];
+  memset(ws.slot[lane], 0, sizeof ws.slot[lane]);
+  if (bytes) memcpy(ws.slot[lane], value, bytes);
+  f.sync_mask = mask;
+  f.want = want;
+  f.inbox_ok = false;
+  ws.arrived |= 1u << lane;
+  if (!try_release_warp(w, warp, mask)) {
+    f.state = State::AtWarpSync;
+    to_scheduler();
+  }
+  return f;
+}
+
+inline void warp_sync(unsigned mask) { warp_meet(mask, nullptr, 0, kWantNone); }
+
+// Each lane publishes `v`, the warp meets, and the lane gets the value of lane `src`.
 template <class T>
 inline T warp_exchange(unsigned mask, T v, int src) {
   static_assert(sizeof(T) <= 16 && std::is_trivially_copyable<T>::value, "unsupported shuffle type");
-  Worker& w = worker();
-  int t = w.cur, warp = t / kWarp, lane = t % kWarp;
-  unsigned par = w.fibers[t].warp_gen++ & 1;
-  memcpy(w.warps[warp].slot[par][lane], &v, sizeof(T));
-  warp_sync(mask);
-  if (src == lane) return v;
-  if (!(mask >> src & 1)) fail("shuffle reads a lane outside the mask");
+  Fiber& f = warp_meet(mask, &v, sizeof(T), src);
+  if (src == lane_id()) return v;
+  if (!f.inbox_ok) fail("shuffle reads a lane that exited without taking part");
   T r;
-  memcpy(&r, w.warps[warp].slot[par][src], sizeof(T));
+  memcpy(&r, f.inbox, sizeof(T));
+  return r;
+}
+
+inline unsigned warp_ballot(unsigned mask, int pred) {
+  const int p = pred != 0;
+  Fiber& f = warp_meet(mask, &p, sizeof p, kWantBallot);
+  unsigned r;
+  memcpy(&r, f.inbox, sizeof r);
   return r;
 }
 
@@ -343,7 +397,6 @@ inline void run_block(Worker& w, uint3 bid, dim3 bdim, bool reverse) {
   for (int i = 0; i < w.nthreads; ++i) {
     Fiber& f = w.fibers[i];
     f.state = State::Ready;
-    f.warp_gen = 0;
     f.tid = uint3{unsigned(i) % bdim.x, unsigned(i) / bdim.x % bdim.y, unsigned(i) / (bdim.x * bdim.y)};
     init_fiber(w, f);
   }
@@ -425,19 +478,7 @@ inline T __shfl_up_sync(unsigned mask, T v, unsigned delta, int width = warpSize
   int lane = cuemu::lane_id(), src = lane - int(delta);
   return cuemu::warp_exchange(mask, v, src >= (lane & ~(width - 1)) ? src : lane);
 }
-inline unsigned __ballot_sync(unsigned mask, int pred) {
-  cuemu::Worker& w = cuemu::worker();
-  int warp = w.cur / cuemu::kWarp;
-  unsigned par = w.fibers[w.cur].warp_gen & 1;  // warp_exchange advances the generation
-  cuemu::warp_exchange<int>(mask, pred != 0, cuemu::lane_id());
-  unsigned r = 0;
-  for (int l = 0; l < cuemu::kWarp; ++l) {
-    int p;
-    memcpy(&p, w.warps[warp].slot[par][l], sizeof p);
-    if ((mask >> l & 1) && p) r |= 1u << l;
-  }
-  return r;
-}
+inline unsigned __ballot_sync(unsigned mask, int pred) { return cuemu::warp_ballot(mask, pred); }
 inline int __any_sync(unsigned mask, int pred) { return __ballot_sync(mask, pred) != 0; }
 inline int __all_sync(unsigned mask, int pred) { return __ballot_sync(mask, pred) == mask; }
 inline unsigned __activemask() {

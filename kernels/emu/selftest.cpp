@@ -76,6 +76,13 @@ __global__ void wmma_kernel(const lm::bf16* a, const lm::bf16* b, float* c) {
   wmma::store_matrix_sync(c, acc, 16, wmma::mem_row_major);
 }
 
+// Legal: a full mask may name lanes that have exited or do not exist (the second warp of a
+// 48-thread block has 16 lanes); they are not waited for, as long as nobody reads from them.
+__global__ void partial_warps_kernel(int* y) {
+  if (threadIdx.x % 32 >= 24) return;
+  y[threadIdx.x] = __shfl_xor_sync(0xffffffffu, int(threadIdx.x), 1);
+}
+
 // ---- planted bugs ----------------------------------------------------------------------
 __global__ void bug_missing_sync_broadcast(const float* x, float* y) {
   __shared__ float v;
@@ -92,10 +99,9 @@ __global__ void bug_divergent_syncthreads(float* y) {
   y[threadIdx.x] = 1.f;
 }
 
-__global__ void bug_partial_warp_shuffle(int* y) {
-  int v = threadIdx.x;
-  if (threadIdx.x < 16) v = __shfl_xor_sync(0xffffffffu, v, 1);  // BUG: half the mask never arrives
-  y[threadIdx.x] = v;
+__global__ void bug_shuffle_from_exited_lane(int* y) {
+  if (threadIdx.x >= 16) return;
+  y[threadIdx.x] = __shfl_sync(0xffffffffu, int(threadIdx.x), threadIdx.x + 16);  // BUG: the source has exited
 }
 
 }  // namespace
@@ -154,6 +160,11 @@ int main(int argc, char** argv) {
         for (int k = 0; k < 16; ++k) r += af[i * 16 + k] * bf[j * 16 + k];  // b is col-major
         expect(cc[i * 16 + j] == r, "wmma 16x16x16 bf16 -> f32");
       }
+  } else if (c == "partial_warps") {
+    int y[48];
+    run(partial_warps_kernel, "partial_warps", dim3(1), dim3(48), 0, y);
+    for (int t = 0; t < 48; ++t)
+      if (t % 32 < 24) expect(y[t] == (t ^ 1), "xor shuffle with exited lanes in the mask");
   } else if (c == "bug_missing_sync_broadcast") {
     float x = 1.f, y[64];
     run(bug_missing_sync_broadcast, "bug_missing_sync_broadcast", dim3(1), dim3(64), 0, &x, y);
@@ -161,9 +172,9 @@ int main(int argc, char** argv) {
   } else if (c == "bug_divergent_syncthreads") {
     float y[32];
     run(bug_divergent_syncthreads, "bug_divergent_syncthreads", dim3(1), dim3(32), 0, y);
-  } else if (c == "bug_partial_warp_shuffle") {
+  } else if (c == "bug_shuffle_from_exited_lane") {
     int y[32];
-    run(bug_partial_warp_shuffle, "bug_partial_warp_shuffle", dim3(1), dim3(32), 0, y);
+    run(bug_shuffle_from_exited_lane, "bug_shuffle_from_exited_lane", dim3(1), dim3(32), 0, y);
   } else {
     fprintf(stderr, "usage: cuemu-selftest <case>\n");
     return 2;

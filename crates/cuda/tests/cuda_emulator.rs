@@ -31,7 +31,7 @@ fn stderr(o: &Output) -> String {
 
 #[test]
 fn features_work_in_both_orders() {
-    for case in ["votes", "shuffles", "atomics", "transpose_2d", "wmma"] {
+    for case in ["votes", "shuffles", "atomics", "transpose_2d", "wmma", "partial_warps"] {
         for order in ["forward", "reverse"] {
             let Some(o) = selftest(case, order) else {
                 return;
@@ -63,10 +63,10 @@ fn missing_barrier_is_caught_in_reverse_order() {
 }
 
 #[test]
-fn divergent_barrier_and_partial_warp_are_reported() {
+fn divergent_barrier_and_shuffle_from_exited_lane_are_reported() {
     for (case, needle) in [
         ("bug_divergent_syncthreads", "divergent __syncthreads"),
-        ("bug_partial_warp_shuffle", "cuemu:"),
+        ("bug_shuffle_from_exited_lane", "exited without taking part"),
     ] {
         for order in ["forward", "reverse"] {
             let Some(o) = selftest(case, order) else {
