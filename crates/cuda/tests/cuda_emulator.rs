@@ -31,7 +31,14 @@ fn stderr(o: &Output) -> String {
 
 #[test]
 fn features_work_in_both_orders() {
-    for case in ["votes", "shuffles", "atomics", "transpose_2d", "wmma", "partial_warps"] {
+    for case in [
+        "votes",
+        "shuffles",
+        "atomics",
+        "transpose_2d",
+        "wmma",
+        "partial_warps",
+    ] {
         for order in ["forward", "reverse"] {
             let Some(o) = selftest(case, order) else {
                 return;
