@@ -206,8 +206,8 @@ fn gelu_case<T: Elem>(dev: &CudaDevice, n: usize, kind: GeluKind, seed: u64) {
     );
 }
 
-/// Three decay segments (decay, no decay, decay) of odd lengths: two kernel launches per step
-/// after merging would be wrong here, three are needed.
+/// Three decay segments (decay, no decay, decay) of odd lengths: the wrapper launches on three
+/// sub-ranges (views at odd offsets) with different weight decay.
 fn segments(n: usize) -> Vec<DecaySegment> {
     vec![
         DecaySegment {
