@@ -3,8 +3,10 @@
 //! Threading: on this project's 2-core machines, splitting the larger of M and N into one slab
 //! per rayon thread and running single-threaded `gemm` calls side by side beats the crate's own
 //! `Parallelism::Rayon` on the mid-sized transformer shapes (see TOOLCHAIN notes and
-//! `benches/ops.rs`). Each slab keeps the full K reduction, so results do not depend on the
-//! number of threads: runs are bit-for-bit reproducible.
+//! `benches/ops.rs`). Each slab keeps the full K reduction and the slabs depend only on the
+//! shape and the thread count, so runs with the same thread count are bit-for-bit reproducible
+//! (the `gemm` crate's K blocking follows the slab size, so a different thread count may round
+//! differently).
 
 use gemm::Parallelism;
 use lmtrain_backend::GemmShape;
