@@ -100,6 +100,11 @@ pub fn run() -> anyhow::Result<()> {
     // 3. Train, with validation perplexity before and after.
     let before = trainer.evaluate().context("the demo data has a validation set")?;
     println!("      validation perplexity before training: {:.1} (loss {:.3})", before.perplexity, before.loss);
+    // Logged as step 0, so the loss curve starts from the untrained model.
+    std::fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
+    lmtrain_trainer::metrics::MetricsLog::open(&out_dir, 0)?.write(&serde_json::json!({
+        "step": 0, "epoch": 0.0, "eval_loss": before.loss, "perplexity": before.perplexity,
+    }))?;
     println!("[3/4] training {STEPS} steps of {BATCH} x {BLOCK} tokens (cosine schedule, peak lr 2e-3)...");
     let outcome = trainer.train()?;
     let after = trainer.evaluate().context("the demo data has a validation set")?;
