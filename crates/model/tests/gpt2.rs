@@ -150,3 +150,22 @@ fn gradients_with_dropout_match_finite_differences() {
     }
     assert_eq!(checked, infos.len());
 }
+
+#[test]
+fn repeated_steps_are_bit_identical_on_the_threaded_paths() {
+    // large enough that products, the fused output head and the reductions run multi-threaded
+    let cfg = Gpt2Config { vocab_size: 2500, n_positions: 64, n_embd: 64, n_layer: 2, n_head: 4, ..Gpt2Config::default() };
+    let (b, t) = (4, 64);
+    let (ids, labels) = batch(b, t, 2500);
+    let mut m = Gpt2::new(cfg, 11);
+    let mut runs = Vec::new();
+    for _ in 0..3 {
+        m.zero_grad();
+        let loss = m.forward_backward(&ids, &labels, b, t, Some(5));
+        runs.push((loss.to_bits(), m.grads().to_vec()));
+    }
+    for r in &runs[1..] {
+        assert_eq!(r.0, runs[0].0, "loss bits");
+        assert!(r.1 == runs[0].1, "gradients differ between identical steps");
+    }
+}
