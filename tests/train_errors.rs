@@ -99,3 +99,16 @@ fn nan_loss_stops_names_the_step_and_keeps_the_last_checkpoint() {
     assert!(kept.join("model.safetensors").is_file() && line.contains(&s(&kept)), "{line}");
     assert!(!out.join(format!("checkpoint-{step}")).exists());
 }
+
+#[test]
+fn init_from_a_pickle_only_directory_says_it_is_unsupported() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = make_data(&tmp.path().join("data"), VOCAB, 12, 6, 2);
+    let hf = tmp.path().join("hf");
+    model_config(&hf, VOCAB, 16, 0.0);
+    std::fs::write(hf.join("pytorch_model.bin"), b"not really a pickle").unwrap();
+    let out = tmp.path().join("out");
+    let line = train_err(&["--data", &s(&data), "--init-from", &s(&hf), "--output-dir", &s(&out), "--max-steps", "1"]);
+    assert!(line.contains("pytorch_model.bin"), "{line}");
+    assert!(!out.exists());
+}
