@@ -169,3 +169,22 @@ fn repeated_steps_are_bit_identical_on_the_threaded_paths() {
         assert!(r.1 == runs[0].1, "gradients differ between identical steps");
     }
 }
+
+#[test]
+fn distilgpt2_shape_builds_and_runs_a_step() {
+    // distilgpt2: 6 layers of gpt2 small; 81,912,576 parameters (lm_head tied)
+    let cfg = Gpt2Config { n_layer: 6, ..Gpt2Config::default() };
+    let mut m = Gpt2::new(cfg, 0);
+    assert_eq!(m.num_params(), 81_912_576);
+    let (b, t) = (1, 8);
+    let ids: Vec<u32> = vec![464, 3290, 286, 262, 1578, 2066, 13, 50256];
+    let labels: Vec<i32> = ids.iter().map(|&x| x as i32).collect();
+    let loss = m.forward_backward(&ids, &labels, b, t, Some(1));
+    // a fresh model predicts nearly uniformly: loss close to ln(vocab) = 10.825
+    assert!((loss - (50257f32).ln()).abs() < 0.1, "loss {loss}");
+    assert!(m.grads().iter().all(|g| g.is_finite()));
+    assert!(m.grads().iter().any(|&g| g != 0.0));
+    let mut cache = m.new_kv_cache(t);
+    let logits = m.forward_incremental(&mut cache, &ids[..3]);
+    assert_eq!(logits.len(), 50257);
+}
