@@ -478,8 +478,11 @@ impl Trainer {
         outcome.global_step = self.state.global_step;
 
         if self.args.load_best_model_at_end
-            && let Some(best) = self.state.best_model_checkpoint.clone()
+            && let Some(name) = self.state.best_model_checkpoint.as_deref().and_then(Path::file_name)
         {
+            // By name inside this run's output directory: the recorded path may be relative to
+            // the working directory of an earlier, resumed invocation.
+            let best = out_dir.join(name);
             self.model = lmtrain_hf::load_gpt2(&best)?;
             eprintln!("loaded the best model (eval loss {:.4}) from {}", self.state.best_metric.unwrap_or(f64::NAN), best.display());
         }
