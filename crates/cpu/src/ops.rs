@@ -370,6 +370,18 @@ pub fn embedding_backward(dwte: &mut [f32], dwpe: &mut [f32], dout: &[f32], ids:
 // ---------------------------------------------------------------------------------------------
 // attention
 
+/// Query rows per block in attention: with a causal mask, block `[i0, i1)` only needs keys
+/// `[0, i1)`, which skips about half of the score and value products for long sequences.
+const ATTN_BLOCK: usize = 64;
+
+/// Query blocks `(i0, i1, keys)` of a `t`-long sequence: `keys` = how many keys the block sees.
+fn attn_blocks(t: usize, causal: bool) -> impl Iterator<Item = (usize, usize, usize)> {
+    (0..t).step_by(ATTN_BLOCK).map(move |i0| {
+        let i1 = (i0 + ATTN_BLOCK).min(t);
+        (i0, i1, if causal { i1 } else { t })
+    })
+}
+
 /// Scaled dot-product attention, see `Backend::attention_forward`. One task per (batch, head):
 /// scores and probabilities live in that head's `[t, t]` slice of `probs`.
 pub fn attention_forward(out: &mut [f32], probs: &mut [f32], qkv: &[f32], s: AttnShape, mask: AttnMask<'_>, dropout: Dropout) {
@@ -381,35 +393,42 @@ pub fn attention_forward(out: &mut [f32], probs: &mut [f32], qkv: &[f32], s: Att
         assert_eq!(kp.len(), b * t, "attention_forward: key_padding shape");
     }
     let scale = 1.0 / (hs as f32).sqrt();
+    let c3 = 3 * c as isize;
     let out_ptr = SendPtr(out.as_mut_ptr());
     probs.par_chunks_mut(t * t).enumerate().for_each(|(bh, p)| {
         let (bi, h) = (bh / n_head, bh % n_head);
         let q = qkv[bi * t * 3 * c + h * hs..].as_ptr();
         let k = qkv[bi * t * 3 * c + c + h * hs..].as_ptr();
         let v = qkv[bi * t * 3 * c + 2 * c + h * hs..].as_ptr();
-        // SAFETY: q/k rows are read with row stride 3c inside qkv's batch bi; p is [t, t].
-        unsafe {
-            crate::gemm::matmul_strided(t, t, hs, p.as_mut_ptr(), t, q, 3 * c as isize, 1, k, 1, 3 * c as isize, false, scale);
-        }
         let pad = mask.key_padding.map(|kp| &kp[bi * t..(bi + 1) * t]);
-        for (i, row) in p.chunks_exact_mut(t).enumerate() {
-            softmax_masked_row(row, if mask.causal { i + 1 } else { t }, pad);
-        }
-        let mut dropped;
-        let pv: &[f32] = if dropout.active() {
-            dropped = p.to_vec();
-            let base = (bh * t * t) as u64;
-            for (j, x) in dropped.iter_mut().enumerate() {
-                *x *= dropout.factor(base + j as u64);
+        let mut dropped = if dropout.active() { vec![0f32; ATTN_BLOCK * t] } else { Vec::new() };
+        for (i0, i1, keys) in attn_blocks(t, mask.causal) {
+            let rows = i1 - i0;
+            // SAFETY: q/k rows are read with row stride 3c inside qkv's batch bi; the block's
+            // rows of p are [rows, t] from row i0.
+            unsafe {
+                let q0 = q.offset(i0 as isize * c3);
+                crate::gemm::matmul_strided(rows, keys, hs, p[i0 * t..].as_mut_ptr(), t, q0, c3, 1, k, 1, c3, false, scale);
             }
-            &dropped
-        } else {
-            p
-        };
-        // SAFETY: this task writes out[bi, :, h*hs..(h+1)*hs] only (disjoint between tasks).
-        unsafe {
-            let o = out_ptr.get().add(bi * t * c + h * hs);
-            crate::gemm::matmul_strided(t, hs, t, o, c, pv.as_ptr(), t as isize, 1, v, 3 * c as isize, 1, false, 1.0);
+            for (r, row) in p[i0 * t..i1 * t].chunks_exact_mut(t).enumerate() {
+                softmax_masked_row(row, if mask.causal { i0 + r + 1 } else { t }, pad);
+            }
+            let pblock: &[f32] = if dropout.active() {
+                let base = (bh * t * t + i0 * t) as u64;
+                let d = &mut dropped[..rows * t];
+                for (j, (x, &pv)) in d.iter_mut().zip(&p[i0 * t..i1 * t]).enumerate() {
+                    *x = pv * dropout.factor(base + j as u64);
+                }
+                d
+            } else {
+                &p[i0 * t..i1 * t]
+            };
+            // SAFETY: this task writes out[bi, i0..i1, h*hs..(h+1)*hs] only (disjoint between
+            // tasks); v rows [0, keys) lie in batch bi.
+            unsafe {
+                let o = out_ptr.get().add((bi * t + i0) * c + h * hs);
+                crate::gemm::matmul_strided(rows, hs, keys, o, c, pblock.as_ptr(), t as isize, 1, v, c3, 1, false, 1.0);
+            }
         }
     });
 }
@@ -438,7 +457,9 @@ fn softmax_masked_row(row: &mut [f32], valid: usize, pad: Option<&[bool]>) {
     row[valid..].fill(0.0);
 }
 
-/// Attention backward, see `Backend::attention_backward`; accumulates into `dqkv`.
+/// Attention backward, see `Backend::attention_backward`; accumulates into `dqkv`. Each block of
+/// query rows only involves the keys up to its last non-zero probability (under a causal mask,
+/// the block's last row), since masked keys contribute exactly nothing.
 pub fn attention_backward(dqkv: &mut [f32], dout: &[f32], qkv: &[f32], probs: &[f32], s: AttnShape, dropout: Dropout) {
     let AttnShape { b, t, n_head, head_size: hs } = s;
     let c = s.channels();
@@ -456,38 +477,55 @@ pub fn attention_backward(dqkv: &mut [f32], dout: &[f32], qkv: &[f32], probs: &[
         let dy = dout[bi * t * c + h * hs..].as_ptr();
         // SAFETY: this task touches dqkv[bi, :, {0,c,2c} + h*hs ..+hs] only (disjoint).
         let (dq, dk, dv) = unsafe { (dptr.get().add(base), dptr.get().add(base + c), dptr.get().add(base + 2 * c)) };
-        let mut dp = vec![0f32; t * t];
-        let drop_base = (bh * t * t) as u64;
-        // SAFETY (all products below): operands are strided views inside qkv/dout/dqkv of batch
-        // bi and head h, and the task-local [t, t] buffers.
-        unsafe {
-            // dP' = dY V^T
-            crate::gemm::matmul_strided(t, t, hs, dp.as_mut_ptr(), t, dy, c as isize, 1, v, 1, c3, false, 1.0);
-            // dV += P'^T dY, with P' the dropped-out probabilities the forward multiplied V by
-            if dropout.active() {
-                let pd: Vec<f32> =
-                    p.iter().enumerate().map(|(j, &x)| x * dropout.factor(drop_base + j as u64)).collect();
-                crate::gemm::matmul_strided(t, hs, t, dv, 3 * c, pd.as_ptr(), 1, t as isize, dy, c as isize, 1, true, 1.0);
-            } else {
-                crate::gemm::matmul_strided(t, hs, t, dv, 3 * c, p.as_ptr(), 1, t as isize, dy, c as isize, 1, true, 1.0);
+        let mut dp = vec![0f32; ATTN_BLOCK * t];
+        let mut pd = if dropout.active() { vec![0f32; ATTN_BLOCK * t] } else { Vec::new() };
+        for (i0, i1, _) in attn_blocks(t, false) {
+            let rows = i1 - i0;
+            let pb = &p[i0 * t..i1 * t];
+            let keys = pb.chunks_exact(t).map(|r| r.iter().rposition(|&x| x != 0.0).map_or(0, |j| j + 1)).max().unwrap_or(0);
+            if keys == 0 {
+                continue; // every key masked for these queries: no gradient flows
             }
-        }
-        if dropout.active() {
-            for (j, x) in dp.iter_mut().enumerate() {
-                *x *= dropout.factor(drop_base + j as u64);
+            let drop_base = (bh * t * t + i0 * t) as u64;
+            let dpb = &mut dp[..rows * t];
+            let (dy0, q0, dq0) = (i0 as isize * c as isize, i0 as isize * c3, i0 * 3 * c);
+            // SAFETY (all products below): operands are strided views inside qkv/dout/dqkv of
+            // batch bi and head h (rows [i0, i1) of q/dq/dy, rows [0, keys) of k/v/dk/dv) and the
+            // task-local [rows, t] buffers.
+            unsafe {
+                // dP' = dY V^T
+                crate::gemm::matmul_strided(rows, keys, hs, dpb.as_mut_ptr(), t, dy.offset(dy0), c as isize, 1, v, 1, c3, false, 1.0);
+                // dV += P'^T dY, with P' the dropped-out probabilities the forward multiplied V by
+                let pv: &[f32] = if dropout.active() {
+                    let d = &mut pd[..rows * t];
+                    for (j, (x, &pv)) in d.iter_mut().zip(pb).enumerate() {
+                        *x = pv * dropout.factor(drop_base + j as u64);
+                    }
+                    d
+                } else {
+                    pb
+                };
+                crate::gemm::matmul_strided(keys, hs, rows, dv, 3 * c, pv.as_ptr(), 1, t as isize, dy.offset(dy0), c as isize, 1, true, 1.0);
             }
-        }
-        // softmax backward: dS = P * (dP - sum_j dP * P)
-        for (dr, pr) in dp.chunks_exact_mut(t).zip(p.chunks_exact(t)) {
-            let dot: f32 = dr.iter().zip(pr).map(|(d, p)| d * p).sum();
-            for (d, &p) in dr.iter_mut().zip(pr) {
-                *d = p * (*d - dot);
+            // softmax backward on the block: dS = P * (dP - sum_j dP * P) over the seen keys
+            for (r, (dr, pr)) in dpb.chunks_exact_mut(t).zip(pb.chunks_exact(t)).enumerate() {
+                let (dr, pr) = (&mut dr[..keys], &pr[..keys]);
+                if dropout.active() {
+                    let row_base = drop_base + (r * t) as u64;
+                    for (j, x) in dr.iter_mut().enumerate() {
+                        *x *= dropout.factor(row_base + j as u64);
+                    }
+                }
+                let dot: f32 = dr.iter().zip(pr).map(|(d, p)| d * p).sum();
+                for (d, &p) in dr.iter_mut().zip(pr) {
+                    *d = p * (*d - dot);
+                }
             }
-        }
-        unsafe {
-            // dQ += scale dS K ; dK += scale dS^T Q
-            crate::gemm::matmul_strided(t, hs, t, dq, 3 * c, dp.as_ptr(), t as isize, 1, k, c3, 1, true, scale);
-            crate::gemm::matmul_strided(t, hs, t, dk, 3 * c, dp.as_ptr(), 1, t as isize, q, c3, 1, true, scale);
+            unsafe {
+                // dQ += scale dS K ; dK += scale dS^T Q
+                crate::gemm::matmul_strided(rows, hs, keys, dq.add(dq0), 3 * c, dpb.as_ptr(), t as isize, 1, k, c3, 1, true, scale);
+                crate::gemm::matmul_strided(keys, hs, rows, dk, 3 * c, dpb.as_ptr(), 1, t as isize, q.offset(q0), c3, 1, true, scale);
+            }
         }
     });
 }

@@ -382,3 +382,55 @@ fn fused_lm_head_equals_matmul_plus_cross_entropy_across_chunk_boundaries() {
     assert_close(&dx, &to64(&want_dx), 1e-6, "dx");
     assert_close(&dw, &to64(&want_dw), 1e-6, "dwte");
 }
+
+#[test]
+fn attention_across_several_query_blocks() {
+    // t = 150 spans three 64-row query blocks (the last one partial)
+    let s = AttnShape { b: 1, t: 150, n_head: 2, head_size: 4 };
+    let n = s.b * s.t * 3 * s.channels();
+    let qkv = rand_vec(n, 40, 1.0);
+    let g = rand_vec(s.b * s.t * s.channels(), 41, 1.0);
+    let mut pad = vec![true; s.t];
+    pad[140..].iter_mut().for_each(|p| *p = false); // right padding
+    for (causal, pad) in [(true, None), (false, Some(&pad[..])), (false, None)] {
+        let mask = AttnMask { causal, key_padding: pad };
+        let mut out = vec![0f32; g.len()];
+        let mut probs = vec![0f32; s.probs_len()];
+        ops::attention_forward(&mut out, &mut probs, &qkv, s, mask, Dropout::NONE);
+        let (o, p) = attention_ref(&qkv, s, causal, pad);
+        assert_close(&out, &o, 1e-5, "attention out");
+        assert_close(&probs, &p, 1e-5, "attention probs");
+        let mut dqkv = vec![0f32; n];
+        ops::attention_backward(&mut dqkv, &g, &qkv, &probs, s, Dropout::NONE);
+        let loss = |qkv: &[f32]| -> f64 { attention_ref(qkv, s, causal, pad).0.iter().zip(&g).map(|(o, g)| o * *g as f64).sum() };
+        for i in (0..n).step_by(97) {
+            let (mut pp, mut mm) = (qkv.clone(), qkv.clone());
+            pp[i] += 1e-3;
+            mm[i] -= 1e-3;
+            let fd = (loss(&pp) - loss(&mm)) / 2e-3;
+            assert!((dqkv[i] as f64 - fd).abs() < 2e-3 * fd.abs().max(0.1), "causal={causal} dqkv[{i}] {} vs {fd}", dqkv[i]);
+        }
+    }
+    // dropout: gradient w.r.t. v equals the forward's difference quotient with the same mask
+    let d = Dropout { p: 0.2, seed: 5 };
+    let mask = AttnMask { causal: true, key_padding: None };
+    let fwd = |qkv: &[f32]| -> f64 {
+        let mut out = vec![0f32; g.len()];
+        let mut probs = vec![0f32; s.probs_len()];
+        ops::attention_forward(&mut out, &mut probs, qkv, s, mask, d);
+        out.iter().zip(&g).map(|(o, g)| *o as f64 * *g as f64).sum()
+    };
+    let mut out = vec![0f32; g.len()];
+    let mut probs = vec![0f32; s.probs_len()];
+    ops::attention_forward(&mut out, &mut probs, &qkv, s, mask, d);
+    let mut dqkv = vec![0f32; n];
+    ops::attention_backward(&mut dqkv, &g, &qkv, &probs, s, d);
+    let c = s.channels();
+    for i in (0..n).filter(|i| i % (3 * c) >= c).step_by(13) {
+        let (mut pp, mut mm) = (qkv.clone(), qkv.clone());
+        pp[i] += 1e-2;
+        mm[i] -= 1e-2;
+        let fd = (fwd(&pp) - fwd(&mm)) / 2e-2;
+        assert!((dqkv[i] as f64 - fd).abs() < 5e-3 * fd.abs().max(0.1), "dropout dqkv[{i}] {} vs {fd}", dqkv[i]);
+    }
+}
