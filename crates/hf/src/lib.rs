@@ -201,5 +201,10 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> Result<(), HfError> {
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
-    result.map_err(io_err(path))
+    result.map_err(io_err(path))?;
+    // make the rename itself durable; best effort (not every platform can open a directory)
+    if let Some(dir) = path.parent().and_then(|d| std::fs::File::open(if d.as_os_str().is_empty() { Path::new(".") } else { d }).ok()) {
+        let _ = dir.sync_all();
+    }
+    Ok(())
 }
