@@ -224,13 +224,13 @@ pub fn check_device(device: Option<&str>) -> anyhow::Result<()> {
         "cpu" => Ok(()),
         "cuda" => {
             // Open the device so the user learns what is (not) there, then say what is missing.
-            let probe = match lmtrain_cuda::CudaDevice::open(0) {
-                Ok(dev) => format!("device 0 is {}", dev.name()),
-                Err(e) => e.to_string(),
-            };
-            bail!(
-                "--device cuda: training on CUDA is not implemented yet (the CUDA training backend is a later issue; {probe}); use --device cpu"
-            )
+            match lmtrain_cuda::CudaDevice::open(0) {
+                Ok(dev) => bail!(
+                    "--device cuda: found {}, but the CUDA training backend is not implemented yet (a later issue); use --device cpu",
+                    dev.name()
+                ),
+                Err(e) => bail!("--device cuda: {e}; use --device cpu"),
+            }
         }
         other => bail!("unknown --device `{other}` (expected cpu or cuda)"),
     }

@@ -59,7 +59,7 @@ fn unknown_and_contradictory_flags_are_refused() {
         (&["--eval-strategy", "steps", "--save-strategy", "epoch", "--load-best-model-at-end"], "--save-strategy equal"),
         (&["--lr-scheduler", "exponential"], "unknown learning-rate scheduler"),
         (&["--n-layer", "2"], "either --model-config or --n-layer"),
-        (&["--device", "cuda"], "not implemented yet"),
+        (&["--device", "cuda"], "; use --device cpu"),
     ];
     for (extra, want) in cases {
         let args = with(extra);
