@@ -254,11 +254,11 @@ fn bench_config() -> Gpt2Config {
 }
 
 /// One training step as the trainer does it: zero grads, forward+backward, clip + AdamW.
-fn train_step<B: Backend<Buf = Vec<f32>>>(model: &mut Gpt2<B>, opt: &mut AdamW, ids: &[u32], labels: &[i32], b: usize, t: usize, step: u64) -> f32 {
+fn train_step<B: Backend>(model: &mut Gpt2<B>, opt: &mut AdamW<B>, ids: &[u32], labels: &[i32], b: usize, t: usize, step: u64) -> f32 {
     model.zero_grad();
     let loss = model.forward_backward(ids, labels, b, t, Some(step));
-    let (params, grads) = model.bufs_mut();
-    timed("adamw + clip (optimizer)", || opt.step(params, grads, 5e-5, 1.0, 1));
+    let (backend, params, grads) = model.backend_and_bufs_mut();
+    opt.step(backend, B::view_mut(params), B::view(grads), 5e-5, 1.0, 1);
     loss
 }
 
@@ -271,14 +271,14 @@ fn main() {
     let labels: Vec<i32> = ids.iter().map(|&x| x as i32).collect();
     let threads = rayon::current_num_threads();
 
-    let new_opt = |infos: &[lmtrain_model::ParamInfo], n: usize| {
-        let segs = decay_segments(infos.iter().map(|p| (p.offset, p.len, p.decay)), 0.01);
-        AdamW::new(AdamWConfig { weight_decay: 0.01, ..AdamWConfig::default() }, n, segs)
-    };
+    fn new_opt<B: Backend>(model: &Gpt2<B>) -> AdamW<B> {
+        let segs = decay_segments(model.param_infos().iter().map(|p| (p.offset, p.len, p.decay)), 0.01);
+        AdamW::new(model.backend(), AdamWConfig { weight_decay: 0.01, ..AdamWConfig::default() }, model.num_params(), segs)
+    }
 
     // Throughput on the plain CPU backend.
     let mut model = Gpt2::new(cfg.clone(), 0);
-    let mut opt = new_opt(model.param_infos(), model.num_params());
+    let mut opt = new_opt(&model);
     for s in 0..o.warmup {
         train_step(&mut model, &mut opt, &ids, &labels, b, t, s as u64);
     }
@@ -304,7 +304,7 @@ fn main() {
     // Per-op breakdown on the timed backend.
     TIMES.with(|t| t.borrow_mut().clear());
     let mut timed_model = Gpt2::with_backend(Timed { inner: Cpu, vocab: cfg.vocab_size }, cfg.clone(), 0);
-    let mut opt = new_opt(timed_model.param_infos(), timed_model.num_params());
+    let mut opt = new_opt(&timed_model);
     train_step(&mut timed_model, &mut opt, &ids, &labels, b, t, 0);
     TIMES.with(|t| t.borrow_mut().clear());
     let t0 = Instant::now();

@@ -7,6 +7,8 @@
 
 use std::path::Path;
 
+use lmtrain_backend::Backend;
+use lmtrain_cpu::Cpu;
 use lmtrain_optim::{AdamW, AdamWConfig, Schedule, SchedulerKind, decay_segments};
 use safetensors::SafeTensors;
 
@@ -46,7 +48,7 @@ fn replay(name: &str) {
         eps: f("eps") as f32,
         weight_decay: wd,
     };
-    let mut opt = AdamW::new(cfg, model.num_params(), segments);
+    let mut opt = AdamW::new(model.backend(), cfg, model.num_params(), segments);
     let total = spec["total_steps"].as_u64().unwrap();
     let schedule = Schedule {
         base_lr: f("lr"),
@@ -62,8 +64,8 @@ fn replay(name: &str) {
         let loss = model.forward_backward(&ids, &labels, b, t, Some(k as u64)) as f64;
         worst = worst.max((loss - w).abs());
         assert!((loss - w).abs() <= TOL, "{name} step {}: loss {loss} vs torch {w}", k + 1);
-        let (params, grads) = model.params_and_grads_mut();
-        opt.step(params, grads, schedule.lr(k as u64) as f32, f("max_grad_norm") as f32, 1);
+        let (backend, params, grads) = model.backend_and_bufs_mut();
+        opt.step(backend, Cpu::view_mut(params), Cpu::view(grads), schedule.lr(k as u64) as f32, f("max_grad_norm") as f32, 1);
     }
     let fin = model.forward_loss(&ids, &labels, b, t) as f64;
     worst = worst.max((fin - f("final_loss")).abs());

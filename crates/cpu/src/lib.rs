@@ -1,7 +1,7 @@
 //! lmtrain-cpu: the CPU backend — f32, multi-threaded with rayon, matrix products through the
 //! `gemm` crate. It is the reference every other backend is checked against.
 //!
-//! [`ops`] holds the ops as free functions on slices (usable directly, e.g. by the optimizer);
+//! [`ops`] holds the ops as free functions on slices (usable directly, e.g. by tests);
 //! [`Cpu`] implements [`lmtrain_backend::Backend`] over them with `Vec<f32>` buffers and
 //! `&[f32]` / `&mut [f32]` views, so the generic model code costs nothing extra here.
 

@@ -5,10 +5,11 @@
 //!   of optimizer steps already taken);
 //! * [`decay_segments`]: weight-decay groups (HF Trainer: no decay on biases and LayerNorm weights);
 //! * [`clip_scale`]: `torch.nn.utils.clip_grad_norm_` turned into a gradient scale factor;
-//! * [`AdamW`]: the optimizer state (first/second moments, step count) driving the backend's
-//!   fused `adamw_update`.
+//! * [`AdamW`]: the optimizer state (first/second moments on the backend, step count) driving
+//!   the backend's fused `adamw_update`; generic over [`Backend`], so a device backend plugs in
+//!   unchanged.
 
-use lmtrain_backend::{AdamWHyper, DecaySegment};
+use lmtrain_backend::{AdamWHyper, Backend, DecaySegment};
 use serde::{Deserialize, Serialize};
 
 /// Errors of this crate.
@@ -195,21 +196,35 @@ pub struct StepReport {
 
 /// AdamW (`torch.optim.AdamW` semantics) over one flat parameter buffer, with
 /// gradient clipping folded into the update as a scale factor (no extra pass over grads).
-#[derive(Debug, Clone)]
-pub struct AdamW {
+///
+/// The moments live on backend `B` (next to the parameters) and every pass over them is one of
+/// the backend's ops ([`Backend::global_norm`], [`Backend::adamw_update`]), so the same optimizer
+/// drives the CPU reference and a device backend.
+pub struct AdamW<B: Backend> {
     config: AdamWConfig,
     segments: Vec<DecaySegment>,
-    m: Vec<f32>,
-    v: Vec<f32>,
+    m: B::Buf,
+    v: B::Buf,
     step: u32,
 }
 
-impl AdamW {
-    /// A fresh optimizer (zero moments, step 0) for `n_params` parameters with the given
-    /// decay segments (see [`decay_segments`]; they must cover `0..n_params`).
-    pub fn new(config: AdamWConfig, n_params: usize, segments: Vec<DecaySegment>) -> Self {
+impl<B: Backend> std::fmt::Debug for AdamW<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdamW")
+            .field("config", &self.config)
+            .field("segments", &self.segments)
+            .field("n_params", &B::buf_len(&self.m))
+            .field("step", &self.step)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<B: Backend> AdamW<B> {
+    /// A fresh optimizer (zero moments on `backend`, step 0) for `n_params` parameters with the
+    /// given decay segments (see [`decay_segments`]; they must cover `0..n_params`).
+    pub fn new(backend: &B, config: AdamWConfig, n_params: usize, segments: Vec<DecaySegment>) -> Self {
         debug_assert_eq!(segments.iter().map(|s| s.len).sum::<usize>(), n_params);
-        Self { config, segments, m: vec![0.0; n_params], v: vec![0.0; n_params], step: 0 }
+        Self { config, segments, m: backend.alloc(n_params), v: backend.alloc(n_params), step: 0 }
     }
 
     /// The fixed hyper-parameters.
@@ -222,37 +237,46 @@ impl AdamW {
         self.step
     }
 
-    /// First moments (`exp_avg`).
-    pub fn exp_avg(&self) -> &[f32] {
-        &self.m
+    /// First moments (`exp_avg`), copied to host memory.
+    pub fn exp_avg(&self, backend: &B) -> Vec<f32> {
+        backend.to_host(B::view(&self.m))
     }
 
-    /// Second moments (`exp_avg_sq`).
-    pub fn exp_avg_sq(&self) -> &[f32] {
-        &self.v
+    /// Second moments (`exp_avg_sq`), copied to host memory.
+    pub fn exp_avg_sq(&self, backend: &B) -> Vec<f32> {
+        backend.to_host(B::view(&self.v))
     }
 
-    /// Restores the state saved by a checkpoint.
-    pub fn restore(&mut self, exp_avg: Vec<f32>, exp_avg_sq: Vec<f32>, step: u32) -> Result<(), OptimError> {
+    /// Restores the state saved by a checkpoint, uploading the moments to `backend`.
+    pub fn restore(&mut self, backend: &B, exp_avg: Vec<f32>, exp_avg_sq: Vec<f32>, step: u32) -> Result<(), OptimError> {
+        let expected = B::buf_len(&self.m);
         for found in [exp_avg.len(), exp_avg_sq.len()] {
-            if found != self.m.len() {
-                return Err(OptimError::StateSize { expected: self.m.len(), found });
+            if found != expected {
+                return Err(OptimError::StateSize { expected, found });
             }
         }
-        self.m = exp_avg;
-        self.v = exp_avg_sq;
+        self.m = backend.from_host(exp_avg);
+        self.v = backend.from_host(exp_avg_sq);
         self.step = step;
         Ok(())
     }
 
-    /// One update. `grads` holds the SUM of `accum` micro-batch gradients (the model
-    /// accumulates); they are averaged, clipped to `max_norm` (when > 0) and applied with
-    /// learning rate `lr`. `grads` itself is not modified.
-    pub fn step(&mut self, params: &mut [f32], grads: &[f32], lr: f32, max_norm: f32, accum: usize) -> StepReport {
+    /// One update on `backend`. `grads` holds the SUM of `accum` micro-batch gradients (the
+    /// model accumulates); they are averaged, clipped to `max_norm` (when > 0) and applied with
+    /// learning rate `lr` to `params`. `grads` itself is not modified.
+    pub fn step(
+        &mut self,
+        backend: &B,
+        params: B::ViewMut<'_>,
+        grads: B::View<'_>,
+        lr: f32,
+        max_norm: f32,
+        accum: usize,
+    ) -> StepReport {
         let inv_accum = 1.0 / accum as f32;
         // The norm of the averaged gradient is the raw norm scaled, so averaging and
         // clipping become one factor the fused update applies while it reads the grads.
-        let grad_norm = lmtrain_cpu::ops::global_norm(grads) * inv_accum;
+        let grad_norm = backend.global_norm(grads) * inv_accum;
         let grad_scale = clip_scale(grad_norm, max_norm) * inv_accum;
         self.step += 1;
         let hp = AdamWHyper {
@@ -263,7 +287,7 @@ impl AdamW {
             step: self.step,
             grad_scale,
         };
-        lmtrain_cpu::ops::adamw_update(params, grads, &mut self.m, &mut self.v, &self.segments, &hp);
+        backend.adamw_update(params, grads, B::view_mut(&mut self.m), B::view_mut(&mut self.v), &self.segments, &hp);
         StepReport { grad_norm, lr }
     }
 }
@@ -271,6 +295,7 @@ impl AdamW {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use lmtrain_cpu::Cpu;
 
     fn sched(kind: SchedulerKind, warmup: u64, total: u64) -> Schedule {
         Schedule { base_lr: 1.0, kind, warmup_steps: warmup, total_steps: total }
@@ -362,10 +387,10 @@ mod tests {
     #[test]
     fn adamw_step_matches_reference() {
         let segs = decay_segments([(0, 2, true), (2, 1, false)], 0.1);
-        let mut opt = AdamW::new(AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.1 }, 3, segs);
+        let mut opt = AdamW::new(&Cpu, AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.1 }, 3, segs);
         let mut p = vec![1.0f32, -2.0, 0.5];
         let g_sum = [6.0f32, 8.0, 0.0]; // averaged over 2: [3, 4, 0], norm 5
-        let r = opt.step(&mut p, &g_sum, 0.01, 1.0, 2);
+        let r = opt.step(&Cpu, &mut p, &g_sum, 0.01, 1.0, 2);
         assert!((r.grad_norm - 5.0).abs() < 1e-6);
         let coef = 1.0f64 / (5.0 + 1e-6);
         let want = |p0: f64, g: f64, wd: f64| {
@@ -382,6 +407,6 @@ mod tests {
             assert!((p[i] as f64 - expect[i]).abs() < 1e-6, "param {i}: {} vs {}", p[i], expect[i]);
         }
         assert_eq!(opt.step_count(), 1);
-        assert!(opt.restore(vec![0.0; 2], vec![0.0; 3], 1).is_err());
+        assert!(opt.restore(&Cpu, vec![0.0; 2], vec![0.0; 3], 1).is_err());
     }
 }

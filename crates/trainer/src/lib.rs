@@ -17,7 +17,8 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use lmtrain_backend::mix64;
+use lmtrain_backend::{Backend, mix64};
+use lmtrain_cpu::Cpu;
 use lmtrain_model::gpt2::Gpt2;
 use lmtrain_optim::{AdamW, AdamWConfig, Schedule, decay_segments};
 use lmtrain_store::{BlockStore, EpochOrder};
@@ -167,7 +168,7 @@ pub struct TrainOutcome {
 pub struct Trainer {
     args: TrainingArgs,
     model: Gpt2,
-    optimizer: AdamW,
+    optimizer: AdamW<Cpu>,
     schedule: Schedule,
     train: BlockStore,
     eval: Option<BlockStore>,
@@ -209,6 +210,7 @@ impl Trainer {
             args.weight_decay,
         );
         let optimizer = AdamW::new(
+            model.backend(),
             AdamWConfig {
                 beta1: args.adam_beta1,
                 beta2: args.adam_beta2,
@@ -301,8 +303,7 @@ impl Trainer {
                 dir.display()
             )));
         }
-        self.optimizer
-            .restore(restored.exp_avg, restored.exp_avg_sq, st.global_step as u32)?;
+        self.optimizer.restore(model.backend(), restored.exp_avg, restored.exp_avg_sq, st.global_step as u32)?;
         self.model = model;
         let mut state = restored.state;
         state.args = self.args.clone();
@@ -384,8 +385,15 @@ impl Trainer {
             }
             let n_micro = last - first;
             let report = {
-                let (params, grads) = self.model.params_and_grads_mut();
-                self.optimizer.step(params, grads, lr as f32, self.args.max_grad_norm, n_micro)
+                let (backend, params, grads) = self.model.backend_and_bufs_mut();
+                self.optimizer.step(
+                    backend,
+                    Cpu::view_mut(params),
+                    Cpu::view(grads),
+                    lr as f32,
+                    self.args.max_grad_norm,
+                    n_micro,
+                )
             };
             if !report.grad_norm.is_finite() {
                 bar.finish_and_clear();
@@ -459,8 +467,8 @@ impl Trainer {
                 let saved = checkpoint::save(
                     &out_dir,
                     &self.model,
-                    self.optimizer.exp_avg(),
-                    self.optimizer.exp_avg_sq(),
+                    &self.optimizer.exp_avg(self.model.backend()),
+                    &self.optimizer.exp_avg_sq(self.model.backend()),
                     &self.tokenizer_json,
                     &self.state,
                 )?;

@@ -314,9 +314,10 @@ impl<B: Backend> Gpt2<B> {
     pub fn grads_buf(&self) -> &B::Buf {
         &self.grads
     }
-    /// Parameter (writable) and gradient buffers on the backend, for an optimizer step.
-    pub fn bufs_mut(&mut self) -> (&mut B::Buf, &B::Buf) {
-        (&mut self.params, &self.grads)
+    /// The backend with the parameter (writable) and gradient buffers on it, for an optimizer
+    /// step that runs on the model's backend.
+    pub fn backend_and_bufs_mut(&mut self) -> (&B, &mut B::Buf, &B::Buf) {
+        (&self.backend, &mut self.params, &self.grads)
     }
     /// Set every gradient to zero.
     pub fn zero_grad(&mut self) {
