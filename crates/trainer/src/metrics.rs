@@ -27,10 +27,12 @@ impl MetricsLog {
         let path = output_dir.join(METRICS_FILE);
         let limit = keep_up_to_step;
         if path.exists() {
-            let kept: Vec<String> = read_records(&path)?
+            // Keep the kept lines' original text: re-serialising a parsed record could change
+            // the last digit of a float, and the log must read like one uninterrupted run.
+            let kept: Vec<String> = read_lines(&path)?
                 .into_iter()
-                .filter(|v| v.get("step").and_then(Value::as_u64).is_some_and(|s| s <= limit))
-                .map(|v| v.to_string())
+                .filter(|(_, v)| v.get("step").and_then(Value::as_u64).is_some_and(|s| s <= limit))
+                .map(|(line, _)| line)
                 .collect();
             let tmp = output_dir.join(format!(".{METRICS_FILE}.tmp"));
             let mut text = kept.join("\n");
@@ -54,6 +56,11 @@ impl MetricsLog {
 
 /// Reads every record of a metrics log.
 pub fn read_records(path: &Path) -> Result<Vec<Value>, TrainerError> {
+    Ok(read_lines(path)?.into_iter().map(|(_, v)| v).collect())
+}
+
+/// Every non-blank line of a metrics log with its parsed record.
+fn read_lines(path: &Path) -> Result<Vec<(String, Value)>, TrainerError> {
     let f = File::open(path).map_err(|e| TrainerError::io(path, e))?;
     let mut out = Vec::new();
     for line in BufReader::new(f).lines() {
@@ -63,7 +70,7 @@ pub fn read_records(path: &Path) -> Result<Vec<Value>, TrainerError> {
         }
         let v = serde_json::from_str(&line)
             .map_err(|e| TrainerError::Checkpoint { path: path.to_path_buf(), msg: e.to_string() })?;
-        out.push(v);
+        out.push((line, v));
     }
     Ok(out)
 }
@@ -92,5 +99,17 @@ mod tests {
         drop(log);
         MetricsLog::open(tmp.path(), 0).unwrap();
         assert!(read_records(&tmp.path().join(METRICS_FILE)).unwrap().is_empty());
+    }
+
+    #[test]
+    fn reopening_keeps_kept_lines_byte_for_byte() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join(METRICS_FILE);
+        // 0.1 + 0.2 has a 17-digit shortest form, the kind a parse/print round trip can alter.
+        let text = "{\"epoch\":0.30000000000000004,\"step\":1}\n{\"epoch\":0.010638297872340425,\"step\":2}\n{\"step\":3}\n";
+        fs::write(&path, text).unwrap();
+        drop(MetricsLog::open(tmp.path(), 2).unwrap());
+        let kept = fs::read_to_string(&path).unwrap();
+        assert_eq!(kept, text.lines().take(2).map(|l| format!("{l}\n")).collect::<String>());
     }
 }
