@@ -64,7 +64,7 @@ impl Backend for Cpu {
     }
 
     fn fill_zero(&self, x: &mut [f32]) {
-        x.fill(0.0);
+        ops::fill_zero(x);
     }
     fn copy(&self, dst: &mut [f32], src: &[f32]) {
         dst.copy_from_slice(src);
