@@ -264,27 +264,33 @@ fn attention_dropout_is_consistent_between_forward_and_backward() {
     let n = s.b * s.t * 3 * s.channels();
     let qkv = rand_vec(n, 20, 1.0);
     let g = rand_vec(s.b * s.t * s.channels(), 21, 1.0);
-    let d = Dropout { p: 0.3, seed: 99 };
+    check_dropout_kv_gradient(s, &qkv, &g, Dropout { p: 0.3, seed: 99 }, 1);
+}
+
+/// With causal attention and dropout `d`, the backward's gradient w.r.t. every `step`-th k and
+/// v entry equals the difference quotient of the forward with the same mask (q's gradient is
+/// tested without dropout elsewhere).
+fn check_dropout_kv_gradient(s: AttnShape, qkv: &[f32], g: &[f32], d: Dropout, step: usize) {
+    let n = qkv.len();
     let mask = AttnMask { causal: true, key_padding: None };
     let fwd = |qkv: &[f32]| -> f64 {
         let mut out = vec![0f32; g.len()];
         let mut probs = vec![0f32; s.probs_len()];
         ops::attention_forward(&mut out, &mut probs, qkv, s, mask, d);
-        out.iter().zip(&g).map(|(o, g)| *o as f64 * *g as f64).sum()
+        out.iter().zip(g).map(|(o, g)| *o as f64 * *g as f64).sum()
     };
     let mut out = vec![0f32; g.len()];
     let mut probs = vec![0f32; s.probs_len()];
-    ops::attention_forward(&mut out, &mut probs, &qkv, s, mask, d);
+    ops::attention_forward(&mut out, &mut probs, qkv, s, mask, d);
     let mut dqkv = vec![0f32; n];
-    ops::attention_backward(&mut dqkv, &g, &qkv, &probs, s, d);
+    ops::attention_backward(&mut dqkv, g, qkv, &probs, s, d);
     let c = s.channels();
-    for i in (0..n).filter(|i| i % (3 * c) >= c) {
-        // k and v entries (q's gradient is tested without dropout above)
-        let (mut p, mut m) = (qkv.clone(), qkv.clone());
+    for i in (0..n).filter(|i| i % (3 * c) >= c).step_by(step) {
+        let (mut p, mut m) = (qkv.to_vec(), qkv.to_vec());
         p[i] += 1e-2;
         m[i] -= 1e-2;
         let fd = (fwd(&p) - fwd(&m)) / 2e-2;
-        assert!((dqkv[i] as f64 - fd).abs() < 5e-3 * fd.abs().max(0.1), "dqkv[{i}] {} vs {fd}", dqkv[i]);
+        assert!((dqkv[i] as f64 - fd).abs() < 5e-3 * fd.abs().max(0.1), "dropout dqkv[{i}] {} vs {fd}", dqkv[i]);
     }
 }
 
@@ -411,26 +417,6 @@ fn attention_across_several_query_blocks() {
             assert!((dqkv[i] as f64 - fd).abs() < 2e-3 * fd.abs().max(0.1), "causal={causal} dqkv[{i}] {} vs {fd}", dqkv[i]);
         }
     }
-    // dropout: gradient w.r.t. v equals the forward's difference quotient with the same mask
-    let d = Dropout { p: 0.2, seed: 5 };
-    let mask = AttnMask { causal: true, key_padding: None };
-    let fwd = |qkv: &[f32]| -> f64 {
-        let mut out = vec![0f32; g.len()];
-        let mut probs = vec![0f32; s.probs_len()];
-        ops::attention_forward(&mut out, &mut probs, qkv, s, mask, d);
-        out.iter().zip(&g).map(|(o, g)| *o as f64 * *g as f64).sum()
-    };
-    let mut out = vec![0f32; g.len()];
-    let mut probs = vec![0f32; s.probs_len()];
-    ops::attention_forward(&mut out, &mut probs, &qkv, s, mask, d);
-    let mut dqkv = vec![0f32; n];
-    ops::attention_backward(&mut dqkv, &g, &qkv, &probs, s, d);
-    let c = s.channels();
-    for i in (0..n).filter(|i| i % (3 * c) >= c).step_by(13) {
-        let (mut pp, mut mm) = (qkv.clone(), qkv.clone());
-        pp[i] += 1e-2;
-        mm[i] -= 1e-2;
-        let fd = (fwd(&pp) - fwd(&mm)) / 2e-2;
-        assert!((dqkv[i] as f64 - fd).abs() < 5e-3 * fd.abs().max(0.1), "dropout dqkv[{i}] {} vs {fd}", dqkv[i]);
-    }
+    // dropout across the query blocks
+    check_dropout_kv_gradient(s, &qkv, &g, Dropout { p: 0.2, seed: 5 }, 13);
 }
