@@ -14,12 +14,19 @@ use lmtrain_backend::GemmShape;
 /// Below this many multiply-adds a product runs on the calling thread.
 const PAR_THRESHOLD: usize = 1 << 18;
 
+/// A raw pointer that parallel tasks may share. Every user documents why its tasks touch
+/// disjoint memory (and only read what others may read) while the borrow it comes from is alive.
 #[derive(Clone, Copy)]
-struct SendPtr<T>(*mut T);
-// SAFETY: the pointers are only dereferenced on disjoint slabs of C (and read-only A/B) while the
-// borrows they come from are alive for the whole `rayon::scope`.
+pub(crate) struct SendPtr<T>(pub(crate) *mut T);
+// SAFETY: see the type's contract: each use site ensures disjoint writes within a live borrow.
 unsafe impl<T> Send for SendPtr<T> {}
 unsafe impl<T> Sync for SendPtr<T> {}
+impl<T> SendPtr<T> {
+    /// The pointer (a method, so closures capture the whole `Send` wrapper, not the field).
+    pub(crate) fn get(self) -> *mut T {
+        self.0
+    }
+}
 
 /// Strides (row, column) of a stored operand.
 fn strides(trans: bool, rows: usize, cols: usize) -> (isize, isize) {

@@ -6,6 +6,7 @@
 //! `&[f32]` / `&mut [f32]` views, so the generic model code costs nothing extra here.
 
 mod gemm;
+mod head;
 mod simd;
 pub mod math;
 pub mod ops;

@@ -2,12 +2,14 @@
 //! into its gradient outputs. Every reduction runs over fixed chunks in a fixed order, so results
 //! are bit-for-bit identical from run to run (resuming a training run relies on it).
 
-use lmtrain_backend::{AdamWHyper, AttnMask, AttnShape, DecaySegment, Dropout, GeluKind, GemmShape};
+use lmtrain_backend::{AdamWHyper, AttnMask, AttnShape, DecaySegment, Dropout, GeluKind};
 use rayon::prelude::*;
 
+use crate::gemm::SendPtr;
 use crate::math;
 
 pub use crate::gemm::matmul;
+pub use crate::head::{LM_HEAD_CHUNK, lm_head_loss};
 
 /// Elements per rayon task in elementwise loops.
 const CHUNK: usize = 1 << 14;
@@ -49,16 +51,6 @@ macro_rules! avx2_version {
     };
 }
 
-#[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
-// SAFETY: used only to write disjoint regions from parallel tasks (documented at each use).
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
-impl SendPtr {
-    fn get(self) -> *mut f32 {
-        self.0
-    }
-}
 
 // ---------------------------------------------------------------------------------------------
 // elementwise
@@ -592,143 +584,65 @@ pub fn cross_entropy(logits: &mut [f32], targets: &[i32], rows: usize, vocab: us
     let losses: Vec<f64> = logits
         .par_chunks_mut(vocab)
         .zip(targets.par_iter())
-        .map(|(row, &tgt)| xent_row(&mut [row], tgt, vocab, dloss))
+        .map(|(row, &tgt)| xent_row(row, tgt, vocab, dloss))
         .collect();
     losses.iter().sum()
 }
 
-/// Softmax cross-entropy of one row of logits stored as consecutive `segments` (the whole row,
-/// or its pieces in the vocabulary-chunked layout of [`lm_head_loss`]). Returns the row's loss;
-/// with `dloss`, overwrites the row with `dloss * (softmax - onehot)`.
-fn xent_row(segments: &mut [&mut [f32]], tgt: i32, vocab: usize, dloss: Option<f32>) -> f64 {
+/// Softmax cross-entropy of one row of logits. Returns the row's loss; with `dloss`, overwrites
+/// the row with `dloss * (softmax - onehot)`.
+fn xent_row(row: &mut [f32], tgt: i32, vocab: usize, dloss: Option<f32>) -> f64 {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx512f") {
         // SAFETY: the feature the function is compiled for was detected at run time.
-        return unsafe { xent_row_avx512(segments, tgt, vocab, dloss) };
+        return unsafe { xent_row_avx512(row, tgt, vocab, dloss) };
     }
-    dispatch!(xent_row_body, xent_row_avx2, segments, tgt, vocab, dloss)
+    dispatch!(xent_row_body, xent_row_avx2, row, tgt, vocab, dloss)
 }
 
-avx2_version!(xent_row_avx2, xent_row_body, (segments: &mut [&mut [f32]], tgt: i32, vocab: usize, dloss: Option<f32>) -> f64);
+avx2_version!(xent_row_avx2, xent_row_body, (row: &mut [f32], tgt: i32, vocab: usize, dloss: Option<f32>) -> f64);
 
 /// The AVX-512 build of [`xent_row_body`]: the max, exponential and scaling passes over the
 /// 50k-wide rows at twice the AVX2 width (measured: the 1024 x 50257 cross-entropy went from
-/// ~55 to ~42 ms, the softmax pass of the fused output head from ~30 to ~23 ms).
+/// ~55 to ~42 ms).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn xent_row_avx512(segments: &mut [&mut [f32]], tgt: i32, vocab: usize, dloss: Option<f32>) -> f64 {
-    xent_row_body(segments, tgt, vocab, dloss)
+unsafe fn xent_row_avx512(row: &mut [f32], tgt: i32, vocab: usize, dloss: Option<f32>) -> f64 {
+    xent_row_body(row, tgt, vocab, dloss)
 }
 
 /// See [`xent_row`]; inlined into each instruction-set build.
 #[inline(always)]
-fn xent_row_body(segments: &mut [&mut [f32]], tgt: i32, vocab: usize, dloss: Option<f32>) -> f64 {
+fn xent_row_body(row: &mut [f32], tgt: i32, vocab: usize, dloss: Option<f32>) -> f64 {
     if tgt == IGNORE_INDEX {
         if dloss.is_some() {
-            segments.iter_mut().for_each(|s| s.fill(0.0));
+            row.fill(0.0);
         }
         return 0.0;
     }
     assert!(tgt >= 0 && (tgt as usize) < vocab, "cross_entropy: target {tgt} outside vocabulary {vocab}");
-    // locate the target inside the segments
-    let (mut seg_t, mut off_t) = (0, tgt as usize);
-    while off_t >= segments[seg_t].len() {
-        off_t -= segments[seg_t].len();
-        seg_t += 1;
-    }
-    let target_logit = segments[seg_t][off_t];
+    let target_logit = row[tgt as usize];
     // plain loops, not iterator adaptors: a closure compiled out of line would run the kernels
     // in the baseline (SSE2) build instead of this function's AVX2 / AVX-512 one
-    let mut max = f32::NEG_INFINITY;
-    for s in segments.iter() {
-        max = max.max(lane_max(s));
-    }
+    let max = lane_max(row);
     match dloss {
         Some(g) => {
             // one pass writes e^(x - max) in place and sums it; a second scales to g * p
-            let mut sum = 0f64;
-            for s in segments.iter_mut() {
-                sum += exp_in_place_sum(s, max);
-            }
+            let sum = exp_in_place_sum(row, max);
             let f = g / sum as f32;
-            segments.iter_mut().for_each(|s| s.iter_mut().for_each(|x| *x *= f));
-            segments[seg_t][off_t] -= g;
+            row.iter_mut().for_each(|x| *x *= f);
+            row[tgt as usize] -= g;
             sum.ln() + (max - target_logit) as f64
         }
-        None => {
-            let mut sum = 0f64;
-            for s in segments.iter() {
-                sum += exp_sum(s, max);
-            }
-            sum.ln() + (max - target_logit) as f64
-        }
+        None => exp_sum(row, max).ln() + (max - target_logit) as f64,
     }
-}
-
-/// Vocabulary entries per chunk of the fused output head: a chunk's logits (`rows x 1024`) keep
-/// a short leading dimension, so the backward products pack their operands without striding
-/// through the whole 50k-wide logit matrix (measured: the dW product went from ~63 to ~72
-/// GFLOP per CPU-second on the benchmark shape).
-pub const LM_HEAD_CHUNK: usize = 1024;
-
-/// Tied output head fused with softmax cross-entropy, see `Backend::lm_head_loss`.
-///
-/// `scratch` holds the logits in vocabulary chunks of [`LM_HEAD_CHUNK`] columns, each chunk a
-/// contiguous `[rows, chunk]` block; the cross-entropy turns them into `dlogits` in place, and
-/// the two backward products run chunk by chunk (dx accumulates over the chunks in order, so the
-/// result is deterministic).
-#[allow(clippy::too_many_arguments)]
-pub fn lm_head_loss(
-    scratch: &mut [f32],
-    x: &[f32],
-    wte: &[f32],
-    targets: &[i32],
-    rows: usize,
-    vocab: usize,
-    c: usize,
-    grad: Option<(&mut [f32], &mut [f32], f32)>,
-) -> f64 {
-    assert!(scratch.len() >= rows * vocab, "lm_head_loss: scratch too small");
-    assert!(x.len() == rows * c && wte.len() == vocab * c && targets.len() == rows, "lm_head_loss: shape");
-    let chunks: Vec<(usize, usize)> =
-        (0..vocab.div_ceil(LM_HEAD_CHUNK)).map(|j| (j * LM_HEAD_CHUNK, LM_HEAD_CHUNK.min(vocab - j * LM_HEAD_CHUNK))).collect();
-    // chunk j starts at rows * v0 in scratch
-    for &(v0, len) in &chunks {
-        let s = GemmShape { m: rows, n: len, k: c, trans_a: false, trans_b: true, accumulate: false };
-        matmul(&mut scratch[rows * v0..rows * (v0 + len)], x, &wte[v0 * c..(v0 + len) * c], s);
-    }
-    let dloss = grad.as_ref().map(|g| g.2);
-    let ptr = SendPtr(scratch.as_mut_ptr());
-    let losses: Vec<f64> = (0..rows)
-        .into_par_iter()
-        .map(|r| {
-            // SAFETY: row r's pieces [rows*v0 + r*len, +len) are disjoint from every other row's.
-            let mut segs: Vec<&mut [f32]> = chunks
-                .iter()
-                .map(|&(v0, len)| unsafe { std::slice::from_raw_parts_mut(ptr.get().add(rows * v0 + r * len), len) })
-                .collect();
-            xent_row(&mut segs, targets[r], vocab, dloss)
-        })
-        .collect();
-    if let Some((dx, dwte, _)) = grad {
-        assert!(dx.len() == rows * c && dwte.len() == vocab * c, "lm_head_loss: gradient shape");
-        for (j, &(v0, len)) in chunks.iter().enumerate() {
-            let dlogits = &scratch[rows * v0..rows * (v0 + len)];
-            // dx (=/+=) dlogits · wte ; dwte += dlogits^T · x
-            let s = GemmShape { m: rows, n: c, k: len, trans_a: false, trans_b: false, accumulate: j > 0 };
-            matmul(dx, dlogits, &wte[v0 * c..(v0 + len) * c], s);
-            let s = GemmShape { m: len, n: c, k: rows, trans_a: true, trans_b: false, accumulate: true };
-            matmul(&mut dwte[v0 * c..(v0 + len) * c], dlogits, x, s);
-        }
-    }
-    losses.iter().sum()
 }
 
 /// Accumulator lanes of the softmax reductions: one AVX-512 register, two AVX2 ones.
 const LANES: usize = 16;
 
 #[inline(always)]
-fn lane_max(x: &[f32]) -> f32 {
+pub(crate) fn lane_max(x: &[f32]) -> f32 {
     let mut acc = [f32::NEG_INFINITY; LANES];
     let chunks = x.chunks_exact(LANES);
     let tail = chunks.remainder();
@@ -754,7 +668,7 @@ fn exp_sum(x: &[f32], max: f32) -> f64 {
 }
 
 #[inline(always)]
-fn exp_in_place_sum(x: &mut [f32], max: f32) -> f64 {
+pub(crate) fn exp_in_place_sum(x: &mut [f32], max: f32) -> f64 {
     let mut acc = [0f32; LANES];
     let mut chunks = x.chunks_exact_mut(LANES);
     for ch in &mut chunks {

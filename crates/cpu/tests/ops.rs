@@ -366,7 +366,8 @@ fn fused_lm_head_equals_matmul_plus_cross_entropy_across_chunk_boundaries() {
     let (rows, c, vocab) = (9, 16, 2 * ops::LM_HEAD_CHUNK + 77);
     let x = rand_vec(rows * c, 30, 1.0);
     let wte = rand_vec(vocab * c, 31, 1.0);
-    let targets = [0, 1023, 1024, -100, 2047, 2048, (vocab - 1) as i32, 5, -100];
+    let k = ops::LM_HEAD_CHUNK as i32;
+    let targets = [0, k - 1, k, -100, 2 * k - 1, 2 * k, (vocab - 1) as i32, 5, -100];
     // reference: plain logits, cross_entropy, two products (sums differ only in f32 rounding order)
     let mut logits = vec![0f32; rows * vocab];
     ops::matmul(&mut logits, &x, &wte, GemmShape { m: rows, n: vocab, k: c, trans_a: false, trans_b: true, accumulate: false });
@@ -387,6 +388,37 @@ fn fused_lm_head_equals_matmul_plus_cross_entropy_across_chunk_boundaries() {
     let to64 = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<_>>();
     assert_close(&dx, &to64(&want_dx), 1e-6, "dx");
     assert_close(&dw, &to64(&want_dw), 1e-6, "dwte");
+    // bit for bit the same on a second run (fixed reduction order)
+    let mut dx2 = vec![f32::NAN; rows * c];
+    let mut dw2 = vec![1f32; vocab * c];
+    let again = ops::lm_head_loss(&mut scratch, &x, &wte, &targets, rows, vocab, c, Some((&mut dx2, &mut dw2, 0.5)));
+    assert!(again.to_bits() == got.to_bits() && dx2 == dx && dw2 == dw, "second run differs");
+}
+
+#[test]
+fn fused_lm_head_with_one_partial_chunk_and_all_rows_ignored() {
+    use lmtrain_backend::GemmShape;
+    // a vocabulary smaller than one chunk (fewer chunks than threads)
+    let (rows, c, vocab) = (5, 7, 37);
+    let x = rand_vec(rows * c, 32, 1.0);
+    let wte = rand_vec(vocab * c, 33, 1.0);
+    let targets = [3, -100, 36, 0, 17];
+    let mut logits = vec![0f32; rows * vocab];
+    ops::matmul(&mut logits, &x, &wte, GemmShape { m: rows, n: vocab, k: c, trans_a: false, trans_b: true, accumulate: false });
+    let want = ops::cross_entropy(&mut logits, &targets, rows, vocab, Some(0.2));
+    let mut want_dx = vec![0f32; rows * c];
+    ops::matmul(&mut want_dx, &logits, &wte, GemmShape { m: rows, n: c, k: vocab, trans_a: false, trans_b: false, accumulate: false });
+    let mut scratch = vec![f32::NAN; rows * vocab];
+    let (mut dx, mut dw) = (vec![f32::NAN; rows * c], vec![0f32; vocab * c]);
+    let got = ops::lm_head_loss(&mut scratch, &x, &wte, &targets, rows, vocab, c, Some((&mut dx, &mut dw, 0.2)));
+    assert!((got - want).abs() < 1e-6 * want.abs(), "{got} vs {want}");
+    assert_close(&dx, &want_dx.iter().map(|&v| v as f64).collect::<Vec<_>>(), 1e-6, "dx");
+    // every target ignored: zero loss, zero gradients
+    let ignored = [-100; 5];
+    let (mut dx, mut dw) = (vec![f32::NAN; rows * c], vec![0f32; vocab * c]);
+    let got = ops::lm_head_loss(&mut scratch, &x, &wte, &ignored, rows, vocab, c, Some((&mut dx, &mut dw, 0.2)));
+    assert_eq!(got, 0.0);
+    assert!(dx.iter().chain(&dw).all(|&v| v == 0.0), "ignored rows must give zero gradients");
 }
 
 #[test]

@@ -1,0 +1,209 @@
+//! The tied output head fused with softmax cross-entropy (`Backend::lm_head_loss`): the largest
+//! op of a small GPT-2 (on the benchmark shape, three products of 1024 x 256 x 50257 are about
+//! 80% of the step's arithmetic).
+//!
+//! Layout and threading: the vocabulary is cut into chunks of [`LM_HEAD_CHUNK`] entries and the
+//! chunks into one contiguous range per rayon thread. Each thread runs single-threaded products
+//! on its own chunks, so nothing synchronises inside the op but the two barriers between its
+//! passes, and a chunk's logits (`rows x chunk`, contiguous in `scratch`) are still in the core's
+//! cache when its row loops run.
+//!
+//! 1. Forward, per chunk: `logits = x · wte_chunk^T`; per row the chunk's max `m` and
+//!    `e = exp(logit - m)` written in place with its sum `s`. The target's logit is kept.
+//! 2. Per row: `lse = M + ln sum_chunks s e^(m - M)` (in f64); loss = `lse - target logit`.
+//! 3. Backward, per chunk: `dlogits = dloss (e · e^(m - lse) - onehot)` by one multiply per
+//!    element (no second exponential), then `dx_thread (+)= dlogits · wte_chunk` and
+//!    `dwte_chunk += dlogits^T · x`; finally `dx` = the threads' partial sums, in thread order.
+//!
+//! Every sum has a fixed order for a given thread count, so runs repeat bit for bit.
+
+use rayon::prelude::*;
+
+use crate::gemm::{SendPtr, matmul_strided};
+use crate::ops::{IGNORE_INDEX, exp_in_place_sum, lane_max};
+
+/// Vocabulary entries per chunk of the fused head. A chunk's logits (`1024 x 512` floats on the
+/// benchmark shape, 2 MB) stay in a core's L2 between the product that writes them and the
+/// row loop that reads them (measured on the benchmark shape: 512 slightly ahead of 256 and 1024).
+pub const LM_HEAD_CHUNK: usize = 512;
+
+/// See the module docs and `Backend::lm_head_loss`. `x`: `[rows, c]`, `wte`: `[vocab, c]`;
+/// `scratch` (at least `rows * vocab`) ends up holding the chunked `dlogits` (or the chunks'
+/// exponentials when `grad` is `None`). Returns the sum of the row losses.
+#[allow(clippy::too_many_arguments)]
+pub fn lm_head_loss(
+    scratch: &mut [f32],
+    x: &[f32],
+    wte: &[f32],
+    targets: &[i32],
+    rows: usize,
+    vocab: usize,
+    c: usize,
+    grad: Option<(&mut [f32], &mut [f32], f32)>,
+) -> f64 {
+    assert!(scratch.len() >= rows * vocab, "lm_head_loss: scratch too small");
+    assert!(x.len() == rows * c && wte.len() == vocab * c && targets.len() == rows, "lm_head_loss: shape");
+    for &t in targets {
+        assert!(t == IGNORE_INDEX || (t >= 0 && (t as usize) < vocab), "cross_entropy: target {t} outside vocabulary {vocab}");
+    }
+    if let Some((dx, dwte, _)) = &grad {
+        assert!(dx.len() == rows * c && dwte.len() == vocab * c, "lm_head_loss: gradient shape");
+    }
+    if rows == 0 {
+        return 0.0;
+    }
+    let n_chunks = vocab.div_ceil(LM_HEAD_CHUNK);
+    let chunk = |j: usize| (j * LM_HEAD_CHUNK, LM_HEAD_CHUNK.min(vocab - j * LM_HEAD_CHUNK));
+    let threads = rayon::current_num_threads().clamp(1, n_chunks);
+    let parts: Vec<(usize, usize)> = (0..threads).map(|p| (p * n_chunks / threads, (p + 1) * n_chunks / threads)).collect();
+    // chunk j's block [rows, len] starts at rows * v0 in scratch
+    let sp = SendPtr(scratch.as_mut_ptr());
+
+    // pass 1: logits, per-(chunk, row) max and sum of exponentials, target logits
+    let mut stats = vec![(0f32, 0f32); n_chunks * rows];
+    let mut target_logit = vec![0f32; rows];
+    let (stp, tlp) = (SendPtr(stats.as_mut_ptr()), SendPtr(target_logit.as_mut_ptr()));
+    parts.par_iter().for_each(|&(j0, j1)| {
+        for j in j0..j1 {
+            let (v0, len) = chunk(j);
+            // SAFETY: chunk j's block of scratch, its stats rows and the target logits that fall
+            // in it are written by this task only; wte rows [v0, v0 + len) are in bounds.
+            unsafe {
+                let block = sp.get().add(rows * v0);
+                matmul_strided(rows, len, c, block, len, x.as_ptr(), c as isize, 1, wte.as_ptr().add(v0 * c), 1, c as isize, false, 1.0);
+                let st = std::slice::from_raw_parts_mut(stp.get().add(j * rows), rows);
+                for (r, s) in st.iter_mut().enumerate() {
+                    let row = std::slice::from_raw_parts_mut(block.add(r * len), len);
+                    let t = targets[r];
+                    if t >= v0 as i32 && (t as usize) < v0 + len {
+                        *tlp.get().add(r) = row[t as usize - v0];
+                    }
+                    *s = max_exp_in_place(row);
+                }
+            }
+        }
+    });
+
+    // pass 2: per-row log-sum-exp and loss; the per-(chunk, row) factors of the backward
+    let dloss = grad.as_ref().map_or(0.0, |g| g.2);
+    let mut factor = if grad.is_some() { vec![0f32; n_chunks * rows] } else { Vec::new() };
+    let fp = SendPtr(factor.as_mut_ptr());
+    let losses: Vec<f64> = (0..rows)
+        .into_par_iter()
+        .map(|r| {
+            if targets[r] == IGNORE_INDEX {
+                return 0.0; // factors stay 0: the row's dlogits are 0
+            }
+            let m = (0..n_chunks).map(|j| stats[j * rows + r].0).fold(f32::NEG_INFINITY, f32::max);
+            let sum: f64 = (0..n_chunks).map(|j| stats[j * rows + r].1 as f64 * ((stats[j * rows + r].0 - m) as f64).exp()).sum();
+            let lse = m as f64 + sum.ln();
+            if grad.is_some() {
+                for j in 0..n_chunks {
+                    // SAFETY: entry (j, r) is written by row r's task only.
+                    unsafe { *fp.get().add(j * rows + r) = ((stats[j * rows + r].0 as f64 - lse).exp() * dloss as f64) as f32 };
+                }
+            }
+            lse - target_logit[r] as f64
+        })
+        .collect();
+    let loss: f64 = losses.iter().sum();
+
+    // pass 3: dlogits and the two products; thread p > 0 accumulates dx into its own buffer
+    if let Some((dx, dwte, dloss)) = grad {
+        let mut partial = vec![0f32; (threads - 1) * rows * c];
+        let dxp = SendPtr(dx.as_mut_ptr());
+        let pp = SendPtr(partial.as_mut_ptr());
+        let dwp = SendPtr(dwte.as_mut_ptr());
+        let factor = &factor;
+        parts.par_iter().enumerate().for_each(|(p, &(j0, j1))| {
+            // SAFETY: thread p's dx target is dx (p = 0) or its own slice of `partial`.
+            let dxt = if p == 0 { dxp.get() } else { unsafe { pp.get().add((p - 1) * rows * c) } };
+            for j in j0..j1 {
+                let (v0, len) = chunk(j);
+                // SAFETY: as in pass 1, chunk j's block and dwte rows [v0, v0 + len) belong to
+                // this task; dx / partial are written by this task only.
+                unsafe {
+                    let block = sp.get().add(rows * v0);
+                    for r in 0..rows {
+                        let row = std::slice::from_raw_parts_mut(block.add(r * len), len);
+                        scale_in_place(row, factor[j * rows + r]);
+                        let t = targets[r];
+                        if t >= v0 as i32 && (t as usize) < v0 + len {
+                            row[t as usize - v0] -= dloss;
+                        }
+                    }
+                    let w = wte.as_ptr().add(v0 * c);
+                    matmul_strided(rows, c, len, dxt, c, block, len as isize, 1, w, c as isize, 1, j > j0, 1.0);
+                    matmul_strided(len, c, rows, dwp.get().add(v0 * c), c, block, 1, len as isize, x.as_ptr(), c as isize, 1, true, 1.0);
+                }
+            }
+        });
+        for part in partial.chunks_exact(rows * c) {
+            dx.par_chunks_mut(1 << 14).zip(part.par_chunks(1 << 14)).for_each(|(d, s)| d.iter_mut().zip(s).for_each(|(d, s)| *d += s));
+        }
+    }
+    loss
+}
+
+/// Replaces `row` by `exp(row - max)` and returns `(max, sum of the exponentials)`.
+fn max_exp_in_place(row: &mut [f32]) -> (f32, f32) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the feature was detected at run time.
+        return unsafe { max_exp_in_place_avx512(row) };
+    }
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the feature was detected at run time.
+        return unsafe { max_exp_in_place_avx2(row) };
+    }
+    max_exp_in_place_portable(row)
+}
+
+#[inline(always)]
+fn max_exp_in_place_portable(row: &mut [f32]) -> (f32, f32) {
+    let max = lane_max(row);
+    (max, exp_in_place_sum(row, max) as f32)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn max_exp_in_place_avx2(row: &mut [f32]) -> (f32, f32) {
+    max_exp_in_place_portable(row)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn max_exp_in_place_avx512(row: &mut [f32]) -> (f32, f32) {
+    use std::arch::x86_64::*;
+    let (n, p) = (row.len(), row.as_mut_ptr());
+    let full = n / 16 * 16;
+    let tail = crate::simd::tail_mask(n);
+    // SAFETY: full loads/stores cover [0, full), the masked ones only the tail lanes < n.
+    unsafe {
+        let mut mx = _mm512_set1_ps(f32::NEG_INFINITY);
+        for i in (0..full).step_by(16) {
+            mx = _mm512_max_ps(mx, _mm512_loadu_ps(p.add(i)));
+        }
+        mx = _mm512_max_ps(mx, _mm512_mask_loadu_ps(_mm512_set1_ps(f32::NEG_INFINITY), tail, p.add(full)));
+        let max = _mm512_reduce_max_ps(mx);
+        let mv = _mm512_set1_ps(max);
+        let mut sum = _mm512_setzero_ps();
+        for i in (0..full).step_by(16) {
+            let e = crate::simd::exp16(_mm512_sub_ps(_mm512_loadu_ps(p.add(i)), mv));
+            _mm512_storeu_ps(p.add(i), e);
+            sum = _mm512_add_ps(sum, e);
+        }
+        if tail != 0 {
+            let e = crate::simd::exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, p.add(full)), mv));
+            _mm512_mask_storeu_ps(p.add(full), tail, e);
+            sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(tail, e));
+        }
+        (max, _mm512_reduce_add_ps(sum))
+    }
+}
+
+/// `row *= f` (auto-vectorised; memory-bound).
+fn scale_in_place(row: &mut [f32], f: f32) {
+    row.iter_mut().for_each(|v| *v *= f);
+}
