@@ -2,7 +2,7 @@
 //!
 //! The benchmark config: n_layer 4, n_head 4, n_embd 256, vocab 50257, batch 8,
 //! block 128, HF default dropout 0.1, one optimizer step (AdamW, clipping 1.0) per batch.
-//! `scripts/bench_pytorch.py` runs the same step in PyTorch; `scripts/bench_pytorch_compare.py`
+//! `benches/train_gpt2_pytorch.py` runs the same step in PyTorch; `benches/train_gpt2_compare.py`
 //! runs both and prints the table.
 //!
 //!     cargo bench --bench train_gpt2 -- [--steps N] [--warmup N] [--json]

@@ -1,10 +1,10 @@
 #!/usr/bin/env python3
 """Runs the GPT-2 training benchmark side by side: lmtrain's CPU backend
-(`cargo bench --bench train_gpt2`) and PyTorch eager float32 (scripts/bench_pytorch.py, Hugging
+(`cargo bench --bench train_gpt2`) and PyTorch eager float32 (benches/train_gpt2_pytorch.py, Hugging
 Face GPT2LMHeadModel + torch.optim.AdamW), same config (n_layer 4, n_head 4, n_embd 256, vocab
 50257, batch 8, block 128), same thread count; prints a Markdown table and the ratio.
 
-    python3 scripts/bench_pytorch_compare.py [--threads 2] [--steps 10] [--compile]
+    python3 benches/train_gpt2_compare.py [--threads 2] [--steps 10] [--compile]
 
 Run it on a quiet machine: both sides are timed by their median step.
 """
@@ -45,7 +45,7 @@ def main():
         print(f"== PyTorch {' '.join(extra) or 'eager'}", file=sys.stderr)
         try:
             theirs = subprocess.run(
-                [sys.executable, str(ROOT / "scripts" / "bench_pytorch.py"), "--threads", str(args.threads),
+                [sys.executable, str(ROOT / "benches" / "train_gpt2_pytorch.py"), "--threads", str(args.threads),
                  "--steps", str(max(args.steps, 5))] + extra,
                 cwd=ROOT, stdout=subprocess.PIPE, text=True, check=True,
             )

@@ -6,7 +6,7 @@ clip_grad_norm_(1.0), AdamW with weight-decay groups).
 Default config = the issue's benchmark: n_layer 4, n_head 4, n_embd 256, vocab 50257,
 batch 8, block 128, 2 threads. Prints a human line on stderr and one JSON object on stdout.
 
-    python3 scripts/bench_pytorch.py [--threads 2] [--steps 20] [--compile]
+    python3 benches/train_gpt2_pytorch.py [--threads 2] [--steps 20] [--compile]
 """
 import argparse
 import json
