@@ -43,9 +43,73 @@ pub fn tail_mask(n: usize) -> u16 {
     ((1u32 << (n % 16)) - 1) as u16
 }
 
+/// Transposes a 16 x 16 block held as 16 row vectors: `out[j]` lane `i` = `rows[i]` lane `j`.
+/// Three rounds of in-lane unpacks and 128-bit lane shuffles (64 shuffles for 256 elements).
+///
+/// # Safety
+/// The CPU must support AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f")]
+pub unsafe fn transpose16(r: &[__m512; 16]) -> [__m512; 16] {
+    // a[2p], a[2p+1]: rows 2p and 2p+1 interleaved; per 128-bit lane L they hold columns
+    // (4L, 4L+1) and (4L+2, 4L+3) of the two rows
+    let mut a = [_mm512_setzero_ps(); 16];
+    for p in 0..8 {
+        a[2 * p] = _mm512_unpacklo_ps(r[2 * p], r[2 * p + 1]);
+        a[2 * p + 1] = _mm512_unpackhi_ps(r[2 * p], r[2 * p + 1]);
+    }
+    // b[4q + m]: per lane L, column 4L + m of rows 4q .. 4q + 3
+    let mut b = [_mm512_setzero_ps(); 16];
+    for q in 0..4 {
+        let pd = |v: __m512| _mm512_castps_pd(v);
+        let (a0, a1, a2, a3) = (pd(a[4 * q]), pd(a[4 * q + 1]), pd(a[4 * q + 2]), pd(a[4 * q + 3]));
+        b[4 * q] = _mm512_castpd_ps(_mm512_unpacklo_pd(a0, a2));
+        b[4 * q + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a0, a2));
+        b[4 * q + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(a1, a3));
+        b[4 * q + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(a1, a3));
+    }
+    // out[4L + m] lane q = b[4q + m] lane L: a 4 x 4 transpose of 128-bit lanes per m
+    let mut out = [_mm512_setzero_ps(); 16];
+    for m in 0..4 {
+        let (b0, b1, b2, b3) = (b[m], b[4 + m], b[8 + m], b[12 + m]);
+        let c0 = _mm512_shuffle_f32x4::<0x44>(b0, b1);
+        let c1 = _mm512_shuffle_f32x4::<0xEE>(b0, b1);
+        let c2 = _mm512_shuffle_f32x4::<0x44>(b2, b3);
+        let c3 = _mm512_shuffle_f32x4::<0xEE>(b2, b3);
+        out[m] = _mm512_shuffle_f32x4::<0x88>(c0, c2);
+        out[4 + m] = _mm512_shuffle_f32x4::<0xDD>(c0, c2);
+        out[8 + m] = _mm512_shuffle_f32x4::<0x88>(c1, c3);
+        out[12 + m] = _mm512_shuffle_f32x4::<0xDD>(c1, c3);
+    }
+    out
+}
+
 #[cfg(all(test, target_arch = "x86_64"))]
 mod tests {
     use super::*;
+
+    #[test]
+    fn transpose16_transposes() {
+        if !is_x86_feature_detected!("avx512f") {
+            eprintln!("SKIP: no AVX-512 on this CPU");
+            return;
+        }
+        let m: Vec<f32> = (0..256).map(|i| i as f32).collect();
+        let mut out = [0f32; 256];
+        // SAFETY: AVX-512F detected above; 16 rows of 16 lanes read and written.
+        unsafe {
+            let rows: [__m512; 16] = std::array::from_fn(|i| _mm512_loadu_ps(m[16 * i..].as_ptr()));
+            for (j, v) in transpose16(&rows).iter().enumerate() {
+                _mm512_storeu_ps(out[16 * j..].as_mut_ptr(), *v);
+            }
+        }
+        for i in 0..16 {
+            for j in 0..16 {
+                assert_eq!(out[16 * j + i], m[16 * i + j], "element ({i}, {j})");
+            }
+        }
+    }
 
     #[test]
     fn exp16_matches_scalar_exp() {

@@ -361,13 +361,22 @@ fn bias_and_elementwise_ops() {
 
 #[test]
 fn fused_lm_head_equals_matmul_plus_cross_entropy_across_chunk_boundaries() {
+    // 9 rows: fewer than one 16-row tile of the transposing pass
+    fused_lm_head_case(9, 16);
+    // 37 rows: two full 16 x 16 tiles and a ragged edge, odd width
+    fused_lm_head_case(37, 24);
+}
+
+fn fused_lm_head_case(rows: usize, c: usize) {
     use lmtrain_backend::GemmShape;
-    // vocabulary spanning three chunks, the last one partial; targets in each chunk
-    let (rows, c, vocab) = (9, 16, 2 * ops::LM_HEAD_CHUNK + 77);
+    // vocabulary spanning three chunks, the last one partial (and not a multiple of 16)
+    let vocab = 2 * ops::LM_HEAD_CHUNK + 77;
     let x = rand_vec(rows * c, 30, 1.0);
     let wte = rand_vec(vocab * c, 31, 1.0);
+    // targets at both edges of every chunk, ignored rows, then a repeating pattern
     let k = ops::LM_HEAD_CHUNK as i32;
-    let targets = [0, k - 1, k, -100, 2 * k - 1, 2 * k, (vocab - 1) as i32, 5, -100];
+    let edges = [0, k - 1, k, -100, 2 * k - 1, 2 * k, (vocab - 1) as i32, 5, -100];
+    let targets: Vec<i32> = (0..rows).map(|r| if r < edges.len() { edges[r] } else { (r * 131 % vocab) as i32 }).collect();
     // reference: plain logits, cross_entropy, two products (sums differ only in f32 rounding order)
     let mut logits = vec![0f32; rows * vocab];
     ops::matmul(&mut logits, &x, &wte, GemmShape { m: rows, n: vocab, k: c, trans_a: false, trans_b: true, accumulate: false });
