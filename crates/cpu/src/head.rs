@@ -28,8 +28,11 @@ use crate::ops::{IGNORE_INDEX, exp_in_place_sum, lane_max};
 pub const LM_HEAD_CHUNK: usize = 512;
 
 /// See the module docs and `Backend::lm_head_loss`. `x`: `[rows, c]`, `wte`: `[vocab, c]`;
-/// `scratch` (at least `rows * vocab`) ends up holding the chunked `dlogits` (or the chunks'
-/// exponentials when `grad` is `None`). Returns the sum of the row losses.
+/// `scratch` (at least `rows * vocab`) is clobbered. Returns the sum of the row losses.
+///
+/// Rows whose target is ignored (`-100`) take no part in the products: they are packed out
+/// first (in GPT-2 training, the last position of every sequence; in masked-LM training, most
+/// positions), and their `dx` rows are 0.
 #[allow(clippy::too_many_arguments)]
 pub fn lm_head_loss(
     scratch: &mut [f32],
@@ -49,6 +52,38 @@ pub fn lm_head_loss(
     if let Some((dx, dwte, _)) = &grad {
         assert!(dx.len() == rows * c && dwte.len() == vocab * c, "lm_head_loss: gradient shape");
     }
+    let kept: Vec<usize> = (0..rows).filter(|&r| targets[r] != IGNORE_INDEX).collect();
+    if kept.len() == rows {
+        return head_rows(scratch, x, wte, targets, rows, vocab, c, grad);
+    }
+    let xk: Vec<f32> = kept.iter().flat_map(|&r| &x[r * c..(r + 1) * c]).copied().collect();
+    let tk: Vec<i32> = kept.iter().map(|&r| targets[r]).collect();
+    match grad {
+        None => head_rows(scratch, &xk, wte, &tk, kept.len(), vocab, c, None),
+        Some((dx, dwte, dloss)) => {
+            let mut dxk = vec![0f32; kept.len() * c];
+            let loss = head_rows(scratch, &xk, wte, &tk, kept.len(), vocab, c, Some((&mut dxk, dwte, dloss)));
+            dx.fill(0.0);
+            for (&r, d) in kept.iter().zip(dxk.chunks_exact(c)) {
+                dx[r * c..(r + 1) * c].copy_from_slice(d);
+            }
+            loss
+        }
+    }
+}
+
+/// [`lm_head_loss`] on rows that all have a target.
+#[allow(clippy::too_many_arguments)]
+fn head_rows(
+    scratch: &mut [f32],
+    x: &[f32],
+    wte: &[f32],
+    targets: &[i32],
+    rows: usize,
+    vocab: usize,
+    c: usize,
+    grad: Option<(&mut [f32], &mut [f32], f32)>,
+) -> f64 {
     if rows == 0 {
         return 0.0;
     }
@@ -91,9 +126,6 @@ pub fn lm_head_loss(
     let losses: Vec<f64> = (0..rows)
         .into_par_iter()
         .map(|r| {
-            if targets[r] == IGNORE_INDEX {
-                return 0.0; // factors stay 0: the row's dlogits are 0
-            }
             let m = (0..n_chunks).map(|j| stats[j * rows + r].0).fold(f32::NEG_INFINITY, f32::max);
             let sum: f64 = (0..n_chunks).map(|j| stats[j * rows + r].1 as f64 * ((stats[j * rows + r].0 - m) as f64).exp()).sum();
             let lse = m as f64 + sum.ln();
