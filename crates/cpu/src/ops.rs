@@ -49,6 +49,38 @@ macro_rules! avx2_version {
     };
 }
 
+/// Like [`dispatch!`], but first tries `$avx512`, the AVX-512 (F + DQ) build of `$generic`: loops
+/// whose LLVM vectorisation needs 64-bit lane multiplies (the dropout hash) or that are
+/// throughput-bound on transcendental polynomials (GELU) run at twice the AVX2 width.
+macro_rules! dispatch512 {
+    ($generic:ident, $avx512:ident, $avx2:ident, $($arg:expr),*) => {{
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("avx512dq") {
+                // SAFETY: the features the function is compiled for were detected at run time.
+                unsafe { $avx512($($arg),*) }
+            } else {
+                dispatch!($generic, $avx2, $($arg),*)
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            $generic($($arg),*)
+        }
+    }};
+}
+
+/// Define `$avx512` as the AVX-512 (F + DQ) build of `$generic` (see [`dispatch512!`]).
+macro_rules! avx512_version {
+    ($avx512:ident, $generic:ident, ($($arg:ident: $ty:ty),*) -> $ret:ty) => {
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx512f,avx512dq")]
+        unsafe fn $avx512($($arg: $ty),*) -> $ret {
+            $generic($($arg),*)
+        }
+    };
+}
+
 #[derive(Clone, Copy)]
 struct SendPtr(*mut f32);
 // SAFETY: used only to write disjoint regions from parallel tasks (documented at each use).
@@ -98,13 +130,24 @@ pub fn dropout_inplace(x: &mut [f32], d: Dropout) {
     if !d.active() {
         return;
     }
-    x.par_chunks_mut(CHUNK).enumerate().for_each(|(ci, c)| {
-        let base = (ci * CHUNK) as u64;
-        for (i, v) in c.iter_mut().enumerate() {
-            *v *= d.factor(base + i as u64);
-        }
-    });
+    x.par_chunks_mut(CHUNK).enumerate().for_each(|(ci, c)| dropout_mul(c, d, (ci * CHUNK) as u64));
 }
+
+/// `x[j] *= d.factor(base + j)`: the dropout mask of elements `base..base + x.len()`.
+fn dropout_mul(x: &mut [f32], d: Dropout, base: u64) {
+    dispatch512!(dropout_mul_body, dropout_mul_avx512, dropout_mul_avx2, x, d, base)
+}
+
+/// See [`dropout_mul`]; the very same `Dropout::factor` per element in every build, so the mask
+/// is bit-identical whichever one runs (AVX-512 DQ vectorises its 64-bit multiplies).
+#[inline(always)]
+fn dropout_mul_body(x: &mut [f32], d: Dropout, base: u64) {
+    for (i, v) in x.iter_mut().enumerate() {
+        *v *= d.factor(base + i as u64);
+    }
+}
+avx2_version!(dropout_mul_avx2, dropout_mul_body, (x: &mut [f32], d: Dropout, base: u64) -> ());
+avx512_version!(dropout_mul_avx512, dropout_mul_body, (x: &mut [f32], d: Dropout, base: u64) -> ());
 
 // ---------------------------------------------------------------------------------------------
 // linear layers
@@ -259,7 +302,35 @@ const INV_SQRT_2PI: f32 = 0.398_942_3;
 /// `Erf` = `0.5 x (1 + erf(x / sqrt 2))`.
 pub fn gelu_forward(out: &mut [f32], inp: &[f32], kind: GeluKind) {
     assert_eq!(out.len(), inp.len(), "gelu_forward: length mismatch");
-    out.par_chunks_mut(CHUNK).zip(inp.par_chunks(CHUNK)).for_each(|(o, x)| dispatch!(gelu_fwd_chunk, gelu_fwd_chunk_avx2, o, x, kind));
+    out.par_chunks_mut(CHUNK).zip(inp.par_chunks(CHUNK)).for_each(|(o, x)| {
+        #[cfg(target_arch = "x86_64")]
+        if kind == GeluKind::Tanh && std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: AVX-512F detected.
+            return unsafe { gelu_tanh_fwd_avx512(o, x) };
+        }
+        dispatch!(gelu_fwd_chunk, gelu_fwd_chunk_avx2, o, x, kind)
+    });
+}
+
+/// Tanh-form GELU forward with explicit AVX-512 (see [`crate::simd::gelu_tanh16`]).
+///
+/// # Safety
+/// The CPU must support AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn gelu_tanh_fwd_avx512(o: &mut [f32], x: &[f32]) {
+    use std::arch::x86_64::*;
+    let n = o.len().min(x.len());
+    let mut i = 0;
+    while i < n {
+        let m = if n - i >= 16 { u16::MAX } else { crate::simd::tail_mask(n - i) };
+        // SAFETY: the mask covers lanes i..min(i + 16, n) only, inside both slices.
+        unsafe {
+            let v = _mm512_maskz_loadu_ps(m, x.as_ptr().add(i));
+            _mm512_mask_storeu_ps(o.as_mut_ptr().add(i), m, crate::simd::gelu_tanh16(v));
+        }
+        i += 16;
+    }
 }
 
 #[inline(always)]
@@ -285,7 +356,38 @@ pub fn gelu_backward(dinp: &mut [f32], inp: &[f32], dout: &[f32], kind: GeluKind
     dinp.par_chunks_mut(CHUNK)
         .zip(inp.par_chunks(CHUNK))
         .zip(dout.par_chunks(CHUNK))
-        .for_each(|((d, x), g)| dispatch!(gelu_bwd_chunk, gelu_bwd_chunk_avx2, d, x, g, kind));
+        .for_each(|((d, x), g)| {
+            #[cfg(target_arch = "x86_64")]
+            if kind == GeluKind::Tanh && std::arch::is_x86_feature_detected!("avx512f") {
+                // SAFETY: AVX-512F detected.
+                return unsafe { gelu_tanh_bwd_avx512(d, x, g) };
+            }
+            dispatch!(gelu_bwd_chunk, gelu_bwd_chunk_avx2, d, x, g, kind)
+        });
+}
+
+/// Tanh-form GELU backward with explicit AVX-512 (see [`crate::simd::gelu_tanh_grad16`]).
+///
+/// # Safety
+/// The CPU must support AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn gelu_tanh_bwd_avx512(d: &mut [f32], x: &[f32], g: &[f32]) {
+    use std::arch::x86_64::*;
+    let n = d.len().min(x.len()).min(g.len());
+    let mut i = 0;
+    while i < n {
+        let m = if n - i >= 16 { u16::MAX } else { crate::simd::tail_mask(n - i) };
+        // SAFETY: the mask covers lanes i..min(i + 16, n) only, inside the three slices.
+        unsafe {
+            let xv = _mm512_maskz_loadu_ps(m, x.as_ptr().add(i));
+            let gv = _mm512_maskz_loadu_ps(m, g.as_ptr().add(i));
+            let dv = _mm512_maskz_loadu_ps(m, d.as_ptr().add(i));
+            let r = _mm512_fmadd_ps(gv, crate::simd::gelu_tanh_grad16(xv), dv);
+            _mm512_mask_storeu_ps(d.as_mut_ptr().add(i), m, r);
+        }
+        i += 16;
+    }
 }
 
 #[inline(always)]
@@ -419,11 +521,9 @@ pub fn attention_forward(out: &mut [f32], probs: &mut [f32], qkv: &[f32], s: Att
                 softmax_masked_row(row, if mask.causal { i0 + r + 1 } else { t }, pad);
             }
             let pblock: &[f32] = if dropout.active() {
-                let base = (bh * t * t + i0 * t) as u64;
                 let d = &mut dropped[..rows * t];
-                for (j, (x, &pv)) in d.iter_mut().zip(&p[i0 * t..i1 * t]).enumerate() {
-                    *x = pv * dropout.factor(base + j as u64);
-                }
+                d.copy_from_slice(&p[i0 * t..i1 * t]);
+                dropout_mul(d, dropout, (bh * t * t + i0 * t) as u64);
                 d
             } else {
                 &p[i0 * t..i1 * t]
@@ -503,9 +603,8 @@ pub fn attention_backward(dqkv: &mut [f32], dout: &[f32], qkv: &[f32], probs: &[
                 // dV += P'^T dY, with P' the dropped-out probabilities the forward multiplied V by
                 let pv: &[f32] = if dropout.active() {
                     let d = &mut pd[..rows * t];
-                    for (j, (x, &pv)) in d.iter_mut().zip(pb).enumerate() {
-                        *x = pv * dropout.factor(drop_base + j as u64);
-                    }
+                    d.copy_from_slice(pb);
+                    dropout_mul(d, dropout, drop_base);
                     d
                 } else {
                     pb
@@ -516,10 +615,7 @@ pub fn attention_backward(dqkv: &mut [f32], dout: &[f32], qkv: &[f32], probs: &[
             for (r, (dr, pr)) in dpb.chunks_exact_mut(t).zip(pb.chunks_exact(t)).enumerate() {
                 let (dr, pr) = (&mut dr[..keys], &pr[..keys]);
                 if dropout.active() {
-                    let row_base = drop_base + (r * t) as u64;
-                    for (j, x) in dr.iter_mut().enumerate() {
-                        *x *= dropout.factor(row_base + j as u64);
-                    }
+                    dropout_mul(dr, dropout, drop_base + (r * t) as u64);
                 }
                 let dot: f32 = dr.iter().zip(pr).map(|(d, p)| d * p).sum();
                 for (d, &p) in dr.iter_mut().zip(pr) {

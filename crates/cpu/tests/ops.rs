@@ -420,3 +420,48 @@ fn attention_across_several_query_blocks() {
     // dropout across the query blocks
     check_dropout_kv_gradient(s, &qkv, &g, Dropout { p: 0.2, seed: 5 }, 13);
 }
+
+#[test]
+fn dropout_mask_is_the_factor_of_each_element_index() {
+    // several rayon chunks plus an odd tail: every build (AVX-512, AVX2, portable) must apply
+    // exactly `factor(i)` to element i
+    let d = Dropout { p: 0.1, seed: 12 };
+    let x = rand_vec(3 * 16_384 + 37, 42, 1.0);
+    let mut y = x.clone();
+    ops::dropout_inplace(&mut y, d);
+    for (i, (&a, &b)) in x.iter().zip(&y).enumerate() {
+        assert_eq!(b.to_bits(), (a * d.factor(i as u64)).to_bits(), "element {i}");
+    }
+}
+
+#[test]
+fn attention_dropout_uses_the_probability_index_as_mask_index() {
+    // out[b, i, h] = sum_j P[bh, i, j] factor(bh t t + i t + j) v[b, j, h], with P from the
+    // forward without dropout; t = 70 spans two query blocks and is not a multiple of 16
+    let s = AttnShape { b: 2, t: 70, n_head: 2, head_size: 8 };
+    let (t, c, hs) = (s.t, s.channels(), s.head_size);
+    let qkv = rand_vec(s.b * t * 3 * c, 43, 1.0);
+    let d = Dropout { p: 0.25, seed: 77 };
+    let mask = AttnMask { causal: true, key_padding: None };
+    let mut out = vec![0f32; s.b * t * c];
+    let mut probs = vec![0f32; s.probs_len()];
+    ops::attention_forward(&mut out, &mut probs, &qkv, s, mask, Dropout::NONE);
+    let mut want = vec![0f64; out.len()];
+    for bi in 0..s.b {
+        for h in 0..s.n_head {
+            let bh = bi * s.n_head + h;
+            for i in 0..t {
+                for j in 0..t {
+                    let p = probs[(bh * t + i) * t + j] as f64 * d.factor((bh * t * t + i * t + j) as u64) as f64;
+                    for e in 0..hs {
+                        want[(bi * t + i) * c + h * hs + e] += p * qkv[(bi * t + j) * 3 * c + 2 * c + h * hs + e] as f64;
+                    }
+                }
+            }
+        }
+    }
+    let mut probs_d = vec![0f32; s.probs_len()];
+    ops::attention_forward(&mut out, &mut probs_d, &qkv, s, mask, d);
+    assert_eq!(probs, probs_d, "probs are saved before dropout");
+    assert_close(&out, &want, 1e-5, "attention out with dropout");
+}
