@@ -540,6 +540,67 @@ pub fn attention_forward(out: &mut [f32], probs: &mut [f32], qkv: &[f32], s: Att
 
 /// Softmax of `row[..valid]` with padded keys removed; entries past `valid` or padded are 0.
 fn softmax_masked_row(row: &mut [f32], valid: usize, pad: Option<&[bool]>) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: AVX-512F detected.
+        return unsafe { softmax_masked_row_avx512(row, valid, pad) };
+    }
+    softmax_masked_row_portable(row, valid, pad)
+}
+
+/// [`softmax_masked_row`] in 16-lane AVX-512 with [`crate::simd::exp16`]: the sum runs in 16
+/// lane partials reduced in a fixed order (deterministic, like the sequential portable sum).
+///
+/// # Safety
+/// The CPU must support AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn softmax_masked_row_avx512(row: &mut [f32], valid: usize, pad: Option<&[bool]>) {
+    use std::arch::x86_64::*;
+    assert!(valid <= row.len() && pad.is_none_or(|p| p.len() >= valid), "softmax_masked_row: shape");
+    // lanes of the 16-block at j that are inside `valid` and not padded
+    let lanes = |j: usize| -> u16 {
+        let m = if valid - j >= 16 { u16::MAX } else { crate::simd::tail_mask(valid - j) };
+        match pad {
+            None => m,
+            Some(p) => p[j..valid.min(j + 16)].iter().enumerate().fold(0u16, |k, (l, &keep)| k | ((keep as u16) << l)) & m,
+        }
+    };
+    let ptr = row.as_mut_ptr();
+    // SAFETY (all loads and stores below): lanes(j) only covers indices j..min(j + 16, valid),
+    // inside `row` (asserted above).
+    unsafe {
+        let mut maxv = _mm512_set1_ps(f32::NEG_INFINITY);
+        for j in (0..valid).step_by(16) {
+            let m = lanes(j);
+            maxv = _mm512_mask_max_ps(maxv, m, maxv, _mm512_maskz_loadu_ps(m, ptr.add(j)));
+        }
+        let max = _mm512_reduce_max_ps(maxv);
+        if max == f32::NEG_INFINITY {
+            // every key masked: attend to nothing (a fully padded query row; its output is unused)
+            row.fill(0.0);
+            return;
+        }
+        let (mx, mut sum) = (_mm512_set1_ps(max), _mm512_setzero_ps());
+        for j in (0..valid).step_by(16) {
+            let m = lanes(j);
+            let all = if valid - j >= 16 { u16::MAX } else { crate::simd::tail_mask(valid - j) };
+            // masked lanes become exactly 0 (also in the stored row)
+            let e = _mm512_maskz_mov_ps(m, crate::simd::exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, ptr.add(j)), mx)));
+            sum = _mm512_add_ps(sum, e);
+            _mm512_mask_storeu_ps(ptr.add(j), all, e);
+        }
+        let inv = _mm512_set1_ps(1.0 / _mm512_reduce_add_ps(sum));
+        for j in (0..valid).step_by(16) {
+            let all = if valid - j >= 16 { u16::MAX } else { crate::simd::tail_mask(valid - j) };
+            _mm512_mask_storeu_ps(ptr.add(j), all, _mm512_mul_ps(_mm512_maskz_loadu_ps(all, ptr.add(j)), inv));
+        }
+    }
+    row[valid..].fill(0.0);
+}
+
+/// Portable [`softmax_masked_row`].
+fn softmax_masked_row_portable(row: &mut [f32], valid: usize, pad: Option<&[bool]>) {
     let keep = |j: usize| pad.is_none_or(|p| p[j]);
     let mut max = f32::NEG_INFINITY;
     for (j, &x) in row[..valid].iter().enumerate() {
@@ -617,10 +678,7 @@ pub fn attention_backward(dqkv: &mut [f32], dout: &[f32], qkv: &[f32], probs: &[
                 if dropout.active() {
                     dropout_mul(dr, dropout, drop_base + (r * t) as u64);
                 }
-                let dot: f32 = dr.iter().zip(pr).map(|(d, p)| d * p).sum();
-                for (d, &p) in dr.iter_mut().zip(pr) {
-                    *d = p * (*d - dot);
-                }
+                softmax_backward_row(dr, pr);
             }
             unsafe {
                 // dQ += scale dS K ; dK += scale dS^T Q
@@ -629,6 +687,47 @@ pub fn attention_backward(dqkv: &mut [f32], dout: &[f32], qkv: &[f32], probs: &[
             }
         }
     });
+}
+
+/// Softmax backward of one row in place: `d = p * (d - sum_j d_j p_j)`.
+fn softmax_backward_row(d: &mut [f32], p: &[f32]) {
+    assert_eq!(d.len(), p.len(), "softmax_backward_row: length mismatch");
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: AVX-512F detected.
+        return unsafe { softmax_backward_row_avx512(d, p) };
+    }
+    let dot: f32 = d.iter().zip(p).map(|(d, p)| d * p).sum();
+    for (d, &p) in d.iter_mut().zip(p) {
+        *d = p * (*d - dot);
+    }
+}
+
+/// [`softmax_backward_row`] in AVX-512: the dot product in 16 lane partials (fixed order)
+/// instead of one sequential chain.
+///
+/// # Safety
+/// The CPU must support AVX-512F; `d` and `p` have the same length.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn softmax_backward_row_avx512(d: &mut [f32], p: &[f32]) {
+    use std::arch::x86_64::*;
+    let n = d.len();
+    let (dp, pp) = (d.as_mut_ptr(), p.as_ptr());
+    // SAFETY: the masks cover indices j..min(j + 16, n), inside both slices.
+    unsafe {
+        let mut acc = _mm512_setzero_ps();
+        for j in (0..n).step_by(16) {
+            let m = if n - j >= 16 { u16::MAX } else { crate::simd::tail_mask(n - j) };
+            acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, dp.add(j)), _mm512_maskz_loadu_ps(m, pp.add(j)), acc);
+        }
+        let dot = _mm512_set1_ps(_mm512_reduce_add_ps(acc));
+        for j in (0..n).step_by(16) {
+            let m = if n - j >= 16 { u16::MAX } else { crate::simd::tail_mask(n - j) };
+            let r = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, pp.add(j)), _mm512_sub_ps(_mm512_maskz_loadu_ps(m, dp.add(j)), dot));
+            _mm512_mask_storeu_ps(dp.add(j), m, r);
+        }
+    }
 }
 
 /// Incremental causal attention for generation, see `Backend::attention_cached`.

@@ -465,3 +465,35 @@ fn attention_dropout_uses_the_probability_index_as_mask_index() {
     assert_eq!(probs, probs_d, "probs are saved before dropout");
     assert_close(&out, &want, 1e-5, "attention out with dropout");
 }
+
+#[test]
+fn attention_with_left_padding_zeroes_fully_masked_query_rows() {
+    // causal + left padding: the first queries of batch 1 see only padded keys (probs all 0);
+    // t = 21 leaves a partial 16-lane block in every row
+    let s = AttnShape { b: 2, t: 21, n_head: 2, head_size: 4 };
+    let (t, c) = (s.t, s.channels());
+    let qkv = rand_vec(s.b * t * 3 * c, 44, 1.5);
+    let mut pad = vec![true; s.b * t];
+    pad[t..t + 3].iter_mut().for_each(|p| *p = false);
+    let mask = AttnMask { causal: true, key_padding: Some(&pad[..]) };
+    let mut out = vec![0f32; s.b * t * c];
+    let mut probs = vec![0f32; s.probs_len()];
+    ops::attention_forward(&mut out, &mut probs, &qkv, s, mask, Dropout::NONE);
+    let (o, p) = attention_ref(&qkv, s, true, Some(&pad[..]));
+    for bh in 0..s.b * s.n_head {
+        let bi = bh / s.n_head;
+        for i in 0..t {
+            let row = &probs[(bh * t + i) * t..(bh * t + i + 1) * t];
+            if bi == 1 && i < 3 {
+                assert!(row.iter().all(|&x| x == 0.0), "fully masked row {bh} {i}");
+            } else {
+                let want = &p[(bh * t + i) * t..(bh * t + i + 1) * t];
+                assert_close(row, want, 1e-5, "probs row");
+            }
+        }
+    }
+    let live: Vec<usize> = (0..out.len()).filter(|&k| !(k / c >= t && k / c < t + 3)).collect();
+    let got: Vec<f32> = live.iter().map(|&k| out[k]).collect();
+    let want: Vec<f64> = live.iter().map(|&k| o[k]).collect();
+    assert_close(&got, &want, 1e-5, "attention out");
+}
