@@ -517,14 +517,18 @@ pub fn attention_forward(out: &mut [f32], probs: &mut [f32], qkv: &[f32], s: Att
                 let q0 = q.offset(i0 as isize * c3);
                 crate::gemm::matmul_strided(rows, keys, hs, p[i0 * t..].as_mut_ptr(), t, q0, c3, 1, k, 1, c3, false, scale);
             }
+            let valid = |r: usize| if mask.causal { i0 + r + 1 } else { t };
             for (r, row) in p[i0 * t..i1 * t].chunks_exact_mut(t).enumerate() {
-                softmax_masked_row(row, if mask.causal { i0 + r + 1 } else { t }, pad);
+                softmax_masked_row(row, valid(r), pad);
             }
             let pblock: &[f32] = if dropout.active() {
-                let d = &mut dropped[..rows * t];
-                d.copy_from_slice(&p[i0 * t..i1 * t]);
-                dropout_mul(d, dropout, (bh * t * t + i0 * t) as u64);
-                d
+                // the product reads `keys` columns; past a row's `valid` ones p is 0, so only
+                // those need the (costly) mask hash
+                for (r, (d, pr)) in dropped.chunks_exact_mut(t).zip(p[i0 * t..i1 * t].chunks_exact(t)).enumerate() {
+                    d[..keys].copy_from_slice(&pr[..keys]);
+                    dropout_mul(&mut d[..valid(r)], dropout, (bh * t * t + (i0 + r) * t) as u64);
+                }
+                &dropped[..rows * t]
             } else {
                 &p[i0 * t..i1 * t]
             };
@@ -644,15 +648,21 @@ pub fn attention_backward(dqkv: &mut [f32], dout: &[f32], qkv: &[f32], probs: &[
         // SAFETY: this task touches dqkv[bi, :, {0,c,2c} + h*hs ..+hs] only (disjoint).
         let (dq, dk, dv) = unsafe { (dptr.get().add(base), dptr.get().add(base + c), dptr.get().add(base + 2 * c)) };
         let mut dp = vec![0f32; ATTN_BLOCK * t];
-        let mut pd = if dropout.active() { vec![0f32; ATTN_BLOCK * t] } else { Vec::new() };
+        // dropout: the block's mask factors, and the dropped-out probabilities
+        let (mut fac, mut pd) =
+            if dropout.active() { (vec![0f32; ATTN_BLOCK * t], vec![0f32; ATTN_BLOCK * t]) } else { (Vec::new(), Vec::new()) };
         for (i0, i1, _) in attn_blocks(t, false) {
             let rows = i1 - i0;
             let pb = &p[i0 * t..i1 * t];
-            let keys = pb.chunks_exact(t).map(|r| r.iter().rposition(|&x| x != 0.0).map_or(0, |j| j + 1)).max().unwrap_or(0);
+            // per row, the keys up to its last non-zero probability
+            let mut lens = [0usize; ATTN_BLOCK];
+            for (len, r) in lens.iter_mut().zip(pb.chunks_exact(t)) {
+                *len = r.iter().rposition(|&x| x != 0.0).map_or(0, |j| j + 1);
+            }
+            let keys = lens.iter().copied().max().unwrap_or(0);
             if keys == 0 {
                 continue; // every key masked for these queries: no gradient flows
             }
-            let drop_base = (bh * t * t + i0 * t) as u64;
             let dpb = &mut dp[..rows * t];
             let (dy0, q0, dq0) = (i0 as isize * c as isize, i0 as isize * c3, i0 * 3 * c);
             // SAFETY (all products below): operands are strided views inside qkv/dout/dqkv of
@@ -663,10 +673,17 @@ pub fn attention_backward(dqkv: &mut [f32], dout: &[f32], qkv: &[f32], probs: &[
                 crate::gemm::matmul_strided(rows, keys, hs, dpb.as_mut_ptr(), t, dy.offset(dy0), c as isize, 1, v, 1, c3, false, 1.0);
                 // dV += P'^T dY, with P' the dropped-out probabilities the forward multiplied V by
                 let pv: &[f32] = if dropout.active() {
-                    let d = &mut pd[..rows * t];
-                    d.copy_from_slice(pb);
-                    dropout_mul(d, dropout, drop_base);
-                    d
+                    // factors of each row's first `len` keys only: further on p is 0, and so is
+                    // every term the factor would scale (dP's entries there only meet p = 0)
+                    for (r, ((f, d), pr)) in fac.chunks_exact_mut(t).zip(pd.chunks_exact_mut(t)).zip(pb.chunks_exact(t)).enumerate() {
+                        let len = lens[r];
+                        f[..len].fill(1.0);
+                        dropout_mul(&mut f[..len], dropout, (bh * t * t + (i0 + r) * t) as u64);
+                        for ((d, &p), &f) in d[..keys].iter_mut().zip(&pr[..keys]).zip(&f[..keys]) {
+                            *d = p * f;
+                        }
+                    }
+                    &pd[..rows * t]
                 } else {
                     pb
                 };
@@ -674,11 +691,13 @@ pub fn attention_backward(dqkv: &mut [f32], dout: &[f32], qkv: &[f32], probs: &[
             }
             // softmax backward on the block: dS = P * (dP - sum_j dP * P) over the seen keys
             for (r, (dr, pr)) in dpb.chunks_exact_mut(t).zip(pb.chunks_exact(t)).enumerate() {
-                let (dr, pr) = (&mut dr[..keys], &pr[..keys]);
+                let len = lens[r];
                 if dropout.active() {
-                    dropout_mul(dr, dropout, drop_base + (r * t) as u64);
+                    for (d, &f) in dr[..len].iter_mut().zip(&fac[r * t..r * t + len]) {
+                        *d *= f;
+                    }
                 }
-                softmax_backward_row(dr, pr);
+                softmax_backward_row(&mut dr[..keys], &pr[..keys]);
             }
             unsafe {
                 // dQ += scale dS K ; dK += scale dS^T Q
