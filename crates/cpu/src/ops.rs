@@ -211,19 +211,50 @@ pub fn layernorm_forward(
         .zip(inp.par_chunks(cols * rpt))
         .zip(mean.par_chunks_mut(rpt).zip(rstd.par_chunks_mut(rpt)))
         .for_each(|((o, x), (mu, rs))| {
-            for (((o, x), mu), rs) in o.chunks_exact_mut(cols).zip(x.chunks_exact(cols)).zip(mu).zip(rs) {
-                // two passes (mean, then centred variance): no cancellation for large means.
-                let m = x.iter().sum::<f32>() / cols as f32;
-                let v = x.iter().map(|&v| (v - m) * (v - m)).sum::<f32>() / cols as f32;
-                let r = 1.0 / (v + eps).sqrt();
-                for (((o, &x), &w), &b) in o.iter_mut().zip(x).zip(weight).zip(bias) {
-                    *o = (x - m) * r * w + b;
-                }
-                *mu = m;
-                *rs = r;
-            }
+            dispatch512!(layernorm_fwd_rows, layernorm_fwd_rows_avx512, layernorm_fwd_rows_avx2, o, x, mu, rs, weight, bias, cols, eps)
         });
 }
+
+/// Sum of `f(x)` over `x` in 16 lane partials (then the lanes in order, then the tail): the
+/// fixed order keeps results reproducible, and unlike one sequential chain it vectorises.
+#[inline(always)]
+fn lane_sum(x: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+    let mut acc = [0f32; 16];
+    let chunks = x.chunks_exact(16);
+    let tail = chunks.remainder();
+    for ch in chunks {
+        for (a, &v) in acc.iter_mut().zip(ch) {
+            *a += f(v);
+        }
+    }
+    let mut sum = 0f32;
+    for a in acc {
+        sum += a;
+    }
+    for &v in tail {
+        sum += f(v);
+    }
+    sum
+}
+
+/// The rows of one task of [`layernorm_forward`]; inlined into each instruction-set build.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn layernorm_fwd_rows(o: &mut [f32], x: &[f32], mu: &mut [f32], rs: &mut [f32], weight: &[f32], bias: &[f32], cols: usize, eps: f32) {
+    for (((o, x), mu), rs) in o.chunks_exact_mut(cols).zip(x.chunks_exact(cols)).zip(mu).zip(rs) {
+        // two passes (mean, then centred variance): no cancellation for large means.
+        let m = lane_sum(x, |v| v) / cols as f32;
+        let v = lane_sum(x, |v| (v - m) * (v - m)) / cols as f32;
+        let r = 1.0 / (v + eps).sqrt();
+        for (((o, &x), &w), &b) in o.iter_mut().zip(x).zip(weight).zip(bias) {
+            *o = (x - m) * r * w + b;
+        }
+        *mu = m;
+        *rs = r;
+    }
+}
+avx2_version!(layernorm_fwd_rows_avx2, layernorm_fwd_rows, (o: &mut [f32], x: &[f32], mu: &mut [f32], rs: &mut [f32], weight: &[f32], bias: &[f32], cols: usize, eps: f32) -> ());
+avx512_version!(layernorm_fwd_rows_avx512, layernorm_fwd_rows, (o: &mut [f32], x: &[f32], mu: &mut [f32], rs: &mut [f32], weight: &[f32], bias: &[f32], cols: usize, eps: f32) -> ());
 
 /// LayerNorm backward; accumulates into `dinp`, `dweight` and `dbias`.
 #[allow(clippy::too_many_arguments)]
@@ -252,30 +283,7 @@ pub fn layernorm_backward(
         .zip(mean.par_chunks(rpt).zip(rstd.par_chunks(rpt)))
         .map(|(((di, dy), x), (mu, rs))| {
             let mut acc = vec![0f32; 2 * cols];
-            let (dw, db) = acc.split_at_mut(cols);
-            for ((((di, dy), x), &m), &r) in
-                di.chunks_exact_mut(cols).zip(dy.chunks_exact(cols)).zip(x.chunks_exact(cols)).zip(mu).zip(rs)
-            {
-                // dnorm = dy * w; dx = r * (dnorm - mean(dnorm) - norm * mean(dnorm * norm))
-                let mut sum_dn = 0f32;
-                let mut sum_dn_n = 0f32;
-                for ((&dy, &x), &w) in dy.iter().zip(x).zip(weight) {
-                    let norm = (x - m) * r;
-                    let dn = dy * w;
-                    sum_dn += dn;
-                    sum_dn_n += dn * norm;
-                }
-                let mean_dn = sum_dn / cols as f32;
-                let mean_dn_n = sum_dn_n / cols as f32;
-                for (((((di, &dy), &x), &w), dw), db) in
-                    di.iter_mut().zip(dy).zip(x).zip(weight).zip(dw.iter_mut()).zip(db.iter_mut())
-                {
-                    let norm = (x - m) * r;
-                    *dw += dy * norm;
-                    *db += dy;
-                    *di += r * (dy * w - mean_dn - norm * mean_dn_n);
-                }
-            }
+            dispatch512!(layernorm_bwd_rows, layernorm_bwd_rows_avx512, layernorm_bwd_rows_avx2, &mut acc, di, dy, x, mu, rs, weight, cols);
             acc
         })
         .collect();
@@ -288,6 +296,48 @@ pub fn layernorm_backward(
         }
     }
 }
+
+/// The rows of one task of [`layernorm_backward`]: `acc` gets the task's partial dweight (first
+/// `cols`) and dbias (last `cols`). Inlined into each instruction-set build.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn layernorm_bwd_rows(acc: &mut [f32], di: &mut [f32], dy: &[f32], x: &[f32], mu: &[f32], rs: &[f32], weight: &[f32], cols: usize) {
+    let (dw, db) = acc.split_at_mut(cols);
+    for ((((di, dy), x), &m), &r) in di.chunks_exact_mut(cols).zip(dy.chunks_exact(cols)).zip(x.chunks_exact(cols)).zip(mu).zip(rs) {
+        // dnorm = dy * w; dx = r * (dnorm - mean(dnorm) - norm * mean(dnorm * norm)); the two
+        // sums in 16 lane partials (see `lane_sum`)
+        let mut sum_dn = [0f32; 16];
+        let mut sum_dn_n = [0f32; 16];
+        let n16 = cols / 16 * 16;
+        for ((dy, x), w) in dy[..n16].chunks_exact(16).zip(x[..n16].chunks_exact(16)).zip(weight[..n16].chunks_exact(16)) {
+            for l in 0..16 {
+                let dn = dy[l] * w[l];
+                sum_dn[l] += dn;
+                sum_dn_n[l] += dn * ((x[l] - m) * r);
+            }
+        }
+        let (mut s_dn, mut s_dn_n) = (0f32, 0f32);
+        for l in 0..16 {
+            s_dn += sum_dn[l];
+            s_dn_n += sum_dn_n[l];
+        }
+        for ((&dy, &x), &w) in dy[n16..].iter().zip(&x[n16..]).zip(&weight[n16..]) {
+            let dn = dy * w;
+            s_dn += dn;
+            s_dn_n += dn * ((x - m) * r);
+        }
+        let mean_dn = s_dn / cols as f32;
+        let mean_dn_n = s_dn_n / cols as f32;
+        for (((((di, &dy), &x), &w), dw), db) in di.iter_mut().zip(dy).zip(x).zip(weight).zip(dw.iter_mut()).zip(db.iter_mut()) {
+            let norm = (x - m) * r;
+            *dw += dy * norm;
+            *db += dy;
+            *di += r * (dy * w - mean_dn - norm * mean_dn_n);
+        }
+    }
+}
+avx2_version!(layernorm_bwd_rows_avx2, layernorm_bwd_rows, (acc: &mut [f32], di: &mut [f32], dy: &[f32], x: &[f32], mu: &[f32], rs: &[f32], weight: &[f32], cols: usize) -> ());
+avx512_version!(layernorm_bwd_rows_avx512, layernorm_bwd_rows, (acc: &mut [f32], di: &mut [f32], dy: &[f32], x: &[f32], mu: &[f32], rs: &[f32], weight: &[f32], cols: usize) -> ());
 
 // ---------------------------------------------------------------------------------------------
 // gelu
