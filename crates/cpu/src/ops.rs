@@ -722,7 +722,7 @@ pub fn attention_backward(dqkv: &mut [f32], dout: &[f32], qkv: &[f32], probs: &[
             // per row, the keys up to its last non-zero probability
             let mut lens = [0usize; ATTN_BLOCK];
             for (len, r) in lens.iter_mut().zip(pb.chunks_exact(t)) {
-                *len = r.iter().rposition(|&x| x != 0.0).map_or(0, |j| j + 1);
+                *len = nonzero_len(r);
             }
             let keys = lens.iter().copied().max().unwrap_or(0);
             if keys == 0 {
@@ -771,6 +771,40 @@ pub fn attention_backward(dqkv: &mut [f32], dout: &[f32], qkv: &[f32], probs: &[
             }
         }
     });
+}
+
+/// Length of `x` without its trailing zeros (index after the last non-zero).
+fn nonzero_len(x: &[f32]) -> usize {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: AVX-512F detected.
+        return unsafe { nonzero_len_avx512(x) };
+    }
+    x.iter().rposition(|&v| v != 0.0).map_or(0, |j| j + 1)
+}
+
+/// [`nonzero_len`] 16 lanes at a time from the end (a causal row is mostly trailing zeros).
+///
+/// # Safety
+/// The CPU must support AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn nonzero_len_avx512(x: &[f32]) -> usize {
+    use std::arch::x86_64::*;
+    let mut end = x.len();
+    while end > 0 {
+        // the partial block at the end first, then whole blocks
+        let (start, m) = if end % 16 == 0 { (end - 16, u16::MAX) } else { (end - end % 16, crate::simd::tail_mask(end)) };
+        // SAFETY: lanes start..end only, inside x.
+        let v = unsafe { _mm512_maskz_loadu_ps(m, x.as_ptr().add(start)) };
+        // NEQ_UQ: true for NaN too, as `v != 0.0`
+        let nz = _mm512_cmp_ps_mask::<_CMP_NEQ_UQ>(v, _mm512_setzero_ps());
+        if nz != 0 {
+            return start + 16 - nz.leading_zeros() as usize;
+        }
+        end = start;
+    }
+    0
 }
 
 /// Softmax backward of one row in place: `d = p * (d - sum_j d_j p_j)`.
