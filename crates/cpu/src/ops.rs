@@ -43,6 +43,7 @@ macro_rules! avx2_version {
     ($avx2:ident, $generic:ident, ($($arg:ident: $ty:ty),*) -> $ret:ty) => {
         #[cfg(target_arch = "x86_64")]
         #[target_feature(enable = "avx2")]
+        #[allow(clippy::too_many_arguments)]
         unsafe fn $avx2($($arg: $ty),*) -> $ret {
             $generic($($arg),*)
         }
@@ -75,6 +76,7 @@ macro_rules! avx512_version {
     ($avx512:ident, $generic:ident, ($($arg:ident: $ty:ty),*) -> $ret:ty) => {
         #[cfg(target_arch = "x86_64")]
         #[target_feature(enable = "avx512f,avx512dq")]
+        #[allow(clippy::too_many_arguments)]
         unsafe fn $avx512($($arg: $ty),*) -> $ret {
             $generic($($arg),*)
         }
@@ -794,7 +796,7 @@ unsafe fn nonzero_len_avx512(x: &[f32]) -> usize {
     let mut end = x.len();
     while end > 0 {
         // the partial block at the end first, then whole blocks
-        let (start, m) = if end % 16 == 0 { (end - 16, u16::MAX) } else { (end - end % 16, crate::simd::tail_mask(end)) };
+        let (start, m) = if end.is_multiple_of(16) { (end - 16, u16::MAX) } else { (end - end % 16, crate::simd::tail_mask(end)) };
         // SAFETY: lanes start..end only, inside x.
         let v = unsafe { _mm512_maskz_loadu_ps(m, x.as_ptr().add(start)) };
         // NEQ_UQ: true for NaN too, as `v != 0.0`
