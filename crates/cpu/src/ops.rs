@@ -50,9 +50,9 @@ macro_rules! avx2_version {
     };
 }
 
-/// Like [`dispatch!`], but first tries `$avx512`, the AVX-512 (F + DQ) build of `$generic`: loops
-/// whose LLVM vectorisation needs 64-bit lane multiplies (the dropout hash) or that are
-/// throughput-bound on transcendental polynomials (GELU) run at twice the AVX2 width.
+/// Like [`dispatch!`], but first tries `$avx512`, the AVX-512 (F + DQ) build of `$generic`: the
+/// dropout hash only vectorises with DQ's 64-bit lane multiplies, and the row loops of bias and
+/// layernorm run at twice the AVX2 width.
 macro_rules! dispatch512 {
     ($generic:ident, $avx512:ident, $avx2:ident, $($arg:expr),*) => {{
         #[cfg(target_arch = "x86_64")]
