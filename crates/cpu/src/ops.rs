@@ -45,7 +45,41 @@ macro_rules! avx2_version {
     ($avx2:ident, $generic:ident, ($($arg:ident: $ty:ty),*) -> $ret:ty) => {
         #[cfg(target_arch = "x86_64")]
         #[target_feature(enable = "avx2")]
+        #[allow(clippy::too_many_arguments)]
         unsafe fn $avx2($($arg: $ty),*) -> $ret {
+            $generic($($arg),*)
+        }
+    };
+}
+
+/// Like [`dispatch!`], but first tries `$avx512`, the AVX-512 (F + DQ) build of `$generic`: the
+/// dropout hash only vectorises with DQ's 64-bit lane multiplies, and the row loops of bias and
+/// layernorm run at twice the AVX2 width.
+macro_rules! dispatch512 {
+    ($generic:ident, $avx512:ident, $avx2:ident, $($arg:expr),*) => {{
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("avx512dq") {
+                // SAFETY: the features the function is compiled for were detected at run time.
+                unsafe { $avx512($($arg),*) }
+            } else {
+                dispatch!($generic, $avx2, $($arg),*)
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            $generic($($arg),*)
+        }
+    }};
+}
+
+/// Define `$avx512` as the AVX-512 (F + DQ) build of `$generic` (see [`dispatch512!`]).
+macro_rules! avx512_version {
+    ($avx512:ident, $generic:ident, ($($arg:ident: $ty:ty),*) -> $ret:ty) => {
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx512f,avx512dq")]
+        #[allow(clippy::too_many_arguments)]
+        unsafe fn $avx512($($arg: $ty),*) -> $ret {
             $generic($($arg),*)
         }
     };
@@ -90,13 +124,24 @@ pub fn dropout_inplace(x: &mut [f32], d: Dropout) {
     if !d.active() {
         return;
     }
-    x.par_chunks_mut(CHUNK).enumerate().for_each(|(ci, c)| {
-        let base = (ci * CHUNK) as u64;
-        for (i, v) in c.iter_mut().enumerate() {
-            *v *= d.factor(base + i as u64);
-        }
-    });
+    x.par_chunks_mut(CHUNK).enumerate().for_each(|(ci, c)| dropout_mul(c, d, (ci * CHUNK) as u64));
 }
+
+/// `x[j] *= d.factor(base + j)`: the dropout mask of elements `base..base + x.len()`.
+fn dropout_mul(x: &mut [f32], d: Dropout, base: u64) {
+    dispatch512!(dropout_mul_body, dropout_mul_avx512, dropout_mul_avx2, x, d, base)
+}
+
+/// See [`dropout_mul`]; the very same `Dropout::factor` per element in every build, so the mask
+/// is bit-identical whichever one runs (AVX-512 DQ vectorises its 64-bit multiplies).
+#[inline(always)]
+fn dropout_mul_body(x: &mut [f32], d: Dropout, base: u64) {
+    for (i, v) in x.iter_mut().enumerate() {
+        *v *= d.factor(base + i as u64);
+    }
+}
+avx2_version!(dropout_mul_avx2, dropout_mul_body, (x: &mut [f32], d: Dropout, base: u64) -> ());
+avx512_version!(dropout_mul_avx512, dropout_mul_body, (x: &mut [f32], d: Dropout, base: u64) -> ());
 
 // ---------------------------------------------------------------------------------------------
 // linear layers
@@ -104,14 +149,21 @@ pub fn dropout_inplace(x: &mut [f32], d: Dropout) {
 /// `out[r, :] += bias` for each of `rows` rows.
 pub fn add_bias(out: &mut [f32], bias: &[f32], rows: usize, cols: usize) {
     assert!(out.len() == rows * cols && bias.len() == cols, "add_bias: shape mismatch");
-    out.par_chunks_mut(cols * rows_per_task(cols)).for_each(|c| {
-        for row in c.chunks_exact_mut(cols) {
-            for (o, b) in row.iter_mut().zip(bias) {
-                *o += b;
-            }
-        }
-    });
+    out.par_chunks_mut(cols * rows_per_task(cols))
+        .for_each(|c| dispatch512!(add_bias_rows, add_bias_rows_avx512, add_bias_rows_avx2, c, bias));
 }
+
+/// `row += bias` for each row of `out` (rows of `bias.len()`); inlined into each build.
+#[inline(always)]
+fn add_bias_rows(out: &mut [f32], bias: &[f32]) {
+    for row in out.chunks_exact_mut(bias.len()) {
+        for (o, b) in row.iter_mut().zip(bias) {
+            *o += b;
+        }
+    }
+}
+avx2_version!(add_bias_rows_avx2, add_bias_rows, (out: &mut [f32], bias: &[f32]) -> ());
+avx512_version!(add_bias_rows_avx512, add_bias_rows, (out: &mut [f32], bias: &[f32]) -> ());
 
 /// `dbias += sum over rows of dout`.
 pub fn bias_backward(dbias: &mut [f32], dout: &[f32], rows: usize, cols: usize) {
@@ -120,11 +172,7 @@ pub fn bias_backward(dbias: &mut [f32], dout: &[f32], rows: usize, cols: usize) 
         .par_chunks(cols * rows_per_task(cols).max(32))
         .map(|c| {
             let mut acc = vec![0f32; cols];
-            for row in c.chunks_exact(cols) {
-                for (a, d) in acc.iter_mut().zip(row) {
-                    *a += d;
-                }
-            }
+            dispatch512!(sum_rows, sum_rows_avx512, sum_rows_avx2, &mut acc, c);
             acc
         })
         .collect();
@@ -134,6 +182,18 @@ pub fn bias_backward(dbias: &mut [f32], dout: &[f32], rows: usize, cols: usize) 
         }
     }
 }
+
+/// `acc += sum of the rows of x` (rows of `acc.len()`), in row order; inlined into each build.
+#[inline(always)]
+fn sum_rows(acc: &mut [f32], x: &[f32]) {
+    for row in x.chunks_exact(acc.len()) {
+        for (a, d) in acc.iter_mut().zip(row) {
+            *a += d;
+        }
+    }
+}
+avx2_version!(sum_rows_avx2, sum_rows, (acc: &mut [f32], x: &[f32]) -> ());
+avx512_version!(sum_rows_avx512, sum_rows, (acc: &mut [f32], x: &[f32]) -> ());
 
 // ---------------------------------------------------------------------------------------------
 // layernorm
@@ -160,19 +220,50 @@ pub fn layernorm_forward(
         .zip(inp.par_chunks(cols * rpt))
         .zip(mean.par_chunks_mut(rpt).zip(rstd.par_chunks_mut(rpt)))
         .for_each(|((o, x), (mu, rs))| {
-            for (((o, x), mu), rs) in o.chunks_exact_mut(cols).zip(x.chunks_exact(cols)).zip(mu).zip(rs) {
-                // two passes (mean, then centred variance): no cancellation for large means.
-                let m = x.iter().sum::<f32>() / cols as f32;
-                let v = x.iter().map(|&v| (v - m) * (v - m)).sum::<f32>() / cols as f32;
-                let r = 1.0 / (v + eps).sqrt();
-                for (((o, &x), &w), &b) in o.iter_mut().zip(x).zip(weight).zip(bias) {
-                    *o = (x - m) * r * w + b;
-                }
-                *mu = m;
-                *rs = r;
-            }
+            dispatch512!(layernorm_fwd_rows, layernorm_fwd_rows_avx512, layernorm_fwd_rows_avx2, o, x, mu, rs, weight, bias, cols, eps)
         });
 }
+
+/// Sum of `f(x)` over `x` in 16 lane partials (then the lanes in order, then the tail): the
+/// fixed order keeps results reproducible, and unlike one sequential chain it vectorises.
+#[inline(always)]
+fn lane_sum(x: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+    let mut acc = [0f32; 16];
+    let chunks = x.chunks_exact(16);
+    let tail = chunks.remainder();
+    for ch in chunks {
+        for (a, &v) in acc.iter_mut().zip(ch) {
+            *a += f(v);
+        }
+    }
+    let mut sum = 0f32;
+    for a in acc {
+        sum += a;
+    }
+    for &v in tail {
+        sum += f(v);
+    }
+    sum
+}
+
+/// The rows of one task of [`layernorm_forward`]; inlined into each instruction-set build.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn layernorm_fwd_rows(o: &mut [f32], x: &[f32], mu: &mut [f32], rs: &mut [f32], weight: &[f32], bias: &[f32], cols: usize, eps: f32) {
+    for (((o, x), mu), rs) in o.chunks_exact_mut(cols).zip(x.chunks_exact(cols)).zip(mu).zip(rs) {
+        // two passes (mean, then centred variance): no cancellation for large means.
+        let m = lane_sum(x, |v| v) / cols as f32;
+        let v = lane_sum(x, |v| (v - m) * (v - m)) / cols as f32;
+        let r = 1.0 / (v + eps).sqrt();
+        for (((o, &x), &w), &b) in o.iter_mut().zip(x).zip(weight).zip(bias) {
+            *o = (x - m) * r * w + b;
+        }
+        *mu = m;
+        *rs = r;
+    }
+}
+avx2_version!(layernorm_fwd_rows_avx2, layernorm_fwd_rows, (o: &mut [f32], x: &[f32], mu: &mut [f32], rs: &mut [f32], weight: &[f32], bias: &[f32], cols: usize, eps: f32) -> ());
+avx512_version!(layernorm_fwd_rows_avx512, layernorm_fwd_rows, (o: &mut [f32], x: &[f32], mu: &mut [f32], rs: &mut [f32], weight: &[f32], bias: &[f32], cols: usize, eps: f32) -> ());
 
 /// LayerNorm backward; accumulates into `dinp`, `dweight` and `dbias`.
 #[allow(clippy::too_many_arguments)]
@@ -201,30 +292,7 @@ pub fn layernorm_backward(
         .zip(mean.par_chunks(rpt).zip(rstd.par_chunks(rpt)))
         .map(|(((di, dy), x), (mu, rs))| {
             let mut acc = vec![0f32; 2 * cols];
-            let (dw, db) = acc.split_at_mut(cols);
-            for ((((di, dy), x), &m), &r) in
-                di.chunks_exact_mut(cols).zip(dy.chunks_exact(cols)).zip(x.chunks_exact(cols)).zip(mu).zip(rs)
-            {
-                // dnorm = dy * w; dx = r * (dnorm - mean(dnorm) - norm * mean(dnorm * norm))
-                let mut sum_dn = 0f32;
-                let mut sum_dn_n = 0f32;
-                for ((&dy, &x), &w) in dy.iter().zip(x).zip(weight) {
-                    let norm = (x - m) * r;
-                    let dn = dy * w;
-                    sum_dn += dn;
-                    sum_dn_n += dn * norm;
-                }
-                let mean_dn = sum_dn / cols as f32;
-                let mean_dn_n = sum_dn_n / cols as f32;
-                for (((((di, &dy), &x), &w), dw), db) in
-                    di.iter_mut().zip(dy).zip(x).zip(weight).zip(dw.iter_mut()).zip(db.iter_mut())
-                {
-                    let norm = (x - m) * r;
-                    *dw += dy * norm;
-                    *db += dy;
-                    *di += r * (dy * w - mean_dn - norm * mean_dn_n);
-                }
-            }
+            dispatch512!(layernorm_bwd_rows, layernorm_bwd_rows_avx512, layernorm_bwd_rows_avx2, &mut acc, di, dy, x, mu, rs, weight, cols);
             acc
         })
         .collect();
@@ -237,6 +305,48 @@ pub fn layernorm_backward(
         }
     }
 }
+
+/// The rows of one task of [`layernorm_backward`]: `acc` gets the task's partial dweight (first
+/// `cols`) and dbias (last `cols`). Inlined into each instruction-set build.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn layernorm_bwd_rows(acc: &mut [f32], di: &mut [f32], dy: &[f32], x: &[f32], mu: &[f32], rs: &[f32], weight: &[f32], cols: usize) {
+    let (dw, db) = acc.split_at_mut(cols);
+    for ((((di, dy), x), &m), &r) in di.chunks_exact_mut(cols).zip(dy.chunks_exact(cols)).zip(x.chunks_exact(cols)).zip(mu).zip(rs) {
+        // dnorm = dy * w; dx = r * (dnorm - mean(dnorm) - norm * mean(dnorm * norm)); the two
+        // sums in 16 lane partials (see `lane_sum`)
+        let mut sum_dn = [0f32; 16];
+        let mut sum_dn_n = [0f32; 16];
+        let n16 = cols / 16 * 16;
+        for ((dy, x), w) in dy[..n16].chunks_exact(16).zip(x[..n16].chunks_exact(16)).zip(weight[..n16].chunks_exact(16)) {
+            for l in 0..16 {
+                let dn = dy[l] * w[l];
+                sum_dn[l] += dn;
+                sum_dn_n[l] += dn * ((x[l] - m) * r);
+            }
+        }
+        let (mut s_dn, mut s_dn_n) = (0f32, 0f32);
+        for l in 0..16 {
+            s_dn += sum_dn[l];
+            s_dn_n += sum_dn_n[l];
+        }
+        for ((&dy, &x), &w) in dy[n16..].iter().zip(&x[n16..]).zip(&weight[n16..]) {
+            let dn = dy * w;
+            s_dn += dn;
+            s_dn_n += dn * ((x - m) * r);
+        }
+        let mean_dn = s_dn / cols as f32;
+        let mean_dn_n = s_dn_n / cols as f32;
+        for (((((di, &dy), &x), &w), dw), db) in di.iter_mut().zip(dy).zip(x).zip(weight).zip(dw.iter_mut()).zip(db.iter_mut()) {
+            let norm = (x - m) * r;
+            *dw += dy * norm;
+            *db += dy;
+            *di += r * (dy * w - mean_dn - norm * mean_dn_n);
+        }
+    }
+}
+avx2_version!(layernorm_bwd_rows_avx2, layernorm_bwd_rows, (acc: &mut [f32], di: &mut [f32], dy: &[f32], x: &[f32], mu: &[f32], rs: &[f32], weight: &[f32], cols: usize) -> ());
+avx512_version!(layernorm_bwd_rows_avx512, layernorm_bwd_rows, (acc: &mut [f32], di: &mut [f32], dy: &[f32], x: &[f32], mu: &[f32], rs: &[f32], weight: &[f32], cols: usize) -> ());
 
 // ---------------------------------------------------------------------------------------------
 // gelu
@@ -251,7 +361,35 @@ const INV_SQRT_2PI: f32 = 0.398_942_3;
 /// `Erf` = `0.5 x (1 + erf(x / sqrt 2))`.
 pub fn gelu_forward(out: &mut [f32], inp: &[f32], kind: GeluKind) {
     assert_eq!(out.len(), inp.len(), "gelu_forward: length mismatch");
-    out.par_chunks_mut(CHUNK).zip(inp.par_chunks(CHUNK)).for_each(|(o, x)| dispatch!(gelu_fwd_chunk, gelu_fwd_chunk_avx2, o, x, kind));
+    out.par_chunks_mut(CHUNK).zip(inp.par_chunks(CHUNK)).for_each(|(o, x)| {
+        #[cfg(target_arch = "x86_64")]
+        if kind == GeluKind::Tanh && std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: AVX-512F detected.
+            return unsafe { gelu_tanh_fwd_avx512(o, x) };
+        }
+        dispatch!(gelu_fwd_chunk, gelu_fwd_chunk_avx2, o, x, kind)
+    });
+}
+
+/// Tanh-form GELU forward with explicit AVX-512 (see [`crate::simd::gelu_tanh16`]).
+///
+/// # Safety
+/// The CPU must support AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn gelu_tanh_fwd_avx512(o: &mut [f32], x: &[f32]) {
+    use std::arch::x86_64::*;
+    let n = o.len().min(x.len());
+    let mut i = 0;
+    while i < n {
+        let m = if n - i >= 16 { u16::MAX } else { crate::simd::tail_mask(n - i) };
+        // SAFETY: the mask covers lanes i..min(i + 16, n) only, inside both slices.
+        unsafe {
+            let v = _mm512_maskz_loadu_ps(m, x.as_ptr().add(i));
+            _mm512_mask_storeu_ps(o.as_mut_ptr().add(i), m, crate::simd::gelu_tanh16(v));
+        }
+        i += 16;
+    }
 }
 
 #[inline(always)]
@@ -277,7 +415,38 @@ pub fn gelu_backward(dinp: &mut [f32], inp: &[f32], dout: &[f32], kind: GeluKind
     dinp.par_chunks_mut(CHUNK)
         .zip(inp.par_chunks(CHUNK))
         .zip(dout.par_chunks(CHUNK))
-        .for_each(|((d, x), g)| dispatch!(gelu_bwd_chunk, gelu_bwd_chunk_avx2, d, x, g, kind));
+        .for_each(|((d, x), g)| {
+            #[cfg(target_arch = "x86_64")]
+            if kind == GeluKind::Tanh && std::arch::is_x86_feature_detected!("avx512f") {
+                // SAFETY: AVX-512F detected.
+                return unsafe { gelu_tanh_bwd_avx512(d, x, g) };
+            }
+            dispatch!(gelu_bwd_chunk, gelu_bwd_chunk_avx2, d, x, g, kind)
+        });
+}
+
+/// Tanh-form GELU backward with explicit AVX-512 (see [`crate::simd::gelu_tanh_grad16`]).
+///
+/// # Safety
+/// The CPU must support AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn gelu_tanh_bwd_avx512(d: &mut [f32], x: &[f32], g: &[f32]) {
+    use std::arch::x86_64::*;
+    let n = d.len().min(x.len()).min(g.len());
+    let mut i = 0;
+    while i < n {
+        let m = if n - i >= 16 { u16::MAX } else { crate::simd::tail_mask(n - i) };
+        // SAFETY: the mask covers lanes i..min(i + 16, n) only, inside the three slices.
+        unsafe {
+            let xv = _mm512_maskz_loadu_ps(m, x.as_ptr().add(i));
+            let gv = _mm512_maskz_loadu_ps(m, g.as_ptr().add(i));
+            let dv = _mm512_maskz_loadu_ps(m, d.as_ptr().add(i));
+            let r = _mm512_fmadd_ps(gv, crate::simd::gelu_tanh_grad16(xv), dv);
+            _mm512_mask_storeu_ps(d.as_mut_ptr().add(i), m, r);
+        }
+        i += 16;
+    }
 }
 
 #[inline(always)]
@@ -407,16 +576,18 @@ pub fn attention_forward(out: &mut [f32], probs: &mut [f32], qkv: &[f32], s: Att
                 let q0 = q.offset(i0 as isize * c3);
                 crate::gemm::matmul_strided(rows, keys, hs, p[i0 * t..].as_mut_ptr(), t, q0, c3, 1, k, 1, c3, false, scale);
             }
+            let valid = |r: usize| if mask.causal { i0 + r + 1 } else { t };
             for (r, row) in p[i0 * t..i1 * t].chunks_exact_mut(t).enumerate() {
-                softmax_masked_row(row, if mask.causal { i0 + r + 1 } else { t }, pad);
+                softmax_masked_row(row, valid(r), pad);
             }
             let pblock: &[f32] = if dropout.active() {
-                let base = (bh * t * t + i0 * t) as u64;
-                let d = &mut dropped[..rows * t];
-                for (j, (x, &pv)) in d.iter_mut().zip(&p[i0 * t..i1 * t]).enumerate() {
-                    *x = pv * dropout.factor(base + j as u64);
+                // the product reads `keys` columns; past a row's `valid` ones p is 0, so only
+                // those need the (costly) mask hash
+                for (r, (d, pr)) in dropped.chunks_exact_mut(t).zip(p[i0 * t..i1 * t].chunks_exact(t)).enumerate() {
+                    d[..keys].copy_from_slice(&pr[..keys]);
+                    dropout_mul(&mut d[..valid(r)], dropout, (bh * t * t + (i0 + r) * t) as u64);
                 }
-                d
+                &dropped[..rows * t]
             } else {
                 &p[i0 * t..i1 * t]
             };
@@ -432,6 +603,67 @@ pub fn attention_forward(out: &mut [f32], probs: &mut [f32], qkv: &[f32], s: Att
 
 /// Softmax of `row[..valid]` with padded keys removed; entries past `valid` or padded are 0.
 fn softmax_masked_row(row: &mut [f32], valid: usize, pad: Option<&[bool]>) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: AVX-512F detected.
+        return unsafe { softmax_masked_row_avx512(row, valid, pad) };
+    }
+    softmax_masked_row_portable(row, valid, pad)
+}
+
+/// [`softmax_masked_row`] in 16-lane AVX-512 with [`crate::simd::exp16`]: the sum runs in 16
+/// lane partials reduced in a fixed order (deterministic, like the sequential portable sum).
+///
+/// # Safety
+/// The CPU must support AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn softmax_masked_row_avx512(row: &mut [f32], valid: usize, pad: Option<&[bool]>) {
+    use std::arch::x86_64::*;
+    assert!(valid <= row.len() && pad.is_none_or(|p| p.len() >= valid), "softmax_masked_row: shape");
+    // lanes of the 16-block at j that are inside `valid` and not padded
+    let lanes = |j: usize| -> u16 {
+        let m = if valid - j >= 16 { u16::MAX } else { crate::simd::tail_mask(valid - j) };
+        match pad {
+            None => m,
+            Some(p) => p[j..valid.min(j + 16)].iter().enumerate().fold(0u16, |k, (l, &keep)| k | ((keep as u16) << l)) & m,
+        }
+    };
+    let ptr = row.as_mut_ptr();
+    // SAFETY (all loads and stores below): lanes(j) only covers indices j..min(j + 16, valid),
+    // inside `row` (asserted above).
+    unsafe {
+        let mut maxv = _mm512_set1_ps(f32::NEG_INFINITY);
+        for j in (0..valid).step_by(16) {
+            let m = lanes(j);
+            maxv = _mm512_mask_max_ps(maxv, m, maxv, _mm512_maskz_loadu_ps(m, ptr.add(j)));
+        }
+        let max = _mm512_reduce_max_ps(maxv);
+        if max == f32::NEG_INFINITY {
+            // every key masked: attend to nothing (a fully padded query row; its output is unused)
+            row.fill(0.0);
+            return;
+        }
+        let (mx, mut sum) = (_mm512_set1_ps(max), _mm512_setzero_ps());
+        for j in (0..valid).step_by(16) {
+            let m = lanes(j);
+            let all = if valid - j >= 16 { u16::MAX } else { crate::simd::tail_mask(valid - j) };
+            // masked lanes become exactly 0 (also in the stored row)
+            let e = _mm512_maskz_mov_ps(m, crate::simd::exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, ptr.add(j)), mx)));
+            sum = _mm512_add_ps(sum, e);
+            _mm512_mask_storeu_ps(ptr.add(j), all, e);
+        }
+        let inv = _mm512_set1_ps(1.0 / _mm512_reduce_add_ps(sum));
+        for j in (0..valid).step_by(16) {
+            let all = if valid - j >= 16 { u16::MAX } else { crate::simd::tail_mask(valid - j) };
+            _mm512_mask_storeu_ps(ptr.add(j), all, _mm512_mul_ps(_mm512_maskz_loadu_ps(all, ptr.add(j)), inv));
+        }
+    }
+    row[valid..].fill(0.0);
+}
+
+/// Portable [`softmax_masked_row`].
+fn softmax_masked_row_portable(row: &mut [f32], valid: usize, pad: Option<&[bool]>) {
     let keep = |j: usize| pad.is_none_or(|p| p[j]);
     let mut max = f32::NEG_INFINITY;
     for (j, &x) in row[..valid].iter().enumerate() {
@@ -475,15 +707,21 @@ pub fn attention_backward(dqkv: &mut [f32], dout: &[f32], qkv: &[f32], probs: &[
         // SAFETY: this task touches dqkv[bi, :, {0,c,2c} + h*hs ..+hs] only (disjoint).
         let (dq, dk, dv) = unsafe { (dptr.get().add(base), dptr.get().add(base + c), dptr.get().add(base + 2 * c)) };
         let mut dp = vec![0f32; ATTN_BLOCK * t];
-        let mut pd = if dropout.active() { vec![0f32; ATTN_BLOCK * t] } else { Vec::new() };
+        // dropout: the block's mask factors, and the dropped-out probabilities
+        let (mut fac, mut pd) =
+            if dropout.active() { (vec![0f32; ATTN_BLOCK * t], vec![0f32; ATTN_BLOCK * t]) } else { (Vec::new(), Vec::new()) };
         for (i0, i1, _) in attn_blocks(t, false) {
             let rows = i1 - i0;
             let pb = &p[i0 * t..i1 * t];
-            let keys = pb.chunks_exact(t).map(|r| r.iter().rposition(|&x| x != 0.0).map_or(0, |j| j + 1)).max().unwrap_or(0);
+            // per row, the keys up to its last non-zero probability
+            let mut lens = [0usize; ATTN_BLOCK];
+            for (len, r) in lens.iter_mut().zip(pb.chunks_exact(t)) {
+                *len = nonzero_len(r);
+            }
+            let keys = lens.iter().copied().max().unwrap_or(0);
             if keys == 0 {
                 continue; // every key masked for these queries: no gradient flows
             }
-            let drop_base = (bh * t * t + i0 * t) as u64;
             let dpb = &mut dp[..rows * t];
             let (dy0, q0, dq0) = (i0 as isize * c as isize, i0 as isize * c3, i0 * 3 * c);
             // SAFETY (all products below): operands are strided views inside qkv/dout/dqkv of
@@ -494,11 +732,17 @@ pub fn attention_backward(dqkv: &mut [f32], dout: &[f32], qkv: &[f32], probs: &[
                 crate::gemm::matmul_strided(rows, keys, hs, dpb.as_mut_ptr(), t, dy.offset(dy0), c as isize, 1, v, 1, c3, false, 1.0);
                 // dV += P'^T dY, with P' the dropped-out probabilities the forward multiplied V by
                 let pv: &[f32] = if dropout.active() {
-                    let d = &mut pd[..rows * t];
-                    for (j, (x, &pv)) in d.iter_mut().zip(pb).enumerate() {
-                        *x = pv * dropout.factor(drop_base + j as u64);
+                    // factors of each row's first `len` keys only: further on p is 0, and so is
+                    // every term the factor would scale (dP's entries there only meet p = 0)
+                    for (r, ((f, d), pr)) in fac.chunks_exact_mut(t).zip(pd.chunks_exact_mut(t)).zip(pb.chunks_exact(t)).enumerate() {
+                        let len = lens[r];
+                        f[..len].fill(1.0);
+                        dropout_mul(&mut f[..len], dropout, (bh * t * t + (i0 + r) * t) as u64);
+                        for ((d, &p), &f) in d[..keys].iter_mut().zip(&pr[..keys]).zip(&f[..keys]) {
+                            *d = p * f;
+                        }
                     }
-                    d
+                    &pd[..rows * t]
                 } else {
                     pb
                 };
@@ -506,17 +750,13 @@ pub fn attention_backward(dqkv: &mut [f32], dout: &[f32], qkv: &[f32], probs: &[
             }
             // softmax backward on the block: dS = P * (dP - sum_j dP * P) over the seen keys
             for (r, (dr, pr)) in dpb.chunks_exact_mut(t).zip(pb.chunks_exact(t)).enumerate() {
-                let (dr, pr) = (&mut dr[..keys], &pr[..keys]);
+                let len = lens[r];
                 if dropout.active() {
-                    let row_base = drop_base + (r * t) as u64;
-                    for (j, x) in dr.iter_mut().enumerate() {
-                        *x *= dropout.factor(row_base + j as u64);
+                    for (d, &f) in dr[..len].iter_mut().zip(&fac[r * t..r * t + len]) {
+                        *d *= f;
                     }
                 }
-                let dot: f32 = dr.iter().zip(pr).map(|(d, p)| d * p).sum();
-                for (d, &p) in dr.iter_mut().zip(pr) {
-                    *d = p * (*d - dot);
-                }
+                softmax_backward_row(&mut dr[..keys], &pr[..keys]);
             }
             unsafe {
                 // dQ += scale dS K ; dK += scale dS^T Q
@@ -525,6 +765,81 @@ pub fn attention_backward(dqkv: &mut [f32], dout: &[f32], qkv: &[f32], probs: &[
             }
         }
     });
+}
+
+/// Length of `x` without its trailing zeros (index after the last non-zero).
+fn nonzero_len(x: &[f32]) -> usize {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: AVX-512F detected.
+        return unsafe { nonzero_len_avx512(x) };
+    }
+    x.iter().rposition(|&v| v != 0.0).map_or(0, |j| j + 1)
+}
+
+/// [`nonzero_len`] 16 lanes at a time from the end (a causal row is mostly trailing zeros).
+///
+/// # Safety
+/// The CPU must support AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn nonzero_len_avx512(x: &[f32]) -> usize {
+    use std::arch::x86_64::*;
+    let mut end = x.len();
+    while end > 0 {
+        // the partial block at the end first, then whole blocks
+        let (start, m) = if end.is_multiple_of(16) { (end - 16, u16::MAX) } else { (end - end % 16, crate::simd::tail_mask(end)) };
+        // SAFETY: lanes start..end only, inside x.
+        let v = unsafe { _mm512_maskz_loadu_ps(m, x.as_ptr().add(start)) };
+        // NEQ_UQ: true for NaN too, as `v != 0.0`
+        let nz = _mm512_cmp_ps_mask::<_CMP_NEQ_UQ>(v, _mm512_setzero_ps());
+        if nz != 0 {
+            return start + 16 - nz.leading_zeros() as usize;
+        }
+        end = start;
+    }
+    0
+}
+
+/// Softmax backward of one row in place: `d = p * (d - sum_j d_j p_j)`.
+fn softmax_backward_row(d: &mut [f32], p: &[f32]) {
+    assert_eq!(d.len(), p.len(), "softmax_backward_row: length mismatch");
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: AVX-512F detected.
+        return unsafe { softmax_backward_row_avx512(d, p) };
+    }
+    let dot: f32 = d.iter().zip(p).map(|(d, p)| d * p).sum();
+    for (d, &p) in d.iter_mut().zip(p) {
+        *d = p * (*d - dot);
+    }
+}
+
+/// [`softmax_backward_row`] in AVX-512: the dot product in 16 lane partials (fixed order)
+/// instead of one sequential chain.
+///
+/// # Safety
+/// The CPU must support AVX-512F; `d` and `p` have the same length.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn softmax_backward_row_avx512(d: &mut [f32], p: &[f32]) {
+    use std::arch::x86_64::*;
+    let n = d.len();
+    let (dp, pp) = (d.as_mut_ptr(), p.as_ptr());
+    // SAFETY: the masks cover indices j..min(j + 16, n), inside both slices.
+    unsafe {
+        let mut acc = _mm512_setzero_ps();
+        for j in (0..n).step_by(16) {
+            let m = if n - j >= 16 { u16::MAX } else { crate::simd::tail_mask(n - j) };
+            acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, dp.add(j)), _mm512_maskz_loadu_ps(m, pp.add(j)), acc);
+        }
+        let dot = _mm512_set1_ps(_mm512_reduce_add_ps(acc));
+        for j in (0..n).step_by(16) {
+            let m = if n - j >= 16 { u16::MAX } else { crate::simd::tail_mask(n - j) };
+            let r = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, pp.add(j)), _mm512_sub_ps(_mm512_maskz_loadu_ps(m, dp.add(j)), dot));
+            _mm512_mask_storeu_ps(dp.add(j), m, r);
+        }
+    }
 }
 
 /// Incremental causal attention for generation, see `Backend::attention_cached`.

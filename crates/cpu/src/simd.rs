@@ -35,6 +35,62 @@ pub unsafe fn exp16(x: __m512) -> __m512 {
     _mm512_maskz_mov_ps(keep, y)
 }
 
+/// `x * sigmoid(2u)` and `sigmoid(2u)` with `u = sqrt(2/pi) (x + 0.044715 x^3)`, in 16 lanes:
+/// tanh-form GELU is `0.5 x (1 + tanh u) = x sigmoid(2u)`. Written as `1 / (1 + e^{-2u})` there is
+/// no `1 - 2 / (e^{2u} + 1)` cancellation near 0, so no small-argument branch is needed; also
+/// returns `e^{-2u}` (for `1 - sigmoid = e^{-2u} sigmoid` without cancellation).
+///
+/// # Safety
+/// The CPU must support AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn gelu_tanh_parts16(x: __m512) -> (__m512, __m512) {
+    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+    const GELU_C: f32 = 0.044_715;
+    let x2 = _mm512_mul_ps(x, x);
+    // -2u = x (-2 sqrt(2/pi)) (1 + c x^2)
+    let inner = _mm512_fmadd_ps(x2, _mm512_set1_ps(GELU_C), _mm512_set1_ps(1.0));
+    let m2u = _mm512_mul_ps(_mm512_mul_ps(x, _mm512_set1_ps(-2.0 * SQRT_2_OVER_PI)), inner);
+    // SAFETY: AVX-512F is enabled for this function (its caller's contract).
+    let e = unsafe { exp16(m2u) };
+    // e <= e^88 after exp16's clamp, so 1 + e stays finite
+    let s = _mm512_div_ps(_mm512_set1_ps(1.0), _mm512_add_ps(_mm512_set1_ps(1.0), e));
+    (s, e)
+}
+
+/// Tanh-form GELU (`gelu_new`) of 16 lanes, see [`gelu_tanh_parts16`].
+///
+/// # Safety
+/// The CPU must support AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f")]
+pub unsafe fn gelu_tanh16(x: __m512) -> __m512 {
+    // SAFETY: AVX-512F, as required of the caller.
+    _mm512_mul_ps(x, unsafe { gelu_tanh_parts16(x) }.0)
+}
+
+/// Derivative of tanh-form GELU in 16 lanes: `s + 2 x s (1 - s) u'` with `s = sigmoid(2u)`,
+/// `u' = sqrt(2/pi) (1 + 3 * 0.044715 x^2)` (the same as `0.5 (1 + th) + 0.5 x (1 - th^2) u'`).
+///
+/// # Safety
+/// The CPU must support AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f")]
+pub unsafe fn gelu_tanh_grad16(x: __m512) -> __m512 {
+    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+    const GELU_C: f32 = 0.044_715;
+    // SAFETY: AVX-512F, as required of the caller.
+    let (s, e) = unsafe { gelu_tanh_parts16(x) };
+    let one_minus_s = _mm512_mul_ps(e, s);
+    let x2 = _mm512_mul_ps(x, x);
+    // 2 u' = 2 sqrt(2/pi) + (6 sqrt(2/pi) c) x^2
+    let du2 = _mm512_fmadd_ps(x2, _mm512_set1_ps(6.0 * SQRT_2_OVER_PI * GELU_C), _mm512_set1_ps(2.0 * SQRT_2_OVER_PI));
+    _mm512_fmadd_ps(_mm512_mul_ps(_mm512_mul_ps(x, s), one_minus_s), du2, s)
+}
+
 /// Mask of the first `n % 16` lanes (the tail of a row of length `n`); 0 when `n` is a multiple
 /// of 16.
 #[cfg(target_arch = "x86_64")]

@@ -461,3 +461,80 @@ fn attention_across_several_query_blocks() {
     // dropout across the query blocks
     check_dropout_kv_gradient(s, &qkv, &g, Dropout { p: 0.2, seed: 5 }, 13);
 }
+
+#[test]
+fn dropout_mask_is_the_factor_of_each_element_index() {
+    // several rayon chunks plus an odd tail: every build (AVX-512, AVX2, portable) must apply
+    // exactly `factor(i)` to element i
+    let d = Dropout { p: 0.1, seed: 12 };
+    let x = rand_vec(3 * 16_384 + 37, 42, 1.0);
+    let mut y = x.clone();
+    ops::dropout_inplace(&mut y, d);
+    for (i, (&a, &b)) in x.iter().zip(&y).enumerate() {
+        assert_eq!(b.to_bits(), (a * d.factor(i as u64)).to_bits(), "element {i}");
+    }
+}
+
+#[test]
+fn attention_dropout_uses_the_probability_index_as_mask_index() {
+    // out[b, i, h] = sum_j P[bh, i, j] factor(bh t t + i t + j) v[b, j, h], with P from the
+    // forward without dropout; t = 70 spans two query blocks and is not a multiple of 16
+    let s = AttnShape { b: 2, t: 70, n_head: 2, head_size: 8 };
+    let (t, c, hs) = (s.t, s.channels(), s.head_size);
+    let qkv = rand_vec(s.b * t * 3 * c, 43, 1.0);
+    let d = Dropout { p: 0.25, seed: 77 };
+    let mask = AttnMask { causal: true, key_padding: None };
+    let mut out = vec![0f32; s.b * t * c];
+    let mut probs = vec![0f32; s.probs_len()];
+    ops::attention_forward(&mut out, &mut probs, &qkv, s, mask, Dropout::NONE);
+    let mut want = vec![0f64; out.len()];
+    for bi in 0..s.b {
+        for h in 0..s.n_head {
+            let bh = bi * s.n_head + h;
+            for i in 0..t {
+                for j in 0..t {
+                    let p = probs[(bh * t + i) * t + j] as f64 * d.factor((bh * t * t + i * t + j) as u64) as f64;
+                    for e in 0..hs {
+                        want[(bi * t + i) * c + h * hs + e] += p * qkv[(bi * t + j) * 3 * c + 2 * c + h * hs + e] as f64;
+                    }
+                }
+            }
+        }
+    }
+    let mut probs_d = vec![0f32; s.probs_len()];
+    ops::attention_forward(&mut out, &mut probs_d, &qkv, s, mask, d);
+    assert_eq!(probs, probs_d, "probs are saved before dropout");
+    assert_close(&out, &want, 1e-5, "attention out with dropout");
+}
+
+#[test]
+fn attention_with_left_padding_zeroes_fully_masked_query_rows() {
+    // causal + left padding: the first queries of batch 1 see only padded keys (probs all 0);
+    // t = 21 leaves a partial 16-lane block in every row
+    let s = AttnShape { b: 2, t: 21, n_head: 2, head_size: 4 };
+    let (t, c) = (s.t, s.channels());
+    let qkv = rand_vec(s.b * t * 3 * c, 44, 1.5);
+    let mut pad = vec![true; s.b * t];
+    pad[t..t + 3].iter_mut().for_each(|p| *p = false);
+    let mask = AttnMask { causal: true, key_padding: Some(&pad[..]) };
+    let mut out = vec![0f32; s.b * t * c];
+    let mut probs = vec![0f32; s.probs_len()];
+    ops::attention_forward(&mut out, &mut probs, &qkv, s, mask, Dropout::NONE);
+    let (o, p) = attention_ref(&qkv, s, true, Some(&pad[..]));
+    for bh in 0..s.b * s.n_head {
+        let bi = bh / s.n_head;
+        for i in 0..t {
+            let row = &probs[(bh * t + i) * t..(bh * t + i + 1) * t];
+            if bi == 1 && i < 3 {
+                assert!(row.iter().all(|&x| x == 0.0), "fully masked row {bh} {i}");
+            } else {
+                let want = &p[(bh * t + i) * t..(bh * t + i + 1) * t];
+                assert_close(row, want, 1e-5, "probs row");
+            }
+        }
+    }
+    let live: Vec<usize> = (0..out.len()).filter(|&k| !(k / c >= t && k / c < t + 3)).collect();
+    let got: Vec<f32> = live.iter().map(|&k| out[k]).collect();
+    let want: Vec<f64> = live.iter().map(|&k| o[k]).collect();
+    assert_close(&got, &want, 1e-5, "attention out");
+}
