@@ -127,15 +127,29 @@ fn head_rows(
         .into_par_iter()
         .map(|r| {
             let m = (0..n_chunks).map(|j| stats[j * rows + r].0).fold(f32::NEG_INFINITY, f32::max);
-            let sum: f64 = (0..n_chunks).map(|j| stats[j * rows + r].1 as f64 * ((stats[j * rows + r].0 - m) as f64).exp()).sum();
-            let lse = m as f64 + sum.ln();
-            if grad.is_some() {
-                for j in 0..n_chunks {
+            // factor(j, r) = dloss e^(m_j - lse) = dloss e^(m_j - m) / sum: one exponential per
+            // chunk, kept in the factor slot until the sum is known
+            let mut sum = 0f64;
+            for j in 0..n_chunks {
+                let (mj, sj) = stats[j * rows + r];
+                let e = ((mj - m) as f64).exp();
+                sum += sj as f64 * e;
+                if grad.is_some() {
                     // SAFETY: entry (j, r) is written by row r's task only.
-                    unsafe { *fp.get().add(j * rows + r) = ((stats[j * rows + r].0 as f64 - lse).exp() * dloss as f64) as f32 };
+                    unsafe { *fp.get().add(j * rows + r) = e as f32 };
                 }
             }
-            lse - target_logit[r] as f64
+            if grad.is_some() {
+                let g = dloss as f64 / sum;
+                for j in 0..n_chunks {
+                    // SAFETY: as above.
+                    unsafe {
+                        let f = fp.get().add(j * rows + r);
+                        *f = (*f as f64 * g) as f32;
+                    }
+                }
+            }
+            m as f64 + sum.ln() - target_logit[r] as f64
         })
         .collect();
     let loss: f64 = losses.iter().sum();
