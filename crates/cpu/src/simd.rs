@@ -91,6 +91,26 @@ pub unsafe fn gelu_tanh_grad16(x: __m512) -> __m512 {
     _mm512_fmadd_ps(_mm512_mul_ps(_mm512_mul_ps(x, s), one_minus_s), du2, s)
 }
 
+/// `x = 0` with non-temporal (streaming) stores for the 64-byte-aligned middle, ordinary
+/// stores for the ragged ends; ends with a store fence so later loads see the zeros.
+///
+/// # Safety
+/// The CPU must support AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+pub unsafe fn zero_streaming(x: &mut [f32]) {
+    let head = x.as_ptr().align_offset(64).min(x.len());
+    let body = (x.len() - head) / 16 * 16;
+    x[..head].fill(0.0);
+    x[head + body..].fill(0.0);
+    let p = x[head..].as_mut_ptr();
+    for i in (0..body).step_by(16) {
+        // SAFETY: p + i is 64-byte aligned and p + i + 16 <= the end of the body.
+        unsafe { _mm512_stream_ps(p.add(i), _mm512_setzero_ps()) };
+    }
+    _mm_sfence();
+}
+
 /// Mask of the first `n % 16` lanes (the tail of a row of length `n`); 0 when `n` is a multiple
 /// of 16.
 #[cfg(target_arch = "x86_64")]
@@ -163,6 +183,25 @@ mod tests {
         for i in 0..16 {
             for j in 0..16 {
                 assert_eq!(out[16 * j + i], m[16 * i + j], "element ({i}, {j})");
+            }
+        }
+    }
+
+    #[test]
+    fn zero_streaming_clears_every_element() {
+        if !is_x86_feature_detected!("avx512f") {
+            eprintln!("SKIP: no AVX-512 on this CPU");
+            return;
+        }
+        let mut buf = vec![1f32; 5000];
+        // odd starts (unaligned heads) and lengths (ragged tails), including shorter than a line
+        for (start, len) in [(0, 5000), (1, 4001), (3, 47), (7, 9), (13, 0)] {
+            buf.iter_mut().for_each(|v| *v = 1.0);
+            // SAFETY: AVX-512F detected above.
+            unsafe { zero_streaming(&mut buf[start..start + len]) };
+            for (i, &v) in buf.iter().enumerate() {
+                let inside = i >= start && i < start + len;
+                assert_eq!(v, if inside { 0.0 } else { 1.0 }, "start {start} len {len} index {i}");
             }
         }
     }
