@@ -263,6 +263,13 @@ fn train_step<B: Backend>(model: &mut Gpt2<B>, opt: &mut AdamW<B>, ids: &[u32], 
 }
 
 fn main() {
+    // Run on a worker of the rayon pool, as the `train` binary does (ops then start from inside
+    // the pool instead of waking it from outside).
+    let pool = rayon::ThreadPoolBuilder::new().build().expect("rayon pool");
+    pool.install(bench);
+}
+
+fn bench() {
     let o = parse_opts();
     let cfg = bench_config();
     let (b, t) = (8usize, 128usize);
