@@ -61,6 +61,21 @@ fn layers(c: &mut Criterion) {
         })
     });
 
+    // the fused tied head: forward (one product) and forward + backward (three products);
+    // throughput counts the products' floating-point operations
+    let xh = filled(BT * C, 7);
+    let wte = filled(V * C, 8);
+    let mut scratch = vec![0f32; BT * V];
+    let (mut dx, mut dwte) = (vec![0f32; BT * C], vec![0f32; V * C]);
+    g.throughput(Throughput::Elements(2 * (BT * V * C) as u64));
+    g.bench_function("lm_head_loss_fwd_1024x50257x256", |bench| {
+        bench.iter(|| ops::lm_head_loss(&mut scratch, &xh, &wte, &targets, BT, V, C, None))
+    });
+    g.throughput(Throughput::Elements(6 * (BT * V * C) as u64));
+    g.bench_function("lm_head_loss_fwd_bwd_1024x50257x256", |bench| {
+        bench.iter(|| ops::lm_head_loss(&mut scratch, &xh, &wte, &targets, BT, V, C, Some((&mut dx, &mut dwte, 1.0 / BT as f32))))
+    });
+
     let x = filled(BT * C, 4);
     let (w, b) = (filled(C, 5), filled(C, 6));
     let (mut out, mut mean, mut rstd) = (vec![0f32; BT * C], vec![0f32; BT], vec![0f32; BT]);

@@ -276,14 +276,17 @@ fn max_exp_in_place_avx512(row: &mut [f32]) -> (f32, f32) {
     }
 }
 
-/// `dst[r, :] = fac[r] * block[r, :]` for the `[rows, len]` block, also written transposed to
-/// `out` (`[len, rows]`), in 16 x 16 tiles; the ragged edges go element by element.
+/// `dst[r, :] = fac[r] * block[r, :]` for the `[rows, len]` block (subnormal products flushed
+/// to 0), also written transposed to `out` (`[len, rows]`), in 16 x 16 tiles; the ragged edges
+/// go element by element.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 fn scale_transpose_avx512(block: &[f32], dst: &mut [f32], out: &mut [f32], rows: usize, len: usize, fac: &[f32]) {
     use std::arch::x86_64::*;
     assert!(block.len() == rows * len && dst.len() == rows * len && out.len() == rows * len && fac.len() == rows);
     let (r16, l16) = (rows / 16 * 16, len / 16 * 16);
+    // probabilities below the smallest normal float become 0 (see `flush_subnormal`)
+    let tiny = _mm512_set1_ps(f32::MIN_POSITIVE);
     let (bp, dp, op) = (block.as_ptr(), dst.as_mut_ptr(), out.as_mut_ptr());
     for r0 in (0..r16).step_by(16) {
         let f: [__m512; 16] = std::array::from_fn(|i| _mm512_set1_ps(fac[r0 + i]));
@@ -294,6 +297,7 @@ fn scale_transpose_avx512(block: &[f32], dst: &mut [f32], out: &mut [f32], rows:
                 let v: [__m512; 16] = std::array::from_fn(|i| {
                     let at = (r0 + i) * len + c0;
                     let s = _mm512_mul_ps(_mm512_loadu_ps(bp.add(at)), f[i]);
+                    let s = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask::<_CMP_GE_OQ>(_mm512_abs_ps(s), tiny), s);
                     _mm512_storeu_ps(dp.add(at), s);
                     s
                 });
@@ -304,20 +308,28 @@ fn scale_transpose_avx512(block: &[f32], dst: &mut [f32], out: &mut [f32], rows:
         }
         for r in r0..r0 + 16 {
             for col in l16..len {
-                dst[r * len + col] = block[r * len + col] * fac[r];
+                dst[r * len + col] = flush_subnormal(block[r * len + col] * fac[r]);
                 out[col * rows + r] = dst[r * len + col];
             }
         }
     }
     for r in r16..rows {
         for col in 0..len {
-            dst[r * len + col] = block[r * len + col] * fac[r];
+            dst[r * len + col] = flush_subnormal(block[r * len + col] * fac[r]);
             out[col * rows + r] = dst[r * len + col];
         }
     }
 }
 
-/// `row *= f` (auto-vectorised; memory-bound).
+/// `row *= f` (auto-vectorised; memory-bound), subnormal products flushed to 0.
 fn scale_in_place(row: &mut [f32], f: f32) {
-    row.iter_mut().for_each(|v| *v *= f);
+    row.iter_mut().for_each(|v| *v = flush_subnormal(*v * f));
+}
+
+/// 0 for a subnormal `x`, else `x`. A probability below 1.2e-38
+/// changes no gradient, but subnormal operands slow the products down by an order of magnitude
+/// (measured: 2.5 s instead of 0.25 s for the backward when the logits spread over ~100).
+#[inline(always)]
+fn flush_subnormal(x: f32) -> f32 {
+    if x.abs() < f32::MIN_POSITIVE { 0.0 } else { x }
 }

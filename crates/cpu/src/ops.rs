@@ -958,7 +958,8 @@ fn xent_row_body(row: &mut [f32], tgt: i32, vocab: usize, dloss: Option<f32>) ->
             // one pass writes e^(x - max) in place and sums it; a second scales to g * p
             let sum = exp_in_place_sum(row, max);
             let f = g / sum as f32;
-            row.iter_mut().for_each(|x| *x *= f);
+            // subnormal products flushed to 0: they change nothing but slow later products
+            row.iter_mut().for_each(|x| *x = if (*x * f).abs() < f32::MIN_POSITIVE { 0.0 } else { *x * f });
             row[tgt as usize] -= g;
             sum.ln() + (max - target_logit) as f64
         }
