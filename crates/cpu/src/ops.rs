@@ -122,10 +122,11 @@ pub fn fill_zero(x: &mut [f32]) {
     x.par_chunks_mut(CHUNK).for_each(|c| c.fill(0.0));
 }
 
-/// Buffers from this many elements (4 MB) up are zeroed with streaming stores: they are far
-/// larger than a core's L2, and ordinary stores first read every line they overwrite.
+/// Buffers from this many elements (16 MB) up, gradient buffers, are zeroed with streaming
+/// stores: ordinary stores first read every line they overwrite. Smaller ones (activation
+/// gradients about to be accumulated into) keep ordinary stores, which leave them in cache.
 #[cfg(target_arch = "x86_64")]
-const NT_ZERO_MIN: usize = 1 << 20;
+const NT_ZERO_MIN: usize = 1 << 22;
 
 /// `x *= s`.
 pub fn scale(x: &mut [f32], s: f32) {
