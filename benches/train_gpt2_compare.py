@@ -4,7 +4,7 @@
 Face GPT2LMHeadModel + torch.optim.AdamW), same config (n_layer 4, n_head 4, n_embd 256, vocab
 50257, batch 8, block 128), same thread count; prints a Markdown table and the ratio.
 
-    python3 benches/train_gpt2_compare.py [--threads 2] [--steps 10] [--compile]
+    python3 benches/train_gpt2_compare.py [--threads 2] [--steps 10] [--compile] [--repeat N]
 
 Run it on a quiet machine: both sides are timed by their median step.
 """
@@ -31,27 +31,42 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--compile", action="store_true", help="also time torch.compile")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="alternate the two sides this many times and report every pair and the median ratio "
+                         "(the machine's speed drifts by several percent between runs)")
     args = ap.parse_args()
 
     env = dict(os.environ, RAYON_NUM_THREADS=str(args.threads))
-    print(f"== lmtrain (cargo bench --bench train_gpt2, RAYON_NUM_THREADS={args.threads})", file=sys.stderr)
-    ours = subprocess.run(
-        ["cargo", "bench", "-q", "--bench", "train_gpt2", "--", "--json", "--steps", str(args.steps)],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True, check=True,
-    )
-    rows = [last_json(ours.stdout)]
-    runs = [[]] + ([["--compile"]] if args.compile else [])
-    for extra in runs:
+
+    def ours():
+        print(f"== lmtrain (cargo bench --bench train_gpt2, RAYON_NUM_THREADS={args.threads})", file=sys.stderr)
+        out = subprocess.run(
+            ["cargo", "bench", "-q", "--bench", "train_gpt2", "--", "--json", "--steps", str(args.steps)],
+            cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True, check=True,
+        )
+        return last_json(out.stdout)
+
+    def theirs(extra):
         print(f"== PyTorch {' '.join(extra) or 'eager'}", file=sys.stderr)
         try:
-            theirs = subprocess.run(
+            out = subprocess.run(
                 [sys.executable, str(ROOT / "benches" / "train_gpt2_pytorch.py"), "--threads", str(args.threads),
                  "--steps", str(max(args.steps, 5))] + extra,
                 cwd=ROOT, stdout=subprocess.PIPE, text=True, check=True,
             )
-            rows.append(last_json(theirs.stdout))
+            return last_json(out.stdout)
         except (subprocess.CalledProcessError, FileNotFoundError) as e:
             print(f"PyTorch side failed ({e}); is torch + transformers installed?", file=sys.stderr)
+            return None
+
+    pairs = []
+    for _ in range(args.repeat):
+        pairs.append((ours(), theirs([])))
+    rows = [pairs[-1][0]] + ([pairs[-1][1]] if pairs[-1][1] else [])
+    if args.compile:
+        compiled = theirs(["--compile"])
+        if compiled:
+            rows.append(compiled)
     eager = next((r for r in rows if r["impl"] == "pytorch-eager"), None)
     print()
     print(f"GPT-2 training step, n_layer 4, n_head 4, n_embd 256, vocab 50257, batch 8 x 128, {args.threads} threads")
@@ -61,6 +76,17 @@ def main():
     for r in rows:
         ratio = f"{r['tokens_per_s'] / eager['tokens_per_s']:.2f}x" if eager else "n/a"
         print(f"| {r['impl']} | {r['tokens_per_s']:.0f} | {r['step_ms_median']:.1f} | {ratio} |")
+    if args.repeat > 1 and all(t for _, t in pairs):
+        ratios = sorted(o["tokens_per_s"] / t["tokens_per_s"] for o, t in pairs)
+        print()
+        print(f"{args.repeat} alternating runs (lmtrain, then PyTorch eager):")
+        print()
+        print("| run | lmtrain tokens/s | PyTorch eager tokens/s | ratio |")
+        print("| ---: | ---: | ---: | ---: |")
+        for i, (o, t) in enumerate(pairs, 1):
+            print(f"| {i} | {o['tokens_per_s']:.0f} | {t['tokens_per_s']:.0f} | {o['tokens_per_s'] / t['tokens_per_s']:.2f}x |")
+        print()
+        print(f"median ratio {ratios[len(ratios) // 2]:.2f}x (range {ratios[0]:.2f}x - {ratios[-1]:.2f}x)")
     if "ops" in rows[0]:
         print()
         print("lmtrain per-op time per step (timed backend):")
