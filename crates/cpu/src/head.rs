@@ -21,7 +21,8 @@
 use rayon::prelude::*;
 
 use crate::gemm::{SendPtr, matmul_strided};
-use crate::ops::{IGNORE_INDEX, exp_in_place_sum, lane_max};
+use crate::math::flush_subnormal;
+use crate::ops::{IGNORE_INDEX, add_inplace, exp_in_place_sum, lane_max};
 
 /// Vocabulary entries per chunk of the fused head: a chunk's logits are `1024 x 512` floats
 /// (2 MB, one core's L2) on the benchmark shape. Measured with `cargo bench --bench ops --
@@ -214,7 +215,7 @@ fn head_rows(
             }
         });
         for part in partial.chunks_exact(rows * c) {
-            dx.par_chunks_mut(1 << 14).zip(part.par_chunks(1 << 14)).for_each(|(d, s)| d.iter_mut().zip(s).for_each(|(d, s)| *d += s));
+            add_inplace(dx, part);
         }
     }
     loss
@@ -253,7 +254,7 @@ fn max_exp_in_place_avx512(row: &mut [f32]) -> (f32, f32) {
     use std::arch::x86_64::*;
     let (n, p) = (row.len(), row.as_mut_ptr());
     let full = n / 16 * 16;
-    let tail = crate::simd::tail_mask(n);
+    let tail = crate::simd::first_lanes(n - full);
     // SAFETY: full loads/stores cover [0, full), the masked ones only the tail lanes < n.
     unsafe {
         let mut mx = _mm512_set1_ps(f32::NEG_INFINITY);
@@ -287,7 +288,7 @@ fn scale_transpose_avx512(block: &[f32], dst: &mut [f32], out: &mut [f32], rows:
     use std::arch::x86_64::*;
     assert!(block.len() == rows * len && dst.len() == rows * len && out.len() == rows * len && fac.len() == rows);
     let (r16, l16) = (rows / 16 * 16, len / 16 * 16);
-    // probabilities below the smallest normal float become 0 (see `flush_subnormal`)
+    // probabilities below the smallest normal float become 0 (see `math::flush_subnormal`)
     let tiny = _mm512_set1_ps(f32::MIN_POSITIVE);
     let (bp, dp, op) = (block.as_ptr(), dst.as_mut_ptr(), out.as_mut_ptr());
     for r0 in (0..r16).step_by(16) {
@@ -326,12 +327,4 @@ fn scale_transpose_avx512(block: &[f32], dst: &mut [f32], out: &mut [f32], rows:
 /// `row *= f` (auto-vectorised; memory-bound), subnormal products flushed to 0.
 fn scale_in_place(row: &mut [f32], f: f32) {
     row.iter_mut().for_each(|v| *v = flush_subnormal(*v * f));
-}
-
-/// 0 for a subnormal `x`, else `x`. A probability below 1.2e-38
-/// changes no gradient, but subnormal operands slow the products down by an order of magnitude
-/// (measured: 2.5 s instead of 0.25 s for the backward when the logits spread over ~100).
-#[inline(always)]
-fn flush_subnormal(x: f32) -> f32 {
-    if x.abs() < f32::MIN_POSITIVE { 0.0 } else { x }
 }

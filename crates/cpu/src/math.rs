@@ -30,6 +30,15 @@ pub fn exp(x: f32) -> f32 {
     if x <= -87.0 { 0.0 } else { y }
 }
 
+/// 0 for a subnormal `x`, else `x`. Used where probabilities are scaled into gradients: one
+/// below 1.2e-38 changes no gradient, but subnormal operands slow the products that consume
+/// them by an order of magnitude (measured: 2.5 s instead of 0.3 s for the output head's
+/// backward when the logits spread over ~100).
+#[inline(always)]
+pub fn flush_subnormal(x: f32) -> f32 {
+    if x.abs() < f32::MIN_POSITIVE { 0.0 } else { x }
+}
+
 /// `tanh(x)` as `1 - 2 / (e^{2x} + 1)`, saturating cleanly at +-1.
 #[inline(always)]
 pub fn tanh(x: f32) -> f32 {

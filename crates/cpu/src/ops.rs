@@ -238,12 +238,12 @@ pub fn layernorm_forward(
         });
 }
 
-/// Sum of `f(x)` over `x` in 16 lane partials (then the lanes in order, then the tail): the
+/// Sum of `f(x)` over `x` in [`LANES`] partials (then the lanes in order, then the tail): the
 /// fixed order keeps results reproducible, and unlike one sequential chain it vectorises.
 #[inline(always)]
 fn lane_sum(x: &[f32], f: impl Fn(f32) -> f32) -> f32 {
-    let mut acc = [0f32; 16];
-    let chunks = x.chunks_exact(16);
+    let mut acc = [0f32; LANES];
+    let chunks = x.chunks_exact(LANES);
     let tail = chunks.remainder();
     for ch in chunks {
         for (a, &v) in acc.iter_mut().zip(ch) {
@@ -329,18 +329,18 @@ fn layernorm_bwd_rows(acc: &mut [f32], di: &mut [f32], dy: &[f32], x: &[f32], mu
     for ((((di, dy), x), &m), &r) in di.chunks_exact_mut(cols).zip(dy.chunks_exact(cols)).zip(x.chunks_exact(cols)).zip(mu).zip(rs) {
         // dnorm = dy * w; dx = r * (dnorm - mean(dnorm) - norm * mean(dnorm * norm)); the two
         // sums in 16 lane partials (see `lane_sum`)
-        let mut sum_dn = [0f32; 16];
-        let mut sum_dn_n = [0f32; 16];
-        let n16 = cols / 16 * 16;
-        for ((dy, x), w) in dy[..n16].chunks_exact(16).zip(x[..n16].chunks_exact(16)).zip(weight[..n16].chunks_exact(16)) {
-            for l in 0..16 {
+        let mut sum_dn = [0f32; LANES];
+        let mut sum_dn_n = [0f32; LANES];
+        let n16 = cols / LANES * LANES;
+        for ((dy, x), w) in dy[..n16].chunks_exact(LANES).zip(x[..n16].chunks_exact(LANES)).zip(weight[..n16].chunks_exact(LANES)) {
+            for l in 0..LANES {
                 let dn = dy[l] * w[l];
                 sum_dn[l] += dn;
                 sum_dn_n[l] += dn * ((x[l] - m) * r);
             }
         }
         let (mut s_dn, mut s_dn_n) = (0f32, 0f32);
-        for l in 0..16 {
+        for l in 0..LANES {
             s_dn += sum_dn[l];
             s_dn_n += sum_dn_n[l];
         }
@@ -396,7 +396,7 @@ unsafe fn gelu_tanh_fwd_avx512(o: &mut [f32], x: &[f32]) {
     let n = o.len().min(x.len());
     let mut i = 0;
     while i < n {
-        let m = if n - i >= 16 { u16::MAX } else { crate::simd::tail_mask(n - i) };
+        let m = crate::simd::first_lanes(n - i);
         // SAFETY: the mask covers lanes i..min(i + 16, n) only, inside both slices.
         unsafe {
             let v = _mm512_maskz_loadu_ps(m, x.as_ptr().add(i));
@@ -450,7 +450,7 @@ unsafe fn gelu_tanh_bwd_avx512(d: &mut [f32], x: &[f32], g: &[f32]) {
     let n = d.len().min(x.len()).min(g.len());
     let mut i = 0;
     while i < n {
-        let m = if n - i >= 16 { u16::MAX } else { crate::simd::tail_mask(n - i) };
+        let m = crate::simd::first_lanes(n - i);
         // SAFETY: the mask covers lanes i..min(i + 16, n) only, inside the three slices.
         unsafe {
             let xv = _mm512_maskz_loadu_ps(m, x.as_ptr().add(i));
@@ -637,7 +637,7 @@ unsafe fn softmax_masked_row_avx512(row: &mut [f32], valid: usize, pad: Option<&
     assert!(valid <= row.len() && pad.is_none_or(|p| p.len() >= valid), "softmax_masked_row: shape");
     // lanes of the 16-block at j that are inside `valid` and not padded
     let lanes = |j: usize| -> u16 {
-        let m = if valid - j >= 16 { u16::MAX } else { crate::simd::tail_mask(valid - j) };
+        let m = crate::simd::first_lanes(valid - j);
         match pad {
             None => m,
             Some(p) => p[j..valid.min(j + 16)].iter().enumerate().fold(0u16, |k, (l, &keep)| k | ((keep as u16) << l)) & m,
@@ -661,7 +661,7 @@ unsafe fn softmax_masked_row_avx512(row: &mut [f32], valid: usize, pad: Option<&
         let (mx, mut sum) = (_mm512_set1_ps(max), _mm512_setzero_ps());
         for j in (0..valid).step_by(16) {
             let m = lanes(j);
-            let all = if valid - j >= 16 { u16::MAX } else { crate::simd::tail_mask(valid - j) };
+            let all = crate::simd::first_lanes(valid - j);
             // masked lanes become exactly 0 (also in the stored row)
             let e = _mm512_maskz_mov_ps(m, crate::simd::exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, ptr.add(j)), mx)));
             sum = _mm512_add_ps(sum, e);
@@ -669,7 +669,7 @@ unsafe fn softmax_masked_row_avx512(row: &mut [f32], valid: usize, pad: Option<&
         }
         let inv = _mm512_set1_ps(1.0 / _mm512_reduce_add_ps(sum));
         for j in (0..valid).step_by(16) {
-            let all = if valid - j >= 16 { u16::MAX } else { crate::simd::tail_mask(valid - j) };
+            let all = crate::simd::first_lanes(valid - j);
             _mm512_mask_storeu_ps(ptr.add(j), all, _mm512_mul_ps(_mm512_maskz_loadu_ps(all, ptr.add(j)), inv));
         }
     }
@@ -802,7 +802,8 @@ unsafe fn nonzero_len_avx512(x: &[f32]) -> usize {
     let mut end = x.len();
     while end > 0 {
         // the partial block at the end first, then whole blocks
-        let (start, m) = if end.is_multiple_of(16) { (end - 16, u16::MAX) } else { (end - end % 16, crate::simd::tail_mask(end)) };
+        let start = (end - 1) / 16 * 16;
+        let m = crate::simd::first_lanes(end - start);
         // SAFETY: lanes start..end only, inside x.
         let v = unsafe { _mm512_maskz_loadu_ps(m, x.as_ptr().add(start)) };
         // NEQ_UQ: true for NaN too, as `v != 0.0`
@@ -844,12 +845,12 @@ unsafe fn softmax_backward_row_avx512(d: &mut [f32], p: &[f32]) {
     unsafe {
         let mut acc = _mm512_setzero_ps();
         for j in (0..n).step_by(16) {
-            let m = if n - j >= 16 { u16::MAX } else { crate::simd::tail_mask(n - j) };
+            let m = crate::simd::first_lanes(n - j);
             acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, dp.add(j)), _mm512_maskz_loadu_ps(m, pp.add(j)), acc);
         }
         let dot = _mm512_set1_ps(_mm512_reduce_add_ps(acc));
         for j in (0..n).step_by(16) {
-            let m = if n - j >= 16 { u16::MAX } else { crate::simd::tail_mask(n - j) };
+            let m = crate::simd::first_lanes(n - j);
             let r = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, pp.add(j)), _mm512_sub_ps(_mm512_maskz_loadu_ps(m, dp.add(j)), dot));
             _mm512_mask_storeu_ps(dp.add(j), m, r);
         }
@@ -959,8 +960,7 @@ fn xent_row_body(row: &mut [f32], tgt: i32, vocab: usize, dloss: Option<f32>) ->
             // one pass writes e^(x - max) in place and sums it; a second scales to g * p
             let sum = exp_in_place_sum(row, max);
             let f = g / sum as f32;
-            // subnormal products flushed to 0: they change nothing but slow later products
-            row.iter_mut().for_each(|x| *x = if (*x * f).abs() < f32::MIN_POSITIVE { 0.0 } else { *x * f });
+            row.iter_mut().for_each(|x| *x = math::flush_subnormal(*x * f));
             row[tgt as usize] -= g;
             sum.ln() + (max - target_logit) as f64
         }
@@ -968,7 +968,8 @@ fn xent_row_body(row: &mut [f32], tgt: i32, vocab: usize, dloss: Option<f32>) ->
     }
 }
 
-/// Accumulator lanes of the softmax reductions: one AVX-512 register, two AVX2 ones.
+/// Accumulator lanes of the lane-parallel reductions (softmax, LayerNorm): one AVX-512 register,
+/// two AVX2 ones.
 const LANES: usize = 16;
 
 #[inline(always)]

@@ -111,12 +111,11 @@ pub unsafe fn zero_streaming(x: &mut [f32]) {
     _mm_sfence();
 }
 
-/// Mask of the first `n % 16` lanes (the tail of a row of length `n`); 0 when `n` is a multiple
-/// of 16.
+/// Mask of the first `min(k, 16)` lanes: the lanes of a 16-block with `k` elements left.
 #[cfg(target_arch = "x86_64")]
 #[inline]
-pub fn tail_mask(n: usize) -> u16 {
-    ((1u32 << (n % 16)) - 1) as u16
+pub fn first_lanes(k: usize) -> u16 {
+    if k >= 16 { u16::MAX } else { ((1u32 << k) - 1) as u16 }
 }
 
 /// Transposes a 16 x 16 block held as 16 row vectors: `out[j]` lane `i` = `rows[i]` lane `j`.
