@@ -135,6 +135,19 @@ impl AdamScalars {
             bc2_sqrt: bc2.sqrt() as f32,
         })
     }
+
+    /// Pushes the scalars both AdamW kernels take after their buffers and length, in their
+    /// parameter order: lr, beta1, beta2, eps, weight decay, grad scale, step size, sqrt(bc2).
+    fn push<'a>(&'a self, l: &mut Launch<'a>, weight_decay: &'a f32) {
+        l.scalar(&self.lr)
+            .scalar(&self.beta1)
+            .scalar(&self.beta2)
+            .scalar(&self.eps)
+            .scalar(weight_decay);
+        l.scalar(&self.grad_scale)
+            .scalar(&self.step_size)
+            .scalar(&self.bc2_sqrt);
+    }
 }
 
 impl CudaDevice {
@@ -323,14 +336,7 @@ impl CudaDevice {
                 .output(&mut mm)
                 .output(&mut vv)
                 .scalar(&len);
-            l.scalar(&s.lr)
-                .scalar(&s.beta1)
-                .scalar(&s.beta2)
-                .scalar(&s.eps)
-                .scalar(&run.weight_decay);
-            l.scalar(&s.grad_scale)
-                .scalar(&s.step_size)
-                .scalar(&s.bc2_sqrt);
+            s.push(&mut l, &run.weight_decay);
             // SAFETY: the four views have run.len elements (sub-ranges of buffers whose lengths
             // were checked), the kernel's loop bound.
             unsafe { l.launch(elem_cfg(run.len)) }?;
@@ -374,14 +380,7 @@ impl CudaDevice {
                 .output(&mut mm)
                 .output(&mut vv)
                 .scalar(&len);
-            l.scalar(&s.lr)
-                .scalar(&s.beta1)
-                .scalar(&s.beta2)
-                .scalar(&s.eps)
-                .scalar(&run.weight_decay);
-            l.scalar(&s.grad_scale)
-                .scalar(&s.step_size)
-                .scalar(&s.bc2_sqrt);
+            s.push(&mut l, &run.weight_decay);
             // SAFETY: the five views have run.len elements (sub-ranges of checked buffers), the
             // kernel's loop bound.
             unsafe { l.launch(elem_cfg(run.len)) }?;

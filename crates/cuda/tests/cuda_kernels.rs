@@ -8,7 +8,7 @@
 mod support;
 
 use cudarc::cublas::{CudaBlas, Gemm, GemmConfig, StridedBatchedConfig, sys::cublasOperation_t};
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use half::bf16;
 use lmtrain_backend::{AdamWHyper, Backend, DecaySegment, GeluKind, GemmShape};
 use lmtrain_cpu::{Cpu, ops};
@@ -60,6 +60,11 @@ fn quantize<T: Elem>(x: Vec<f32>) -> Vec<f32> {
     load(&store::<T>(&x))
 }
 
+/// Downloads a device buffer and checks it against the CPU reference `want`.
+fn check<T: Elem>(dev: &CudaDevice, what: &str, buf: &CudaSlice<T>, want: &[f32], tol: f64) {
+    assert_close(what, &load(&dev.download(buf).unwrap()), want, tol);
+}
+
 fn layernorm_case<T: Elem>(dev: &CudaDevice, rows: usize, cols: usize, seed: u64) {
     let tag = format!("layernorm {}x{} {}", rows, cols, T::SUFFIX);
     let mut rng = Rng::new(seed);
@@ -94,24 +99,9 @@ fn layernorm_case<T: Elem>(dev: &CudaDevice, rows: usize, cols: usize, seed: u64
         eps,
     )
     .unwrap();
-    assert_close(
-        &format!("{tag} forward out"),
-        &load(&dev.download(&d_out).unwrap()),
-        &out,
-        T::TOL,
-    );
-    assert_close(
-        &format!("{tag} forward mean"),
-        &dev.download(&d_mean).unwrap(),
-        &mean,
-        F32_TOL,
-    );
-    assert_close(
-        &format!("{tag} forward rstd"),
-        &dev.download(&d_rstd).unwrap(),
-        &rstd,
-        F32_TOL,
-    );
+    check(dev, &format!("{tag} forward out"), &d_out, &out, T::TOL);
+    check(dev, &format!("{tag} forward mean"), &d_mean, &mean, F32_TOL);
+    check(dev, &format!("{tag} forward rstd"), &d_rstd, &rstd, F32_TOL);
 
     // Backward accumulates: start every gradient from non-zero values.
     let dout = quantize::<T>(rng.vec(rows * cols, 1.0, 0.0));
@@ -148,21 +138,18 @@ fn layernorm_case<T: Elem>(dev: &CudaDevice, rows: usize, cols: usize, seed: u64
         cols,
     )
     .unwrap();
-    assert_close(
-        &format!("{tag} backward dinp"),
-        &load(&dev.download(&d_dinp).unwrap()),
-        &dinp,
-        T::TOL,
-    );
-    assert_close(
+    check(dev, &format!("{tag} backward dinp"), &d_dinp, &dinp, T::TOL);
+    check(
+        dev,
         &format!("{tag} backward dweight"),
-        &dev.download(&d_dw).unwrap(),
+        &d_dw,
         &dweight,
         F32_TOL,
     );
-    assert_close(
+    check(
+        dev,
         &format!("{tag} backward dbias"),
-        &dev.download(&d_db).unwrap(),
+        &d_db,
         &dbias,
         F32_TOL,
     );
@@ -178,12 +165,7 @@ fn gelu_case<T: Elem>(dev: &CudaDevice, n: usize, kind: GeluKind, seed: u64) {
     let mut d_out = dev.zeros::<T>(n).unwrap();
     dev.gelu_forward(&mut d_out.as_view_mut(), &dx.as_view(), kind)
         .unwrap();
-    assert_close(
-        &format!("{tag} forward"),
-        &load(&dev.download(&d_out).unwrap()),
-        &out,
-        T::TOL,
-    );
+    check(dev, &format!("{tag} forward"), &d_out, &out, T::TOL);
 
     let dout = quantize::<T>(rng.vec(n, 1.0, 0.0));
     let dinp0 = quantize::<T>(rng.vec(n, 0.5, 0.0));
@@ -198,12 +180,7 @@ fn gelu_case<T: Elem>(dev: &CudaDevice, n: usize, kind: GeluKind, seed: u64) {
         kind,
     )
     .unwrap();
-    assert_close(
-        &format!("{tag} backward"),
-        &load(&dev.download(&d_dinp).unwrap()),
-        &dinp,
-        T::TOL,
-    );
+    check(dev, &format!("{tag} backward"), &d_dinp, &dinp, T::TOL);
 }
 
 /// Three decay segments (decay, no decay, decay) of odd lengths: the wrapper launches on three
@@ -297,8 +274,8 @@ fn adamw_f32() {
         }
         let got = dev.download(&dp).unwrap();
         assert_close("adamw f32 params", &got, &p, F32_TOL);
-        assert_close("adamw f32 m", &dev.download(&dm).unwrap(), &m, F32_TOL);
-        assert_close("adamw f32 v", &dev.download(&dv).unwrap(), &v, F32_TOL);
+        check(dev, "adamw f32 m", &dm, &m, F32_TOL);
+        check(dev, "adamw f32 v", &dv, &v, F32_TOL);
         // The update itself (p - p0, about 3e-2): a difference of O(1) values, so its f32
         // rounding floor is ~1e-5 of its size; 1e-4 still catches any wrong term.
         let delta = |q: &[f32]| q.iter().zip(&p0).map(|(a, b)| a - b).collect::<Vec<_>>();
@@ -332,20 +309,10 @@ fn adamw_bf16() {
             )
             .unwrap();
         }
-        assert_close(
-            "adamw bf16 master",
-            &dev.download(&dw).unwrap(),
-            &w,
-            F32_TOL,
-        );
-        assert_close("adamw bf16 m", &dev.download(&dm).unwrap(), &m, F32_TOL);
-        assert_close("adamw bf16 v", &dev.download(&dv).unwrap(), &v, F32_TOL);
-        assert_close(
-            "adamw bf16 params copy",
-            &load(&dev.download(&dparams).unwrap()),
-            &w,
-            BF16_TOL,
-        );
+        check(dev, "adamw bf16 master", &dw, &w, F32_TOL);
+        check(dev, "adamw bf16 m", &dm, &m, F32_TOL);
+        check(dev, "adamw bf16 v", &dv, &v, F32_TOL);
+        check(dev, "adamw bf16 params copy", &dparams, &w, BF16_TOL);
     });
 }
 
@@ -419,7 +386,7 @@ fn lt_case<T: Elem>(
     } else {
         T::TOL
     };
-    assert_close(&tag, &load(&dev.download(&dc).unwrap()), &want, tol);
+    check(dev, &tag, &dc, &want, tol);
 }
 
 fn lt_all<T: Elem>(dev: &CudaDevice)
@@ -524,12 +491,7 @@ fn cublas_sgemm_strided_batched() {
         // dimensions (sizes computed above from the same numbers).
         unsafe { blas.gemm_strided_batched(cfg, &da, &db, &mut dc) }.unwrap();
         // Padding between columns and batches must stay untouched: compare the whole buffer.
-        assert_close(
-            "cublas sgemm strided batched",
-            &dev.download(&dc).unwrap(),
-            &want,
-            F32_TOL,
-        );
+        check(dev, "cublas sgemm strided batched", &dc, &want, F32_TOL);
     });
 }
 
@@ -594,9 +556,10 @@ fn cublaslt_strided_batched_bias() {
         // leading dimensions (sizes computed above from the same numbers).
         unsafe { lt.matmul(cfg, &da, &db, &mut dc, Some(&dbias), None) }.unwrap();
         // Only the m x n part of each padded C is written: compare the whole buffer.
-        assert_close(
+        check(
+            dev,
             "cublaslt strided batched bf16 + bias",
-            &load(&dev.download(&dc).unwrap()),
+            &dc,
             &want,
             BF16_TOL,
         );
