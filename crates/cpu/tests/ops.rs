@@ -147,6 +147,35 @@ fn adamw_matches_torch_formula_per_segment() {
 }
 
 #[test]
+fn adamw_gives_the_bits_of_the_plain_f32_formula() {
+    // the vectorised builds (AVX-512, AVX2) must round exactly as this scalar loop: several rayon
+    // chunks plus an odd tail, and a segment boundary inside a chunk
+    let n = 2 * 16_384 + 1_001;
+    let mut p = rand_vec(n, 21, 1.0);
+    let g = rand_vec(n, 22, 0.1);
+    let mut m = rand_vec(n, 23, 0.01);
+    let mut v: Vec<f32> = rand_vec(n, 24, 0.001).iter().map(|x| x.abs()).collect();
+    let (p0, m0, v0) = (p.clone(), m.clone(), v.clone());
+    let segs = [
+        DecaySegment { offset: 0, len: 20_011, weight_decay: 0.01 },
+        DecaySegment { offset: 20_011, len: n - 20_011, weight_decay: 0.0 },
+    ];
+    let hp = AdamWHyper { lr: 3e-4, beta1: 0.9, beta2: 0.95, eps: 1e-8, step: 7, grad_scale: 0.25 };
+    ops::adamw_update(&mut p, &g, &mut m, &mut v, &segs, &hp);
+    // the bias corrections in f64 from the f32 hyperparameters, as `adamw_update` (and torch)
+    let step_size = (3e-4f32 as f64 / (1.0 - (0.9f32 as f64).powi(7))) as f32;
+    let bc2_sqrt = (1.0 - (0.95f32 as f64).powi(7)).sqrt() as f32;
+    for i in 0..n {
+        let decay = 1.0 - 3e-4f32 * if i < 20_011 { 0.01 } else { 0.0 };
+        let gi = g[i] * 0.25;
+        let mi = m0[i] + (gi - m0[i]) * (1.0 - 0.9f32);
+        let vi = v0[i] * 0.95 + (1.0 - 0.95f32) * gi * gi;
+        let pi = p0[i] * decay - step_size * (mi / (vi.sqrt() / bc2_sqrt + 1e-8));
+        assert_eq!((p[i].to_bits(), m[i].to_bits(), v[i].to_bits()), (pi.to_bits(), mi.to_bits(), vi.to_bits()), "element {i}");
+    }
+}
+
+#[test]
 fn global_norm_is_f64_accurate() {
     let g = rand_vec(100_003, 15, 1.0);
     let want = g.iter().map(|&x| x as f64 * x as f64).sum::<f64>().sqrt();
