@@ -118,13 +118,16 @@ fn erf64(x: f64) -> f64 {
     }
 }
 
+/// Random AdamW parameters, gradients and moments (`v >= 0`) of length `n`.
+fn adam_state(n: usize, seed: u64) -> (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>) {
+    let v = rand_vec(n, seed + 3, 0.001).iter().map(|x| x.abs()).collect();
+    (rand_vec(n, seed, 1.0), rand_vec(n, seed + 1, 0.1), rand_vec(n, seed + 2, 0.01), v)
+}
+
 #[test]
 fn adamw_matches_torch_formula_per_segment() {
     let n = 40_000; // larger than one parallel chunk
-    let mut p = rand_vec(n, 11, 1.0);
-    let g = rand_vec(n, 12, 0.1);
-    let mut m = rand_vec(n, 13, 0.01);
-    let mut v: Vec<f32> = rand_vec(n, 14, 0.001).iter().map(|x| x.abs()).collect();
+    let (mut p, g, mut m, mut v) = adam_state(n, 11);
     let (p0, m0, v0) = (p.clone(), m.clone(), v.clone());
     let segs = [
         DecaySegment { offset: 0, len: 30_000, weight_decay: 0.1 },
@@ -151,10 +154,7 @@ fn adamw_gives_the_bits_of_the_plain_f32_formula() {
     // the vectorised builds (AVX-512, AVX2) must round exactly as this scalar loop: several rayon
     // chunks plus an odd tail, and a segment boundary inside a chunk
     let n = 2 * 16_384 + 1_001;
-    let mut p = rand_vec(n, 21, 1.0);
-    let g = rand_vec(n, 22, 0.1);
-    let mut m = rand_vec(n, 23, 0.01);
-    let mut v: Vec<f32> = rand_vec(n, 24, 0.001).iter().map(|x| x.abs()).collect();
+    let (mut p, g, mut m, mut v) = adam_state(n, 21);
     let (p0, m0, v0) = (p.clone(), m.clone(), v.clone());
     let segs = [
         DecaySegment { offset: 0, len: 20_011, weight_decay: 0.01 },
