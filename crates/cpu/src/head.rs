@@ -22,7 +22,7 @@ use rayon::prelude::*;
 
 use crate::gemm::{SendPtr, matmul_strided};
 use crate::math::flush_subnormal;
-use crate::ops::{IGNORE_INDEX, add_inplace, exp_in_place_sum, lane_max};
+use crate::ops::{IGNORE_INDEX, add_inplace, exp_in_place_sum, lane_max, scale_flush_subnormal};
 
 /// Vocabulary entries per chunk of the fused head: a chunk's logits are `1024 x 512` floats
 /// (2 MB, one core's L2) on the benchmark shape. Measured with `cargo bench --bench ops --
@@ -57,15 +57,15 @@ pub fn lm_head_loss(
     }
     let kept: Vec<usize> = (0..rows).filter(|&r| targets[r] != IGNORE_INDEX).collect();
     if kept.len() == rows {
-        return head_rows(scratch, x, wte, targets, rows, vocab, c, grad);
+        return head_rows(scratch, x, wte, targets, c, grad);
     }
     let xk: Vec<f32> = kept.iter().flat_map(|&r| &x[r * c..(r + 1) * c]).copied().collect();
     let tk: Vec<i32> = kept.iter().map(|&r| targets[r]).collect();
     match grad {
-        None => head_rows(scratch, &xk, wte, &tk, kept.len(), vocab, c, None),
+        None => head_rows(scratch, &xk, wte, &tk, c, None),
         Some((dx, dwte, dloss)) => {
             let mut dxk = vec![0f32; kept.len() * c];
-            let loss = head_rows(scratch, &xk, wte, &tk, kept.len(), vocab, c, Some((&mut dxk, dwte, dloss)));
+            let loss = head_rows(scratch, &xk, wte, &tk, c, Some((&mut dxk, dwte, dloss)));
             dx.fill(0.0);
             for (&r, d) in kept.iter().zip(dxk.chunks_exact(c)) {
                 dx[r * c..(r + 1) * c].copy_from_slice(d);
@@ -75,18 +75,10 @@ pub fn lm_head_loss(
     }
 }
 
-/// [`lm_head_loss`] on rows that all have a target.
-#[allow(clippy::too_many_arguments)]
-fn head_rows(
-    scratch: &mut [f32],
-    x: &[f32],
-    wte: &[f32],
-    targets: &[i32],
-    rows: usize,
-    vocab: usize,
-    c: usize,
-    grad: Option<(&mut [f32], &mut [f32], f32)>,
-) -> f64 {
+/// [`lm_head_loss`] on rows that all have a target (one per entry of `targets`; shapes checked
+/// by the caller).
+fn head_rows(scratch: &mut [f32], x: &[f32], wte: &[f32], targets: &[i32], c: usize, grad: Option<(&mut [f32], &mut [f32], f32)>) -> f64 {
+    let (rows, vocab) = (targets.len(), wte.len() / c);
     if rows == 0 {
         return 0.0;
     }
@@ -190,7 +182,7 @@ fn head_rows(
                     }
                     if !transposed {
                         for (row, &f) in block.chunks_exact_mut(len).zip(fac) {
-                            scale_in_place(row, f);
+                            scale_flush_subnormal(row, f);
                         }
                     }
                     let dl: &mut [f32] = if transposed { &mut nbuf[..len * rows] } else { block };
@@ -223,17 +215,7 @@ fn head_rows(
 
 /// Replaces `row` by `exp(row - max)` and returns `(max, sum of the exponentials)`.
 fn max_exp_in_place(row: &mut [f32]) -> (f32, f32) {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
-        // SAFETY: the feature was detected at run time.
-        return unsafe { max_exp_in_place_avx512(row) };
-    }
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: the feature was detected at run time.
-        return unsafe { max_exp_in_place_avx2(row) };
-    }
-    max_exp_in_place_portable(row)
+    dispatch512!(max_exp_in_place_portable, max_exp_in_place_avx512, max_exp_in_place_avx2, row)
 }
 
 #[inline(always)]
@@ -241,13 +223,9 @@ fn max_exp_in_place_portable(row: &mut [f32]) -> (f32, f32) {
     let max = lane_max(row);
     (max, exp_in_place_sum(row, max) as f32)
 }
+avx2_version!(max_exp_in_place_avx2, max_exp_in_place_portable, (row: &mut [f32]) -> (f32, f32));
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-fn max_exp_in_place_avx2(row: &mut [f32]) -> (f32, f32) {
-    max_exp_in_place_portable(row)
-}
-
+/// [`max_exp_in_place`] in explicit AVX-512 with [`crate::simd::exp16`].
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 fn max_exp_in_place_avx512(row: &mut [f32]) -> (f32, f32) {
@@ -322,9 +300,4 @@ fn scale_transpose_avx512(block: &[f32], dst: &mut [f32], out: &mut [f32], rows:
             out[col * rows + r] = dst[r * len + col];
         }
     }
-}
-
-/// `row *= f` (auto-vectorised; memory-bound), subnormal products flushed to 0.
-fn scale_in_place(row: &mut [f32], f: f32) {
-    row.iter_mut().for_each(|v| *v = flush_subnormal(*v * f));
 }

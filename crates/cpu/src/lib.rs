@@ -5,6 +5,8 @@
 //! [`Cpu`] implements [`lmtrain_backend::Backend`] over them with `Vec<f32>` buffers and
 //! `&[f32]` / `&mut [f32]` views, so the generic model code costs nothing extra here.
 
+#[macro_use]
+mod dispatch;
 mod gemm;
 mod head;
 mod simd;
