@@ -1,16 +1,44 @@
-//! The op interface every model in lmtrain is written against, plus the small value types the
-//! ops share (GELU form, AdamW hyper-parameters, weight-decay segments, GEMM and attention shapes).
+//! The op interface every model in lmtrain is written against ([`Backend`]), plus the small
+//! value types the ops share (GELU form, AdamW hyper-parameters, weight-decay segments, GEMM and
+//! attention shapes, the integer inputs of a micro-batch, the step's scalars).
 //!
-//! A backend owns its memory: [`Backend::Buf`] is an owned buffer of `f32` (a `Vec<f32>` on the
-//! CPU, a device allocation on a GPU), and ops read [`Backend::View`]s and write
-//! [`Backend::ViewMut`]s into such buffers. On the CPU the views are plain `&[f32]` /
-//! `&mut [f32]`, so a model generic over `B: Backend` compiles to the same code as one written
-//! against slices. Integer inputs that come from the host every step (token ids, labels, padding
-//! masks) are passed as host slices; a device backend uploads them itself.
+//! A backend owns its memory: [`Backend::Buf`] is an owned buffer of the backend's compute dtype
+//! (`f32` on the CPU; bf16 on a GPU, with f32 master weights in [`Backend::Master`]), and ops read
+//! [`Backend::View`]s and write [`Backend::ViewMut`]s into such buffers. On the CPU the views are
+//! plain `&[f32]` / `&mut [f32]`, so a model generic over `B: Backend` compiles to the same code
+//! as one written against slices.
+//!
+//! What a device backend needs, and the CPU gets for free:
+//! - the integer inputs of a micro-batch (ids, targets, padding, token types, positions) go to
+//!   the backend once, as a [`Backend::Batch`] made by [`Backend::upload_batch`];
+//! - losses and the gradient norm accumulate in [`Backend::Stats`] (backend memory), read by the
+//!   host once per optimizer step with [`Backend::read_stats`];
+//! - every op returns a [`Result`], so a device failure reaches the user as one line;
+//! - attention keeps what its backward needs in a backend-chosen [`Backend::AttnState`] (the CPU
+//!   keeps the probabilities; a flash kernel keeps the row log-sum-exp);
+//! - [`Backend::gather_rows`] / [`Backend::scatter_add_rows`] let a head run on the labelled rows;
+//! - [`GemmDesc`] carries leading dimensions and strided batches, and [`Epilogue`] the bias and
+//!   GELU epilogues a cuBLASLt matmul applies for free.
 //!
 //! Conventions (llm.c style): outputs first, then inputs, then sizes; every `*_backward`
 //! ACCUMULATES (`+=`) into its gradient outputs, so gradients of a parameter used twice (tied
 //! embeddings) and gradient accumulation over micro-batches need no extra code.
+
+mod batch;
+
+pub use batch::{HostBatch, Inputs};
+
+/// Label value that contributes no loss (PyTorch `ignore_index`).
+pub const IGNORE_INDEX: i32 = -100;
+
+/// An op or transfer that failed on the backend (a device error, an allocation that did not
+/// fit); the message is one line for the user.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct BackendError(pub String);
+
+/// Result of a backend op.
+pub type Result<T> = std::result::Result<T, BackendError>;
 
 /// The GELU form of a model's MLP.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -36,6 +64,63 @@ pub struct AdamWHyper {
     pub step: u32,
     /// Factor applied to the gradients before the update (gradient clipping); 1.0 = none.
     pub grad_scale: f32,
+}
+
+impl AdamWHyper {
+    /// `(lr / (1 - beta1^step), sqrt(1 - beta2^step))`: the bias corrections as torch computes
+    /// them (in double precision, like Python floats), rounded to f32 once. Every backend's
+    /// update uses these two numbers, so they agree on the bits of the step size.
+    pub fn bias_corrections(&self) -> (f32, f32) {
+        let bc1 = 1.0 - (self.beta1 as f64).powi(self.step as i32);
+        let bc2 = 1.0 - (self.beta2 as f64).powi(self.step as i32);
+        ((self.lr as f64 / bc1) as f32, bc2.sqrt() as f32)
+    }
+}
+
+/// What one optimizer step needs besides the buffers: the hyper-parameters of
+/// [`AdamWHyper`] without the gradient scale, which the backend derives from the gradient norm
+/// in [`Backend::Stats`] (so clipping never makes the host wait for the device).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdamWStep {
+    /// Learning rate of this step (after the schedule).
+    pub lr: f32,
+    /// First-moment decay.
+    pub beta1: f32,
+    /// Second-moment decay.
+    pub beta2: f32,
+    /// Denominator epsilon.
+    pub eps: f32,
+    /// 1-based step number.
+    pub step: u32,
+    /// Clip the averaged gradient to this global norm (`<= 0`: no clipping).
+    pub max_grad_norm: f32,
+    /// Micro-batches whose gradients were summed (they are averaged).
+    pub accum: u32,
+}
+
+impl AdamWStep {
+    /// The averaged gradient's norm and the factor applied to the summed gradients, from the
+    /// summed gradients' norm: averaging and clipping as one scale.
+    pub fn grad_scale(&self, raw_norm: f32) -> (f32, f32) {
+        let inv_accum = 1.0 / self.accum as f32;
+        let norm = raw_norm * inv_accum;
+        (norm, clip_scale(norm, self.max_grad_norm) * inv_accum)
+    }
+
+    /// The op-level hyper-parameters for a given gradient scale.
+    pub fn hyper(&self, grad_scale: f32) -> AdamWHyper {
+        AdamWHyper { lr: self.lr, beta1: self.beta1, beta2: self.beta2, eps: self.eps, step: self.step, grad_scale }
+    }
+}
+
+/// The factor `torch.nn.utils.clip_grad_norm_(max_norm)` multiplies gradients by, given their
+/// global L2 norm: `min(1, max_norm / (norm + 1e-6))`, evaluated in f32 as torch does. A
+/// non-positive `max_norm` disables clipping (HF Trainer skips the call then).
+pub fn clip_scale(norm: f32, max_norm: f32) -> f32 {
+    if max_norm <= 0.0 {
+        return 1.0;
+    }
+    (max_norm / (norm + 1e-6)).min(1.0)
 }
 
 /// A contiguous range of the flat parameter buffer sharing one weight-decay coefficient.
@@ -106,6 +191,84 @@ pub struct AttnMask<'a> {
     pub key_padding: Option<&'a [bool]>,
 }
 
+/// A matrix product as a device library describes it: [`GemmShape`] plus leading dimensions
+/// (row strides of the stored operands; 0 = packed) and an optional strided batch
+/// (`C_i (+)= op(A_i) · op(B_i)` with `X_i = X + i * stride_x`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GemmDesc {
+    /// The per-matrix shape.
+    pub shape: GemmShape,
+    /// Row stride of stored A (0 = packed: `k`, or `m` when transposed).
+    pub lda: usize,
+    /// Row stride of stored B (0 = packed).
+    pub ldb: usize,
+    /// Row stride of C (0 = packed: `n`).
+    pub ldc: usize,
+    /// Number of products (1 = a plain GEMM).
+    pub batch: usize,
+    /// Element offsets between consecutive A, B and C matrices of a batch.
+    pub strides: [usize; 3],
+}
+
+impl From<GemmShape> for GemmDesc {
+    fn from(shape: GemmShape) -> Self {
+        GemmDesc { shape, lda: 0, ldb: 0, ldc: 0, batch: 1, strides: [0; 3] }
+    }
+}
+
+impl GemmDesc {
+    /// Row strides of stored A, B and C with the packed defaults filled in.
+    pub fn leading_dims(&self) -> (usize, usize, usize) {
+        let s = self.shape;
+        let or = |ld: usize, packed: usize| if ld == 0 { packed } else { ld };
+        (
+            or(self.lda, if s.trans_a { s.m } else { s.k }),
+            or(self.ldb, if s.trans_b { s.k } else { s.n }),
+            or(self.ldc, s.n),
+        )
+    }
+    /// Whether every operand is packed and there is one product.
+    pub fn is_packed(&self) -> bool {
+        self.batch == 1 && self.leading_dims() == GemmDesc::from(self.shape).leading_dims()
+    }
+}
+
+/// What a matrix product does to its output after the product (cuBLASLt epilogues).
+pub enum Epilogue<'a, 'b, B: Backend> {
+    /// `C = A·B` (or `+=`).
+    None,
+    /// `C = A·B + bias` (bias broadcast over rows).
+    Bias(B::View<'a>),
+    /// `pre = A·B + bias`, `C = gelu(pre)`; `pre` is kept for the backward.
+    BiasGelu {
+        /// The bias.
+        bias: B::View<'a>,
+        /// GELU form.
+        kind: GeluKind,
+        /// Receives the pre-activation.
+        pre: B::ViewMut<'b>,
+    },
+}
+
+/// Which rows of a batch a head computes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Rows {
+    /// Every position `b * t`, each against its target (ignored targets cost nothing).
+    All,
+    /// Only the positions with a label, in order ([`Inputs::labelled_rows`]); the input holds
+    /// just those rows (see [`Backend::gather_rows`]).
+    Labelled,
+}
+
+/// The step's scalars as the host reads them (see [`Backend::read_stats`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct StepStats {
+    /// Sum of the weighted mean losses added since the last reset.
+    pub loss: f64,
+    /// Global L2 norm of the gradient buffer at the last [`Backend::global_norm`].
+    pub grad_norm: f32,
+}
+
 /// Inverted dropout: keep with probability `1 - p`, scale kept values by `1 / (1 - p)`.
 /// The mask is a pure function of `(seed, element index)`, so backward regenerates it instead of
 /// storing it, and every backend draws the same mask.
@@ -137,6 +300,12 @@ impl Dropout {
     }
 }
 
+/// A seed for the sub-stream `stream` of `seed` (dropout sites, micro-batches, masking).
+#[inline]
+pub fn mix_seed(seed: u64, stream: u64) -> u64 {
+    mix64(seed ^ mix64(stream))
+}
+
 /// SplitMix64 finaliser: a fast, well-mixing 64-bit hash (counter-based randomness for dropout
 /// and seed derivation).
 #[inline]
@@ -147,11 +316,10 @@ pub fn mix64(mut z: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-/// The op interface. Implemented by `lmtrain_cpu::Cpu` (the reference) and, later, device
-/// backends. Sizes are in elements; every op checks (at least in debug builds) that its views are
-/// as long as the sizes say.
-pub trait Backend: Send + Sync + Sized {
-    /// An owned buffer of `f32`.
+/// The op interface. Implemented by `lmtrain_cpu::Cpu` (the reference) and device backends.
+/// Sizes are in elements; every op checks that its views are as long as the sizes say.
+pub trait Backend: Send + Sync + Sized + 'static {
+    /// An owned buffer of the compute dtype.
     type Buf: Send + Sync;
     /// A shared view of (part of) a buffer.
     type View<'a>: Copy
@@ -161,15 +329,27 @@ pub trait Backend: Send + Sync + Sized {
     type ViewMut<'a>
     where
         Self: 'a;
+    /// An owned f32 buffer: master weights and optimizer moments.
+    type Master: Send + Sync;
+    /// The integer inputs of one micro-batch, in backend memory.
+    type Batch: Send + Sync;
+    /// The step's accumulated scalars (losses, gradient norm), in backend memory.
+    type Stats: Send + Sync;
+    /// What attention saves for its backward, for one layer.
+    type AttnState: Send + Sync;
+
+    /// Whether [`Backend::Buf`] holds f32, so parameters are their own master copy and the
+    /// optimizer keeps no second one.
+    const F32_COMPUTE: bool;
 
     // ---- memory -------------------------------------------------------------------------
     /// A zero-filled buffer of `len` elements.
-    fn alloc(&self, len: usize) -> Self::Buf;
-    /// A buffer holding `data` (moved, not copied, on the CPU).
+    fn alloc(&self, len: usize) -> Result<Self::Buf>;
+    /// A buffer holding `data` converted to the compute dtype (moved, not copied, on the CPU).
     #[allow(clippy::wrong_self_convention)] // a device backend needs its context to allocate
-    fn from_host(&self, data: Vec<f32>) -> Self::Buf;
-    /// Copy a view to host memory.
-    fn to_host(&self, v: Self::View<'_>) -> Vec<f32>;
+    fn from_host(&self, data: Vec<f32>) -> Result<Self::Buf>;
+    /// Copy a view to host memory as f32.
+    fn to_host(&self, v: Self::View<'_>) -> Result<Vec<f32>>;
     /// Elements in a buffer.
     fn buf_len(buf: &Self::Buf) -> usize;
     /// The whole buffer, shared.
@@ -192,28 +372,43 @@ pub trait Backend: Send + Sync + Sized {
     fn reborrow<'s>(v: &'s mut Self::ViewMut<'_>) -> Self::ViewMut<'s>;
     /// A shared view of the same memory.
     fn as_view<'s>(v: &'s Self::ViewMut<'_>) -> Self::View<'s>;
+    /// An f32 buffer holding `data`.
+    #[allow(clippy::wrong_self_convention)]
+    fn master_from_host(&self, data: Vec<f32>) -> Result<Self::Master>;
+    /// Copy an f32 buffer to host memory.
+    fn master_to_host(&self, m: &Self::Master) -> Result<Vec<f32>>;
+    /// Elements in an f32 buffer.
+    fn master_len(m: &Self::Master) -> usize;
+
+    // ---- inputs and scalars ---------------------------------------------------------------
+    /// Hand a micro-batch's integer inputs to the backend (once per micro-batch).
+    fn upload_batch(&self, batch: &HostBatch<'_>) -> Result<Self::Batch>;
+    /// Zeroed step scalars.
+    fn new_stats(&self) -> Result<Self::Stats>;
+    /// Zero the step scalars.
+    fn reset_stats(&self, stats: &mut Self::Stats) -> Result<()>;
+    /// Read the step scalars (the one device-to-host sync of a step).
+    fn read_stats(&self, stats: &Self::Stats) -> Result<StepStats>;
+    /// Attention state for one layer of shape `s`.
+    fn alloc_attn_state(&self, s: AttnShape) -> Result<Self::AttnState>;
 
     // ---- elementwise ----------------------------------------------------------------------
     /// `x = 0`.
-    fn fill_zero(&self, x: Self::ViewMut<'_>);
+    fn fill_zero(&self, x: Self::ViewMut<'_>) -> Result<()>;
     /// `dst = src`.
-    fn copy(&self, dst: Self::ViewMut<'_>, src: Self::View<'_>);
-    /// `x *= s`.
-    fn scale(&self, x: Self::ViewMut<'_>, s: f32);
+    fn copy(&self, dst: Self::ViewMut<'_>, src: Self::View<'_>) -> Result<()>;
     /// `out = a + b` (residual connection forward).
-    fn residual_forward(&self, out: Self::ViewMut<'_>, a: Self::View<'_>, b: Self::View<'_>);
+    fn residual_forward(&self, out: Self::ViewMut<'_>, a: Self::View<'_>, b: Self::View<'_>) -> Result<()>;
     /// `dst += src` (residual connection backward, gradient fan-in).
-    fn add_inplace(&self, dst: Self::ViewMut<'_>, src: Self::View<'_>);
+    fn add_inplace(&self, dst: Self::ViewMut<'_>, src: Self::View<'_>) -> Result<()>;
     /// Inverted dropout applied in place; also its own backward (same mask, same scale).
-    fn dropout_inplace(&self, x: Self::ViewMut<'_>, d: Dropout);
+    fn dropout_inplace(&self, x: Self::ViewMut<'_>, d: Dropout) -> Result<()>;
 
     // ---- layers ---------------------------------------------------------------------------
-    /// `C (+)= op(A) · op(B)`, see [`GemmShape`].
-    fn gemm(&self, c: Self::ViewMut<'_>, a: Self::View<'_>, b: Self::View<'_>, s: GemmShape);
-    /// `out[r, :] += bias` for every row.
-    fn add_bias(&self, out: Self::ViewMut<'_>, bias: Self::View<'_>, rows: usize, cols: usize);
+    /// `C (+)= op(A) · op(B)` then the epilogue, see [`GemmDesc`] and [`Epilogue`].
+    fn gemm(&self, c: Self::ViewMut<'_>, a: Self::View<'_>, b: Self::View<'_>, d: &GemmDesc, epi: Epilogue<'_, '_, Self>) -> Result<()>;
     /// `dbias += column sums of dout`.
-    fn bias_backward(&self, dbias: Self::ViewMut<'_>, dout: Self::View<'_>, rows: usize, cols: usize);
+    fn bias_backward(&self, dbias: Self::ViewMut<'_>, dout: Self::View<'_>, rows: usize, cols: usize) -> Result<()>;
     /// LayerNorm over the last dimension; saves per-row mean and 1/std for backward.
     #[allow(clippy::too_many_arguments)]
     fn layernorm_forward(
@@ -227,7 +422,7 @@ pub trait Backend: Send + Sync + Sized {
         rows: usize,
         cols: usize,
         eps: f32,
-    );
+    ) -> Result<()>;
     /// LayerNorm backward (accumulates into all three gradients).
     #[allow(clippy::too_many_arguments)]
     fn layernorm_backward(
@@ -242,58 +437,45 @@ pub trait Backend: Send + Sync + Sized {
         rstd: Self::View<'_>,
         rows: usize,
         cols: usize,
-    );
+    ) -> Result<()>;
     /// `out = gelu(inp)`.
-    fn gelu_forward(&self, out: Self::ViewMut<'_>, inp: Self::View<'_>, kind: GeluKind);
+    fn gelu_forward(&self, out: Self::ViewMut<'_>, inp: Self::View<'_>, kind: GeluKind) -> Result<()>;
     /// `dinp += gelu'(inp) * dout`.
-    fn gelu_backward(&self, dinp: Self::ViewMut<'_>, inp: Self::View<'_>, dout: Self::View<'_>, kind: GeluKind);
-    /// `out[b, t] = wte[ids[b, t]] + wpe[pos_offset + t]`.
+    fn gelu_backward(&self, dinp: Self::ViewMut<'_>, inp: Self::View<'_>, dout: Self::View<'_>, kind: GeluKind) -> Result<()>;
+    /// `out[b, t] = word[ids] + position[pos] + token_type[types]` with the batch's position ids
+    /// (or `t` itself when it has none); absent tables add nothing.
+    fn embedding_forward(&self, out: Self::ViewMut<'_>, tables: EmbeddingTables<Self::View<'_>>, batch: &Self::Batch, c: usize) -> Result<()>;
+    /// The scatter-add of [`Backend::embedding_forward`] into the gradients of its tables.
+    fn embedding_backward(&self, grads: EmbeddingTables<Self::ViewMut<'_>>, dout: Self::View<'_>, batch: &Self::Batch, c: usize) -> Result<()>;
+    /// Scaled dot-product attention over fused `qkv` (`[b, t, 3C]`: q, k, v, heads contiguous in
+    /// each) into `out` (`[b, t, C]`, heads concatenated), scale `1/sqrt(head_size)`, causal
+    /// and/or masked by the batch's key padding, dropout on the probabilities. Saves what the
+    /// backward needs in `state`.
     #[allow(clippy::too_many_arguments)]
-    fn embedding_forward(
-        &self,
-        out: Self::ViewMut<'_>,
-        wte: Self::View<'_>,
-        wpe: Self::View<'_>,
-        ids: &[u32],
-        b: usize,
-        t: usize,
-        c: usize,
-        pos_offset: usize,
-    );
-    /// `dwte[ids[b, t]] += dout[b, t]`, `dwpe[t] += dout[b, t]`.
-    #[allow(clippy::too_many_arguments)]
-    fn embedding_backward(
-        &self,
-        dwte: Self::ViewMut<'_>,
-        dwpe: Self::ViewMut<'_>,
-        dout: Self::View<'_>,
-        ids: &[u32],
-        b: usize,
-        t: usize,
-        c: usize,
-    );
-    /// Scaled dot-product attention over fused `qkv` (`[b, t, 3C]`) into `out` (`[b, t, C]`,
-    /// heads concatenated). Saves the softmax probabilities (`[b, n_head, t, t]`, before dropout)
-    /// for backward. Scale `1/sqrt(head_size)`.
     fn attention_forward(
         &self,
         out: Self::ViewMut<'_>,
-        probs: Self::ViewMut<'_>,
+        state: &mut Self::AttnState,
         qkv: Self::View<'_>,
         s: AttnShape,
-        mask: AttnMask<'_>,
+        causal: bool,
+        batch: &Self::Batch,
         dropout: Dropout,
-    );
-    /// Attention backward: `dqkv += ...` from `dout`, the forward's `qkv` and saved `probs`.
+    ) -> Result<()>;
+    /// Attention backward: `dqkv += ...` from `dout` and the forward's `qkv`, `out` and `state`.
+    #[allow(clippy::too_many_arguments)]
     fn attention_backward(
         &self,
         dqkv: Self::ViewMut<'_>,
         dout: Self::View<'_>,
         qkv: Self::View<'_>,
-        probs: Self::View<'_>,
+        out: Self::View<'_>,
+        state: &Self::AttnState,
         s: AttnShape,
+        causal: bool,
+        batch: &Self::Batch,
         dropout: Dropout,
-    );
+    ) -> Result<()>;
     /// Incremental causal attention for generation (batch 1): `n_new` queries at positions
     /// `start..start + n_new` (`q`: `[n_new, C]`) over cached keys/values `[>= start + n_new, C]`.
     #[allow(clippy::too_many_arguments)]
@@ -307,45 +489,75 @@ pub trait Backend: Send + Sync + Sized {
         n_new: usize,
         n_head: usize,
         head_size: usize,
-    );
-    /// Fused softmax + cross-entropy on `logits` (`[rows, vocab]`) against `targets`
-    /// (`-100` = ignored). Returns the SUM of the per-row losses over non-ignored rows. When
-    /// `dloss` is `Some(g)`, `logits` is overwritten in place by `d loss / d logits` with each
-    /// valid row's loss weighted by `g` (ignored rows become 0) — the probabilities are never
-    /// stored separately.
-    fn cross_entropy(&self, logits: Self::ViewMut<'_>, targets: &[i32], rows: usize, vocab: usize, dloss: Option<f32>) -> f64;
-    /// A tied output head fused with [`Backend::cross_entropy`]: `logits = x · wte^T`
-    /// (`x`: `[rows, c]`, `wte`: `[vocab, c]`), softmax cross-entropy against `targets`; returns
-    /// the SUM of the row losses. With `grad = Some((dx, dwte, dloss))` also runs the backward:
-    /// `dx = dlogits · wte` (overwritten) and `dwte += dlogits^T · x`, rows weighted by `dloss`.
-    /// `scratch` (at least `rows * vocab`) holds the logits in whatever layout the backend likes
-    /// (the CPU keeps vocabulary chunks contiguous); it is the only full-size buffer involved.
+    ) -> Result<()>;
+    /// `out[i] = x[labelled_rows[i]]` (`cols` wide): the rows a head on labelled rows reads.
+    fn gather_rows(&self, out: Self::ViewMut<'_>, x: Self::View<'_>, batch: &Self::Batch, cols: usize) -> Result<()>;
+    /// `dx[labelled_rows[i]] += dsel[i]`: the backward of [`Backend::gather_rows`].
+    fn scatter_add_rows(&self, dx: Self::ViewMut<'_>, dsel: Self::View<'_>, batch: &Self::Batch, cols: usize) -> Result<()>;
+    /// An output head tied to the word embeddings fused with softmax cross-entropy:
+    /// `logits = x · wte^T (+ bias)` (`x`: `[rows, c]`, `wte`: `[vocab, c]`) against the batch's
+    /// targets of `rows`; adds the mean loss over the batch's labels times `weight` to `stats`
+    /// (NaN when the batch has no label, as Hugging Face). With `grad` also runs the backward,
+    /// each row's loss weighted by `grad.dloss`: `dx = dlogits · wte` (overwritten),
+    /// `dwte += dlogits^T · x`, `dbias += column sums of dlogits`. `scratch` (at least
+    /// `rows * vocab`) holds the logits in whatever layout the backend likes; it is the only
+    /// full-size buffer involved.
     #[allow(clippy::too_many_arguments)]
     fn lm_head_loss(
         &self,
         scratch: Self::ViewMut<'_>,
         x: Self::View<'_>,
         wte: Self::View<'_>,
-        targets: &[i32],
-        rows: usize,
-        vocab: usize,
+        bias: Option<Self::View<'_>>,
+        batch: &Self::Batch,
+        rows: Rows,
         c: usize,
-        grad: Option<(Self::ViewMut<'_>, Self::ViewMut<'_>, f32)>,
-    ) -> f64;
+        grad: Option<HeadGrads<Self::ViewMut<'_>>>,
+        stats: &mut Self::Stats,
+        weight: f64,
+    ) -> Result<()>;
 
     // ---- optimizer ------------------------------------------------------------------------
-    /// torch.optim.AdamW step over the flat buffer, see `lmtrain_cpu::ops::adamw_update`.
+    /// Store the global L2 norm of `grads` (accumulated in f64) in `stats`.
+    fn global_norm(&self, grads: Self::View<'_>, stats: &mut Self::Stats) -> Result<()>;
+    /// One torch.optim.AdamW step over the flat buffer, the gradients averaged and clipped by
+    /// the norm in `stats` ([`AdamWStep::grad_scale`]). With a `master` copy the update runs on
+    /// it and `params` receives its rounding; without one `params` is updated directly.
+    #[allow(clippy::too_many_arguments)]
     fn adamw_update(
         &self,
         params: Self::ViewMut<'_>,
+        master: Option<&mut Self::Master>,
         grads: Self::View<'_>,
-        m: Self::ViewMut<'_>,
-        v: Self::ViewMut<'_>,
+        m: &mut Self::Master,
+        v: &mut Self::Master,
         segments: &[DecaySegment],
-        hp: &AdamWHyper,
-    );
-    /// `sqrt(sum g^2)`, accumulated in f64.
-    fn global_norm(&self, grads: Self::View<'_>) -> f32;
+        step: &AdamWStep,
+        stats: &Self::Stats,
+    ) -> Result<()>;
+}
+
+/// The tables of an embedding layer (views of parameters or of their gradients).
+#[derive(Clone, Copy, Debug)]
+pub struct EmbeddingTables<V> {
+    /// Word embeddings `[vocab, c]`.
+    pub word: V,
+    /// Absolute position embeddings `[positions, c]`, if the model has them.
+    pub position: Option<V>,
+    /// Token-type embeddings `[types, c]`, if the model has them.
+    pub token_type: Option<V>,
+}
+
+/// The gradient outputs of [`Backend::lm_head_loss`].
+pub struct HeadGrads<V> {
+    /// `d loss / d x`, overwritten.
+    pub dx: V,
+    /// Gradient of the tied word embeddings (accumulated).
+    pub dwte: V,
+    /// Gradient of the output bias (accumulated), when the head has one.
+    pub dbias: Option<V>,
+    /// Weight of each row's loss (1 / labels for a mean).
+    pub dloss: f32,
 }
 
 #[cfg(test)]

@@ -9,7 +9,7 @@
 //! differently).
 
 use gemm::Parallelism;
-use lmtrain_backend::GemmShape;
+use lmtrain_backend::{GemmDesc, GemmShape};
 
 /// Below this many multiply-adds a product runs on the calling thread.
 const PAR_THRESHOLD: usize = 1 << 18;
@@ -106,6 +106,35 @@ pub fn matmul(c: &mut [f32], a: &[f32], b: &[f32], s: GemmShape) {
     });
 }
 
+/// [`matmul`] with leading dimensions and strided batches (see [`GemmDesc`]). A packed
+/// description takes [`matmul`] itself; otherwise each product of the batch runs on the
+/// calling thread, one after the other.
+pub fn matmul_desc(c: &mut [f32], a: &[f32], b: &[f32], d: &GemmDesc) {
+    if d.is_packed() {
+        return matmul(c, a, b, d.shape);
+    }
+    let GemmShape { m, n, k, trans_a, trans_b, accumulate } = d.shape;
+    let (lda, ldb, ldc) = d.leading_dims();
+    let [sa, sb, sc] = d.strides;
+    let last = d.batch.saturating_sub(1);
+    // the largest element each operand's last matrix touches
+    let (ar, ac) = if trans_a { (k, m) } else { (m, k) };
+    let (br, bc) = if trans_b { (n, k) } else { (k, n) };
+    let span = |rows: usize, cols: usize, ld: usize| if rows == 0 || cols == 0 { 0 } else { (rows - 1) * ld + cols };
+    assert!(ac <= lda && bc <= ldb && n <= ldc, "gemm: a leading dimension is shorter than its row");
+    assert!(a.len() >= last * sa + span(ar, ac, lda), "gemm: A too short for the description");
+    assert!(b.len() >= last * sb + span(br, bc, ldb), "gemm: B too short for the description");
+    assert!(c.len() >= last * sc + span(m, n, ldc), "gemm: C too short for the description");
+    let (a_rs, a_cs) = if trans_a { (1, lda as isize) } else { (lda as isize, 1) };
+    let (b_rs, b_cs) = if trans_b { (1, ldb as isize) } else { (ldb as isize, 1) };
+    for i in 0..d.batch {
+        // SAFETY: the asserts above keep every index of product i inside its operand.
+        unsafe {
+            matmul_strided(m, n, k, c.as_mut_ptr().add(i * sc), ldc, a.as_ptr().add(i * sa), a_rs, a_cs, b.as_ptr().add(i * sb), b_rs, b_cs, accumulate, 1.0);
+        }
+    }
+}
+
 /// Single-threaded `C (+)= scale · A · B` with explicit strides, for the small per-head products
 /// inside attention (called from already-parallel loops).
 ///
@@ -172,6 +201,45 @@ mod tests {
             }
         }
         c
+    }
+
+    #[test]
+    fn leading_dimensions_and_strided_batches_match_packed_products() {
+        let mut seed = 3u64;
+        let mut rnd = || {
+            seed = lmtrain_backend::mix64(seed);
+            (seed >> 40) as f32 / 16_777_216.0 - 0.5
+        };
+        let (m, n, k, batch) = (5, 7, 3, 3);
+        for ta in [false, true] {
+            for tb in [false, true] {
+                let s = GemmShape { m, n, k, trans_a: ta, trans_b: tb, accumulate: false };
+                // operands padded by 2 columns, matrices 1 element apart beyond their extent
+                let (ar, ac) = if ta { (k, m) } else { (m, k) };
+                let (br, bc) = if tb { (n, k) } else { (k, n) };
+                let (lda, ldb, ldc) = (ac + 2, bc + 2, n + 2);
+                let (sa, sb, sc) = (ar * lda + 1, br * ldb + 1, m * ldc + 1);
+                let a: Vec<f32> = (0..batch * sa).map(|_| rnd()).collect();
+                let b: Vec<f32> = (0..batch * sb).map(|_| rnd()).collect();
+                let mut c = vec![7f32; batch * sc];
+                let d = GemmDesc { shape: s, lda, ldb, ldc, batch, strides: [sa, sb, sc] };
+                matmul_desc(&mut c, &a, &b, &d);
+                for i in 0..batch {
+                    let pack = |x: &[f32], r: usize, cols: usize, ld: usize| (0..r).flat_map(|row| x[row * ld..row * ld + cols].to_vec()).collect::<Vec<f32>>();
+                    let want = naive(&pack(&a[i * sa..], ar, ac, lda), &pack(&b[i * sb..], br, bc, ldb), s);
+                    for row in 0..m {
+                        for col in 0..ldc {
+                            let got = c[i * sc + row * ldc + col];
+                            if col < n {
+                                assert!((got - want[row * n + col]).abs() < 1e-5, "batch {i} ({row}, {col}) ta={ta} tb={tb}");
+                            } else {
+                                assert_eq!(got, 7.0, "padding of C is left alone");
+                            }
+                        }
+                    }
+                }
+            }
+        }
     }
 
     #[test]

@@ -12,7 +12,10 @@ mod simd;
 pub mod math;
 pub mod ops;
 
-use lmtrain_backend::{AdamWHyper, AttnMask, AttnShape, Backend, DecaySegment, Dropout, GeluKind, GemmShape};
+use lmtrain_backend::{
+    AdamWStep, AttnMask, AttnShape, Backend, BackendError, DecaySegment, Dropout, EmbeddingTables, Epilogue, GeluKind, GemmDesc,
+    HeadGrads, HostBatch, Inputs, Result, Rows, StepStats,
+};
 
 /// The CPU backend (stateless; threads come from rayon's global pool).
 #[derive(Clone, Copy, Debug, Default)]
@@ -22,15 +25,25 @@ impl Backend for Cpu {
     type Buf = Vec<f32>;
     type View<'a> = &'a [f32];
     type ViewMut<'a> = &'a mut [f32];
+    type Master = Vec<f32>;
+    type Batch = Inputs;
+    type Stats = StepStats;
+    /// The softmax probabilities `[b, n_head, t, t]` (before dropout).
+    type AttnState = Vec<f32>;
 
-    fn alloc(&self, len: usize) -> Vec<f32> {
-        vec![0.0; len]
+    const F32_COMPUTE: bool = true;
+
+    fn alloc(&self, len: usize) -> Result<Vec<f32>> {
+        let mut v = Vec::new();
+        v.try_reserve_exact(len).map_err(|_| BackendError(format!("out of memory allocating {} MB", len * 4 >> 20)))?;
+        v.resize(len, 0.0);
+        Ok(v)
     }
-    fn from_host(&self, data: Vec<f32>) -> Vec<f32> {
-        data
+    fn from_host(&self, data: Vec<f32>) -> Result<Vec<f32>> {
+        Ok(data)
     }
-    fn to_host(&self, v: &[f32]) -> Vec<f32> {
-        v.to_vec()
+    fn to_host(&self, v: &[f32]) -> Result<Vec<f32>> {
+        Ok(v.to_vec())
     }
     fn buf_len(buf: &Vec<f32>) -> usize {
         buf.len()
@@ -65,33 +78,74 @@ impl Backend for Cpu {
     fn as_view<'s>(v: &'s &mut [f32]) -> &'s [f32] {
         v
     }
+    fn master_from_host(&self, data: Vec<f32>) -> Result<Vec<f32>> {
+        Ok(data)
+    }
+    fn master_to_host(&self, m: &Vec<f32>) -> Result<Vec<f32>> {
+        Ok(m.clone())
+    }
+    fn master_len(m: &Vec<f32>) -> usize {
+        m.len()
+    }
 
-    fn fill_zero(&self, x: &mut [f32]) {
+    fn upload_batch(&self, batch: &HostBatch<'_>) -> Result<Inputs> {
+        Ok(Inputs::new(batch))
+    }
+    fn new_stats(&self) -> Result<StepStats> {
+        Ok(StepStats::default())
+    }
+    fn reset_stats(&self, stats: &mut StepStats) -> Result<()> {
+        *stats = StepStats::default();
+        Ok(())
+    }
+    fn read_stats(&self, stats: &StepStats) -> Result<StepStats> {
+        Ok(*stats)
+    }
+    fn alloc_attn_state(&self, s: AttnShape) -> Result<Vec<f32>> {
+        self.alloc(s.probs_len())
+    }
+
+    fn fill_zero(&self, x: &mut [f32]) -> Result<()> {
         ops::fill_zero(x);
+        Ok(())
     }
-    fn copy(&self, dst: &mut [f32], src: &[f32]) {
+    fn copy(&self, dst: &mut [f32], src: &[f32]) -> Result<()> {
         dst.copy_from_slice(src);
+        Ok(())
     }
-    fn scale(&self, x: &mut [f32], s: f32) {
-        ops::scale(x, s);
-    }
-    fn residual_forward(&self, out: &mut [f32], a: &[f32], b: &[f32]) {
+    fn residual_forward(&self, out: &mut [f32], a: &[f32], b: &[f32]) -> Result<()> {
         ops::residual_forward(out, a, b);
+        Ok(())
     }
-    fn add_inplace(&self, dst: &mut [f32], src: &[f32]) {
+    fn add_inplace(&self, dst: &mut [f32], src: &[f32]) -> Result<()> {
         ops::add_inplace(dst, src);
+        Ok(())
     }
-    fn dropout_inplace(&self, x: &mut [f32], d: Dropout) {
+    fn dropout_inplace(&self, x: &mut [f32], d: Dropout) -> Result<()> {
         ops::dropout_inplace(x, d);
+        Ok(())
     }
-    fn gemm(&self, c: &mut [f32], a: &[f32], b: &[f32], s: GemmShape) {
-        ops::matmul(c, a, b, s);
+    fn gemm(&self, c: &mut [f32], a: &[f32], b: &[f32], d: &GemmDesc, epi: Epilogue<'_, '_, Self>) -> Result<()> {
+        let (m, n) = (d.shape.m, d.shape.n);
+        match epi {
+            Epilogue::None => ops::matmul_desc(c, a, b, d),
+            Epilogue::Bias(bias) => {
+                assert!(d.is_packed(), "gemm: epilogues take packed products");
+                ops::matmul(c, a, b, d.shape);
+                ops::add_bias(c, bias, m, n);
+            }
+            Epilogue::BiasGelu { bias, kind, pre } => {
+                assert!(d.is_packed() && !d.shape.accumulate, "gemm: the GELU epilogue takes a packed, overwriting product");
+                ops::matmul(pre, a, b, d.shape);
+                ops::add_bias(pre, bias, m, n);
+                ops::gelu_forward(c, pre, kind);
+            }
+        }
+        Ok(())
     }
-    fn add_bias(&self, out: &mut [f32], bias: &[f32], rows: usize, cols: usize) {
-        ops::add_bias(out, bias, rows, cols);
-    }
-    fn bias_backward(&self, dbias: &mut [f32], dout: &[f32], rows: usize, cols: usize) {
+    fn bias_backward(&self, dbias: &mut [f32], dout: &[f32], rows: usize, cols: usize) -> Result<()> {
         ops::bias_backward(dbias, dout, rows, cols);
+        Ok(())
     }
     fn layernorm_forward(
         &self,
@@ -104,8 +158,9 @@ impl Backend for Cpu {
         rows: usize,
         cols: usize,
         eps: f32,
-    ) {
+    ) -> Result<()> {
         ops::layernorm_forward(out, mean, rstd, inp, weight, bias, rows, cols, eps);
+        Ok(())
     }
     fn layernorm_backward(
         &self,
@@ -119,36 +174,55 @@ impl Backend for Cpu {
         rstd: &[f32],
         rows: usize,
         cols: usize,
-    ) {
+    ) -> Result<()> {
         ops::layernorm_backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd, rows, cols);
+        Ok(())
     }
-    fn gelu_forward(&self, out: &mut [f32], inp: &[f32], kind: GeluKind) {
+    fn gelu_forward(&self, out: &mut [f32], inp: &[f32], kind: GeluKind) -> Result<()> {
         ops::gelu_forward(out, inp, kind);
+        Ok(())
     }
-    fn gelu_backward(&self, dinp: &mut [f32], inp: &[f32], dout: &[f32], kind: GeluKind) {
+    fn gelu_backward(&self, dinp: &mut [f32], inp: &[f32], dout: &[f32], kind: GeluKind) -> Result<()> {
         ops::gelu_backward(dinp, inp, dout, kind);
+        Ok(())
     }
-    fn embedding_forward(
+    fn embedding_forward(&self, out: &mut [f32], tables: EmbeddingTables<&[f32]>, batch: &Inputs, c: usize) -> Result<()> {
+        ops::embedding_forward(out, tables, batch, c);
+        Ok(())
+    }
+    fn embedding_backward(&self, grads: EmbeddingTables<&mut [f32]>, dout: &[f32], batch: &Inputs, c: usize) -> Result<()> {
+        ops::embedding_backward(grads, dout, batch, c);
+        Ok(())
+    }
+    fn attention_forward(
         &self,
         out: &mut [f32],
-        wte: &[f32],
-        wpe: &[f32],
-        ids: &[u32],
-        b: usize,
-        t: usize,
-        c: usize,
-        pos_offset: usize,
-    ) {
-        ops::embedding_forward(out, wte, wpe, ids, b, t, c, pos_offset);
-    }
-    fn embedding_backward(&self, dwte: &mut [f32], dwpe: &mut [f32], dout: &[f32], ids: &[u32], b: usize, t: usize, c: usize) {
-        ops::embedding_backward(dwte, dwpe, dout, ids, b, t, c);
-    }
-    fn attention_forward(&self, out: &mut [f32], probs: &mut [f32], qkv: &[f32], s: AttnShape, mask: AttnMask<'_>, dropout: Dropout) {
+        probs: &mut Vec<f32>,
+        qkv: &[f32],
+        s: AttnShape,
+        causal: bool,
+        batch: &Inputs,
+        dropout: Dropout,
+    ) -> Result<()> {
+        let mask = AttnMask { causal, key_padding: batch.key_padding.as_deref() };
         ops::attention_forward(out, probs, qkv, s, mask, dropout);
+        Ok(())
     }
-    fn attention_backward(&self, dqkv: &mut [f32], dout: &[f32], qkv: &[f32], probs: &[f32], s: AttnShape, dropout: Dropout) {
+    fn attention_backward(
+        &self,
+        dqkv: &mut [f32],
+        dout: &[f32],
+        qkv: &[f32],
+        _out: &[f32],
+        probs: &Vec<f32>,
+        s: AttnShape,
+        _causal: bool,
+        _batch: &Inputs,
+        dropout: Dropout,
+    ) -> Result<()> {
+        // the saved probabilities already hold the masks (masked entries are exactly 0)
         ops::attention_backward(dqkv, dout, qkv, probs, s, dropout);
+        Ok(())
     }
     fn attention_cached(
         &self,
@@ -160,29 +234,64 @@ impl Backend for Cpu {
         n_new: usize,
         n_head: usize,
         head_size: usize,
-    ) {
+    ) -> Result<()> {
         ops::attention_cached(out, q, k_cache, v_cache, start, n_new, n_head, head_size);
+        Ok(())
     }
-    fn cross_entropy(&self, logits: &mut [f32], targets: &[i32], rows: usize, vocab: usize, dloss: Option<f32>) -> f64 {
-        ops::cross_entropy(logits, targets, rows, vocab, dloss)
+    fn gather_rows(&self, out: &mut [f32], x: &[f32], batch: &Inputs, cols: usize) -> Result<()> {
+        ops::gather_rows(out, x, &batch.labelled_rows, cols);
+        Ok(())
+    }
+    fn scatter_add_rows(&self, dx: &mut [f32], dsel: &[f32], batch: &Inputs, cols: usize) -> Result<()> {
+        ops::scatter_add_rows(dx, dsel, &batch.labelled_rows, cols);
+        Ok(())
     }
     fn lm_head_loss(
         &self,
         scratch: &mut [f32],
         x: &[f32],
         wte: &[f32],
-        targets: &[i32],
-        rows: usize,
-        vocab: usize,
+        bias: Option<&[f32]>,
+        batch: &Inputs,
+        rows: Rows,
         c: usize,
-        grad: Option<(&mut [f32], &mut [f32], f32)>,
-    ) -> f64 {
-        ops::lm_head_loss(scratch, x, wte, targets, rows, vocab, c, grad)
+        grad: Option<HeadGrads<&mut [f32]>>,
+        stats: &mut StepStats,
+        weight: f64,
+    ) -> Result<()> {
+        let targets = match rows {
+            Rows::All => &batch.targets,
+            Rows::Labelled => &batch.labelled_targets,
+        };
+        let sum = ops::lm_head_loss(scratch, x, wte, bias, targets, targets.len(), wte.len() / c, c, grad);
+        // the mean rounded to f32 first, as the loss a model reports
+        stats.loss += (sum / batch.n_labels() as f64) as f32 as f64 * weight;
+        Ok(())
     }
-    fn adamw_update(&self, params: &mut [f32], grads: &[f32], m: &mut [f32], v: &mut [f32], segments: &[DecaySegment], hp: &AdamWHyper) {
-        ops::adamw_update(params, grads, m, v, segments, hp);
+    fn global_norm(&self, grads: &[f32], stats: &mut StepStats) -> Result<()> {
+        stats.grad_norm = ops::global_norm(grads);
+        Ok(())
     }
-    fn global_norm(&self, grads: &[f32]) -> f32 {
-        ops::global_norm(grads)
+    fn adamw_update(
+        &self,
+        params: &mut [f32],
+        master: Option<&mut Vec<f32>>,
+        grads: &[f32],
+        m: &mut Vec<f32>,
+        v: &mut Vec<f32>,
+        segments: &[DecaySegment],
+        step: &AdamWStep,
+        stats: &StepStats,
+    ) -> Result<()> {
+        let (_, grad_scale) = step.grad_scale(stats.grad_norm);
+        let hp = step.hyper(grad_scale);
+        match master {
+            None => ops::adamw_update(params, grads, m, v, segments, &hp),
+            Some(master) => {
+                ops::adamw_update(master, grads, m, v, segments, &hp);
+                params.copy_from_slice(master);
+            }
+        }
+        Ok(())
     }
 }

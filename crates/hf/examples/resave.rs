@@ -7,6 +7,9 @@
 
 use std::path::PathBuf;
 
+use lmtrain_cpu::Cpu;
+use lmtrain_model::LanguageModel;
+use lmtrain_model::gpt2::Gpt2;
 use safetensors::SafeTensors;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -24,15 +27,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let ids: Vec<u32> = i64s("input_ids")?.into_iter().map(|x| x as u32).collect();
     let labels: Vec<i32> = i64s("labels")?.into_iter().map(|x| x as i32).collect();
 
-    let mut model = lmtrain_hf::load_gpt2(fixture)?;
-    model.zero_grad();
-    let before = model.forward_backward(&ids, &labels, b, t, None);
+    let mut model: Gpt2<Cpu> = lmtrain_hf::load_model(Cpu, fixture)?;
+    model.zero_grad()?;
+    let before = model.forward_backward(&ids, &labels, b, t, None)?;
     let (params, grads) = model.params_and_grads_mut();
     for (p, g) in params.iter_mut().zip(grads) {
         *p -= 0.5 * g;
     }
-    lmtrain_hf::save_gpt2(&model, out)?;
-    let after = model.forward_loss(&ids, &labels, b, t);
+    lmtrain_hf::save_model(&model, out)?;
+    let after = model.forward_loss(&ids, &labels, b, t)?;
     println!("{{\"loss_before\": {before}, \"loss\": {after}}}");
     Ok(())
 }

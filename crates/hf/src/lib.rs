@@ -1,18 +1,20 @@
 //! lmtrain-hf: Hugging Face checkpoint directories (`config.json` + `model.safetensors`) in and
 //! out, with Hugging Face tensor names, so `transformers` loads what lmtrain saves and lmtrain
-//! starts from any Hugging Face GPT-2 checkpoint.
+//! starts from Hugging Face checkpoints.
 //!
-//! GPT-2 specifics handled here: `lm_head.weight` is tied to `transformer.wte.weight`, so it is
-//! not written (as `save_pretrained` does) and ignored when present; checkpoints converted from
-//! the original OpenAI release name tensors without the `transformer.` prefix and carry
-//! attention-mask buffers (`attn.bias`, `attn.masked_bias`), which are accepted and skipped.
+//! Generic over the model family: the tensors are the family's parameter declarations
+//! ([`LanguageModel::param_table`]) and the per-family differences are the data of its
+//! [`HfSpec`] (tied tensors that are not written and are ignored when present, a name prefix
+//! old checkpoints lack, non-parameter buffers, renamed keys, the head a base-model checkpoint
+//! lacks). Every shape is checked against the file's header before the parameters are
+//! allocated.
 
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use lmtrain_model::ModelError;
-use lmtrain_model::gpt2::{Gpt2, Gpt2Config};
+use lmtrain_backend::Backend;
+use lmtrain_model::{HfSpec, LanguageModel, ModelConfig, ModelError, ParamInfo};
 use safetensors::{Dtype, SafeTensors, tensor::TensorView};
 
 /// File name of the weights.
@@ -77,6 +79,15 @@ pub enum HfError {
         /// In the file.
         found: Vec<usize>,
     },
+    /// The weights hold tensors this configuration does not have (an exact load must not drop
+    /// weights silently).
+    #[error("{path}: {} tensors are not part of the model config.json describes (does config.json have fewer layers than the weights?): {}", names.len(), names.join(", "))]
+    Unused {
+        /// The weights file.
+        path: PathBuf,
+        /// The tensors.
+        names: Vec<String>,
+    },
     /// The configuration cannot be built.
     #[error("{path}: {source}")]
     Model {
@@ -91,21 +102,73 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> HfError + '_ {
     move |source| HfError::Io { path: path.to_path_buf(), source }
 }
 
-/// Read and validate `dir/config.json` as a GPT-2 configuration.
-pub fn load_gpt2_config(dir: &Path) -> Result<Gpt2Config, HfError> {
-    let path = dir.join(CONFIG_FILE);
+/// `model_type` of `dir/config.json` (which family to load it as).
+pub fn read_model_type(dir: &Path) -> Result<String, HfError> {
+    let value: serde_json::Value = read_json(&dir.join(CONFIG_FILE))?;
+    Ok(value.get("model_type").and_then(|v| v.as_str()).unwrap_or("").to_string())
+}
+
+fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, HfError> {
     if !path.is_file() {
-        return Err(HfError::Missing(path));
+        return Err(HfError::Missing(path.to_path_buf()));
     }
-    let text = std::fs::read_to_string(&path).map_err(io_err(&path))?;
-    let cfg: Gpt2Config = serde_json::from_str(&text).map_err(|source| HfError::Json { path: path.clone(), source })?;
+    let text = std::fs::read_to_string(path).map_err(io_err(path))?;
+    serde_json::from_str(&text).map_err(|source| HfError::Json { path: path.to_path_buf(), source })
+}
+
+/// Read and validate `dir/config.json` as configuration `C`.
+pub fn load_config<C: ModelConfig>(dir: &Path) -> Result<C, HfError> {
+    let path = dir.join(CONFIG_FILE);
+    let cfg: C = read_json(&path)?;
     cfg.validate().map_err(|source| HfError::Model { path, source })?;
     Ok(cfg)
 }
 
-/// Load a GPT-2 model (CPU) from a Hugging Face directory: `config.json` + `model.safetensors`
-/// (f32, f16 or bf16 tensors; converted to f32).
-pub fn load_gpt2(dir: &Path) -> Result<Gpt2, HfError> {
+/// How strictly a checkpoint must match the model.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LoadMode {
+    /// Every tensor present, nothing left over (checkpoints lmtrain wrote: resume, eval).
+    Exact,
+    /// `--init-from`: the family's head tensors may be missing (initialised fresh from `seed`)
+    /// and tensors the model does not use are listed, as `transformers` warns.
+    Adapt {
+        /// Seed of the fresh tensors.
+        seed: u64,
+    },
+}
+
+/// Parameters read from a checkpoint directory.
+#[derive(Debug)]
+pub struct Loaded<C> {
+    /// The validated configuration.
+    pub config: C,
+    /// The flat parameters, laid out as the family's parameter table.
+    pub params: Vec<f32>,
+    /// Tensors the checkpoint lacked and that were initialised fresh (`Adapt` only).
+    pub initialised: Vec<String>,
+    /// Tensors of the file the model does not use (`Adapt` only; an `Exact` load fails).
+    pub unused: Vec<String>,
+}
+
+/// The name(s) a declared tensor may have in a file, best first.
+fn candidate_names(spec: &HfSpec, name: &str) -> Vec<String> {
+    let mut out = vec![name.to_string()];
+    if let Some(bare) = spec.optional_prefix.and_then(|p| name.strip_prefix(p)) {
+        out.push(bare.to_string());
+    }
+    for (old, new) in spec.renames {
+        for n in out.clone() {
+            if let Some(stem) = n.strip_suffix(new) {
+                out.push(format!("{stem}{old}"));
+            }
+        }
+    }
+    out
+}
+
+/// Reads `dir` (`config.json` + `model.safetensors`, tensors in f32, f16 or bf16, converted to
+/// f32) as family `M`'s parameters.
+pub fn load_params<B: Backend, M: LanguageModel<B>>(dir: &Path, mode: LoadMode) -> Result<Loaded<M::Config>, HfError> {
     let weights = dir.join(WEIGHTS_FILE);
     if !weights.is_file() {
         if dir.join("pytorch_model.bin").is_file() {
@@ -113,32 +176,58 @@ pub fn load_gpt2(dir: &Path) -> Result<Gpt2, HfError> {
         }
         return Err(HfError::Missing(weights));
     }
-    let cfg = load_gpt2_config(dir)?;
-    let bytes = std::fs::read(&weights).map_err(io_err(&weights))?;
-    let st = SafeTensors::deserialize(&bytes)
-        .map_err(|e| HfError::Safetensors { path: weights.clone(), msg: e.to_string() })?;
-    let layout = lmtrain_model::gpt2::param_layout(&cfg);
-    let total = layout.last().map_or(0, |p| p.offset + p.len);
-    let mut params = vec![0f32; total];
-    for info in &layout {
-        let bare = info.name.strip_prefix("transformer.").unwrap_or(&info.name);
-        let t = st
-            .tensor(&info.name)
-            .or_else(|_| st.tensor(bare))
-            .map_err(|_| HfError::MissingTensor { path: weights.clone(), name: info.name.clone() })?;
-        if t.shape() != info.shape.as_slice() {
-            return Err(HfError::Shape {
-                path: weights.clone(),
-                name: info.name.clone(),
-                expected: info.shape.clone(),
-                found: t.shape().to_vec(),
-            });
-        }
-        to_f32(&t, &mut params[info.offset..info.offset + info.len])
-            .map_err(|msg| HfError::Safetensors { path: weights.clone(), msg: format!("{}: {msg}", info.name) })?;
-    }
+    let config: M::Config = load_config(dir)?;
     let cfg_path = dir.join(CONFIG_FILE);
-    Gpt2::from_params(cfg, params).map_err(|source| HfError::Model { path: cfg_path, source })
+    let table = M::param_table(&config).map_err(|source| HfError::Model { path: cfg_path.clone(), source })?;
+    let bytes = std::fs::read(&weights).map_err(io_err(&weights))?;
+    let st = SafeTensors::deserialize(&bytes).map_err(|e| HfError::Safetensors { path: weights.clone(), msg: e.to_string() })?;
+    let spec = &M::HF;
+    // 1. match every declared tensor to a file tensor and check its shape (nothing allocated yet)
+    let mut used = std::collections::HashSet::new();
+    let mut found: Vec<Option<TensorView<'_>>> = Vec::with_capacity(table.len());
+    let mut initialised = Vec::new();
+    for info in &table {
+        let hit = candidate_names(spec, &info.name).into_iter().find_map(|n| st.tensor(&n).ok().map(|t| (n, t)));
+        match hit {
+            Some((n, t)) => {
+                if t.shape() != info.shape.as_slice() {
+                    return Err(HfError::Shape { path: weights.clone(), name: info.name.clone(), expected: info.shape.clone(), found: t.shape().to_vec() });
+                }
+                used.insert(n);
+                found.push(Some(t));
+            }
+            None if matches!(mode, LoadMode::Adapt { .. }) && spec.head.iter().any(|h| info.name.starts_with(h)) => {
+                initialised.push(info.name.clone());
+                found.push(None);
+            }
+            None => return Err(HfError::MissingTensor { path: weights.clone(), name: info.name.clone() }),
+        }
+    }
+    let ignored = |n: &str| spec.tied.contains(&n) || spec.buffers.iter().any(|b| n.ends_with(b));
+    let mut unused: Vec<String> = st.names().into_iter().filter(|n| !used.contains(*n) && !ignored(n)).map(str::to_string).collect();
+    unused.sort();
+    if mode == LoadMode::Exact && !unused.is_empty() {
+        return Err(HfError::Unused { path: weights, names: unused });
+    }
+    // 2. convert
+    let mut params = match mode {
+        LoadMode::Adapt { seed } if !initialised.is_empty() => lmtrain_model::params::init_params(&table, seed),
+        _ => vec![0f32; table.last().map_or(0, |p: &ParamInfo| p.offset + p.len)],
+    };
+    for (info, t) in table.iter().zip(&found) {
+        if let Some(t) = t {
+            to_f32(t, &mut params[info.offset..info.offset + info.len])
+                .map_err(|msg| HfError::Safetensors { path: weights.clone(), msg: format!("{}: {msg}", info.name) })?;
+        }
+    }
+    Ok(Loaded { config, params, initialised, unused })
+}
+
+/// Loads a checkpoint lmtrain (or `transformers`, for the same family) wrote, exactly, onto
+/// `backend`.
+pub fn load_model<B: Backend, M: LanguageModel<B>>(backend: B, dir: &Path) -> Result<M, HfError> {
+    let l = load_params::<B, M>(dir, LoadMode::Exact)?;
+    M::from_params(backend, l.config, l.params).map_err(|source| HfError::Model { path: dir.join(CONFIG_FILE), source })
 }
 
 /// Convert one tensor's little-endian data to f32.
@@ -159,18 +248,16 @@ fn to_f32(t: &TensorView<'_>, out: &mut [f32]) -> Result<(), String> {
     Ok(())
 }
 
-/// Save a GPT-2 model as Hugging Face does: `config.json` (with `model_type: "gpt2"`,
-/// `architectures: ["GPT2LMHeadModel"]`) and `model.safetensors` (f32, HF names, metadata
-/// `format: pt`, tied `lm_head.weight` not written). Each file is written under a temporary
-/// name, flushed, then renamed, so a crash never leaves a half-written file in place.
-pub fn save_gpt2(model: &Gpt2, dir: &Path) -> Result<(), HfError> {
+/// Saves a model as Hugging Face does: `config.json` (with its `model_type` and
+/// `architectures`) and `model.safetensors` (f32, HF names, metadata `format: pt`, tied tensors
+/// not written). Each file is written under a temporary name, flushed, then renamed, so a crash
+/// never leaves a half-written file in place.
+pub fn save_model<B: Backend, M: LanguageModel<B>>(model: &M, dir: &Path) -> Result<(), HfError> {
     std::fs::create_dir_all(dir).map_err(io_err(dir))?;
-    let mut cfg = model.config().clone();
-    cfg.model_type = "gpt2".into();
-    cfg.architectures = Some(vec!["GPT2LMHeadModel".into()]);
+    let cfg = model.config().for_saving(&M::HF);
     let json = serde_json::to_string_pretty(&cfg).map_err(|source| HfError::Json { path: dir.join(CONFIG_FILE), source })?;
-    let params = model.params();
     let weights = dir.join(WEIGHTS_FILE);
+    let params = model.params_to_host().map_err(|source| HfError::Model { path: weights.clone(), source })?;
     let views = model
         .param_infos()
         .iter()
@@ -182,13 +269,14 @@ pub fn save_gpt2(model: &Gpt2, dir: &Path) -> Result<(), HfError> {
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| HfError::Safetensors { path: weights.clone(), msg: e.to_string() })?;
     let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
-    let data = safetensors::serialize(views, Some(meta))
-        .map_err(|e| HfError::Safetensors { path: weights.clone(), msg: e.to_string() })?;
+    let data = safetensors::serialize(views, Some(meta)).map_err(|e| HfError::Safetensors { path: weights.clone(), msg: e.to_string() })?;
     write_atomic(&weights, &data)?;
     write_atomic(&dir.join(CONFIG_FILE), format!("{json}\n").as_bytes())
 }
 
-/// Write `data` to `path` through a temporary file in the same directory and a rename.
+/// Write `data` to `path` through a temporary file in the same directory, fsync, a rename and
+/// an fsync of the directory: a crash leaves the old file or the new one, never a torn one.
+/// This is lmtrain's one atomic-write helper.
 pub fn write_atomic(path: &Path, data: &[u8]) -> Result<(), HfError> {
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let tmp = path.with_file_name(format!(".{name}.tmp.{}", std::process::id()));

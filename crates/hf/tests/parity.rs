@@ -7,9 +7,16 @@
 
 use std::path::{Path, PathBuf};
 
+use lmtrain_cpu::Cpu;
+use lmtrain_model::LanguageModel;
+use lmtrain_model::gpt2::Gpt2;
 use safetensors::{Dtype, SafeTensors};
 
 const FIXTURES: [&str; 3] = ["gpt2_tiny", "gpt2_odd", "gpt2_wide_vocab_erf"];
+
+fn load_gpt2(dir: &Path) -> Result<Gpt2<Cpu>, lmtrain_hf::HfError> {
+    lmtrain_hf::load_model(Cpu, dir)
+}
 
 fn fixture_dir(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../model/tests/fixtures").join(name)
@@ -67,17 +74,17 @@ fn rel_err(a: &[f32], b: &[f32]) -> f64 {
 fn loss_logits_and_every_gradient_match_transformers() {
     for name in FIXTURES {
         let g = golden(name);
-        let mut model = lmtrain_hf::load_gpt2(&fixture_dir(name)).unwrap();
+        let mut model = load_gpt2(&fixture_dir(name)).unwrap();
         let cfg = model.config().clone();
         assert!(g.labels.contains(&-100), "{name}: the fixture exercises ignored labels");
 
-        let logits = model.logits(&g.ids, g.b, g.t);
+        let logits = model.logits(&g.ids, g.b, g.t).unwrap();
         let e_logits = rel_err(&logits, &g.logits);
-        let loss = model.forward_loss(&g.ids, &g.labels, g.b, g.t);
+        let loss = model.forward_loss(&g.ids, &g.labels, g.b, g.t).unwrap();
         let e_loss = ((loss - g.loss) / g.loss).abs() as f64;
 
-        model.zero_grad();
-        let loss_fb = model.forward_backward(&g.ids, &g.labels, g.b, g.t, None);
+        model.zero_grad().unwrap();
+        let loss_fb = model.forward_backward(&g.ids, &g.labels, g.b, g.t, None).unwrap();
         assert_eq!(loss_fb, loss, "{name}: forward_backward and forward_loss agree");
         assert_eq!(g.grads.len(), model.param_infos().len(), "{name}: one golden gradient per parameter");
         let mut worst = (0f64, String::new());
@@ -103,11 +110,11 @@ fn loss_logits_and_every_gradient_match_transformers() {
 #[test]
 fn gradients_accumulate_across_calls() {
     let g = golden("gpt2_odd");
-    let mut model = lmtrain_hf::load_gpt2(&fixture_dir("gpt2_odd")).unwrap();
-    model.zero_grad();
-    model.forward_backward(&g.ids, &g.labels, g.b, g.t, None);
+    let mut model = load_gpt2(&fixture_dir("gpt2_odd")).unwrap();
+    model.zero_grad().unwrap();
+    model.forward_backward(&g.ids, &g.labels, g.b, g.t, None).unwrap();
     let once = model.grads().to_vec();
-    model.forward_backward(&g.ids, &g.labels, g.b, g.t, None);
+    model.forward_backward(&g.ids, &g.labels, g.b, g.t, None).unwrap();
     for (two, one) in model.grads().iter().zip(&once) {
         assert!((two - 2.0 * one).abs() <= 1e-6 * (1.0 + one.abs()), "{two} vs 2 x {one}");
     }
@@ -116,14 +123,14 @@ fn gradients_accumulate_across_calls() {
 #[test]
 fn kv_cache_generation_logits_match_the_full_forward() {
     let g = golden("gpt2_odd");
-    let model = lmtrain_hf::load_gpt2(&fixture_dir("gpt2_odd")).unwrap();
+    let model = load_gpt2(&fixture_dir("gpt2_odd")).unwrap();
     let v = model.config().vocab_size;
     let row = &g.ids[..g.t];
-    let mut cache = model.new_kv_cache(g.t);
+    let mut cache = model.new_kv_cache(g.t).unwrap();
     // a 5-token prompt, then one token at a time
-    let mut got = vec![model.forward_incremental(&mut cache, &row[..5])];
+    let mut got = vec![model.forward_incremental(&mut cache, &row[..5]).unwrap()];
     for i in 5..g.t {
-        got.push(model.forward_incremental(&mut cache, &row[i..i + 1]));
+        got.push(model.forward_incremental(&mut cache, &row[i..i + 1]).unwrap());
     }
     for (k, logits) in got.iter().enumerate() {
         let pos = 4 + k;

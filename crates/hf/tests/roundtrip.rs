@@ -2,8 +2,15 @@
 
 use std::path::{Path, PathBuf};
 
-use lmtrain_hf::{HfError, load_gpt2, save_gpt2};
+use lmtrain_hf::HfError;
+use lmtrain_cpu::Cpu;
+use lmtrain_model::LanguageModel;
+use lmtrain_model::gpt2::Gpt2;
 use safetensors::SafeTensors;
+
+fn load_gpt2(dir: &Path) -> Result<Gpt2<Cpu>, lmtrain_hf::HfError> {
+    lmtrain_hf::load_model(Cpu, dir)
+}
 
 fn fixture_dir(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../model/tests/fixtures").join(name)
@@ -15,7 +22,7 @@ fn saved_files_hold_exactly_what_transformers_wrote() {
         let src = fixture_dir(name);
         let model = load_gpt2(&src).unwrap();
         let out = tempfile::tempdir().unwrap();
-        save_gpt2(&model, out.path()).unwrap();
+        lmtrain_hf::save_model(&model, out.path()).unwrap();
 
         let hf_bytes = std::fs::read(src.join("model.safetensors")).unwrap();
         let our_bytes = std::fs::read(out.path().join("model.safetensors")).unwrap();
@@ -96,5 +103,5 @@ fn clear_errors_for_unsupported_or_broken_directories() {
     // a config that is not GPT-2
     let bert = tempfile::tempdir().unwrap();
     std::fs::write(bert.path().join("config.json"), br#"{"model_type": "bert"}"#).unwrap();
-    assert!(lmtrain_hf::load_gpt2_config(bert.path()).unwrap_err().to_string().contains("bert"));
+    assert!(lmtrain_hf::load_config::<lmtrain_model::gpt2::Gpt2Config>(bert.path()).unwrap_err().to_string().contains("bert"));
 }

@@ -1,6 +1,8 @@
 //! GPT-2 model behaviour that the Hugging Face parity fixtures (crates/hf/tests/parity.rs) do not
 //! cover: initialisation, the parameter table, config round trips, dropout.
 
+use lmtrain_cpu::Cpu;
+use lmtrain_model::LanguageModel;
 use lmtrain_model::gpt2::{Gpt2, Gpt2Config};
 
 fn tiny(pdrop: f64) -> Gpt2Config {
@@ -27,7 +29,7 @@ fn batch(b: usize, t: usize, vocab: u32) -> (Vec<u32>, Vec<i32>) {
 #[test]
 fn parameter_table_follows_hugging_face_names_shapes_and_decay_groups() {
     let cfg = Gpt2Config { n_layer: 2, n_embd: 48, n_head: 3, vocab_size: 101, n_positions: 20, ..Gpt2Config::default() };
-    let m = Gpt2::new(cfg, 1);
+    let m = Gpt2::new(Cpu, cfg, 1).unwrap();
     let infos = m.param_infos();
     assert_eq!(infos.len(), 2 + 12 * 2 + 2);
     assert_eq!(infos[0].name, "transformer.wte.weight");
@@ -51,9 +53,9 @@ fn parameter_table_follows_hugging_face_names_shapes_and_decay_groups() {
 #[test]
 fn initialisation_matches_hugging_face_statistics_and_is_seeded() {
     let cfg = Gpt2Config { n_layer: 4, n_embd: 64, n_head: 4, vocab_size: 1000, n_positions: 64, ..Gpt2Config::default() };
-    let a = Gpt2::new(cfg.clone(), 7);
-    let b = Gpt2::new(cfg.clone(), 7);
-    let c = Gpt2::new(cfg, 8);
+    let a = Gpt2::new(Cpu, cfg.clone(), 7).unwrap();
+    let b = Gpt2::new(Cpu, cfg.clone(), 7).unwrap();
+    let c = Gpt2::new(Cpu, cfg, 8).unwrap();
     assert_eq!(a.params(), b.params());
     assert_ne!(a.params(), c.params());
     let std = |x: &[f32]| {
@@ -98,18 +100,18 @@ fn config_json_round_trips_and_keeps_unknown_fields() {
 fn dropout_is_seeded_and_off_in_eval_mode() {
     let (b, t) = (2, 9);
     let (ids, labels) = batch(b, t, 61);
-    let mut m = Gpt2::new(tiny(0.2), 3);
-    let eval = m.forward_loss(&ids, &labels, b, t);
-    let none = m.forward_backward(&ids, &labels, b, t, None);
+    let mut m = Gpt2::new(Cpu, tiny(0.2), 3).unwrap();
+    let eval = m.forward_loss(&ids, &labels, b, t).unwrap();
+    let none = m.forward_backward(&ids, &labels, b, t, None).unwrap();
     assert_eq!(eval, none, "no seed = eval mode");
-    m.zero_grad();
-    let l1 = m.forward_backward(&ids, &labels, b, t, Some(42));
+    m.zero_grad().unwrap();
+    let l1 = m.forward_backward(&ids, &labels, b, t, Some(42)).unwrap();
     let g1 = m.grads().to_vec();
-    m.zero_grad();
-    let l2 = m.forward_backward(&ids, &labels, b, t, Some(42));
+    m.zero_grad().unwrap();
+    let l2 = m.forward_backward(&ids, &labels, b, t, Some(42)).unwrap();
     assert_eq!(l1, l2);
     assert_eq!(m.grads(), &g1[..], "same seed, same masks, bit-identical gradients");
-    let l3 = m.forward_backward(&ids, &labels, b, t, Some(43));
+    let l3 = m.forward_backward(&ids, &labels, b, t, Some(43)).unwrap();
     assert_ne!(l1, l3);
     assert_ne!(l1, eval);
 }
@@ -119,13 +121,13 @@ fn gradients_with_dropout_match_finite_differences() {
     // with a fixed seed the masks are fixed, so the loss is a smooth function of the parameters
     let (b, t) = (2, 7);
     let (ids, labels) = batch(b, t, 61);
-    let mut m = Gpt2::new(tiny(0.3), 5);
+    let mut m = Gpt2::new(Cpu, tiny(0.3), 5).unwrap();
     // make biases and LayerNorm non-trivial so their gradients are generic
     for (i, p) in m.params_mut().iter_mut().enumerate() {
         *p += ((i * 7919 % 101) as f32 - 50.0) * 2e-4;
     }
-    m.zero_grad();
-    m.forward_backward(&ids, &labels, b, t, Some(9));
+    m.zero_grad().unwrap();
+    m.forward_backward(&ids, &labels, b, t, Some(9)).unwrap();
     let grads = m.grads().to_vec();
     let infos = m.param_infos().to_vec();
     let mut checked = 0;
@@ -140,9 +142,9 @@ fn gradients_with_dropout_match_finite_differences() {
         let h = 1e-2f32;
         let orig = m.params()[idx];
         m.params_mut()[idx] = orig + h;
-        let lp = m.forward_backward(&ids, &labels, b, t, Some(9)) as f64;
+        let lp = m.forward_backward(&ids, &labels, b, t, Some(9)).unwrap() as f64;
         m.params_mut()[idx] = orig - h;
-        let lm = m.forward_backward(&ids, &labels, b, t, Some(9)) as f64;
+        let lm = m.forward_backward(&ids, &labels, b, t, Some(9)).unwrap() as f64;
         m.params_mut()[idx] = orig;
         let fd = (lp - lm) / (2.0 * h as f64);
         assert!((fd - g as f64).abs() <= 0.03 * (g.abs() as f64) + 1e-3, "{}[{i}]: analytic {g} vs numeric {fd}", info.name);
@@ -157,11 +159,11 @@ fn repeated_steps_are_bit_identical_on_the_threaded_paths() {
     let cfg = Gpt2Config { vocab_size: 2500, n_positions: 64, n_embd: 64, n_layer: 2, n_head: 4, ..Gpt2Config::default() };
     let (b, t) = (4, 64);
     let (ids, labels) = batch(b, t, 2500);
-    let mut m = Gpt2::new(cfg, 11);
+    let mut m = Gpt2::new(Cpu, cfg, 11).unwrap();
     let mut runs = Vec::new();
     for _ in 0..3 {
-        m.zero_grad();
-        let loss = m.forward_backward(&ids, &labels, b, t, Some(5));
+        m.zero_grad().unwrap();
+        let loss = m.forward_backward(&ids, &labels, b, t, Some(5)).unwrap();
         runs.push((loss.to_bits(), m.grads().to_vec()));
     }
     for r in &runs[1..] {
@@ -174,17 +176,17 @@ fn repeated_steps_are_bit_identical_on_the_threaded_paths() {
 fn distilgpt2_shape_builds_and_runs_a_step() {
     // distilgpt2: 6 layers of gpt2 small; 81,912,576 parameters (lm_head tied)
     let cfg = Gpt2Config { n_layer: 6, ..Gpt2Config::default() };
-    let mut m = Gpt2::new(cfg, 0);
+    let mut m = Gpt2::new(Cpu, cfg, 0).unwrap();
     assert_eq!(m.num_params(), 81_912_576);
     let (b, t) = (1, 8);
     let ids: Vec<u32> = vec![464, 3290, 286, 262, 1578, 2066, 13, 50256];
     let labels: Vec<i32> = ids.iter().map(|&x| x as i32).collect();
-    let loss = m.forward_backward(&ids, &labels, b, t, Some(1));
+    let loss = m.forward_backward(&ids, &labels, b, t, Some(1)).unwrap();
     // a fresh model predicts nearly uniformly: loss close to ln(vocab) = 10.825
     assert!((loss - (50257f32).ln()).abs() < 0.1, "loss {loss}");
     assert!(m.grads().iter().all(|g| g.is_finite()));
     assert!(m.grads().iter().any(|&g| g != 0.0));
-    let mut cache = m.new_kv_cache(t);
-    let logits = m.forward_incremental(&mut cache, &ids[..3]);
+    let mut cache = m.new_kv_cache(t).unwrap();
+    let logits = m.forward_incremental(&mut cache, &ids[..3]).unwrap();
     assert_eq!(logits.len(), 50257);
 }

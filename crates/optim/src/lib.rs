@@ -4,12 +4,15 @@
 //!   `get_{linear,cosine,constant}_schedule_with_warmup` (a `LambdaLR` evaluated at the number
 //!   of optimizer steps already taken);
 //! * [`decay_segments`]: weight-decay groups (HF Trainer: no decay on biases and LayerNorm weights);
-//! * [`clip_scale`]: `torch.nn.utils.clip_grad_norm_` turned into a gradient scale factor;
+//! * [`clip_scale`] (from `lmtrain-backend`, shared by every backend): `torch.nn.utils.clip_grad_norm_`
+//!   as a gradient scale factor;
 //! * [`AdamW`]: the optimizer state (first/second moments on the backend, step count) driving
 //!   the backend's fused `adamw_update`; generic over [`Backend`], so a device backend plugs in
 //!   unchanged.
 
-use lmtrain_backend::{AdamWHyper, Backend, DecaySegment};
+use lmtrain_backend::{AdamWStep, Backend, BackendError, DecaySegment};
+
+pub use lmtrain_backend::clip_scale;
 use serde::{Deserialize, Serialize};
 
 /// Errors of this crate.
@@ -18,6 +21,9 @@ pub enum OptimError {
     /// The scheduler name is not one of the supported kinds.
     #[error("unknown learning-rate scheduler `{0}` (expected linear, cosine, constant or constant_with_warmup)")]
     UnknownScheduler(String),
+    /// The backend failed.
+    #[error(transparent)]
+    Backend(#[from] BackendError),
     /// Restored optimizer state does not match the parameter count.
     #[error("optimizer state holds {found} values per moment, the model has {expected} parameters")]
     StateSize {
@@ -156,16 +162,6 @@ pub fn decay_segments(
     out
 }
 
-/// The factor `torch.nn.utils.clip_grad_norm_(max_norm)` multiplies gradients by, given
-/// their global L2 norm: `min(1, max_norm / (norm + 1e-6))`, evaluated in f32 as torch does.
-/// A non-positive `max_norm` disables clipping (HF Trainer skips the call then).
-pub fn clip_scale(norm: f32, max_norm: f32) -> f32 {
-    if max_norm <= 0.0 {
-        return 1.0;
-    }
-    (max_norm / (norm + 1e-6)).min(1.0)
-}
-
 /// Hyper-parameters of [`AdamW`] that do not change during a run.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct AdamWConfig {
@@ -194,18 +190,22 @@ pub struct StepReport {
     pub lr: f32,
 }
 
-/// AdamW (`torch.optim.AdamW` semantics) over one flat parameter buffer, with
-/// gradient clipping folded into the update as a scale factor (no extra pass over grads).
+/// AdamW (`torch.optim.AdamW` semantics) over one flat parameter buffer, with averaging over
+/// micro-batches and gradient clipping folded into the update as one scale factor (no extra pass
+/// over the gradients).
 ///
-/// The moments live on backend `B` (next to the parameters) and every pass over them is one of
-/// the backend's ops ([`Backend::global_norm`], [`Backend::adamw_update`]), so the same optimizer
-/// drives the CPU reference and a device backend.
+/// The moments (and, on a backend whose compute dtype is not f32, the f32 master weights) live
+/// on backend `B` next to the parameters, and every pass over them is one of the backend's ops
+/// ([`Backend::global_norm`], [`Backend::adamw_update`]); the gradient norm stays in the
+/// backend's step scalars, so the host reads it once, after the step.
 pub struct AdamW<B: Backend> {
     config: AdamWConfig,
     segments: Vec<DecaySegment>,
-    m: B::Buf,
-    v: B::Buf,
+    m: B::Master,
+    v: B::Master,
+    master: Option<B::Master>,
     step: u32,
+    last: Option<AdamWStep>,
 }
 
 impl<B: Backend> std::fmt::Debug for AdamW<B> {
@@ -213,18 +213,29 @@ impl<B: Backend> std::fmt::Debug for AdamW<B> {
         f.debug_struct("AdamW")
             .field("config", &self.config)
             .field("segments", &self.segments)
-            .field("n_params", &B::buf_len(&self.m))
+            .field("n_params", &B::master_len(&self.m))
             .field("step", &self.step)
             .finish_non_exhaustive()
     }
 }
 
 impl<B: Backend> AdamW<B> {
-    /// A fresh optimizer (zero moments on `backend`, step 0) for `n_params` parameters with the
-    /// given decay segments (see [`decay_segments`]; they must cover `0..n_params`).
-    pub fn new(backend: &B, config: AdamWConfig, n_params: usize, segments: Vec<DecaySegment>) -> Self {
-        debug_assert_eq!(segments.iter().map(|s| s.len).sum::<usize>(), n_params);
-        Self { config, segments, m: backend.alloc(n_params), v: backend.alloc(n_params), step: 0 }
+    /// A fresh optimizer (zero moments on `backend`, step 0) for the parameters `params` (f32,
+    /// host) with the given decay segments (see [`decay_segments`]; they must cover them all).
+    /// On a backend without f32 compute, `params` become the master weights.
+    pub fn new(backend: &B, config: AdamWConfig, params: &[f32], segments: Vec<DecaySegment>) -> Result<Self, OptimError> {
+        let n = params.len();
+        debug_assert_eq!(segments.iter().map(|s| s.len).sum::<usize>(), n);
+        let master = if B::F32_COMPUTE { None } else { Some(backend.master_from_host(params.to_vec())?) };
+        Ok(Self {
+            config,
+            segments,
+            m: backend.master_from_host(vec![0.0; n])?,
+            v: backend.master_from_host(vec![0.0; n])?,
+            master,
+            step: 0,
+            last: None,
+        })
     }
 
     /// The fixed hyper-parameters.
@@ -238,32 +249,44 @@ impl<B: Backend> AdamW<B> {
     }
 
     /// First moments (`exp_avg`), copied to host memory.
-    pub fn exp_avg(&self, backend: &B) -> Vec<f32> {
-        backend.to_host(B::view(&self.m))
+    pub fn exp_avg(&self, backend: &B) -> Result<Vec<f32>, OptimError> {
+        Ok(backend.master_to_host(&self.m)?)
     }
 
     /// Second moments (`exp_avg_sq`), copied to host memory.
-    pub fn exp_avg_sq(&self, backend: &B) -> Vec<f32> {
-        backend.to_host(B::view(&self.v))
+    pub fn exp_avg_sq(&self, backend: &B) -> Result<Vec<f32>, OptimError> {
+        Ok(backend.master_to_host(&self.v)?)
     }
 
-    /// Restores the state saved by a checkpoint, uploading the moments to `backend`.
-    pub fn restore(&mut self, backend: &B, exp_avg: Vec<f32>, exp_avg_sq: Vec<f32>, step: u32) -> Result<(), OptimError> {
-        let expected = B::buf_len(&self.m);
-        for found in [exp_avg.len(), exp_avg_sq.len()] {
+    /// The f32 master weights, when the backend keeps them apart from its working copy (what a
+    /// checkpoint must save instead of the working copy).
+    pub fn master_params(&self, backend: &B) -> Result<Option<Vec<f32>>, OptimError> {
+        Ok(self.master.as_ref().map(|m| backend.master_to_host(m)).transpose()?)
+    }
+
+    /// Restores the state saved by a checkpoint (its moments, step count and f32 parameters),
+    /// uploading it to `backend`.
+    pub fn restore(&mut self, backend: &B, exp_avg: Vec<f32>, exp_avg_sq: Vec<f32>, params: &[f32], step: u32) -> Result<(), OptimError> {
+        let expected = B::master_len(&self.m);
+        for found in [exp_avg.len(), exp_avg_sq.len(), params.len()] {
             if found != expected {
                 return Err(OptimError::StateSize { expected, found });
             }
         }
-        self.m = backend.from_host(exp_avg);
-        self.v = backend.from_host(exp_avg_sq);
+        self.m = backend.master_from_host(exp_avg)?;
+        self.v = backend.master_from_host(exp_avg_sq)?;
+        if self.master.is_some() {
+            self.master = Some(backend.master_from_host(params.to_vec())?);
+        }
         self.step = step;
         Ok(())
     }
 
     /// One update on `backend`. `grads` holds the SUM of `accum` micro-batch gradients (the
     /// model accumulates); they are averaged, clipped to `max_norm` (when > 0) and applied with
-    /// learning rate `lr` to `params`. `grads` itself is not modified.
+    /// learning rate `lr` to `params`. The gradient norm goes to `stats`; `grads` itself is not
+    /// modified.
+    #[allow(clippy::too_many_arguments)]
     pub fn step(
         &mut self,
         backend: &B,
@@ -272,29 +295,35 @@ impl<B: Backend> AdamW<B> {
         lr: f32,
         max_norm: f32,
         accum: usize,
-    ) -> StepReport {
-        let inv_accum = 1.0 / accum as f32;
-        // The norm of the averaged gradient is the raw norm scaled, so averaging and
-        // clipping become one factor the fused update applies while it reads the grads.
-        let grad_norm = backend.global_norm(grads) * inv_accum;
-        let grad_scale = clip_scale(grad_norm, max_norm) * inv_accum;
+        stats: &mut B::Stats,
+    ) -> Result<(), OptimError> {
+        backend.global_norm(grads, stats)?;
         self.step += 1;
-        let hp = AdamWHyper {
+        let step = AdamWStep {
             lr,
             beta1: self.config.beta1,
             beta2: self.config.beta2,
             eps: self.config.eps,
             step: self.step,
-            grad_scale,
+            max_grad_norm: max_norm,
+            accum: accum as u32,
         };
-        backend.adamw_update(params, grads, B::view_mut(&mut self.m), B::view_mut(&mut self.v), &self.segments, &hp);
-        StepReport { grad_norm, lr }
+        backend.adamw_update(params, self.master.as_mut(), grads, &mut self.m, &mut self.v, &self.segments, &step, stats)?;
+        self.last = Some(step);
+        Ok(())
+    }
+
+    /// What the last step did, given the step scalars the host read after it.
+    pub fn report(&self, stats: &lmtrain_backend::StepStats) -> StepReport {
+        let step = self.last.expect("a step was taken");
+        StepReport { grad_norm: step.grad_scale(stats.grad_norm).0, lr: step.lr }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use lmtrain_backend::Backend;
     use lmtrain_cpu::Cpu;
 
     fn sched(kind: SchedulerKind, warmup: u64, total: u64) -> Schedule {
@@ -387,10 +416,12 @@ mod tests {
     #[test]
     fn adamw_step_matches_reference() {
         let segs = decay_segments([(0, 2, true), (2, 1, false)], 0.1);
-        let mut opt = AdamW::new(&Cpu, AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.1 }, 3, segs);
         let mut p = vec![1.0f32, -2.0, 0.5];
+        let mut opt = AdamW::new(&Cpu, AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.1 }, &p, segs).unwrap();
         let g_sum = [6.0f32, 8.0, 0.0]; // averaged over 2: [3, 4, 0], norm 5
-        let r = opt.step(&Cpu, &mut p, &g_sum, 0.01, 1.0, 2);
+        let mut stats = Cpu.new_stats().unwrap();
+        opt.step(&Cpu, &mut p, &g_sum, 0.01, 1.0, 2, &mut stats).unwrap();
+        let r = opt.report(&stats);
         assert!((r.grad_norm - 5.0).abs() < 1e-6);
         let coef = 1.0f64 / (5.0 + 1e-6);
         let want = |p0: f64, g: f64, wd: f64| {
@@ -407,6 +438,6 @@ mod tests {
             assert!((p[i] as f64 - expect[i]).abs() < 1e-6, "param {i}: {} vs {}", p[i], expect[i]);
         }
         assert_eq!(opt.step_count(), 1);
-        assert!(opt.restore(&Cpu, vec![0.0; 2], vec![0.0; 3], 1).is_err());
+        assert!(opt.restore(&Cpu, vec![0.0; 2], vec![0.0; 3], &[0.0; 3], 1).is_err());
     }
 }

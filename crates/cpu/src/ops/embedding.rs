@@ -1,62 +1,73 @@
-//! Token + position embeddings, forward and backward.
+//! Word + position + token-type embeddings, forward and backward.
 
 use rayon::prelude::*;
 
+use lmtrain_backend::{EmbeddingTables, Inputs};
+
 use crate::gemm::SendPtr;
 
-/// `out[b, t, :] = wte[ids[b, t], :] + wpe[pos_offset + t, :]`.
-#[allow(clippy::too_many_arguments)]
-pub fn embedding_forward(
-    out: &mut [f32],
-    wte: &[f32],
-    wpe: &[f32],
-    ids: &[u32],
-    b: usize,
-    t: usize,
-    c: usize,
-    pos_offset: usize,
-) {
-    assert!(out.len() == b * t * c && ids.len() == b * t, "embedding_forward: shape");
-    let vocab = wte.len() / c;
-    let n_pos = wpe.len() / c;
-    assert!(pos_offset + t <= n_pos, "embedding_forward: position {} beyond {n_pos}", pos_offset + t - 1);
-    out.par_chunks_mut(c).zip(ids.par_iter()).enumerate().for_each(|(i, (o, &id))| {
-        let id = id as usize;
+/// `out[b, t, :] = word[ids[b, t]] + position[pos(b, t)] + token_type[types[b, t]]` with the
+/// batch's position ids (or `pos = t`); absent tables add nothing. The sum runs in that order.
+pub fn embedding_forward(out: &mut [f32], tables: EmbeddingTables<&[f32]>, inp: &Inputs, c: usize) {
+    let (b, t) = (inp.b, inp.t);
+    assert!(out.len() == b * t * c && inp.ids.len() == b * t, "embedding_forward: shape");
+    let EmbeddingTables { word, position, token_type } = tables;
+    let vocab = word.len() / c;
+    out.par_chunks_mut(c).enumerate().for_each(|(i, o)| {
+        let id = inp.ids[i] as usize;
         assert!(id < vocab, "embedding_forward: token id {id} >= vocabulary {vocab}");
-        let p = pos_offset + i % t;
-        for ((o, &e), &q) in o.iter_mut().zip(&wte[id * c..(id + 1) * c]).zip(&wpe[p * c..(p + 1) * c]) {
-            *o = e + q;
+        o.copy_from_slice(&word[id * c..(id + 1) * c]);
+        if let Some(wpe) = position {
+            let p = position_of(inp, i);
+            assert!((p + 1) * c <= wpe.len(), "embedding_forward: position {p} beyond the table");
+            o.iter_mut().zip(&wpe[p * c..(p + 1) * c]).for_each(|(o, &q)| *o += q);
+        }
+        if let Some(wtt) = token_type {
+            let k = inp.token_types.as_ref().map_or(0, |tt| tt[i] as usize);
+            assert!((k + 1) * c <= wtt.len(), "embedding_forward: token type {k} beyond the table");
+            o.iter_mut().zip(&wtt[k * c..(k + 1) * c]).for_each(|(o, &q)| *o += q);
         }
     });
 }
 
-/// `dwte[ids[b, t]] += dout[b, t]`, `dwpe[t] += dout[b, t]` (positions start at 0).
-pub fn embedding_backward(dwte: &mut [f32], dwpe: &mut [f32], dout: &[f32], ids: &[u32], b: usize, t: usize, c: usize) {
-    assert!(dout.len() == b * t * c && ids.len() == b * t, "embedding_backward: shape");
-    assert!(dwpe.len() >= t * c, "embedding_backward: wpe too short");
-    dwpe[..t * c].par_chunks_mut(c).enumerate().for_each(|(p, d)| {
-        for bi in 0..b {
-            let row = &dout[(bi * t + p) * c..(bi * t + p + 1) * c];
-            for (d, g) in d.iter_mut().zip(row) {
-                *d += g;
-            }
-        }
-    });
-    // Token rows may repeat: split the channels between tasks instead of the tokens, so no two
-    // tasks touch the same element and the summation order is fixed.
+/// Position of flat index `i`: the batch's position id, or the column.
+fn position_of(inp: &Inputs, i: usize) -> usize {
+    inp.positions.as_ref().map_or(i % inp.t, |p| p[i] as usize)
+}
+
+/// The scatter-add of [`embedding_forward`]: every table's row of each position gets that
+/// position's gradient, positions in order (so the summation order is fixed).
+pub fn embedding_backward(grads: EmbeddingTables<&mut [f32]>, dout: &[f32], inp: &Inputs, c: usize) {
+    let (b, t) = (inp.b, inp.t);
+    assert!(dout.len() == b * t * c && inp.ids.len() == b * t, "embedding_backward: shape");
+    let EmbeddingTables { word, position, token_type } = grads;
+    scatter_rows(word, dout, c, |i| inp.ids[i] as usize);
+    if let Some(dwpe) = position {
+        scatter_rows(dwpe, dout, c, |i| position_of(inp, i));
+    }
+    if let Some(dwtt) = token_type {
+        scatter_rows(dwtt, dout, c, |i| inp.token_types.as_ref().map_or(0, |tt| tt[i] as usize));
+    }
+}
+
+/// `table[row_of(i)] += dout[i]` for every position `i`. Rows may repeat: the channels are split
+/// between tasks instead of the positions, so no two tasks touch the same element and each
+/// element sums its positions in order.
+fn scatter_rows(table: &mut [f32], dout: &[f32], c: usize, row_of: impl Fn(usize) -> usize + Sync) {
+    let n = dout.len() / c;
+    let rows = table.len() / c;
     let threads = rayon::current_num_threads().max(1);
     let width = c.div_ceil(threads).max(16).min(c);
-    let ptr = SendPtr(dwte.as_mut_ptr());
-    let vocab = dwte.len() / c;
+    let ptr = SendPtr(table.as_mut_ptr());
     (0..c.div_ceil(width)).into_par_iter().for_each(|ci| {
         let c0 = ci * width;
         let c1 = (c0 + width).min(c);
-        for (i, &id) in ids.iter().enumerate() {
-            let id = id as usize;
-            assert!(id < vocab, "embedding_backward: token id {id} >= vocabulary {vocab}");
+        for i in 0..n {
+            let r = row_of(i);
+            assert!(r < rows, "embedding_backward: row {r} >= table rows {rows}");
             let g = &dout[i * c + c0..i * c + c1];
-            // SAFETY: columns [c0, c1) belong to this task alone; id < vocab keeps it in bounds.
-            let d = unsafe { std::slice::from_raw_parts_mut(ptr.get().add(id * c + c0), c1 - c0) };
+            // SAFETY: columns [c0, c1) belong to this task alone; r < rows keeps it in bounds.
+            let d = unsafe { std::slice::from_raw_parts_mut(ptr.get().add(r * c + c0), c1 - c0) };
             for (d, g) in d.iter_mut().zip(g) {
                 *d += g;
             }

@@ -22,6 +22,8 @@ use rayon::prelude::*;
 
 use crate::gemm::{SendPtr, matmul_strided};
 use crate::math::flush_subnormal;
+use lmtrain_backend::HeadGrads;
+
 use super::{IGNORE_INDEX, add_inplace, softmax};
 
 /// Vocabulary entries per chunk of the fused head: a chunk's logits are `1024 x 512` floats
@@ -41,31 +43,35 @@ pub fn lm_head_loss(
     scratch: &mut [f32],
     x: &[f32],
     wte: &[f32],
+    bias: Option<&[f32]>,
     targets: &[i32],
     rows: usize,
     vocab: usize,
     c: usize,
-    grad: Option<(&mut [f32], &mut [f32], f32)>,
+    grad: Option<HeadGrads<&mut [f32]>>,
 ) -> f64 {
     assert!(scratch.len() >= rows * vocab, "lm_head_loss: scratch too small");
     assert!(x.len() == rows * c && wte.len() == vocab * c && targets.len() == rows, "lm_head_loss: shape");
+    assert!(bias.is_none_or(|b| b.len() == vocab), "lm_head_loss: bias shape");
     for &t in targets {
         assert!(t == IGNORE_INDEX || (t >= 0 && (t as usize) < vocab), "cross_entropy: target {t} outside vocabulary {vocab}");
     }
-    if let Some((dx, dwte, _)) = &grad {
-        assert!(dx.len() == rows * c && dwte.len() == vocab * c, "lm_head_loss: gradient shape");
+    if let Some(g) = &grad {
+        assert!(g.dx.len() == rows * c && g.dwte.len() == vocab * c, "lm_head_loss: gradient shape");
+        assert_eq!(g.dbias.is_some(), bias.is_some(), "lm_head_loss: a bias gradient goes with a bias");
+        assert!(g.dbias.as_ref().is_none_or(|d| d.len() == vocab), "lm_head_loss: bias gradient shape");
     }
     let kept: Vec<usize> = (0..rows).filter(|&r| targets[r] != IGNORE_INDEX).collect();
     if kept.len() == rows {
-        return head_rows(scratch, x, wte, targets, c, grad);
+        return head_rows(scratch, x, wte, bias, targets, c, grad);
     }
     let xk: Vec<f32> = kept.iter().flat_map(|&r| &x[r * c..(r + 1) * c]).copied().collect();
     let tk: Vec<i32> = kept.iter().map(|&r| targets[r]).collect();
     match grad {
-        None => head_rows(scratch, &xk, wte, &tk, c, None),
-        Some((dx, dwte, dloss)) => {
+        None => head_rows(scratch, &xk, wte, bias, &tk, c, None),
+        Some(HeadGrads { dx, dwte, dbias, dloss }) => {
             let mut dxk = vec![0f32; kept.len() * c];
-            let loss = head_rows(scratch, &xk, wte, &tk, c, Some((&mut dxk, dwte, dloss)));
+            let loss = head_rows(scratch, &xk, wte, bias, &tk, c, Some(HeadGrads { dx: &mut dxk, dwte, dbias, dloss }));
             dx.fill(0.0);
             for (&r, d) in kept.iter().zip(dxk.chunks_exact(c)) {
                 dx[r * c..(r + 1) * c].copy_from_slice(d);
@@ -77,7 +83,7 @@ pub fn lm_head_loss(
 
 /// [`lm_head_loss`] on rows that all have a target (one per entry of `targets`; shapes checked
 /// by the caller).
-fn head_rows(scratch: &mut [f32], x: &[f32], wte: &[f32], targets: &[i32], c: usize, grad: Option<(&mut [f32], &mut [f32], f32)>) -> f64 {
+fn head_rows(scratch: &mut [f32], x: &[f32], wte: &[f32], bias: Option<&[f32]>, targets: &[i32], c: usize, grad: Option<HeadGrads<&mut [f32]>>) -> f64 {
     let (rows, vocab) = (targets.len(), wte.len() / c);
     if rows == 0 {
         return 0.0;
@@ -104,6 +110,9 @@ fn head_rows(scratch: &mut [f32], x: &[f32], wte: &[f32], targets: &[i32], c: us
                 let st = std::slice::from_raw_parts_mut(stp.get().add(j * rows), rows);
                 for (r, s) in st.iter_mut().enumerate() {
                     let row = std::slice::from_raw_parts_mut(block.add(r * len), len);
+                    if let Some(bias) = bias {
+                        row.iter_mut().zip(&bias[v0..v0 + len]).for_each(|(l, &b)| *l += b);
+                    }
                     let t = targets[r];
                     if t >= v0 as i32 && (t as usize) < v0 + len {
                         *tlp.get().add(r) = row[t as usize - v0];
@@ -115,7 +124,7 @@ fn head_rows(scratch: &mut [f32], x: &[f32], wte: &[f32], targets: &[i32], c: us
     });
 
     // pass 2: per-row log-sum-exp and loss; the per-(chunk, row) factors of the backward
-    let dloss = grad.as_ref().map_or(0.0, |g| g.2);
+    let dloss = grad.as_ref().map_or(0.0, |g| g.dloss);
     let mut factor = if grad.is_some() { vec![0f32; n_chunks * rows] } else { Vec::new() };
     let fp = SendPtr(factor.as_mut_ptr());
     let losses: Vec<f64> = (0..rows)
@@ -154,7 +163,7 @@ fn head_rows(scratch: &mut [f32], x: &[f32], wte: &[f32], targets: &[i32], c: us
     // transposed, so that dwte_chunk += dlogits^T · x runs with both operands in the layout the
     // gemm crate packs fastest (the transposed-operand product is ~15% slower than the copy),
     // and the big scratch is only read here (measured: ~5-10 ms less than scaling in place).
-    if let Some((dx, dwte, dloss)) = grad {
+    if let Some(HeadGrads { dx, dwte, dbias, dloss }) = grad {
         #[cfg(target_arch = "x86_64")]
         let transposed = std::arch::is_x86_feature_detected!("avx512f");
         #[cfg(not(target_arch = "x86_64"))]
@@ -163,6 +172,7 @@ fn head_rows(scratch: &mut [f32], x: &[f32], wte: &[f32], targets: &[i32], c: us
         let dxp = SendPtr(dx.as_mut_ptr());
         let pp = SendPtr(partial.as_mut_ptr());
         let dwp = SendPtr(dwte.as_mut_ptr());
+        let dbp = dbias.map(|d| SendPtr(d.as_mut_ptr()));
         let factor = &factor;
         parts.par_iter().enumerate().for_each(|(p, &(j0, j1))| {
             // SAFETY: thread p's dx target is dx (p = 0) or its own slice of `partial`.
@@ -172,7 +182,7 @@ fn head_rows(scratch: &mut [f32], x: &[f32], wte: &[f32], targets: &[i32], c: us
             for j in j0..j1 {
                 let (v0, len) = chunk(j);
                 let fac = &factor[j * rows..(j + 1) * rows];
-                // SAFETY: as in pass 1, chunk j's block and dwte rows [v0, v0 + len) belong to
+                // SAFETY: as in pass 1, chunk j's block, dwte rows and dbias entries [v0, v0 + len) belong to
                 // this task; dx / partial and tbuf are written by this task only.
                 unsafe {
                     let block = std::slice::from_raw_parts_mut(sp.get().add(rows * v0), rows * len);
@@ -193,6 +203,13 @@ fn head_rows(scratch: &mut [f32], x: &[f32], wte: &[f32], targets: &[i32], c: us
                             if transposed {
                                 tbuf[col * rows + r] -= dloss;
                             }
+                        }
+                    }
+                    if let Some(dbp) = dbp {
+                        // dbias_chunk += column sums of dlogits, rows in order
+                        let db = std::slice::from_raw_parts_mut(dbp.get().add(v0), len);
+                        for row in dl.chunks_exact(len) {
+                            db.iter_mut().zip(row).for_each(|(d, &g)| *d += g);
                         }
                     }
                     let w = wte.as_ptr().add(v0 * c);

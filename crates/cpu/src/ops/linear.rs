@@ -4,7 +4,7 @@ use rayon::prelude::*;
 
 use super::rows_per_task;
 
-pub use crate::gemm::matmul;
+pub use crate::gemm::{matmul, matmul_desc};
 
 /// `out[r, :] += bias` for each of `rows` rows.
 pub fn add_bias(out: &mut [f32], bias: &[f32], rows: usize, cols: usize) {

@@ -12,6 +12,7 @@ mod gelu;
 mod head;
 mod layernorm;
 mod linear;
+mod rows;
 mod softmax;
 mod xent;
 
@@ -22,8 +23,10 @@ pub use embedding::{embedding_backward, embedding_forward};
 pub use gelu::{gelu_backward, gelu_forward};
 pub use head::{LM_HEAD_CHUNK, lm_head_loss};
 pub use layernorm::{layernorm_backward, layernorm_forward};
-pub use linear::{add_bias, bias_backward, matmul};
-pub use xent::{IGNORE_INDEX, cross_entropy};
+pub use rows::{gather_rows, scatter_add_rows};
+pub use linear::{add_bias, bias_backward, matmul, matmul_desc};
+pub use lmtrain_backend::IGNORE_INDEX;
+pub use xent::cross_entropy;
 
 /// Elements per rayon task in elementwise loops.
 const CHUNK: usize = 1 << 14;

@@ -4,10 +4,12 @@ use rayon::prelude::*;
 
 use super::softmax::{max_exp_in_place, max_exp_sum, scale_flush_subnormal};
 
-/// Target value that marks a position without loss (PyTorch / Hugging Face `ignore_index`).
-pub const IGNORE_INDEX: i32 = -100;
+use super::IGNORE_INDEX;
 
-/// Fused softmax + cross-entropy, see `Backend::cross_entropy`. Returns the sum of row losses.
+/// Fused softmax + cross-entropy over `[rows, vocab]` logits against `targets` (`-100` =
+/// ignored). Returns the SUM of the row losses; with `dloss = Some(g)` the logits are replaced by
+/// `d loss / d logits`, each valid row's loss weighted by `g` (ignored rows become 0), so the
+/// probabilities are never stored separately. The reference for a device's fused classifier.
 pub fn cross_entropy(logits: &mut [f32], targets: &[i32], rows: usize, vocab: usize, dloss: Option<f32>) -> f64 {
     assert!(logits.len() == rows * vocab && targets.len() == rows, "cross_entropy: shape");
     let losses: Vec<f64> = logits

@@ -1,0 +1,165 @@
+//! Output heads: the LM head tied to the word embeddings (GPT-2; with its own bias it is the BERT
+//! family's decoder), fused with softmax cross-entropy, and the masked-LM head (dense -> GELU ->
+//! LayerNorm -> tied decoder) that runs on the labelled rows only.
+
+use lmtrain_backend::{Backend, GeluKind, HeadGrads, Result, Rows};
+
+use crate::nn::layernorm::{LayerNorm, LnSaved};
+use crate::nn::linear::Linear;
+use crate::params::{Grads, ParamRef, Weights};
+
+/// `logits = x · wte^T (+ bias)` with the loss fused in.
+#[derive(Clone, Copy, Debug)]
+pub struct TiedLmHead {
+    /// The tied word embeddings `[vocab, c]`.
+    pub wte: ParamRef,
+    /// The decoder's own bias `[vocab]` (BERT family), if any.
+    pub bias: Option<ParamRef>,
+    /// Vocabulary.
+    pub vocab: usize,
+    /// Width.
+    pub c: usize,
+}
+
+impl TiedLmHead {
+    /// The logits scratch for `rows` rows.
+    pub fn alloc<B: Backend>(&self, be: &B, rows: usize) -> Result<B::Buf> {
+        be.alloc(rows * self.vocab)
+    }
+
+    /// Adds the mean loss over the batch's labels (times `weight`) to `stats`; with
+    /// `grad = Some((dx, dloss))` also writes `dx` and accumulates the head's gradients.
+    #[allow(clippy::too_many_arguments)]
+    pub fn loss<B: Backend>(
+        &self,
+        be: &B,
+        w: &Weights<'_, B>,
+        g: Option<&mut Grads<'_, B>>,
+        scratch: &mut B::Buf,
+        x: B::View<'_>,
+        batch: &B::Batch,
+        rows: Rows,
+        grad: Option<(B::ViewMut<'_>, f32)>,
+        stats: &mut B::Stats,
+        weight: f64,
+    ) -> Result<()> {
+        let bias = self.bias.map(|b| w.get(b));
+        let (wte, sc) = (w.get(self.wte), B::view_mut(scratch));
+        match (g, grad) {
+            (Some(g), Some((mut dx, dloss))) => {
+                let dx = B::reborrow(&mut dx);
+                let refs: Vec<ParamRef> = [Some(self.wte), self.bias].into_iter().flatten().collect();
+                let mut views = g.many(&refs).into_iter();
+                let dwte = views.next().expect("wte gradient");
+                let dbias = views.next();
+                let hg = HeadGrads { dx, dwte, dbias, dloss };
+                be.lm_head_loss(sc, x, wte, bias, batch, rows, self.c, Some(hg), stats, weight)
+            }
+            _ => be.lm_head_loss(sc, x, wte, bias, batch, rows, self.c, None, stats, weight),
+        }
+    }
+
+    /// `out = x · wte^T (+ bias)` for `rows` rows (eval logits).
+    pub fn logits<B: Backend>(&self, be: &B, w: &Weights<'_, B>, out: B::ViewMut<'_>, x: B::View<'_>, rows: usize) -> Result<()> {
+        let s = lmtrain_backend::GemmShape { m: rows, n: self.vocab, k: self.c, trans_a: false, trans_b: true, accumulate: false };
+        let epi = match self.bias {
+            Some(b) => lmtrain_backend::Epilogue::Bias(w.get(b)),
+            None => lmtrain_backend::Epilogue::None,
+        };
+        be.gemm(out, x, w.get(self.wte), &s.into(), epi)
+    }
+}
+
+/// The masked-LM head: `decoder(ln(gelu(dense(x))))` with the decoder tied to the word
+/// embeddings plus a bias. It runs on the labelled rows only (gathered first): on ~15% of the
+/// positions, which is where nearly all of a BERT step's output-head FLOPs would go.
+#[derive(Clone, Copy, Debug)]
+pub struct MlmHead {
+    /// The transform's dense layer `[c] -> [c]`.
+    pub dense: Linear,
+    /// Its activation.
+    pub gelu: GeluKind,
+    /// The transform's LayerNorm.
+    pub ln: LayerNorm,
+    /// The tied decoder with its bias.
+    pub decoder: TiedLmHead,
+}
+
+/// What the MLM head keeps (sized for every row; the labelled ones use a prefix).
+pub struct MlmSaved<B: Backend> {
+    sel: B::Buf,
+    pre: B::Buf,
+    act: B::Buf,
+    ln: LnSaved<B>,
+    logits: B::Buf,
+    dsel: B::Buf,
+    dact: B::Buf,
+    dpre: B::Buf,
+    dln: B::Buf,
+}
+
+impl MlmHead {
+    /// Buffers for up to `rows` labelled rows.
+    pub fn alloc<B: Backend>(&self, be: &B, rows: usize) -> Result<MlmSaved<B>> {
+        let c = self.dense.n_in;
+        let buf = |n| be.alloc(n);
+        Ok(MlmSaved {
+            sel: buf(rows * c)?,
+            pre: buf(rows * c)?,
+            act: buf(rows * c)?,
+            ln: LnSaved::new(be, rows, c)?,
+            logits: self.decoder.alloc(be, rows)?,
+            dsel: buf(rows * c)?,
+            dact: buf(rows * c)?,
+            dpre: buf(rows * c)?,
+            dln: buf(rows * c)?,
+        })
+    }
+
+    fn transform<B: Backend>(&self, be: &B, w: &Weights<'_, B>, s: &mut MlmSaved<B>, n: usize) -> Result<()> {
+        let c = self.dense.n_in;
+        let sel = B::slice(B::view(&s.sel), 0, n * c);
+        let act = B::slice_mut(B::view_mut(&mut s.act), 0, n * c);
+        let pre = B::slice_mut(B::view_mut(&mut s.pre), 0, n * c);
+        self.dense.forward_gelu(be, w, act, pre, sel, n, self.gelu)?;
+        self.ln.forward(be, w, &mut s.ln, B::slice(B::view(&s.act), 0, n * c), n)
+    }
+
+    /// Adds the mean loss over the labelled rows (times `weight`) to `stats`; with
+    /// `grad = Some((dx, dloss))` also accumulates `dx += d loss / d x` over all rows and the
+    /// head's parameter gradients.
+    #[allow(clippy::too_many_arguments)]
+    pub fn loss<B: Backend>(
+        &self,
+        be: &B,
+        w: &Weights<'_, B>,
+        g: Option<&mut Grads<'_, B>>,
+        s: &mut MlmSaved<B>,
+        x: B::View<'_>,
+        batch: &B::Batch,
+        n_labels: usize,
+        grad: Option<(B::ViewMut<'_>, f32)>,
+        stats: &mut B::Stats,
+        weight: f64,
+    ) -> Result<()> {
+        let c = self.dense.n_in;
+        let n = n_labels;
+        be.gather_rows(B::slice_mut(B::view_mut(&mut s.sel), 0, n * c), x, batch, c)?;
+        self.transform(be, w, s, n)?;
+        let h = B::slice(B::view(&s.ln.out), 0, n * c);
+        let (Some(g), Some((dx, dloss))) = (g, grad) else {
+            return self.decoder.loss(be, w, None, &mut s.logits, h, batch, Rows::Labelled, None, stats, weight);
+        };
+        let dln = B::slice_mut(B::view_mut(&mut s.dln), 0, n * c);
+        self.decoder.loss(be, w, Some(&mut *g), &mut s.logits, h, batch, Rows::Labelled, Some((dln, dloss)), stats, weight)?;
+        be.fill_zero(B::view_mut(&mut s.dact))?;
+        let act = B::slice(B::view(&s.act), 0, n * c);
+        self.ln.backward(be, w, g, B::slice_mut(B::view_mut(&mut s.dact), 0, n * c), B::slice(B::view(&s.dln), 0, n * c), act, &s.ln, n)?;
+        be.fill_zero(B::view_mut(&mut s.dpre))?;
+        let pre = B::slice(B::view(&s.pre), 0, n * c);
+        be.gelu_backward(B::slice_mut(B::view_mut(&mut s.dpre), 0, n * c), pre, B::slice(B::view(&s.dact), 0, n * c), self.gelu)?;
+        let sel = B::slice(B::view(&s.sel), 0, n * c);
+        self.dense.backward(be, w, g, Some(B::slice_mut(B::view_mut(&mut s.dsel), 0, n * c)), sel, B::slice(B::view(&s.dpre), 0, n * c), n)?;
+        be.scatter_add_rows(dx, B::slice(B::view(&s.dsel), 0, n * c), batch, c)
+    }
+}
