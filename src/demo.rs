@@ -8,9 +8,12 @@ use std::path::Path;
 use std::time::Instant;
 
 use anyhow::Context;
+use lmtrain_cpu::Cpu;
+use lmtrain_model::LanguageModel;
 use lmtrain_model::gpt2::{Gpt2, Gpt2Config};
-use lmtrain_trainer::generate::Decoding;
-use lmtrain_trainer::{IntervalStrategy, Trainer, TrainingArgs};
+use lmtrain_trainer::{CausalCollator, IntervalStrategy, Trainer, TrainingArgs};
+
+use crate::sample::Decoding;
 
 /// The corpus, gzip-compressed (1.3 MB), one verse per line.
 static CORPUS_GZ: &[u8] = include_bytes!("../data/corpus/kjv.txt.gz");
@@ -75,7 +78,7 @@ pub fn run() -> anyhow::Result<()> {
         eos_token_id: eos,
         ..Gpt2Config::default()
     };
-    let model = Gpt2::new(cfg, 42);
+    let model = Gpt2::new(Cpu, cfg, 42)?;
 
     let mut args = TrainingArgs::new(&out_dir);
     args.learning_rate = 2e-3;
@@ -91,14 +94,14 @@ pub fn run() -> anyhow::Result<()> {
     args.save_strategy = IntervalStrategy::Steps;
     args.save_steps = STEPS / 2;
     args.save_total_limit = Some(1);
-    let mut trainer = Trainer::new(args, model, train, eval, tokenizer_json)?;
+    let mut trainer = Trainer::new(args, model, Box::new(CausalCollator), train, eval, tokenizer_json)?;
     println!(
         "[2/4] model: GPT-2, 4 layers, 4 heads, width 128, context {BLOCK}, {:.2}M parameters",
-        trainer.model().params().len() as f64 / 1e6
+        trainer.model().num_params() as f64 / 1e6
     );
 
     // 3. Train, with validation perplexity before and after.
-    let before = trainer.evaluate().context("the demo data has a validation set")?;
+    let before = trainer.evaluate()?.context("the demo data has a validation set")?;
     println!("      validation perplexity before training: {:.1} (loss {:.3})", before.perplexity, before.loss);
     // Logged as step 0, so the loss curve starts from the untrained model.
     std::fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
@@ -107,7 +110,7 @@ pub fn run() -> anyhow::Result<()> {
     }))?;
     println!("[3/4] training {STEPS} steps of {BATCH} x {BLOCK} tokens (cosine schedule, peak lr 2e-3)...");
     let outcome = trainer.train()?;
-    let after = trainer.evaluate().context("the demo data has a validation set")?;
+    let after = trainer.evaluate()?.context("the demo data has a validation set")?;
     println!(
         "      {} steps in {:.0} s, {:.0} tokens/s",
         outcome.global_step,
@@ -121,7 +124,7 @@ pub fn run() -> anyhow::Result<()> {
 
     // 4. Artifacts and a sample.
     let png = out_dir.join("loss.png");
-    lmtrain_trainer::plot::plot_losses(&out_dir.join(lmtrain_trainer::metrics::METRICS_FILE), &png)?;
+    crate::plot::plot_losses(&out_dir.join(lmtrain_trainer::metrics::METRICS_FILE), &png)?;
     println!("[4/4] checkpoint: {}", outcome.last_checkpoint.as_deref().unwrap_or(&out_dir).display());
     println!("      final model (transformers loads it): {}", out_dir.display());
     println!("      loss curve: {}", png.display());

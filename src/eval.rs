@@ -3,8 +3,11 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
+use lmtrain_model::LanguageModel;
 use lmtrain_store::BlockStore;
-use lmtrain_trainer::{check_store_fits, evaluate};
+use lmtrain_cpu::Cpu;
+use lmtrain_model::gpt2::Gpt2;
+use lmtrain_trainer::{CausalCollator, check_store_fits, evaluate};
 
 /// Flags of `train eval`.
 #[derive(clap::Args)]
@@ -63,7 +66,7 @@ pub fn run(a: EvalArgs) -> anyhow::Result<()> {
     if a.per_device_eval_batch_size == 0 {
         bail!("--per-device-eval-batch-size must be at least 1");
     }
-    let mut model = lmtrain_hf::load_gpt2(&a.checkpoint).context("loading the checkpoint")?;
+    let mut model: Gpt2<Cpu> = lmtrain_hf::load_model(Cpu, &a.checkpoint).context("loading the checkpoint")?;
     let tok_path = a.checkpoint.join("tokenizer.json");
     let tokenizer = std::fs::read(&tok_path).ok();
     // The end-of-text token as text, for tokenizing a text file like the training data.
@@ -72,11 +75,11 @@ pub fn run(a: EvalArgs) -> anyhow::Result<()> {
         _ => None,
     };
     let (store, _tmp) = open_eval_data(&a.data, &a.checkpoint, model.config().n_positions, a.block_size, eos_token)?;
-    check_store_fits(&store, &model, tokenizer.as_deref())?;
+    check_store_fits(&store, model.config(), tokenizer.as_deref())?;
     if tokenizer.is_none() {
         eprintln!("note: {} is missing; the data's tokenizer cannot be checked", tok_path.display());
     }
-    let r = evaluate(&mut model, &store, a.per_device_eval_batch_size);
+    let r = evaluate(&mut model, &store, a.per_device_eval_batch_size, &CausalCollator)?;
     println!(
         "eval loss {:.4}, perplexity {:.2} ({} blocks of {} tokens)",
         r.loss,

@@ -3,7 +3,11 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
-use lmtrain_trainer::generate::{Decoding, generate};
+use lmtrain_cpu::Cpu;
+use lmtrain_model::LanguageModel;
+use lmtrain_model::gpt2::Gpt2;
+
+use crate::sample::{Decoding, generate};
 
 /// Flags of `train generate`. Decoding is greedy (as Hugging Face's default) unless
 /// `--do-sample` or one of the sampling knobs is given.
@@ -42,8 +46,8 @@ pub struct GenerateArgs {
 }
 
 /// Loads a model directory and its tokenizer.
-pub fn load_model_and_tokenizer(dir: &Path) -> anyhow::Result<(lmtrain_model::gpt2::Gpt2, tokenizers::Tokenizer)> {
-    let model = lmtrain_hf::load_gpt2(dir)?;
+pub fn load_model_and_tokenizer(dir: &Path) -> anyhow::Result<(Gpt2<Cpu>, tokenizers::Tokenizer)> {
+    let model = lmtrain_hf::load_model(Cpu, dir)?;
     let tok_path = dir.join("tokenizer.json");
     let tokenizer = tokenizers::Tokenizer::from_file(&tok_path)
         .map_err(|e| anyhow::anyhow!("{}: {e}", tok_path.display()))?;
@@ -54,7 +58,7 @@ pub fn load_model_and_tokenizer(dir: &Path) -> anyhow::Result<(lmtrain_model::gp
 /// model's end-of-text token; without it, end-of-text tokens are shown as line breaks (the
 /// corpus's document boundaries) and generation runs to `max_new_tokens`.
 pub fn continue_text(
-    model: &mut lmtrain_model::gpt2::Gpt2,
+    model: &mut Gpt2<Cpu>,
     tokenizer: &tokenizers::Tokenizer,
     prompt: &str,
     max_new_tokens: usize,
@@ -75,7 +79,7 @@ pub fn continue_text(
         bail!("token id {bad} of the prompt is outside the model's vocabulary ({vocab}); is tokenizer.json the model's?");
     }
     let eos = model.config().eos_token_id;
-    let new = generate(model, ids, max_new_tokens, decoding, eos.filter(|_| stop_at_eos));
+    let new = generate(model, ids, max_new_tokens, decoding, eos.filter(|_| stop_at_eos))?;
     // Decode prompt and continuation together, so the tokenizer places the spaces between them.
     let all: Vec<u32> = ids.iter().chain(&new).copied().collect();
     let pieces: Result<Vec<String>, _> =

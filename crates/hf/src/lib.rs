@@ -253,13 +253,18 @@ fn to_f32(t: &TensorView<'_>, out: &mut [f32]) -> Result<(), String> {
 /// not written). Each file is written under a temporary name, flushed, then renamed, so a crash
 /// never leaves a half-written file in place.
 pub fn save_model<B: Backend, M: LanguageModel<B>>(model: &M, dir: &Path) -> Result<(), HfError> {
+    let params = model.params_to_host().map_err(|source| HfError::Model { path: dir.join(WEIGHTS_FILE), source })?;
+    save_params::<B, M>(model.config(), model.param_infos(), &params, dir)
+}
+
+/// [`save_model`] from host parameters laid out as `infos` (e.g. the optimizer's f32 master
+/// copy).
+pub fn save_params<B: Backend, M: LanguageModel<B>>(config: &M::Config, infos: &[ParamInfo], params: &[f32], dir: &Path) -> Result<(), HfError> {
     std::fs::create_dir_all(dir).map_err(io_err(dir))?;
-    let cfg = model.config().for_saving(&M::HF);
+    let cfg = config.for_saving(&M::HF);
     let json = serde_json::to_string_pretty(&cfg).map_err(|source| HfError::Json { path: dir.join(CONFIG_FILE), source })?;
     let weights = dir.join(WEIGHTS_FILE);
-    let params = model.params_to_host().map_err(|source| HfError::Model { path: weights.clone(), source })?;
-    let views = model
-        .param_infos()
+    let views = infos
         .iter()
         .map(|p| {
             // safetensors data is little-endian, as f32 is in memory on every supported target

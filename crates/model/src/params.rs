@@ -212,6 +212,14 @@ impl<B: Backend> ParamStore<B> {
     pub fn params_and_grads_mut(&mut self) -> (&mut B::Buf, &B::Buf) {
         (&mut self.params, &self.grads)
     }
+    /// Replaces the parameters by `host` (same layout, e.g. a checkpoint's).
+    pub fn set_params(&mut self, be: &B, host: Vec<f32>) -> Result<(), ModelError> {
+        if host.len() != self.len() {
+            return Err(ModelError::Config(format!("{} parameters given, the model has {}", host.len(), self.len())));
+        }
+        self.params = be.from_host(host)?;
+        Ok(())
+    }
     /// Set every gradient to zero.
     pub fn zero_grad(&mut self, be: &B) -> Result<(), ModelError> {
         Ok(be.fill_zero(B::view_mut(&mut self.grads))?)

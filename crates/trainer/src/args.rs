@@ -31,86 +31,100 @@ impl std::str::FromStr for IntervalStrategy {
     }
 }
 
-/// Everything the training loop needs to know, with HF semantics. Build it with
-/// [`TrainingArgs::new`] (HF defaults) and check it with [`TrainingArgs::validate`].
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+impl std::fmt::Display for IntervalStrategy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::No => "no",
+            Self::Steps => "steps",
+            Self::Epoch => "epoch",
+        })
+    }
+}
+
+/// Everything the training loop needs to know, with HF semantics: the Hugging Face
+/// `TrainingArguments` names (kebab-case on the command line: `--learning-rate`) and defaults.
+/// The `train` command line parses these flags straight into this struct (and a `--config` file
+/// into the same flags), so no second list of them exists. Build it with [`TrainingArgs::new`]
+/// and check it with [`TrainingArgs::validate`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, clap::Parser)]
 pub struct TrainingArgs {
     /// Where checkpoints, the metrics log and the final model go.
+    #[arg(skip)]
     pub output_dir: PathBuf,
-    /// Peak learning rate (HF default 5e-5).
+    /// Peak learning rate.
+    #[arg(long, default_value_t = 5e-5)]
     pub learning_rate: f64,
-    /// Decoupled weight decay of the decaying group (not biases / LayerNorm weights).
+    /// Decoupled weight decay of the decaying group (never biases and LayerNorm weights).
+    #[arg(long, default_value_t = 0.0)]
     pub weight_decay: f32,
     /// AdamW beta1.
+    #[arg(long, default_value_t = 0.9)]
     pub adam_beta1: f32,
     /// AdamW beta2.
+    #[arg(long, default_value_t = 0.999)]
     pub adam_beta2: f32,
     /// AdamW epsilon.
+    #[arg(long, default_value_t = 1e-8)]
     pub adam_epsilon: f32,
-    /// Warmup as a fraction of the total steps (used when `warmup_steps` is 0).
+    /// Warmup as a fraction of the total steps (used when --warmup-steps is 0).
+    #[arg(long, default_value_t = 0.0)]
     pub warmup_ratio: f64,
     /// Warmup in optimizer steps (wins over the ratio).
+    #[arg(long, default_value_t = 0)]
     pub warmup_steps: u64,
-    /// Learning-rate schedule.
+    /// Learning-rate schedule: linear, cosine, constant or constant_with_warmup.
+    #[arg(long = "lr-scheduler", value_name = "KIND", default_value_t = SchedulerKind::Linear)]
     pub lr_scheduler: SchedulerKind,
-    /// Epochs to train (fractional allowed) when `max_steps` is `None`.
+    /// Epochs to train (fractional allowed) when --max-steps is not given.
+    #[arg(long, default_value_t = 3.0)]
     pub num_train_epochs: f64,
-    /// Total optimizer steps; overrides `num_train_epochs`.
+    /// Total optimizer steps; overrides --num-train-epochs.
+    #[arg(long)]
     pub max_steps: Option<u64>,
     /// Blocks per micro-batch.
+    #[arg(long, default_value_t = 8)]
     pub per_device_train_batch_size: usize,
     /// Blocks per evaluation batch.
+    #[arg(long, default_value_t = 8)]
     pub per_device_eval_batch_size: usize,
     /// Micro-batches per optimizer step.
+    #[arg(long, default_value_t = 1)]
     pub gradient_accumulation_steps: usize,
     /// Clip the global gradient norm to this (0 = no clipping).
+    #[arg(long, default_value_t = 1.0)]
     pub max_grad_norm: f32,
-    /// When to evaluate.
+    /// When to evaluate: steps, epoch or no.
+    #[arg(long, value_name = "STRATEGY", default_value_t = IntervalStrategy::No)]
     pub eval_strategy: IntervalStrategy,
-    /// Evaluate every this many steps (`None`: `logging_steps`, as HF).
+    /// Evaluate every this many steps [default: --logging-steps, as HF].
+    #[arg(long)]
     pub eval_steps: Option<u64>,
     /// Log the training loss every this many steps.
+    #[arg(long, default_value_t = 500)]
     pub logging_steps: u64,
-    /// When to write `checkpoint-STEP/`.
+    /// When to write checkpoint-STEP/: steps, epoch or no.
+    #[arg(long, value_name = "STRATEGY", default_value_t = IntervalStrategy::Steps)]
     pub save_strategy: IntervalStrategy,
     /// Save every this many steps.
+    #[arg(long, default_value_t = 500)]
     pub save_steps: u64,
     /// Keep at most this many checkpoints (the best one is never deleted).
+    #[arg(long)]
     pub save_total_limit: Option<usize>,
     /// Load the checkpoint with the lowest eval loss at the end.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", default_value_t = false, value_name = "BOOL", action = clap::ArgAction::Set)]
     pub load_best_model_at_end: bool,
-    /// Seed of the data order and dropout.
+    /// Seed of the data order, dropout and masking.
+    #[arg(long, default_value_t = 42)]
     pub seed: u64,
 }
 
 impl TrainingArgs {
     /// HF defaults with the given output directory.
     pub fn new(output_dir: impl Into<PathBuf>) -> Self {
-        Self {
-            output_dir: output_dir.into(),
-            learning_rate: 5e-5,
-            weight_decay: 0.0,
-            adam_beta1: 0.9,
-            adam_beta2: 0.999,
-            adam_epsilon: 1e-8,
-            warmup_ratio: 0.0,
-            warmup_steps: 0,
-            lr_scheduler: SchedulerKind::Linear,
-            num_train_epochs: 3.0,
-            max_steps: None,
-            per_device_train_batch_size: 8,
-            per_device_eval_batch_size: 8,
-            gradient_accumulation_steps: 1,
-            max_grad_norm: 1.0,
-            eval_strategy: IntervalStrategy::No,
-            eval_steps: None,
-            logging_steps: 500,
-            save_strategy: IntervalStrategy::Steps,
-            save_steps: 500,
-            save_total_limit: None,
-            load_best_model_at_end: false,
-            seed: 42,
-        }
+        let mut a = <Self as clap::Parser>::parse_from(["lmtrain"]);
+        a.output_dir = output_dir.into();
+        a
     }
 
     /// Evaluation interval in steps for the `steps` strategy.
@@ -169,6 +183,8 @@ mod tests {
     fn hf_defaults_validate() {
         let a = TrainingArgs::new("out");
         assert_eq!(a.learning_rate, 5e-5);
+        assert_eq!((a.adam_epsilon, a.num_train_epochs, a.per_device_train_batch_size, a.logging_steps), (1e-8, 3.0, 8, 500));
+        assert_eq!((a.eval_strategy, a.save_strategy, a.lr_scheduler), (IntervalStrategy::No, IntervalStrategy::Steps, SchedulerKind::Linear));
         assert_eq!(a.max_grad_norm, 1.0);
         assert_eq!(a.eval_interval(), a.logging_steps);
         a.validate().unwrap();

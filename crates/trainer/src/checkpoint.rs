@@ -7,7 +7,8 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use lmtrain_model::gpt2::Gpt2;
+use lmtrain_backend::Backend;
+use lmtrain_model::LanguageModel;
 use safetensors::{Dtype, SafeTensors, tensor::TensorView};
 use serde::{Deserialize, Serialize};
 
@@ -76,12 +77,22 @@ pub fn list_checkpoints(output_dir: &Path) -> Result<Vec<(u64, PathBuf)>, Traine
     Ok(out)
 }
 
+/// What a checkpoint holds besides the loop state: the f32 parameters (the master copy, not a
+/// bf16 working copy) and the AdamW moments.
+pub struct Tensors<'a> {
+    /// Parameters, laid out as the model's parameter table.
+    pub params: &'a [f32],
+    /// AdamW first moments.
+    pub exp_avg: &'a [f32],
+    /// AdamW second moments.
+    pub exp_avg_sq: &'a [f32],
+}
+
 /// Writes a complete checkpoint for `state.global_step` atomically and returns its path.
-pub fn save(
+pub fn save<B: Backend, M: LanguageModel<B>>(
     output_dir: &Path,
-    model: &Gpt2,
-    exp_avg: &[f32],
-    exp_avg_sq: &[f32],
+    model: &M,
+    tensors: Tensors<'_>,
     tokenizer_json: &[u8],
     state: &TrainerState,
 ) -> Result<PathBuf, TrainerError> {
@@ -92,9 +103,9 @@ pub fn save(
         fs::remove_dir_all(&tmp).map_err(|e| TrainerError::io(&tmp, e))?;
     }
     fs::create_dir_all(&tmp).map_err(|e| TrainerError::io(&tmp, e))?;
-    lmtrain_hf::save_gpt2(model, &tmp)?;
+    lmtrain_hf::save_params::<B, M>(model.config(), model.param_infos(), tensors.params, &tmp)?;
     fs::write(tmp.join(TOKENIZER_FILE), tokenizer_json).map_err(|e| TrainerError::io(&tmp, e))?;
-    write_moments(&tmp.join(OPTIMIZER_FILE), exp_avg, exp_avg_sq)?;
+    write_moments(&tmp.join(OPTIMIZER_FILE), tensors.exp_avg, tensors.exp_avg_sq)?;
     let json = serde_json::to_vec_pretty(state).expect("trainer state serializes");
     fs::write(tmp.join(STATE_FILE), json).map_err(|e| TrainerError::io(&tmp, e))?;
     sync_dir(&tmp);

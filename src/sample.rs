@@ -1,7 +1,9 @@
 //! Text generation with the model's KV cache: greedy decoding, or sampling with temperature,
 //! top-k and top-p (applied in that order, as Hugging Face's logits warpers are).
 
+use lmtrain_backend::Backend;
 use lmtrain_model::gpt2::Gpt2;
+use lmtrain_model::{LanguageModel, ModelError};
 use rand_core::{Rng, SeedableRng};
 use rand_xoshiro::Xoshiro256PlusPlus;
 
@@ -93,31 +95,31 @@ impl Sampler {
 
 /// Continues `prompt` by up to `max_new_tokens` tokens (fewer when `stop` is produced or the
 /// context `n_positions` is full). Returns only the new tokens.
-pub fn generate(
-    model: &mut Gpt2,
+pub fn generate<B: Backend>(
+    model: &mut Gpt2<B>,
     prompt: &[u32],
     max_new_tokens: usize,
     decoding: Decoding,
     stop: Option<u32>,
-) -> Vec<u32> {
+) -> Result<Vec<u32>, ModelError> {
     let n_positions = model.config().n_positions;
     let budget = max_new_tokens.min(n_positions.saturating_sub(prompt.len()));
     let mut out = Vec::with_capacity(budget);
     if prompt.is_empty() || budget == 0 {
-        return out;
+        return Ok(out);
     }
     let mut sampler = Sampler::new(decoding);
-    let mut cache = model.new_kv_cache(prompt.len() + budget);
-    let mut logits = model.forward_incremental(&mut cache, prompt);
+    let mut cache = model.new_kv_cache(prompt.len() + budget)?;
+    let mut logits = model.forward_incremental(&mut cache, prompt)?;
     for i in 0..budget {
         let next = sampler.next(&logits);
         out.push(next);
         if Some(next) == stop || i + 1 == budget {
             break;
         }
-        logits = model.forward_incremental(&mut cache, &[next]);
+        logits = model.forward_incremental(&mut cache, &[next])?;
     }
-    out
+    Ok(out)
 }
 
 #[cfg(test)]

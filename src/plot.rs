@@ -5,8 +5,8 @@ use std::path::Path;
 
 use serde_json::Value;
 
-use crate::TrainerError;
-use crate::metrics::read_records;
+use anyhow::Context;
+use lmtrain_trainer::metrics::read_records;
 
 const W: usize = 900;
 const H: usize = 540;
@@ -120,7 +120,7 @@ impl Canvas {
 /// Draws training loss (blue) and eval loss (red) against the step from the records of
 /// `metrics_path` into a PNG at `png_path`. Returns false (and writes nothing) when the log
 /// holds no loss at all.
-pub fn plot_losses(metrics_path: &Path, png_path: &Path) -> Result<bool, TrainerError> {
+pub fn plot_losses(metrics_path: &Path, png_path: &Path) -> anyhow::Result<bool> {
     let records = read_records(metrics_path)?;
     let series = |key: &str| -> Vec<(f64, f64)> {
         records
@@ -191,15 +191,15 @@ pub fn plot_losses(metrics_path: &Path, png_path: &Path) -> Result<bool, Trainer
     Ok(true)
 }
 
-fn write_png(path: &Path, rgb: &[u8]) -> Result<(), TrainerError> {
-    let err = |msg: String| TrainerError::Checkpoint { path: path.to_path_buf(), msg };
-    let file = std::fs::File::create(path).map_err(|e| TrainerError::io(path, e))?;
+fn write_png(path: &Path, rgb: &[u8]) -> anyhow::Result<()> {
+    let what = || format!("writing {}", path.display());
+    let file = std::fs::File::create(path).with_context(what)?;
     let mut enc = png::Encoder::new(std::io::BufWriter::new(file), W as u32, H as u32);
     enc.set_color(png::ColorType::Rgb);
     enc.set_depth(png::BitDepth::Eight);
-    let mut writer = enc.write_header().map_err(|e| err(e.to_string()))?;
-    writer.write_image_data(rgb).map_err(|e| err(e.to_string()))?;
-    writer.finish().map_err(|e| err(e.to_string()))
+    let mut writer = enc.write_header().with_context(what)?;
+    writer.write_image_data(rgb).with_context(what)?;
+    writer.finish().with_context(what)
 }
 
 #[cfg(test)]
