@@ -8,7 +8,7 @@
 use std::time::Duration;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use lmtrain_backend::{AttnMask, AttnShape, Dropout, GeluKind, GemmShape};
+use lmtrain_backend::{AttnMask, AttnShape, Dropout, GeluKind, GemmShape, HeadGrads};
 use lmtrain_cpu::ops;
 
 const BT: usize = 1024;
@@ -69,11 +69,11 @@ fn layers(c: &mut Criterion) {
     let (mut dx, mut dwte) = (vec![0f32; BT * C], vec![0f32; V * C]);
     g.throughput(Throughput::Elements(2 * (BT * V * C) as u64));
     g.bench_function("lm_head_loss_fwd_1024x50257x256", |bench| {
-        bench.iter(|| ops::lm_head_loss(&mut scratch, &xh, &wte, &targets, BT, V, C, None))
+        bench.iter(|| ops::lm_head_loss(&mut scratch, &xh, &wte, None, &targets, BT, V, C, None))
     });
     g.throughput(Throughput::Elements(6 * (BT * V * C) as u64));
     g.bench_function("lm_head_loss_fwd_bwd_1024x50257x256", |bench| {
-        bench.iter(|| ops::lm_head_loss(&mut scratch, &xh, &wte, &targets, BT, V, C, Some((&mut dx, &mut dwte, 1.0 / BT as f32))))
+        bench.iter(|| ops::lm_head_loss(&mut scratch, &xh, &wte, None, &targets, BT, V, C, Some(HeadGrads { dx: &mut dx, dwte: &mut dwte, dbias: None, dloss: 1.0 / BT as f32 })))
     });
 
     let x = filled(BT * C, 4);

@@ -14,8 +14,12 @@ use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use lmtrain_backend::{AdamWHyper, AttnMask, AttnShape, Backend, DecaySegment, Dropout, GeluKind, GemmShape};
+use lmtrain_backend::{
+    AdamWStep, AttnShape, Backend, DecaySegment, Dropout, EmbeddingTables, Epilogue, GeluKind, GemmDesc, HeadGrads, HostBatch, Inputs,
+    Result, Rows, StepStats,
+};
 use lmtrain_cpu::Cpu;
+use lmtrain_model::LanguageModel;
 use lmtrain_model::gpt2::{Gpt2, Gpt2Config};
 use lmtrain_optim::{AdamW, AdamWConfig, decay_segments};
 
@@ -46,15 +50,20 @@ impl Backend for Timed {
     type Buf = Vec<f32>;
     type View<'a> = &'a [f32];
     type ViewMut<'a> = &'a mut [f32];
+    type Master = Vec<f32>;
+    type Batch = Inputs;
+    type Stats = StepStats;
+    type AttnState = Vec<f32>;
+    const F32_COMPUTE: bool = true;
 
-    fn alloc(&self, len: usize) -> Vec<f32> {
+    fn alloc(&self, len: usize) -> Result<Vec<f32>> {
         self.inner.alloc(len)
     }
-    fn from_host(&self, data: Vec<f32>) -> Vec<f32> {
-        data
+    fn from_host(&self, data: Vec<f32>) -> Result<Vec<f32>> {
+        Ok(data)
     }
-    fn to_host(&self, v: &[f32]) -> Vec<f32> {
-        v.to_vec()
+    fn to_host(&self, v: &[f32]) -> Result<Vec<f32>> {
+        Ok(v.to_vec())
     }
     fn buf_len(buf: &Vec<f32>) -> usize {
         buf.len()
@@ -89,36 +98,64 @@ impl Backend for Timed {
     fn as_view<'s>(v: &'s &mut [f32]) -> &'s [f32] {
         v
     }
-    fn fill_zero(&self, x: &mut [f32]) {
+    fn master_from_host(&self, data: Vec<f32>) -> Result<Vec<f32>> {
+        Ok(data)
+    }
+    fn master_to_host(&self, m: &Vec<f32>) -> Result<Vec<f32>> {
+        Ok(m.clone())
+    }
+    fn master_len(m: &Vec<f32>) -> usize {
+        m.len()
+    }
+    fn upload_batch(&self, batch: &HostBatch<'_>) -> Result<Inputs> {
+        timed("upload", || self.inner.upload_batch(batch))
+    }
+    fn new_stats(&self) -> Result<StepStats> {
+        self.inner.new_stats()
+    }
+    fn reset_stats(&self, stats: &mut StepStats) -> Result<()> {
+        self.inner.reset_stats(stats)
+    }
+    fn read_stats(&self, stats: &StepStats) -> Result<StepStats> {
+        self.inner.read_stats(stats)
+    }
+    fn alloc_attn_state(&self, s: AttnShape) -> Result<Vec<f32>> {
+        self.inner.alloc_attn_state(s)
+    }
+    fn fill_zero(&self, x: &mut [f32]) -> Result<()> {
         timed("fill_zero", || self.inner.fill_zero(x))
     }
-    fn copy(&self, dst: &mut [f32], src: &[f32]) {
+    fn copy(&self, dst: &mut [f32], src: &[f32]) -> Result<()> {
         timed("copy", || self.inner.copy(dst, src))
     }
-    fn scale(&self, x: &mut [f32], s: f32) {
-        timed("scale", || self.inner.scale(x, s))
-    }
-    fn residual_forward(&self, out: &mut [f32], a: &[f32], b: &[f32]) {
+    fn residual_forward(&self, out: &mut [f32], a: &[f32], b: &[f32]) -> Result<()> {
         timed("residual", || self.inner.residual_forward(out, a, b))
     }
-    fn add_inplace(&self, dst: &mut [f32], src: &[f32]) {
+    fn add_inplace(&self, dst: &mut [f32], src: &[f32]) -> Result<()> {
         timed("residual", || self.inner.add_inplace(dst, src))
     }
-    fn dropout_inplace(&self, x: &mut [f32], d: Dropout) {
+    fn dropout_inplace(&self, x: &mut [f32], d: Dropout) -> Result<()> {
         timed("dropout", || self.inner.dropout_inplace(x, d))
     }
-    fn gemm(&self, c: &mut [f32], a: &[f32], b: &[f32], s: GemmShape) {
+    fn gemm(&self, c: &mut [f32], a: &[f32], b: &[f32], d: &GemmDesc, epi: Epilogue<'_, '_, Self>) -> Result<()> {
+        let s = d.shape;
         let name = if s.n == self.vocab || s.m == self.vocab || s.k == self.vocab {
             "gemm (tied lm_head)"
         } else {
-            "gemm (layers)"
+            match epi {
+                Epilogue::None => "gemm (layers)",
+                Epilogue::Bias(_) => "gemm + bias (layers)",
+                Epilogue::BiasGelu { .. } => "gemm + bias + gelu (layers)",
+            }
         };
-        timed(name, || self.inner.gemm(c, a, b, s))
+        let epi = match epi {
+            Epilogue::None => Epilogue::None,
+            Epilogue::Bias(b) => Epilogue::Bias(b),
+            Epilogue::BiasGelu { bias, kind, pre } => Epilogue::BiasGelu { bias, kind, pre },
+        };
+        timed(name, || self.inner.gemm(c, a, b, d, epi))
     }
-    fn add_bias(&self, out: &mut [f32], bias: &[f32], rows: usize, cols: usize) {
-        timed("bias", || self.inner.add_bias(out, bias, rows, cols))
-    }
-    fn bias_backward(&self, dbias: &mut [f32], dout: &[f32], rows: usize, cols: usize) {
+    fn bias_backward(&self, dbias: &mut [f32], dout: &[f32], rows: usize, cols: usize) -> Result<()> {
         timed("bias", || self.inner.bias_backward(dbias, dout, rows, cols))
     }
     #[allow(clippy::too_many_arguments)]
@@ -133,7 +170,7 @@ impl Backend for Timed {
         rows: usize,
         cols: usize,
         eps: f32,
-    ) {
+    ) -> Result<()> {
         timed("layernorm", || self.inner.layernorm_forward(out, mean, rstd, inp, weight, bias, rows, cols, eps))
     }
     #[allow(clippy::too_many_arguments)]
@@ -149,57 +186,49 @@ impl Backend for Timed {
         rstd: &[f32],
         rows: usize,
         cols: usize,
-    ) {
-        timed("layernorm", || {
-            self.inner.layernorm_backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd, rows, cols)
-        })
+    ) -> Result<()> {
+        timed("layernorm", || self.inner.layernorm_backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd, rows, cols))
     }
-    fn gelu_forward(&self, out: &mut [f32], inp: &[f32], kind: GeluKind) {
+    fn gelu_forward(&self, out: &mut [f32], inp: &[f32], kind: GeluKind) -> Result<()> {
         timed("gelu", || self.inner.gelu_forward(out, inp, kind))
     }
-    fn gelu_backward(&self, dinp: &mut [f32], inp: &[f32], dout: &[f32], kind: GeluKind) {
+    fn gelu_backward(&self, dinp: &mut [f32], inp: &[f32], dout: &[f32], kind: GeluKind) -> Result<()> {
         timed("gelu", || self.inner.gelu_backward(dinp, inp, dout, kind))
     }
+    fn embedding_forward(&self, out: &mut [f32], tables: EmbeddingTables<&[f32]>, batch: &Inputs, c: usize) -> Result<()> {
+        timed("embedding", || self.inner.embedding_forward(out, tables, batch, c))
+    }
+    fn embedding_backward(&self, grads: EmbeddingTables<&mut [f32]>, dout: &[f32], batch: &Inputs, c: usize) -> Result<()> {
+        timed("embedding", || self.inner.embedding_backward(grads, dout, batch, c))
+    }
     #[allow(clippy::too_many_arguments)]
-    fn embedding_forward(
+    fn attention_forward(&self, out: &mut [f32], st: &mut Vec<f32>, qkv: &[f32], s: AttnShape, causal: bool, batch: &Inputs, d: Dropout) -> Result<()> {
+        timed("attention", || self.inner.attention_forward(out, st, qkv, s, causal, batch, d))
+    }
+    #[allow(clippy::too_many_arguments)]
+    fn attention_backward(
         &self,
-        out: &mut [f32],
-        wte: &[f32],
-        wpe: &[f32],
-        ids: &[u32],
-        b: usize,
-        t: usize,
-        c: usize,
-        pos_offset: usize,
-    ) {
-        timed("embedding", || self.inner.embedding_forward(out, wte, wpe, ids, b, t, c, pos_offset))
+        dqkv: &mut [f32],
+        dout: &[f32],
+        qkv: &[f32],
+        out: &[f32],
+        st: &Vec<f32>,
+        s: AttnShape,
+        causal: bool,
+        batch: &Inputs,
+        d: Dropout,
+    ) -> Result<()> {
+        timed("attention", || self.inner.attention_backward(dqkv, dout, qkv, out, st, s, causal, batch, d))
     }
     #[allow(clippy::too_many_arguments)]
-    fn embedding_backward(&self, dwte: &mut [f32], dwpe: &mut [f32], dout: &[f32], ids: &[u32], b: usize, t: usize, c: usize) {
-        timed("embedding", || self.inner.embedding_backward(dwte, dwpe, dout, ids, b, t, c))
+    fn attention_cached(&self, out: &mut [f32], q: &[f32], k: &[f32], v: &[f32], start: usize, n: usize, h: usize, hs: usize) -> Result<()> {
+        timed("attention", || self.inner.attention_cached(out, q, k, v, start, n, h, hs))
     }
-    fn attention_forward(&self, out: &mut [f32], probs: &mut [f32], qkv: &[f32], s: AttnShape, mask: AttnMask<'_>, dropout: Dropout) {
-        timed("attention", || self.inner.attention_forward(out, probs, qkv, s, mask, dropout))
+    fn gather_rows(&self, out: &mut [f32], x: &[f32], batch: &Inputs, cols: usize) -> Result<()> {
+        timed("rows", || self.inner.gather_rows(out, x, batch, cols))
     }
-    fn attention_backward(&self, dqkv: &mut [f32], dout: &[f32], qkv: &[f32], probs: &[f32], s: AttnShape, dropout: Dropout) {
-        timed("attention", || self.inner.attention_backward(dqkv, dout, qkv, probs, s, dropout))
-    }
-    #[allow(clippy::too_many_arguments)]
-    fn attention_cached(
-        &self,
-        out: &mut [f32],
-        q: &[f32],
-        k_cache: &[f32],
-        v_cache: &[f32],
-        start: usize,
-        n_new: usize,
-        n_head: usize,
-        head_size: usize,
-    ) {
-        timed("attention", || self.inner.attention_cached(out, q, k_cache, v_cache, start, n_new, n_head, head_size))
-    }
-    fn cross_entropy(&self, logits: &mut [f32], targets: &[i32], rows: usize, vocab: usize, dloss: Option<f32>) -> f64 {
-        timed("cross_entropy", || self.inner.cross_entropy(logits, targets, rows, vocab, dloss))
+    fn scatter_add_rows(&self, dx: &mut [f32], dsel: &[f32], batch: &Inputs, cols: usize) -> Result<()> {
+        timed("rows", || self.inner.scatter_add_rows(dx, dsel, batch, cols))
     }
     #[allow(clippy::too_many_arguments)]
     fn lm_head_loss(
@@ -207,19 +236,32 @@ impl Backend for Timed {
         scratch: &mut [f32],
         x: &[f32],
         wte: &[f32],
-        targets: &[i32],
-        rows: usize,
-        vocab: usize,
+        bias: Option<&[f32]>,
+        batch: &Inputs,
+        rows: Rows,
         c: usize,
-        grad: Option<(&mut [f32], &mut [f32], f32)>,
-    ) -> f64 {
-        timed("lm_head + cross_entropy (fused)", || self.inner.lm_head_loss(scratch, x, wte, targets, rows, vocab, c, grad))
+        grad: Option<HeadGrads<&mut [f32]>>,
+        stats: &mut StepStats,
+        weight: f64,
+    ) -> Result<()> {
+        timed("lm_head_loss (fused)", || self.inner.lm_head_loss(scratch, x, wte, bias, batch, rows, c, grad, stats, weight))
     }
-    fn adamw_update(&self, params: &mut [f32], grads: &[f32], m: &mut [f32], v: &mut [f32], segments: &[DecaySegment], hp: &AdamWHyper) {
-        timed("adamw", || self.inner.adamw_update(params, grads, m, v, segments, hp))
+    #[allow(clippy::too_many_arguments)]
+    fn adamw_update(
+        &self,
+        params: &mut [f32],
+        master: Option<&mut Vec<f32>>,
+        grads: &[f32],
+        m: &mut Vec<f32>,
+        v: &mut Vec<f32>,
+        segments: &[DecaySegment],
+        step: &AdamWStep,
+        stats: &StepStats,
+    ) -> Result<()> {
+        timed("adamw", || self.inner.adamw_update(params, master, grads, m, v, segments, step, stats))
     }
-    fn global_norm(&self, grads: &[f32]) -> f32 {
-        timed("global_norm", || self.inner.global_norm(grads))
+    fn global_norm(&self, grads: &[f32], stats: &mut StepStats) -> Result<()> {
+        timed("global_norm", || self.inner.global_norm(grads, stats))
     }
 }
 
@@ -255,11 +297,14 @@ fn bench_config() -> Gpt2Config {
 
 /// One training step as the trainer does it: zero grads, forward+backward, clip + AdamW.
 fn train_step<B: Backend>(model: &mut Gpt2<B>, opt: &mut AdamW<B>, ids: &[u32], labels: &[i32], b: usize, t: usize, step: u64) -> f32 {
-    model.zero_grad();
-    let loss = model.forward_backward(ids, labels, b, t, Some(step));
-    let (backend, params, grads) = model.backend_and_bufs_mut();
-    opt.step(backend, B::view_mut(params), B::view(grads), 5e-5, 1.0, 1);
-    loss
+    let input = lmtrain_model::Input { b, t, input_ids: ids, labels: Some(labels), attention_mask: None, token_type_ids: None };
+    let mut stats = model.backend().new_stats().unwrap();
+    model.zero_grad().unwrap();
+    model.accumulate_gradients(&input, Some(step), &mut stats).unwrap();
+    let (backend, store) = model.parts_mut();
+    let (params, grads) = store.params_and_grads_mut();
+    opt.step(backend, B::view_mut(params), B::view(grads), 5e-5, 1.0, 1, &mut stats).unwrap();
+    backend.read_stats(&stats).unwrap().loss as f32
 }
 
 fn main() {
@@ -280,11 +325,11 @@ fn bench() {
 
     fn new_opt<B: Backend>(model: &Gpt2<B>) -> AdamW<B> {
         let segs = decay_segments(model.param_infos().iter().map(|p| (p.offset, p.len, p.decay)), 0.01);
-        AdamW::new(model.backend(), AdamWConfig { weight_decay: 0.01, ..AdamWConfig::default() }, model.num_params(), segs)
+        AdamW::new(model.backend(), AdamWConfig { weight_decay: 0.01, ..AdamWConfig::default() }, &model.params_to_host().unwrap(), segs).unwrap()
     }
 
     // Throughput on the plain CPU backend.
-    let mut model = Gpt2::new(cfg.clone(), 0);
+    let mut model = Gpt2::new(Cpu, cfg.clone(), 0).unwrap();
     let mut opt = new_opt(&model);
     for s in 0..o.warmup {
         train_step(&mut model, &mut opt, &ids, &labels, b, t, s as u64);
@@ -310,7 +355,7 @@ fn bench() {
 
     // Per-op breakdown on the timed backend.
     TIMES.with(|t| t.borrow_mut().clear());
-    let mut timed_model = Gpt2::with_backend(Timed { inner: Cpu, vocab: cfg.vocab_size }, cfg.clone(), 0);
+    let mut timed_model = Gpt2::new(Timed { inner: Cpu, vocab: cfg.vocab_size }, cfg.clone(), 0).unwrap();
     let mut opt = new_opt(&timed_model);
     train_step(&mut timed_model, &mut opt, &ids, &labels, b, t, 0);
     TIMES.with(|t| t.borrow_mut().clear());

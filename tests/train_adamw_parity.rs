@@ -9,6 +9,8 @@ use std::path::Path;
 
 use lmtrain_backend::Backend;
 use lmtrain_cpu::Cpu;
+use lmtrain_model::LanguageModel;
+use lmtrain_model::gpt2::Gpt2;
 use lmtrain_optim::{AdamW, AdamWConfig, Schedule, SchedulerKind, decay_segments};
 use safetensors::SafeTensors;
 
@@ -32,7 +34,7 @@ fn replay(name: &str) {
     let ids: Vec<u32> = ids.iter().map(|&x| x as u32).collect();
     let labels: Vec<i32> = labels.iter().map(|&x| x as i32).collect();
 
-    let mut model = lmtrain_hf::load_gpt2(&dir).unwrap();
+    let mut model: Gpt2<Cpu> = lmtrain_hf::load_model(Cpu, &dir).unwrap();
     // The fixture's groups: no decay for biases and LayerNorm weights.
     for p in model.param_infos() {
         let no_decay = p.name.ends_with("bias") || p.name.contains(".ln_") || p.name.starts_with("transformer.ln_f");
@@ -48,7 +50,7 @@ fn replay(name: &str) {
         eps: f("eps") as f32,
         weight_decay: wd,
     };
-    let mut opt = AdamW::new(model.backend(), cfg, model.num_params(), segments);
+    let mut opt = AdamW::new(model.backend(), cfg, &model.params_to_host().unwrap(), segments).unwrap();
     let total = spec["total_steps"].as_u64().unwrap();
     let schedule = Schedule {
         base_lr: f("lr"),
@@ -60,14 +62,16 @@ fn replay(name: &str) {
     assert_eq!(want.len() as u64, total);
     let mut worst = 0.0f64;
     for (k, &w) in want.iter().enumerate() {
-        model.zero_grad();
-        let loss = model.forward_backward(&ids, &labels, b, t, Some(k as u64)) as f64;
+        model.zero_grad().unwrap();
+        let loss = model.forward_backward(&ids, &labels, b, t, Some(k as u64)).unwrap() as f64;
         worst = worst.max((loss - w).abs());
         assert!((loss - w).abs() <= TOL, "{name} step {}: loss {loss} vs torch {w}", k + 1);
-        let (backend, params, grads) = model.backend_and_bufs_mut();
-        opt.step(backend, Cpu::view_mut(params), Cpu::view(grads), schedule.lr(k as u64) as f32, f("max_grad_norm") as f32, 1);
+        let (backend, store) = model.parts_mut();
+        let (params, grads) = store.params_and_grads_mut();
+        let mut stats = backend.new_stats().unwrap();
+        opt.step(backend, Cpu::view_mut(params), Cpu::view(grads), schedule.lr(k as u64) as f32, f("max_grad_norm") as f32, 1, &mut stats).unwrap();
     }
-    let fin = model.forward_loss(&ids, &labels, b, t) as f64;
+    let fin = model.forward_loss(&ids, &labels, b, t).unwrap() as f64;
     worst = worst.max((fin - f("final_loss")).abs());
     eprintln!("{name}: largest |loss - torch| over 10 steps + final: {worst:.2e}");
     assert!((fin - f("final_loss")).abs() <= TOL, "{name} after 10 steps: {fin} vs torch {}", f("final_loss"));

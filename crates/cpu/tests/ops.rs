@@ -1,6 +1,6 @@
 //! CPU ops against straightforward f64 references and finite differences.
 
-use lmtrain_backend::{AdamWHyper, AttnMask, AttnShape, DecaySegment, Dropout, GeluKind};
+use lmtrain_backend::{EmbeddingTables, HeadGrads, HostBatch, Inputs, AdamWHyper, AttnMask, AttnShape, DecaySegment, Dropout, GeluKind};
 use lmtrain_cpu::ops;
 
 fn rand_vec(n: usize, seed: u64, scale: f32) -> Vec<f32> {
@@ -350,8 +350,13 @@ fn embedding_forward_backward_with_repeated_ids() {
     let wte = rand_vec(vocab * c, 23, 1.0);
     let wpe = rand_vec(8 * c, 24, 1.0);
     let ids = [3u32, 3, 0, 8, 3, 1, 1, 2, 3, 0];
+    // explicit position ids, offset by 2 (as incremental decoding passes them)
+    let pos: Vec<u32> = (0..b * t).map(|i| (2 + i % t) as u32).collect();
+    let host = HostBatch { b, t, input_ids: &ids, targets: None, attention_mask: None, token_type_ids: None, position_ids: Some(&pos) };
+    let inp = Inputs::new(&host);
     let mut out = vec![0f32; b * t * c];
-    ops::embedding_forward(&mut out, &wte, &wpe, &ids, b, t, c, 2);
+    let tables = EmbeddingTables { word: &wte[..], position: Some(&wpe[..]), token_type: None };
+    ops::embedding_forward(&mut out, tables, &inp, c);
     for i in 0..b * t {
         for j in 0..c {
             let want = wte[ids[i] as usize * c + j] + wpe[(2 + i % t) * c + j];
@@ -361,13 +366,60 @@ fn embedding_forward_backward_with_repeated_ids() {
     let g = rand_vec(b * t * c, 25, 1.0);
     let mut dwte = vec![0f32; vocab * c];
     let mut dwpe = vec![0f32; 8 * c];
-    ops::embedding_backward(&mut dwte, &mut dwpe, &g, &ids, b, t, c);
+    ops::embedding_backward(EmbeddingTables { word: &mut dwte[..], position: Some(&mut dwpe[..]), token_type: None }, &g, &inp, c);
     for j in 0..c {
         let want3: f32 = [0usize, 1, 4, 8].iter().map(|&i| g[i * c + j]).sum();
         assert!((dwte[3 * c + j] - want3).abs() < 1e-6);
-        assert!((dwpe[c + j] - (g[c + j] + g[(t + 1) * c + j])).abs() < 1e-6);
+        // position 3 = column 1 of both rows
+        assert!((dwpe[3 * c + j] - (g[c + j] + g[(t + 1) * c + j])).abs() < 1e-6);
     }
     assert!(dwte[4 * c..5 * c].iter().all(|&x| x == 0.0), "unused row untouched");
+    assert!(dwpe[..2 * c].iter().all(|&x| x == 0.0), "positions before the offset untouched");
+}
+
+#[test]
+fn embedding_with_token_types_and_no_positions() {
+    let (b, t, c, vocab) = (3, 4, 17, 11);
+    let wte = rand_vec(vocab * c, 60, 1.0);
+    let wtt = rand_vec(2 * c, 61, 1.0);
+    let ids: Vec<u32> = (0..(b * t) as u32).map(|i| i * 7 % vocab as u32).collect();
+    let types: Vec<u32> = (0..b * t).map(|i| (i % t >= 2) as u32).collect();
+    let host = HostBatch { b, t, input_ids: &ids, targets: None, attention_mask: None, token_type_ids: Some(&types), position_ids: None };
+    let inp = Inputs::new(&host);
+    let mut out = vec![0f32; b * t * c];
+    ops::embedding_forward(&mut out, EmbeddingTables { word: &wte[..], position: None, token_type: Some(&wtt[..]) }, &inp, c);
+    for i in 0..b * t {
+        for j in 0..c {
+            assert_eq!(out[i * c + j], wte[ids[i] as usize * c + j] + wtt[types[i] as usize * c + j]);
+        }
+    }
+    let g = rand_vec(b * t * c, 62, 1.0);
+    let (mut dwte, mut dwtt) = (vec![0f32; vocab * c], vec![0f32; 2 * c]);
+    ops::embedding_backward(EmbeddingTables { word: &mut dwte[..], position: None, token_type: Some(&mut dwtt[..]) }, &g, &inp, c);
+    for j in 0..c {
+        let want1: f32 = (0..b * t).filter(|&i| types[i] == 1).map(|i| g[i * c + j]).sum();
+        assert!((dwtt[c + j] - want1).abs() < 1e-5, "type-1 gradient");
+    }
+    let total: f32 = dwte.iter().sum::<f32>() - g.iter().sum::<f32>();
+    assert!(total.abs() < 1e-3, "every position's gradient reaches its word row once");
+}
+
+#[test]
+fn row_gather_and_scatter_add_are_inverse_on_the_selected_rows() {
+    let (n, cols) = (9, 5);
+    let x = rand_vec(n * cols, 63, 1.0);
+    let rows = [1u32, 4, 8];
+    let mut sel = vec![0f32; rows.len() * cols];
+    ops::gather_rows(&mut sel, &x, &rows, cols);
+    for (i, &r) in rows.iter().enumerate() {
+        assert_eq!(&sel[i * cols..(i + 1) * cols], &x[r as usize * cols..(r as usize + 1) * cols]);
+    }
+    let mut dx = vec![1f32; n * cols];
+    ops::scatter_add_rows(&mut dx, &sel, &rows, cols);
+    for r in 0..n {
+        let want = |j: usize| if rows.contains(&(r as u32)) { 1.0 + x[r * cols + j] } else { 1.0 };
+        assert!((0..cols).all(|j| dx[r * cols + j] == want(j)), "row {r}");
+    }
 }
 
 #[test]
@@ -419,11 +471,11 @@ fn fused_lm_head_case(rows: usize, c: usize, spread: f32) {
     ops::matmul(&mut want_dw, &logits, &x, GemmShape { m: vocab, n: c, k: rows, trans_a: true, trans_b: false, accumulate: true });
 
     let mut scratch = vec![f32::NAN; rows * vocab];
-    let got_eval = ops::lm_head_loss(&mut scratch, &x, &wte, &targets, rows, vocab, c, None);
+    let got_eval = ops::lm_head_loss(&mut scratch, &x, &wte, None, &targets, rows, vocab, c, None);
     assert!((got_eval - want_eval).abs() < 1e-6 * want_eval.abs(), "{got_eval} vs {want_eval}");
     let mut dx = vec![f32::NAN; rows * c]; // overwritten, not accumulated
     let mut dw = vec![1f32; vocab * c];
-    let got = ops::lm_head_loss(&mut scratch, &x, &wte, &targets, rows, vocab, c, Some((&mut dx, &mut dw, 0.5)));
+    let got = ops::lm_head_loss(&mut scratch, &x, &wte, None, &targets, rows, vocab, c, Some(HeadGrads { dx: &mut dx, dwte: &mut dw, dbias: None, dloss: 0.5 }));
     assert!((got - want).abs() < 1e-6 * want.abs(), "{got} vs {want}");
     let to64 = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<_>>();
     assert_close(&dx, &to64(&want_dx), 1e-6, "dx");
@@ -431,8 +483,34 @@ fn fused_lm_head_case(rows: usize, c: usize, spread: f32) {
     // bit for bit the same on a second run (fixed reduction order)
     let mut dx2 = vec![f32::NAN; rows * c];
     let mut dw2 = vec![1f32; vocab * c];
-    let again = ops::lm_head_loss(&mut scratch, &x, &wte, &targets, rows, vocab, c, Some((&mut dx2, &mut dw2, 0.5)));
+    let again = ops::lm_head_loss(&mut scratch, &x, &wte, None, &targets, rows, vocab, c, Some(HeadGrads { dx: &mut dx2, dwte: &mut dw2, dbias: None, dloss: 0.5 }));
     assert!(again.to_bits() == got.to_bits() && dx2 == dx && dw2 == dw, "second run differs");
+}
+
+#[test]
+fn fused_lm_head_with_a_bias_equals_matmul_plus_bias_plus_cross_entropy() {
+    use lmtrain_backend::GemmShape;
+    // two chunks, the second partial; a few ignored rows
+    let (rows, c, vocab) = (21, 13, ops::LM_HEAD_CHUNK + 45);
+    let x = rand_vec(rows * c, 64, 2.0);
+    let wte = rand_vec(vocab * c, 65, 1.0);
+    let bias = rand_vec(vocab, 66, 3.0);
+    let targets: Vec<i32> = (0..rows).map(|r| if r % 5 == 2 { -100 } else { (r * 97 % vocab) as i32 }).collect();
+    let mut logits = vec![0f32; rows * vocab];
+    ops::matmul(&mut logits, &x, &wte, GemmShape { m: rows, n: vocab, k: c, trans_a: false, trans_b: true, accumulate: false });
+    ops::add_bias(&mut logits, &bias, rows, vocab);
+    let want = ops::cross_entropy(&mut logits, &targets, rows, vocab, Some(0.3));
+    let mut want_db = vec![0.5f32; vocab];
+    ops::bias_backward(&mut want_db, &logits, rows, vocab);
+    let mut scratch = vec![f32::NAN; rows * vocab];
+    let (mut dx, mut dw, mut db) = (vec![f32::NAN; rows * c], vec![0f32; vocab * c], vec![0.5f32; vocab]);
+    let g = HeadGrads { dx: &mut dx[..], dwte: &mut dw[..], dbias: Some(&mut db[..]), dloss: 0.3 };
+    let got = ops::lm_head_loss(&mut scratch, &x, &wte, Some(&bias), &targets, rows, vocab, c, Some(g));
+    assert!((got - want).abs() < 1e-6 * want.abs(), "{got} vs {want}");
+    assert_close(&db, &want_db.iter().map(|&v| v as f64).collect::<Vec<_>>(), 1e-6, "dbias");
+    let mut want_dx = vec![0f32; rows * c];
+    ops::matmul(&mut want_dx, &logits, &wte, GemmShape { m: rows, n: c, k: vocab, trans_a: false, trans_b: false, accumulate: false });
+    assert_close(&dx, &want_dx.iter().map(|&v| v as f64).collect::<Vec<_>>(), 1e-6, "dx");
 }
 
 #[test]
@@ -450,13 +528,13 @@ fn fused_lm_head_with_one_partial_chunk_and_all_rows_ignored() {
     ops::matmul(&mut want_dx, &logits, &wte, GemmShape { m: rows, n: c, k: vocab, trans_a: false, trans_b: false, accumulate: false });
     let mut scratch = vec![f32::NAN; rows * vocab];
     let (mut dx, mut dw) = (vec![f32::NAN; rows * c], vec![0f32; vocab * c]);
-    let got = ops::lm_head_loss(&mut scratch, &x, &wte, &targets, rows, vocab, c, Some((&mut dx, &mut dw, 0.2)));
+    let got = ops::lm_head_loss(&mut scratch, &x, &wte, None, &targets, rows, vocab, c, Some(HeadGrads { dx: &mut dx, dwte: &mut dw, dbias: None, dloss: 0.2 }));
     assert!((got - want).abs() < 1e-6 * want.abs(), "{got} vs {want}");
     assert_close(&dx, &want_dx.iter().map(|&v| v as f64).collect::<Vec<_>>(), 1e-6, "dx");
     // every target ignored: zero loss, zero gradients
     let ignored = [-100; 5];
     let (mut dx, mut dw) = (vec![f32::NAN; rows * c], vec![0f32; vocab * c]);
-    let got = ops::lm_head_loss(&mut scratch, &x, &wte, &ignored, rows, vocab, c, Some((&mut dx, &mut dw, 0.2)));
+    let got = ops::lm_head_loss(&mut scratch, &x, &wte, None, &ignored, rows, vocab, c, Some(HeadGrads { dx: &mut dx, dwte: &mut dw, dbias: None, dloss: 0.2 }));
     assert_eq!(got, 0.0);
     assert!(dx.iter().chain(&dw).all(|&v| v == 0.0), "ignored rows must give zero gradients");
 }
