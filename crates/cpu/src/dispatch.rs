@@ -1,6 +1,6 @@
 //! Run-time instruction-set dispatch: the release build targets baseline x86-64, so the hot loops
 //! are compiled again with AVX2 / AVX-512 enabled and chosen when the CPU has them. Shared by
-//! [`crate::ops`] and [`crate::head`].
+//! the files of [`crate::ops`].
 
 /// Call `$generic(args)` compiled for AVX2 when the CPU has it (the build targets baseline x86-64,
 /// whose SSE2 halves the width of the elementwise loops); `$avx2` is an `unsafe fn` with

@@ -8,7 +8,6 @@
 #[macro_use]
 mod dispatch;
 mod gemm;
-mod head;
 mod simd;
 pub mod math;
 pub mod ops;

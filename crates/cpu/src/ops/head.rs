@@ -22,7 +22,7 @@ use rayon::prelude::*;
 
 use crate::gemm::{SendPtr, matmul_strided};
 use crate::math::flush_subnormal;
-use crate::ops::{IGNORE_INDEX, add_inplace, exp_in_place_sum, lane_max, scale_flush_subnormal};
+use super::{IGNORE_INDEX, add_inplace, softmax};
 
 /// Vocabulary entries per chunk of the fused head: a chunk's logits are `1024 x 512` floats
 /// (2 MB, one core's L2) on the benchmark shape. Measured with `cargo bench --bench ops --
@@ -182,7 +182,7 @@ fn head_rows(scratch: &mut [f32], x: &[f32], wte: &[f32], targets: &[i32], c: us
                     }
                     if !transposed {
                         for (row, &f) in block.chunks_exact_mut(len).zip(fac) {
-                            scale_flush_subnormal(row, f);
+                            softmax::scale_flush_subnormal(row, f);
                         }
                     }
                     let dl: &mut [f32] = if transposed { &mut nbuf[..len * rows] } else { block };
@@ -220,8 +220,8 @@ fn max_exp_in_place(row: &mut [f32]) -> (f32, f32) {
 
 #[inline(always)]
 fn max_exp_in_place_portable(row: &mut [f32]) -> (f32, f32) {
-    let max = lane_max(row);
-    (max, exp_in_place_sum(row, max) as f32)
+    let (max, sum) = softmax::max_exp_in_place(row);
+    (max, sum as f32)
 }
 avx2_version!(max_exp_in_place_avx2, max_exp_in_place_portable, (row: &mut [f32]) -> (f32, f32));
 

@@ -1,0 +1,74 @@
+//! Elementwise ops: fill, scale, residual add, in-place add, dropout.
+
+use lmtrain_backend::Dropout;
+use rayon::prelude::*;
+
+use super::CHUNK;
+
+/// `out = a + b`.
+pub fn residual_forward(out: &mut [f32], a: &[f32], b: &[f32]) {
+    assert!(a.len() == out.len() && b.len() == out.len(), "residual_forward: length mismatch");
+    out.par_chunks_mut(CHUNK).zip(a.par_chunks(CHUNK)).zip(b.par_chunks(CHUNK)).for_each(|((o, a), b)| {
+        for ((o, a), b) in o.iter_mut().zip(a).zip(b) {
+            *o = a + b;
+        }
+    });
+}
+
+/// `dst += src`.
+pub fn add_inplace(dst: &mut [f32], src: &[f32]) {
+    assert_eq!(dst.len(), src.len(), "add_inplace: length mismatch");
+    dst.par_chunks_mut(CHUNK).zip(src.par_chunks(CHUNK)).for_each(|(d, s)| {
+        for (d, s) in d.iter_mut().zip(s) {
+            *d += s;
+        }
+    });
+}
+
+/// `x = 0`, in parallel (gradient buffers are tens of MB).
+pub fn fill_zero(x: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if x.len() >= NT_ZERO_MIN && std::arch::is_x86_feature_detected!("avx512f") {
+        x.par_chunks_mut(CHUNK).for_each(|c| {
+            // SAFETY: the feature was detected at run time.
+            unsafe { crate::simd::zero_streaming(c) }
+        });
+        return;
+    }
+    x.par_chunks_mut(CHUNK).for_each(|c| c.fill(0.0));
+}
+
+/// Buffers from this many elements (16 MB) up, gradient buffers, are zeroed with streaming
+/// stores: ordinary stores first read every line they overwrite. Smaller ones (activation
+/// gradients about to be accumulated into) keep ordinary stores, which leave them in cache.
+#[cfg(target_arch = "x86_64")]
+const NT_ZERO_MIN: usize = 1 << 22;
+
+/// `x *= s`.
+pub fn scale(x: &mut [f32], s: f32) {
+    x.par_chunks_mut(CHUNK).for_each(|c| c.iter_mut().for_each(|v| *v *= s));
+}
+
+/// Inverted dropout in place (also its own backward): `x[i] *= d.factor(i)`.
+pub fn dropout_inplace(x: &mut [f32], d: Dropout) {
+    if !d.active() {
+        return;
+    }
+    x.par_chunks_mut(CHUNK).enumerate().for_each(|(ci, c)| dropout_mul(c, d, (ci * CHUNK) as u64));
+}
+
+/// `x[j] *= d.factor(base + j)`: the dropout mask of elements `base..base + x.len()`.
+pub(super) fn dropout_mul(x: &mut [f32], d: Dropout, base: u64) {
+    dispatch512!(dropout_mul_body, dropout_mul_avx512, dropout_mul_avx2, x, d, base)
+}
+
+/// See [`dropout_mul`]; the very same `Dropout::factor` per element in every build, so the mask
+/// is bit-identical whichever one runs (AVX-512 DQ vectorises its 64-bit multiplies).
+#[inline(always)]
+fn dropout_mul_body(x: &mut [f32], d: Dropout, base: u64) {
+    for (i, v) in x.iter_mut().enumerate() {
+        *v *= d.factor(base + i as u64);
+    }
+}
+avx2_version!(dropout_mul_avx2, dropout_mul_body, (x: &mut [f32], d: Dropout, base: u64) -> ());
+avx512_version!(dropout_mul_avx512, dropout_mul_body, (x: &mut [f32], d: Dropout, base: u64) -> ());

@@ -1,0 +1,38 @@
+//! The CPU ops: f32, row-major, multi-threaded with rayon. Every `*_backward` ACCUMULATES (`+=`)
+//! into its gradient outputs. Every reduction runs over fixed chunks in a fixed order, so results
+//! are bit-for-bit identical from run to run (resuming a training run relies on it).
+//!
+//! One file per layer family; every op is re-exported here, so `ops::NAME` is the path to use.
+
+mod adamw;
+mod attention;
+mod elementwise;
+mod embedding;
+mod gelu;
+mod head;
+mod layernorm;
+mod linear;
+mod softmax;
+mod xent;
+
+pub use adamw::{adamw_update, global_norm};
+pub use attention::{attention_backward, attention_cached, attention_forward};
+pub use elementwise::{add_inplace, dropout_inplace, fill_zero, residual_forward, scale};
+pub use embedding::{embedding_backward, embedding_forward};
+pub use gelu::{gelu_backward, gelu_forward};
+pub use head::{LM_HEAD_CHUNK, lm_head_loss};
+pub use layernorm::{layernorm_backward, layernorm_forward};
+pub use linear::{add_bias, bias_backward, matmul};
+pub use xent::{IGNORE_INDEX, cross_entropy};
+
+/// Elements per rayon task in elementwise loops.
+const CHUNK: usize = 1 << 14;
+
+/// Rows per rayon task for a row length of `cols` (about `CHUNK` elements per task).
+fn rows_per_task(cols: usize) -> usize {
+    (CHUNK / cols.max(1)).max(1)
+}
+
+/// Accumulator lanes of the lane-parallel reductions (softmax, LayerNorm): one AVX-512 register,
+/// two AVX2 ones.
+const LANES: usize = 16;
