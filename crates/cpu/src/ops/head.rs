@@ -155,10 +155,7 @@ fn head_rows(scratch: &mut [f32], x: &[f32], wte: &[f32], targets: &[i32], c: us
     // gemm crate packs fastest (the transposed-operand product is ~15% slower than the copy),
     // and the big scratch is only read here (measured: ~5-10 ms less than scaling in place).
     if let Some((dx, dwte, dloss)) = grad {
-        #[cfg(target_arch = "x86_64")]
-        let transposed = std::arch::is_x86_feature_detected!("avx512f");
-        #[cfg(not(target_arch = "x86_64"))]
-        let transposed = false;
+        let transposed = crate::dispatch::simd_level() == crate::dispatch::SimdLevel::Avx512;
         let mut partial = vec![0f32; (threads - 1) * rows * c];
         let dxp = SendPtr(dx.as_mut_ptr());
         let pp = SendPtr(partial.as_mut_ptr());
@@ -173,7 +170,8 @@ fn head_rows(scratch: &mut [f32], x: &[f32], wte: &[f32], targets: &[i32], c: us
                 let (v0, len) = chunk(j);
                 let fac = &factor[j * rows..(j + 1) * rows];
                 // SAFETY: as in pass 1, chunk j's block and dwte rows [v0, v0 + len) belong to
-                // this task; dx / partial and tbuf are written by this task only.
+                // this task; dx / partial and tbuf are written by this task only; `transposed`
+                // (the AVX-512 kernel) only when the CPU has AVX-512 (see `simd_level`).
                 unsafe {
                     let block = std::slice::from_raw_parts_mut(sp.get().add(rows * v0), rows * len);
                     #[cfg(target_arch = "x86_64")]
@@ -215,7 +213,7 @@ fn head_rows(scratch: &mut [f32], x: &[f32], wte: &[f32], targets: &[i32], c: us
 
 /// Replaces `row` by `exp(row - max)` and returns `(max, sum of the exponentials)`.
 fn max_exp_in_place(row: &mut [f32]) -> (f32, f32) {
-    dispatch512!(max_exp_in_place_portable, max_exp_in_place_avx512, max_exp_in_place_avx2, row)
+    dispatch!(max_exp_in_place_portable, max_exp_in_place_avx512, max_exp_in_place_avx2, row)
 }
 
 #[inline(always)]
