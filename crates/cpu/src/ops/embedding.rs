@@ -43,7 +43,8 @@ pub fn embedding_backward(dwte: &mut [f32], dwpe: &mut [f32], dout: &[f32], ids:
         }
     });
     // Token rows may repeat: split the channels between tasks instead of the tokens, so no two
-    // tasks touch the same element and the summation order is fixed.
+    // tasks touch the same element and every element sums its tokens in token order (the split
+    // follows the thread count, the bits do not).
     let threads = rayon::current_num_threads().max(1);
     let width = c.div_ceil(threads).max(16).min(c);
     let ptr = SendPtr(dwte.as_mut_ptr());

@@ -131,8 +131,9 @@ pub fn run_ops() -> Vec<Output> {
     ops::attention_cached(&mut co, &q, &kc, &vc, 31, 9, s.n_head, s.head_size);
     res.push(out("attention_cached", co));
 
-    // cross-entropy and the fused head (three vocabulary chunks, the last partial)
-    let vocab = 2 * ops::LM_HEAD_CHUNK + 77;
+    // cross-entropy and the fused head (17 vocabulary chunks, the last partial: more chunks
+    // than the head's 16 dx groups)
+    let vocab = 16 * ops::LM_HEAD_CHUNK + 77;
     let targets: Vec<i32> = (0..rows).map(|r| if r % 7 == 3 { -100 } else { (r * 131 % vocab) as i32 }).collect();
     let logits = rand_vec(rows * vocab, 21, 6.0);
     let mut l = logits.clone();
