@@ -3,10 +3,14 @@
 //! Threading: on this project's 2-core machines, splitting the larger of M and N into one slab
 //! per rayon thread and running single-threaded `gemm` calls side by side beats the crate's own
 //! `Parallelism::Rayon` on the mid-sized transformer shapes (see TOOLCHAIN notes and
-//! `benches/ops.rs`). Each slab keeps the full K reduction and the slabs depend only on the
-//! shape and the thread count, so runs with the same thread count are bit-for-bit reproducible
-//! (the `gemm` crate's K blocking follows the slab size, so a different thread count may round
-//! differently).
+//! `benches/ops.rs`). Each slab keeps the full K reduction.
+//!
+//! Same bits on any thread count: an element of C is the `gemm` crate's K sum, in depth blocks
+//! whose size its general path derives from K alone (and the CPU's caches), so the slab an
+//! element falls in does not matter, as long as every slab takes that general path. Three other
+//! paths of the crate sum differently: both sides at most 64 (512-deep blocks, not balanced
+//! ones), a side of 1 (matrix-vector), at most 16 x 16 outputs (dot products). [`slabs`] never
+//! cuts a product into slabs that would take one of them.
 
 use gemm::Parallelism;
 use lmtrain_backend::{GemmDesc, GemmShape};
@@ -88,22 +92,39 @@ pub fn matmul(c: &mut [f32], a: &[f32], b: &[f32], s: GemmShape) {
         run(0, m, 0, n);
         return;
     }
-    // Slabs aligned to 16 so every slab keeps full-width micro-kernel tiles.
     let split_rows = m >= n;
-    let dim = if split_rows { m } else { n };
-    let parts = threads.min(dim.div_ceil(16)).max(1);
-    let step = dim.div_ceil(parts).div_ceil(16) * 16;
+    let (dim, other) = if split_rows { (m, n) } else { (n, m) };
+    let bounds = slabs(dim, other, threads);
+    if bounds.len() <= 2 {
+        run(0, m, 0, n);
+        return;
+    }
     rayon::scope(|sc| {
-        let mut start = 0;
-        while start < dim {
-            let end = (start + step).min(dim);
+        for w in bounds.windows(2) {
+            let (start, end) = (w[0], w[1]);
             let run = &run;
             sc.spawn(move |_| {
                 if split_rows { run(start, end, 0, n) } else { run(0, m, start, end) }
             });
-            start = end;
         }
     });
+}
+
+/// Slab boundaries `0 = b_0 < b_1 < ... = dim` along the split side (`other` = the side every
+/// slab keeps whole) for up to `threads` slabs: multiples of 16 (full micro-kernel tiles), and
+/// every slab long enough to take the `gemm` crate's general path when the whole product does:
+/// at least 16, and more than 64 when `other` is at most 64 (see the module docs). A product
+/// whose both sides are at most 64 is not split.
+fn slabs(dim: usize, other: usize, threads: usize) -> Vec<usize> {
+    if dim <= 64 && other <= 64 {
+        return vec![0, dim];
+    }
+    let min_len = if other <= 64 { 65 } else { 16 };
+    // b_i = i dim / parts rounded down to 16: every slab is at least dim / parts - 16 long
+    let parts = threads.min(dim / (min_len + 16)).max(1);
+    let mut b: Vec<usize> = (0..parts).map(|i| i * dim / parts / 16 * 16).collect();
+    b.push(dim);
+    b
 }
 
 /// [`matmul`] with leading dimensions and strided batches (see [`GemmDesc`]). A packed
@@ -201,6 +222,26 @@ mod tests {
             }
         }
         c
+    }
+
+    #[test]
+    fn slabs_are_long_enough_for_the_general_path() {
+        for dim in 1..700 {
+            for other in [1, 16, 40, 64, 65, 300] {
+                for threads in 1..=20 {
+                    let b = slabs(dim, other, threads);
+                    assert!(b.len() >= 2 && b[0] == 0 && *b.last().unwrap() == dim, "{dim} {other} {threads}: {b:?}");
+                    assert!(b.len() - 1 <= threads, "{dim} {other} {threads}: {b:?}");
+                    if b.len() > 2 {
+                        let min_len = if other <= 64 { 65 } else { 16 };
+                        for w in b.windows(2) {
+                            assert!(w[1] - w[0] >= min_len, "{dim} {other} {threads}: {b:?}");
+                        }
+                        assert!(b[..b.len() - 1].iter().all(|x| x % 16 == 0), "{dim} {other} {threads}: {b:?}");
+                    }
+                }
+            }
+        }
     }
 
     #[test]

@@ -6,7 +6,7 @@
 //! `&[f32]` / `&mut [f32]` views, so the generic model code costs nothing extra here.
 
 #[macro_use]
-mod dispatch;
+pub mod dispatch;
 mod gemm;
 mod simd;
 pub mod math;

@@ -3,7 +3,8 @@
 //! The portable loops in [`crate::math`] rely on LLVM's auto-vectoriser, which handles the
 //! polynomial but not the float-to-exponent step well; written with intrinsics, `e^x` costs about
 //! a dozen instructions per 16 lanes (the softmax passes of the output head went from ~1 to
-//! ~3.5 G elements per second per core). Callers check `is_x86_feature_detected!("avx512f")`.
+//! ~3.5 G elements per second per core). Callers run them only when
+//! [`crate::dispatch::simd_level`] is AVX-512 (through `dispatch!`).
 
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
@@ -166,13 +167,13 @@ mod tests {
 
     #[test]
     fn transpose16_transposes() {
-        if !is_x86_feature_detected!("avx512f") {
-            eprintln!("SKIP: no AVX-512 on this CPU");
+        if crate::dispatch::simd_level() < crate::dispatch::SimdLevel::Avx512 {
+            eprintln!("SKIP: AVX-512 not available (or lowered by LMTRAIN_CPU_SIMD)");
             return;
         }
         let m: Vec<f32> = (0..256).map(|i| i as f32).collect();
         let mut out = [0f32; 256];
-        // SAFETY: AVX-512F detected above; 16 rows of 16 lanes read and written.
+        // SAFETY: AVX-512 detected above; 16 rows of 16 lanes read and written.
         unsafe {
             let rows: [__m512; 16] = std::array::from_fn(|i| _mm512_loadu_ps(m[16 * i..].as_ptr()));
             for (j, v) in transpose16(&rows).iter().enumerate() {
@@ -188,15 +189,15 @@ mod tests {
 
     #[test]
     fn zero_streaming_clears_every_element() {
-        if !is_x86_feature_detected!("avx512f") {
-            eprintln!("SKIP: no AVX-512 on this CPU");
+        if crate::dispatch::simd_level() < crate::dispatch::SimdLevel::Avx512 {
+            eprintln!("SKIP: AVX-512 not available (or lowered by LMTRAIN_CPU_SIMD)");
             return;
         }
         let mut buf = vec![1f32; 5000];
         // odd starts (unaligned heads) and lengths (ragged tails), including shorter than a line
         for (start, len) in [(0, 5000), (1, 4001), (3, 47), (7, 9), (13, 0)] {
             buf.iter_mut().for_each(|v| *v = 1.0);
-            // SAFETY: AVX-512F detected above.
+            // SAFETY: AVX-512 detected above.
             unsafe { zero_streaming(&mut buf[start..start + len]) };
             for (i, &v) in buf.iter().enumerate() {
                 let inside = i >= start && i < start + len;
@@ -207,15 +208,15 @@ mod tests {
 
     #[test]
     fn exp16_matches_scalar_exp() {
-        if !is_x86_feature_detected!("avx512f") {
-            eprintln!("SKIP: no AVX-512 on this CPU");
+        if crate::dispatch::simd_level() < crate::dispatch::SimdLevel::Avx512 {
+            eprintln!("SKIP: AVX-512 not available (or lowered by LMTRAIN_CPU_SIMD)");
             return;
         }
         // -100 .. 88 (the clamp's upper end), with odd steps
         let xs: Vec<f32> = (0..3968).map(|i| -100.0 + i as f32 * 0.047_3).collect();
         for ch in xs.chunks_exact(16) {
             let mut out = [0f32; 16];
-            // SAFETY: AVX-512F detected above; 16 lanes read and written.
+            // SAFETY: AVX-512 detected above; 16 lanes read and written.
             unsafe { _mm512_storeu_ps(out.as_mut_ptr(), exp16(_mm512_loadu_ps(ch.as_ptr()))) };
             for (&x, &y) in ch.iter().zip(&out) {
                 let want = (x as f64).exp();

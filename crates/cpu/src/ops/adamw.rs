@@ -26,7 +26,7 @@ pub fn adamw_update(params: &mut [f32], grads: &[f32], m: &mut [f32], v: &mut [f
             .par_chunks_mut(CHUNK)
             .zip(grads[r.clone()].par_chunks(CHUNK))
             .zip(m[r.clone()].par_chunks_mut(CHUNK).zip(v[r].par_chunks_mut(CHUNK)))
-            .for_each(|((p, g), (m, v))| dispatch512!(adamw_rows, adamw_rows_avx512, adamw_rows_avx2, p, g, m, v, k));
+            .for_each(|((p, g), (m, v))| dispatch!(adamw_rows, adamw_rows_avx512, adamw_rows_avx2, p, g, m, v, k));
     }
 }
 
@@ -61,7 +61,7 @@ avx512_version!(adamw_rows_avx512, adamw_rows, (p: &mut [f32], g: &[f32], m: &mu
 /// sqrt(sum g^2), accumulated in f64.
 pub fn global_norm(grads: &[f32]) -> f32 {
     let partials: Vec<f64> =
-        grads.par_chunks(CHUNK).map(|x| dispatch512!(sum_squares_f64, sum_squares_f64_avx512, sum_squares_f64_avx2, x)).collect();
+        grads.par_chunks(CHUNK).map(|x| dispatch!(sum_squares_f64, sum_squares_f64_avx512, sum_squares_f64_avx2, x)).collect();
     partials.iter().sum::<f64>().sqrt() as f32
 }
 

@@ -74,12 +74,11 @@ pub fn attention_forward(out: &mut [f32], probs: &mut [f32], qkv: &[f32], s: Att
 
 /// Softmax of `row[..valid]` with padded keys removed; entries past `valid` or padded are 0.
 fn softmax_masked_row(row: &mut [f32], valid: usize, pad: Option<&[bool]>) {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
-        // SAFETY: AVX-512F detected.
-        return unsafe { softmax_masked_row_avx512(row, valid, pad) };
-    }
-    softmax_masked_row_portable(row, valid, pad)
+    dispatch!(
+        avx512: softmax_masked_row_avx512(row, valid, pad),
+        avx2: softmax_masked_row_portable(row, valid, pad),
+        portable: softmax_masked_row_portable(row, valid, pad),
+    )
 }
 
 /// [`softmax_masked_row`] in 16-lane AVX-512 with [`crate::simd::exp16`]: the sum runs in 16
@@ -240,11 +239,11 @@ pub fn attention_backward(dqkv: &mut [f32], dout: &[f32], qkv: &[f32], probs: &[
 
 /// Length of `x` without its trailing zeros (index after the last non-zero).
 fn nonzero_len(x: &[f32]) -> usize {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
-        // SAFETY: AVX-512F detected.
-        return unsafe { nonzero_len_avx512(x) };
-    }
+    dispatch!(avx512: nonzero_len_avx512(x), avx2: nonzero_len_portable(x), portable: nonzero_len_portable(x))
+}
+
+/// Portable [`nonzero_len`].
+fn nonzero_len_portable(x: &[f32]) -> usize {
     x.iter().rposition(|&v| v != 0.0).map_or(0, |j| j + 1)
 }
 
@@ -276,11 +275,15 @@ unsafe fn nonzero_len_avx512(x: &[f32]) -> usize {
 /// Softmax backward of one row in place: `d = p * (d - sum_j d_j p_j)`.
 fn softmax_backward_row(d: &mut [f32], p: &[f32]) {
     assert_eq!(d.len(), p.len(), "softmax_backward_row: length mismatch");
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
-        // SAFETY: AVX-512F detected.
-        return unsafe { softmax_backward_row_avx512(d, p) };
-    }
+    dispatch!(
+        avx512: softmax_backward_row_avx512(d, p),
+        avx2: softmax_backward_row_portable(d, p),
+        portable: softmax_backward_row_portable(d, p),
+    )
+}
+
+/// Portable [`softmax_backward_row`] (one sequential dot product).
+fn softmax_backward_row_portable(d: &mut [f32], p: &[f32]) {
     let dot: f32 = d.iter().zip(p).map(|(d, p)| d * p).sum();
     for (d, &p) in d.iter_mut().zip(p) {
         *d = p * (*d - dot);

@@ -27,21 +27,18 @@ pub fn add_inplace(dst: &mut [f32], src: &[f32]) {
 
 /// `x = 0`, in parallel (gradient buffers are tens of MB).
 pub fn fill_zero(x: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if x.len() >= NT_ZERO_MIN && std::arch::is_x86_feature_detected!("avx512f") {
-        x.par_chunks_mut(CHUNK).for_each(|c| {
-            // SAFETY: the feature was detected at run time.
-            unsafe { crate::simd::zero_streaming(c) }
-        });
+    if x.len() < NT_ZERO_MIN {
+        x.par_chunks_mut(CHUNK).for_each(|c| c.fill(0.0));
         return;
     }
-    x.par_chunks_mut(CHUNK).for_each(|c| c.fill(0.0));
+    x.par_chunks_mut(CHUNK).for_each(|c| {
+        dispatch!(avx512: crate::simd::zero_streaming(c), avx2: c.fill(0.0), portable: c.fill(0.0))
+    });
 }
 
 /// Buffers from this many elements (16 MB) up, gradient buffers, are zeroed with streaming
 /// stores: ordinary stores first read every line they overwrite. Smaller ones (activation
 /// gradients about to be accumulated into) keep ordinary stores, which leave them in cache.
-#[cfg(target_arch = "x86_64")]
 const NT_ZERO_MIN: usize = 1 << 22;
 
 /// `x *= s`.
@@ -59,7 +56,7 @@ pub fn dropout_inplace(x: &mut [f32], d: Dropout) {
 
 /// `x[j] *= d.factor(base + j)`: the dropout mask of elements `base..base + x.len()`.
 pub(super) fn dropout_mul(x: &mut [f32], d: Dropout, base: u64) {
-    dispatch512!(dropout_mul_body, dropout_mul_avx512, dropout_mul_avx2, x, d, base)
+    dispatch!(dropout_mul_body, dropout_mul_avx512, dropout_mul_avx2, x, d, base)
 }
 
 /// See [`dropout_mul`]; the very same `Dropout::factor` per element in every build, so the mask

@@ -52,7 +52,7 @@ pub fn embedding_backward(grads: EmbeddingTables<&mut [f32]>, dout: &[f32], inp:
 
 /// `table[row_of(i)] += dout[i]` for every position `i`. Rows may repeat: the channels are split
 /// between tasks instead of the positions, so no two tasks touch the same element and each
-/// element sums its positions in order.
+/// element sums its positions in order (the split follows the thread count, the bits do not).
 fn scatter_rows(table: &mut [f32], dout: &[f32], c: usize, row_of: impl Fn(usize) -> usize + Sync) {
     let n = dout.len() / c;
     let rows = table.len() / c;

@@ -17,12 +17,12 @@ const INV_SQRT_2PI: f32 = 0.398_942_3;
 pub fn gelu_forward(out: &mut [f32], inp: &[f32], kind: GeluKind) {
     assert_eq!(out.len(), inp.len(), "gelu_forward: length mismatch");
     out.par_chunks_mut(CHUNK).zip(inp.par_chunks(CHUNK)).for_each(|(o, x)| {
-        #[cfg(target_arch = "x86_64")]
-        if kind == GeluKind::Tanh && std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: AVX-512F detected.
-            return unsafe { gelu_tanh_fwd_avx512(o, x) };
-        }
-        dispatch!(gelu_fwd_chunk, gelu_fwd_chunk_avx2, o, x, kind)
+        dispatch!(
+            // the erf form has no explicit AVX-512 kernel: its AVX2 build
+            avx512: if kind == GeluKind::Tanh { gelu_tanh_fwd_avx512(o, x) } else { gelu_fwd_chunk_avx2(o, x, kind) },
+            avx2: gelu_fwd_chunk_avx2(o, x, kind),
+            portable: gelu_fwd_chunk(o, x, kind),
+        )
     });
 }
 
@@ -71,12 +71,11 @@ pub fn gelu_backward(dinp: &mut [f32], inp: &[f32], dout: &[f32], kind: GeluKind
         .zip(inp.par_chunks(CHUNK))
         .zip(dout.par_chunks(CHUNK))
         .for_each(|((d, x), g)| {
-            #[cfg(target_arch = "x86_64")]
-            if kind == GeluKind::Tanh && std::arch::is_x86_feature_detected!("avx512f") {
-                // SAFETY: AVX-512F detected.
-                return unsafe { gelu_tanh_bwd_avx512(d, x, g) };
-            }
-            dispatch!(gelu_bwd_chunk, gelu_bwd_chunk_avx2, d, x, g, kind)
+            dispatch!(
+                avx512: if kind == GeluKind::Tanh { gelu_tanh_bwd_avx512(d, x, g) } else { gelu_bwd_chunk_avx2(d, x, g, kind) },
+                avx2: gelu_bwd_chunk_avx2(d, x, g, kind),
+                portable: gelu_bwd_chunk(d, x, g, kind),
+            )
         });
 }
 

@@ -13,10 +13,12 @@
 //! 2. Per row: `lse = M + ln sum_chunks s e^(m - M)` (in f64); loss = `lse - target logit`.
 //! 3. Backward, per chunk: `dlogits = dloss (e · e^(m - lse) - onehot)` by one multiply per
 //!    element (no second exponential; subnormal results flushed to 0), written to per-thread
-//!    buffers (with AVX-512 also transposed), then `dx_thread (+)= dlogits · wte_chunk` and
-//!    `dwte_chunk += dlogits^T · x`; finally `dx` = the threads' partial sums, in thread order.
+//!    buffers (with AVX-512 also transposed), then `dx_group (+)= dlogits · wte_chunk` and
+//!    `dwte_chunk += dlogits^T · x`; finally `dx` = the sum of the groups' partial sums, in
+//!    group order (a fixed number of groups of chunks, [`LM_HEAD_DX_GROUPS`]).
 //!
-//! Every sum has a fixed order for a given thread count, so runs repeat bit for bit.
+//! Every sum has an order fixed by the shapes alone, so results are the same bits on any thread
+//! count.
 
 use rayon::prelude::*;
 
@@ -24,13 +26,21 @@ use crate::gemm::{SendPtr, matmul_strided};
 use crate::math::flush_subnormal;
 use lmtrain_backend::HeadGrads;
 
-use super::{IGNORE_INDEX, add_inplace, softmax};
+use super::{IGNORE_INDEX, softmax};
 
 /// Vocabulary entries per chunk of the fused head: a chunk's logits are `1024 x 512` floats
 /// (2 MB, one core's L2) on the benchmark shape. Measured with `cargo bench --bench ops --
 /// lm_head_loss_fwd_bwd`: 310 ms at 512 against 323-324 ms at 256 and 384; 768 and 1024 were
 /// within noise of 512 in the training bench.
 pub const LM_HEAD_CHUNK: usize = 512;
+
+/// Groups of chunks whose dx products are summed separately (then in group order): a fixed
+/// number, so that dx has the same bits on any thread count; 16 keeps 1, 2, 4, 8 and 16 threads
+/// evenly loaded (3 threads: 6-5-5 groups) at 15 extra `rows x c` buffers.
+const LM_HEAD_DX_GROUPS: usize = 16;
+
+/// Elements per task of the final dx sum.
+const SUM_CHUNK: usize = 1 << 14;
 
 /// See the module docs and `Backend::lm_head_loss`. `x`: `[rows, c]`, `wte`: `[vocab, c]`;
 /// `scratch` (at least `rows * vocab`) is clobbered. Returns the sum of the row losses.
@@ -90,8 +100,11 @@ fn head_rows(scratch: &mut [f32], x: &[f32], wte: &[f32], bias: Option<&[f32]>, 
     }
     let n_chunks = vocab.div_ceil(LM_HEAD_CHUNK);
     let chunk = |j: usize| (j * LM_HEAD_CHUNK, LM_HEAD_CHUNK.min(vocab - j * LM_HEAD_CHUNK));
+    // passes 1 and 3 give each thread a contiguous range of chunks (`spans` cuts `0..n` in
+    // `k` near-equal ranges); pass 3 sums dx over a fixed number of chunk groups
+    let spans = |n: usize, k: usize| -> Vec<(usize, usize)> { (0..k).map(|p| (p * n / k, (p + 1) * n / k)).collect() };
     let threads = rayon::current_num_threads().clamp(1, n_chunks);
-    let parts: Vec<(usize, usize)> = (0..threads).map(|p| (p * n_chunks / threads, (p + 1) * n_chunks / threads)).collect();
+    let parts = spans(n_chunks, threads);
     // chunk j's block [rows, len] starts at rows * v0 in scratch
     let sp = SendPtr(scratch.as_mut_ptr());
 
@@ -158,81 +171,96 @@ fn head_rows(scratch: &mut [f32], x: &[f32], wte: &[f32], bias: Option<&[f32]>, 
         .collect();
     let loss: f64 = losses.iter().sum();
 
-    // pass 3: dlogits and the two products; thread p > 0 accumulates dx into its own buffer.
+    // pass 3: dlogits and the two products. dx is a sum over all chunks, so its order must not
+    // follow the threads: the chunks form `LM_HEAD_DX_GROUPS` fixed groups (a function of the
+    // vocabulary only), each group's products accumulate in chunk order into its own buffer (group 0: dx
+    // itself), and the groups are added in group order at the end. Thread p runs a contiguous
+    // range of groups. dwte_chunk is a product of its own chunk alone.
     // With AVX-512 the scaling pass writes each chunk's dlogits to two per-thread buffers, one
     // transposed, so that dwte_chunk += dlogits^T · x runs with both operands in the layout the
     // gemm crate packs fastest (the transposed-operand product is ~15% slower than the copy),
     // and the big scratch is only read here (measured: ~5-10 ms less than scaling in place).
     if let Some(HeadGrads { dx, dwte, dbias, dloss }) = grad {
-        #[cfg(target_arch = "x86_64")]
-        let transposed = std::arch::is_x86_feature_detected!("avx512f");
-        #[cfg(not(target_arch = "x86_64"))]
-        let transposed = false;
-        let mut partial = vec![0f32; (threads - 1) * rows * c];
+        let transposed = crate::dispatch::simd_level() == crate::dispatch::SimdLevel::Avx512;
+        let n_groups = n_chunks.min(LM_HEAD_DX_GROUPS);
+        let groups = spans(n_chunks, n_groups);
+        let workers = spans(n_groups, threads.min(n_groups));
+        let mut partial = vec![0f32; (n_groups - 1) * rows * c];
         let dxp = SendPtr(dx.as_mut_ptr());
         let pp = SendPtr(partial.as_mut_ptr());
         let dwp = SendPtr(dwte.as_mut_ptr());
         let dbp = dbias.map(|d| SendPtr(d.as_mut_ptr()));
-        let factor = &factor;
-        parts.par_iter().enumerate().for_each(|(p, &(j0, j1))| {
-            // SAFETY: thread p's dx target is dx (p = 0) or its own slice of `partial`.
-            let dxt = if p == 0 { dxp.get() } else { unsafe { pp.get().add((p - 1) * rows * c) } };
+        let (factor, groups) = (&factor, &groups);
+        workers.par_iter().for_each(|&(g0, g1)| {
             let mut tbuf = if transposed { vec![0f32; LM_HEAD_CHUNK * rows] } else { Vec::new() };
             let mut nbuf = if transposed { vec![0f32; LM_HEAD_CHUNK * rows] } else { Vec::new() };
-            for j in j0..j1 {
-                let (v0, len) = chunk(j);
-                let fac = &factor[j * rows..(j + 1) * rows];
-                // SAFETY: as in pass 1, chunk j's block, dwte rows and dbias entries [v0, v0 + len) belong to
-                // this task; dx / partial and tbuf are written by this task only.
-                unsafe {
-                    let block = std::slice::from_raw_parts_mut(sp.get().add(rows * v0), rows * len);
-                    #[cfg(target_arch = "x86_64")]
-                    if transposed {
-                        scale_transpose_avx512(block, &mut nbuf[..len * rows], &mut tbuf[..len * rows], rows, len, fac);
-                    }
-                    if !transposed {
-                        for (row, &f) in block.chunks_exact_mut(len).zip(fac) {
-                            softmax::scale_flush_subnormal(row, f);
+            for (g, &(j0, j1)) in groups.iter().enumerate().take(g1).skip(g0) {
+                // SAFETY: group g's dx target is dx (g = 0) or its own slice of `partial`,
+                // written by this task only.
+                let dxt = if g == 0 { dxp.get() } else { unsafe { pp.get().add((g - 1) * rows * c) } };
+                for j in j0..j1 {
+                    let (v0, len) = chunk(j);
+                    let fac = &factor[j * rows..(j + 1) * rows];
+                    // SAFETY: as in pass 1, chunk j's block, dwte rows and dbias entries
+                    // [v0, v0 + len) belong to this task; dxt and tbuf / nbuf are written by this task only; `transposed`
+                    // (the AVX-512 kernel) only when the CPU has AVX-512 (see `simd_level`).
+                    unsafe {
+                        let block = std::slice::from_raw_parts_mut(sp.get().add(rows * v0), rows * len);
+                        #[cfg(target_arch = "x86_64")]
+                        if transposed {
+                            scale_transpose_avx512(block, &mut nbuf[..len * rows], &mut tbuf[..len * rows], rows, len, fac);
                         }
-                    }
-                    let dl: &mut [f32] = if transposed { &mut nbuf[..len * rows] } else { block };
-                    for (r, &t) in targets.iter().enumerate() {
-                        if t >= v0 as i32 && (t as usize) < v0 + len {
-                            let col = t as usize - v0;
-                            dl[r * len + col] -= dloss;
-                            if transposed {
-                                tbuf[col * rows + r] -= dloss;
+                        if !transposed {
+                            for (row, &f) in block.chunks_exact_mut(len).zip(fac) {
+                                softmax::scale_flush_subnormal(row, f);
                             }
                         }
-                    }
-                    if let Some(dbp) = dbp {
-                        // dbias_chunk += column sums of dlogits, rows in order
-                        let db = std::slice::from_raw_parts_mut(dbp.get().add(v0), len);
-                        for row in dl.chunks_exact(len) {
-                            db.iter_mut().zip(row).for_each(|(d, &g)| *d += g);
+                        let dl: &mut [f32] = if transposed { &mut nbuf[..len * rows] } else { block };
+                        for (r, &t) in targets.iter().enumerate() {
+                            if t >= v0 as i32 && (t as usize) < v0 + len {
+                                let col = t as usize - v0;
+                                dl[r * len + col] -= dloss;
+                                if transposed {
+                                    tbuf[col * rows + r] -= dloss;
+                                }
+                            }
                         }
-                    }
-                    let w = wte.as_ptr().add(v0 * c);
-                    let dw = dwp.get().add(v0 * c);
-                    matmul_strided(rows, c, len, dxt, c, dl.as_ptr(), len as isize, 1, w, c as isize, 1, j > j0, 1.0);
-                    if transposed {
-                        matmul_strided(len, c, rows, dw, c, tbuf.as_ptr(), rows as isize, 1, x.as_ptr(), c as isize, 1, true, 1.0);
-                    } else {
-                        matmul_strided(len, c, rows, dw, c, dl.as_ptr(), 1, len as isize, x.as_ptr(), c as isize, 1, true, 1.0);
+                        if let Some(dbp) = dbp {
+                            // dbias_chunk += column sums of dlogits, rows in order
+                            let db = std::slice::from_raw_parts_mut(dbp.get().add(v0), len);
+                            for row in dl.chunks_exact(len) {
+                                db.iter_mut().zip(row).for_each(|(d, &g)| *d += g);
+                            }
+                        }
+                        let w = wte.as_ptr().add(v0 * c);
+                        let dw = dwp.get().add(v0 * c);
+                        matmul_strided(rows, c, len, dxt, c, dl.as_ptr(), len as isize, 1, w, c as isize, 1, j > j0, 1.0);
+                        if transposed {
+                            matmul_strided(len, c, rows, dw, c, tbuf.as_ptr(), rows as isize, 1, x.as_ptr(), c as isize, 1, true, 1.0);
+                        } else {
+                            matmul_strided(len, c, rows, dw, c, dl.as_ptr(), 1, len as isize, x.as_ptr(), c as isize, 1, true, 1.0);
+                        }
                     }
                 }
             }
         });
-        for part in partial.chunks_exact(rows * c) {
-            add_inplace(dx, part);
-        }
+        // dx = ((group 0 + group 1) + group 2) + ..., in one pass over dx
+        let partial = &partial;
+        dx.par_chunks_mut(SUM_CHUNK).enumerate().for_each(|(i, d)| {
+            let (at, len) = (i * SUM_CHUNK, d.len());
+            for part in partial.chunks_exact(rows * c) {
+                for (d, p) in d.iter_mut().zip(&part[at..at + len]) {
+                    *d += p;
+                }
+            }
+        });
     }
     loss
 }
 
 /// Replaces `row` by `exp(row - max)` and returns `(max, sum of the exponentials)`.
 fn max_exp_in_place(row: &mut [f32]) -> (f32, f32) {
-    dispatch512!(max_exp_in_place_portable, max_exp_in_place_avx512, max_exp_in_place_avx2, row)
+    dispatch!(max_exp_in_place_portable, max_exp_in_place_avx512, max_exp_in_place_avx2, row)
 }
 
 #[inline(always)]

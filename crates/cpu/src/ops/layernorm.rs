@@ -26,7 +26,7 @@ pub fn layernorm_forward(
         .zip(inp.par_chunks(cols * rpt))
         .zip(mean.par_chunks_mut(rpt).zip(rstd.par_chunks_mut(rpt)))
         .for_each(|((o, x), (mu, rs))| {
-            dispatch512!(layernorm_fwd_rows, layernorm_fwd_rows_avx512, layernorm_fwd_rows_avx2, o, x, mu, rs, weight, bias, cols, eps)
+            dispatch!(layernorm_fwd_rows, layernorm_fwd_rows_avx512, layernorm_fwd_rows_avx2, o, x, mu, rs, weight, bias, cols, eps)
         });
 }
 
@@ -98,7 +98,7 @@ pub fn layernorm_backward(
         .zip(mean.par_chunks(rpt).zip(rstd.par_chunks(rpt)))
         .map(|(((di, dy), x), (mu, rs))| {
             let mut acc = vec![0f32; 2 * cols];
-            dispatch512!(layernorm_bwd_rows, layernorm_bwd_rows_avx512, layernorm_bwd_rows_avx2, &mut acc, di, dy, x, mu, rs, weight, cols);
+            dispatch!(layernorm_bwd_rows, layernorm_bwd_rows_avx512, layernorm_bwd_rows_avx2, &mut acc, di, dy, x, mu, rs, weight, cols);
             acc
         })
         .collect();

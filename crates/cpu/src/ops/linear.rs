@@ -10,7 +10,7 @@ pub use crate::gemm::{matmul, matmul_desc};
 pub fn add_bias(out: &mut [f32], bias: &[f32], rows: usize, cols: usize) {
     assert!(out.len() == rows * cols && bias.len() == cols, "add_bias: shape mismatch");
     out.par_chunks_mut(cols * rows_per_task(cols))
-        .for_each(|c| dispatch512!(add_bias_rows, add_bias_rows_avx512, add_bias_rows_avx2, c, bias));
+        .for_each(|c| dispatch!(add_bias_rows, add_bias_rows_avx512, add_bias_rows_avx2, c, bias));
 }
 
 /// `row += bias` for each row of `out` (rows of `bias.len()`); inlined into each build.
@@ -32,7 +32,7 @@ pub fn bias_backward(dbias: &mut [f32], dout: &[f32], rows: usize, cols: usize) 
         .par_chunks(cols * rows_per_task(cols).max(32))
         .map(|c| {
             let mut acc = vec![0f32; cols];
-            dispatch512!(sum_rows, sum_rows_avx512, sum_rows_avx2, &mut acc, c);
+            dispatch!(sum_rows, sum_rows_avx512, sum_rows_avx2, &mut acc, c);
             acc
         })
         .collect();

@@ -1,6 +1,9 @@
 //! The CPU ops: f32, row-major, multi-threaded with rayon. Every `*_backward` ACCUMULATES (`+=`)
-//! into its gradient outputs. Every reduction runs over fixed chunks in a fixed order, so results
-//! are bit-for-bit identical from run to run (resuming a training run relies on it).
+//! into its gradient outputs. Every reduction runs over fixed chunks in a fixed order that depends
+//! on the shapes only, never on the number of threads, so results are bit-for-bit identical from
+//! run to run and on any core count (resuming a training run relies on it; checked by
+//! tests/thread_counts.rs). They do depend on the CPU: its SIMD level (see [`crate::dispatch`])
+//! and, through the `gemm` crate's kernel choice and cache-derived blocking, its model.
 //!
 //! One file per layer family; every op is re-exported here, so `ops::NAME` is the path to use.
 
