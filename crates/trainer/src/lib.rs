@@ -10,6 +10,7 @@ pub mod args;
 pub mod checkpoint;
 pub mod data;
 pub mod generate;
+pub mod masking;
 pub mod metrics;
 pub mod plot;
 
