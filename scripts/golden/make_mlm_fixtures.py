@@ -45,6 +45,7 @@ from transformers import (  # noqa: E402
     DistilBertForMaskedLM,
     RobertaConfig,
     RobertaForMaskedLM,
+    Trainer,
     get_linear_schedule_with_warmup,
 )
 
@@ -151,13 +152,18 @@ def tied_aliases(model):
 
 
 def no_decay_names(model):
-    """the HF Trainer's rule: no weight decay on biases and LayerNorm parameters"""
+    """the HF Trainer's rule (Trainer.get_decay_parameter_names): no weight decay on parameters of
+    LayerNorm modules and on names containing "bias" / "layernorm" / "_norm." ..."""
     ln = set()
     for mn, m in model.named_modules():
         if isinstance(m, torch.nn.LayerNorm):
             for pn, _ in m.named_parameters(recurse=False):
                 ln.add(f"{mn}.{pn}" if mn else pn)
-    return [pn for pn, _ in model.named_parameters() if pn in ln or pn.endswith("bias")]
+    ours = [pn for pn, _ in model.named_parameters() if pn in ln or pn.endswith("bias")]
+    decay = set(Trainer.get_decay_parameter_names(None, model))
+    theirs = [pn for pn, _ in model.named_parameters() if pn not in decay]
+    assert ours == theirs, (ours, theirs)
+    return ours
 
 
 def batch(name, spec, cfg, gen):

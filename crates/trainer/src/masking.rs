@@ -294,6 +294,39 @@ pub fn mask_block(
     counts
 }
 
+/// Masks a batch: `tokens` (and `word_starts` / `attention_mask` when given) hold rows of `t`
+/// tokens, row-major; row `r` is masked with key `key_of_row(r)` (e.g.
+/// `|r| train_key(seed, step, micro_batch, r as u64)`). Returns the totals.
+///
+/// # Panics
+/// As [`mask_block`], or if the lengths are not the same multiple of `t`.
+#[allow(clippy::too_many_arguments)]
+pub fn mask_rows(
+    cfg: &MaskingConfig,
+    vocab: &MaskVocab,
+    t: usize,
+    tokens: &[u32],
+    word_starts: Option<&[bool]>,
+    attention_mask: Option<&[u8]>,
+    key_of_row: impl Fn(usize) -> u64,
+    out_ids: &mut [u32],
+    out_labels: &mut [i32],
+) -> MaskCounts {
+    assert!(t > 0 && tokens.len().is_multiple_of(t), "mask_rows: {} tokens are not rows of {t}", tokens.len());
+    let mut counts = MaskCounts::default();
+    for r in 0..tokens.len() / t {
+        let span = r * t..(r + 1) * t;
+        let input = BlockInput {
+            tokens: &tokens[span.clone()],
+            word_starts: word_starts.map(|w| &w[span.clone()]),
+            attention_mask: attention_mask.map(|a| &a[span.clone()]),
+        };
+        let c = mask_block(cfg, vocab, input, key_of_row(r), &mut out_ids[span.clone()], &mut out_labels[span]);
+        counts.add(&c);
+    }
+    counts
+}
+
 /// Evaluation block `block_index` masked with the evaluation key of `seed` (see [`eval_key`]).
 pub fn mask_eval_block(
     cfg: &MaskingConfig,
@@ -344,7 +377,7 @@ impl EvalMasks {
 
     /// Blocks in the set.
     pub fn len(&self) -> usize {
-        if self.t == 0 { 0 } else { self.ids.len() / self.t }
+        self.ids.len().checked_div(self.t).unwrap_or(0)
     }
 
     /// Whether the set is empty.
@@ -692,6 +725,19 @@ mod tests {
             assert_eq!((i1[i], l1[i]), (i2[i], l2[i]), "position {i}");
         }
         assert_eq!(l2[100], IGNORE_INDEX);
+    }
+
+    #[test]
+    fn mask_rows_masks_each_row_with_its_key() {
+        let c = corpus();
+        let cfg = MaskingConfig { whole_word: true, ..Default::default() };
+        let n = 16 * T;
+        let (mut ids, mut labels) = (vec![0; n], vec![0; n]);
+        let key = |r: usize| train_key(3, 4, (r / 8) as u64, (r % 8) as u64);
+        let cnt = mask_rows(&cfg, &vocab(), T, &c.tokens[..n], Some(&c.starts[..n]), Some(&c.attn[..n]), key, &mut ids, &mut labels);
+        let m = mask_all(&c, &cfg, 3, 4);
+        assert_eq!((&ids[..], &labels[..]), (&m.ids[..n], &m.labels[..n]));
+        assert!(cnt.chosen > 0 && cnt.words_chosen > 0);
     }
 
     #[test]
