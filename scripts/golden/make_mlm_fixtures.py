@@ -128,6 +128,10 @@ CONFIGS = {
         special=dict(pad=0, cls=1, sep=2, mask=3), rows=[10, 7], pad_side="right", label_p=0.3, pairs=True),
 }
 
+# attention weights scaled up after init (see build)
+SHARPEN = ("query.weight", "key.weight", "q_lin.weight", "k_lin.weight", "query_proj.weight", "key_proj.weight",
+           "pos_key_proj.weight", "pos_query_proj.weight", "rel_embeddings.weight")
+
 ADAMW = dict(lr=1e-3, betas=[0.9, 0.999], eps=1e-8, weight_decay=0.1, warmup_steps=2,
              total_steps=10, max_grad_norm=1.0, schedule="linear")
 
@@ -226,11 +230,16 @@ def build(name):
     model = model_cls(cfg)
     # the default init leaves biases at 0 and LayerNorm at (1, 0): perturb them so the test also
     # checks that biases and LayerNorm parameters enter the computation where they should
+    # the default init (std 0.02) also leaves attention almost uniform, which hides errors in
+    # the attention backward: query / key (and relative-position) weights get std ~0.2 so the
+    # probabilities are far from uniform
     with torch.no_grad():
         ln = set(no_decay_names(model))
         for pn, p in model.named_parameters():
             if pn in ln:
                 p.add_(torch.randn_like(p) * 0.05)
+            elif pn.endswith(SHARPEN):
+                p.mul_(10.0)
     gen = torch.Generator().manual_seed(seed)
     return spec, cfg, model, batch(name, spec, cfg, gen)
 
