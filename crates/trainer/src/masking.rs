@@ -104,9 +104,11 @@ pub struct MaskVocab {
 }
 
 impl MaskVocab {
-    /// `special`: every special token id (`[CLS]`, `[SEP]`, `[PAD]`, `[MASK]`, `<s>`, ...; they
-    /// are never chosen); `mask_id`: the mask token; `vocab_size`: random replacements are drawn
-    /// from `0..vocab_size` (HF: `len(tokenizer)`).
+    /// `special`: every special token id, never chosen (HF: `tokenizer.all_special_ids`, i.e.
+    /// `[CLS]`, `[SEP]`, `[PAD]`, `[MASK]` and `[UNK]` too; `<s>`, `</s>`, `<pad>`, `<mask>`,
+    /// `<unk>` for RoBERTa); `mask_id`: the mask token (added to the special set);
+    /// `vocab_size`: random replacements are drawn from `0..vocab_size` (HF: `len(tokenizer)`,
+    /// added tokens included).
     pub fn new(special: &[u32], mask_id: u32, vocab_size: u32) -> Result<MaskVocab, MaskingError> {
         if vocab_size == 0 {
             return Err(MaskingError("the vocabulary is empty".into()));
