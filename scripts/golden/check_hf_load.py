@@ -25,7 +25,7 @@ FIXTURES = "crates/model/tests/fixtures"
 
 def main():
     worst = 0.0
-    for name in sorted(os.listdir(FIXTURES)):
+    for name in sorted(n for n in os.listdir(FIXTURES) if n.startswith("gpt2_")):  # the MLM fixtures have their own check_mlm_load.py
         src = os.path.join(FIXTURES, name)
         with tempfile.TemporaryDirectory() as out:
             res = subprocess.run(

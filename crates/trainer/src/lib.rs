@@ -15,6 +15,7 @@
 pub mod args;
 pub mod checkpoint;
 pub mod collate;
+pub mod masking;
 pub mod metrics;
 mod trainer;
 
