@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use lmtrain_backend::{
     AdamWStep, AttnShape, Backend, DecaySegment, Dropout, EmbeddingTables, Epilogue, GeluKind, GemmDesc, HeadGrads, HostBatch, Inputs,
-    Result, Rows, StepStats,
+    PaddingIdx, Result, Rows, StepStats,
 };
 use lmtrain_cpu::Cpu;
 use lmtrain_model::LanguageModel;
@@ -198,8 +198,8 @@ impl Backend for Timed {
     fn embedding_forward(&self, out: &mut [f32], tables: EmbeddingTables<&[f32]>, batch: &Inputs, c: usize) -> Result<()> {
         timed("embedding", || self.inner.embedding_forward(out, tables, batch, c))
     }
-    fn embedding_backward(&self, grads: EmbeddingTables<&mut [f32]>, dout: &[f32], batch: &Inputs, c: usize) -> Result<()> {
-        timed("embedding", || self.inner.embedding_backward(grads, dout, batch, c))
+    fn embedding_backward(&self, grads: EmbeddingTables<&mut [f32]>, dout: &[f32], batch: &Inputs, c: usize, pad: PaddingIdx) -> Result<()> {
+        timed("embedding", || self.inner.embedding_backward(grads, dout, batch, c, pad))
     }
     #[allow(clippy::too_many_arguments)]
     fn attention_forward(&self, out: &mut [f32], st: &mut Vec<f32>, qkv: &[f32], s: AttnShape, causal: bool, batch: &Inputs, d: Dropout) -> Result<()> {

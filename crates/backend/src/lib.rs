@@ -445,8 +445,10 @@ pub trait Backend: Send + Sync + Sized + 'static {
     /// `out[b, t] = word[ids] + position[pos] + token_type[types]` with the batch's position ids
     /// (or `t` itself when it has none); absent tables add nothing.
     fn embedding_forward(&self, out: Self::ViewMut<'_>, tables: EmbeddingTables<Self::View<'_>>, batch: &Self::Batch, c: usize) -> Result<()>;
-    /// The scatter-add of [`Backend::embedding_forward`] into the gradients of its tables.
-    fn embedding_backward(&self, grads: EmbeddingTables<Self::ViewMut<'_>>, dout: Self::View<'_>, batch: &Self::Batch, c: usize) -> Result<()>;
+    /// The scatter-add of [`Backend::embedding_forward`] into the gradients of its tables,
+    /// skipping the positions whose token (position) id is the word (position) table's padding
+    /// index.
+    fn embedding_backward(&self, grads: EmbeddingTables<Self::ViewMut<'_>>, dout: Self::View<'_>, batch: &Self::Batch, c: usize, pad: PaddingIdx) -> Result<()>;
     /// Scaled dot-product attention over fused `qkv` (`[b, t, 3C]`: q, k, v, heads contiguous in
     /// each) into `out` (`[b, t, C]`, heads concatenated), scale `1/sqrt(head_size)`, causal
     /// and/or masked by the batch's key padding, dropout on the probabilities. Saves what the
@@ -546,6 +548,17 @@ pub struct EmbeddingTables<V> {
     pub position: Option<V>,
     /// Token-type embeddings `[types, c]`, if the model has them.
     pub token_type: Option<V>,
+}
+
+/// `torch.nn.Embedding(padding_idx=…)`: a position whose id equals a table's padding index adds
+/// nothing to that row's gradient (Hugging Face word embeddings: `pad_token_id`; RoBERTa's
+/// position embeddings too).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PaddingIdx {
+    /// Skipped token id of the word table.
+    pub word: Option<u32>,
+    /// Skipped position id of the position table.
+    pub position: Option<u32>,
 }
 
 /// The gradient outputs of [`Backend::lm_head_loss`].

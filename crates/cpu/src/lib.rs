@@ -14,7 +14,7 @@ pub mod ops;
 
 use lmtrain_backend::{
     AdamWStep, AttnMask, AttnShape, Backend, BackendError, DecaySegment, Dropout, EmbeddingTables, Epilogue, GeluKind, GemmDesc,
-    HeadGrads, HostBatch, Inputs, Result, Rows, StepStats,
+    HeadGrads, HostBatch, Inputs, PaddingIdx, Result, Rows, StepStats,
 };
 
 /// The CPU backend (stateless; threads come from rayon's global pool).
@@ -190,8 +190,8 @@ impl Backend for Cpu {
         ops::embedding_forward(out, tables, batch, c);
         Ok(())
     }
-    fn embedding_backward(&self, grads: EmbeddingTables<&mut [f32]>, dout: &[f32], batch: &Inputs, c: usize) -> Result<()> {
-        ops::embedding_backward(grads, dout, batch, c);
+    fn embedding_backward(&self, grads: EmbeddingTables<&mut [f32]>, dout: &[f32], batch: &Inputs, c: usize, pad: PaddingIdx) -> Result<()> {
+        ops::embedding_backward(grads, dout, batch, c, pad);
         Ok(())
     }
     fn attention_forward(

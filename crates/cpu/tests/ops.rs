@@ -366,7 +366,7 @@ fn embedding_forward_backward_with_repeated_ids() {
     let g = rand_vec(b * t * c, 25, 1.0);
     let mut dwte = vec![0f32; vocab * c];
     let mut dwpe = vec![0f32; 8 * c];
-    ops::embedding_backward(EmbeddingTables { word: &mut dwte[..], position: Some(&mut dwpe[..]), token_type: None }, &g, &inp, c);
+    ops::embedding_backward(EmbeddingTables { word: &mut dwte[..], position: Some(&mut dwpe[..]), token_type: None }, &g, &inp, c, Default::default());
     for j in 0..c {
         let want3: f32 = [0usize, 1, 4, 8].iter().map(|&i| g[i * c + j]).sum();
         assert!((dwte[3 * c + j] - want3).abs() < 1e-6);
@@ -395,7 +395,7 @@ fn embedding_with_token_types_and_no_positions() {
     }
     let g = rand_vec(b * t * c, 62, 1.0);
     let (mut dwte, mut dwtt) = (vec![0f32; vocab * c], vec![0f32; 2 * c]);
-    ops::embedding_backward(EmbeddingTables { word: &mut dwte[..], position: None, token_type: Some(&mut dwtt[..]) }, &g, &inp, c);
+    ops::embedding_backward(EmbeddingTables { word: &mut dwte[..], position: None, token_type: Some(&mut dwtt[..]) }, &g, &inp, c, Default::default());
     for j in 0..c {
         let want1: f32 = (0..b * t).filter(|&i| types[i] == 1).map(|i| g[i * c + j]).sum();
         assert!((dwtt[c + j] - want1).abs() < 1e-5, "type-1 gradient");

@@ -11,6 +11,9 @@
 //! Every family implements [`LanguageModel`]; the trainer, evaluation, checkpoints and Hugging
 //! Face import/export are generic over it.
 
+pub mod bert;
+pub mod distilbert;
+pub mod encoder;
 pub mod gpt2;
 pub mod nn;
 pub mod params;

@@ -2,7 +2,7 @@
 
 use rayon::prelude::*;
 
-use lmtrain_backend::{EmbeddingTables, Inputs};
+use lmtrain_backend::{EmbeddingTables, Inputs, PaddingIdx};
 
 use crate::gemm::SendPtr;
 
@@ -36,24 +36,26 @@ fn position_of(inp: &Inputs, i: usize) -> usize {
 }
 
 /// The scatter-add of [`embedding_forward`]: every table's row of each position gets that
-/// position's gradient, positions in order (so the summation order is fixed).
-pub fn embedding_backward(grads: EmbeddingTables<&mut [f32]>, dout: &[f32], inp: &Inputs, c: usize) {
+/// position's gradient, positions in order (so the summation order is fixed); positions whose id
+/// is a table's padding index are skipped for that table.
+pub fn embedding_backward(grads: EmbeddingTables<&mut [f32]>, dout: &[f32], inp: &Inputs, c: usize, pad: PaddingIdx) {
     let (b, t) = (inp.b, inp.t);
     assert!(dout.len() == b * t * c && inp.ids.len() == b * t, "embedding_backward: shape");
     let EmbeddingTables { word, position, token_type } = grads;
-    scatter_rows(word, dout, c, |i| inp.ids[i] as usize);
+    let skip = |p: Option<u32>| p.map_or(usize::MAX, |p| p as usize);
+    scatter_rows(word, dout, c, skip(pad.word), |i| inp.ids[i] as usize);
     if let Some(dwpe) = position {
-        scatter_rows(dwpe, dout, c, |i| position_of(inp, i));
+        scatter_rows(dwpe, dout, c, skip(pad.position), |i| position_of(inp, i));
     }
     if let Some(dwtt) = token_type {
-        scatter_rows(dwtt, dout, c, |i| inp.token_types.as_ref().map_or(0, |tt| tt[i] as usize));
+        scatter_rows(dwtt, dout, c, usize::MAX, |i| inp.token_types.as_ref().map_or(0, |tt| tt[i] as usize));
     }
 }
 
-/// `table[row_of(i)] += dout[i]` for every position `i`. Rows may repeat: the channels are split
+/// `table[row_of(i)] += dout[i]` for every position `i` whose row is not `skip`. Rows may repeat: the channels are split
 /// between tasks instead of the positions, so no two tasks touch the same element and each
 /// element sums its positions in order (the split follows the thread count, the bits do not).
-fn scatter_rows(table: &mut [f32], dout: &[f32], c: usize, row_of: impl Fn(usize) -> usize + Sync) {
+fn scatter_rows(table: &mut [f32], dout: &[f32], c: usize, skip: usize, row_of: impl Fn(usize) -> usize + Sync) {
     let n = dout.len() / c;
     let rows = table.len() / c;
     let threads = rayon::current_num_threads().max(1);
@@ -64,6 +66,9 @@ fn scatter_rows(table: &mut [f32], dout: &[f32], c: usize, row_of: impl Fn(usize
         let c1 = (c0 + width).min(c);
         for i in 0..n {
             let r = row_of(i);
+            if r == skip {
+                continue;
+            }
             assert!(r < rows, "embedding_backward: row {r} >= table rows {rows}");
             let g = &dout[i * c + c0..i * c + c1];
             // SAFETY: columns [c0, c1) belong to this task alone; r < rows keeps it in bounds.

@@ -107,7 +107,7 @@ pub fn run_ops() -> Vec<Output> {
     let ge = rand_vec(bsz * t * c, 14, 1.0);
     let (mut dwte, mut dwpe, mut dwtt) = (vec![0f32; vocab * c], vec![0f32; 128 * c], vec![0f32; 2 * c]);
     let grads = EmbeddingTables { word: &mut dwte[..], position: Some(&mut dwpe[..]), token_type: Some(&mut dwtt[..]) };
-    ops::embedding_backward(grads, &ge, &inp, c);
+    ops::embedding_backward(grads, &ge, &inp, c, Default::default());
     res.push(out("embedding", e));
     res.push(out("embedding dwte", dwte));
     res.push(out("embedding dwpe", dwpe));

@@ -36,7 +36,7 @@ fn declare(cfg: &Gpt2Config) -> Result<(Layers, Vec<ParamInfo>), ModelError> {
     let tr = root.pp("transformer");
     let word = tr.pp("wte").weight("weight", &[v, c], std);
     let position = tr.pp("wpe").weight("weight", &[cfg.n_positions, c], std);
-    let emb = Embeddings { word, position: Some(position), token_type: None, ln: None, c };
+    let emb = Embeddings { word, position: Some(position), token_type: None, ln: None, padding: Default::default(), c };
     let blocks = (0..cfg.n_layer)
         .map(|l| {
             let h = tr.pp(format!("h.{l}"));
@@ -54,7 +54,7 @@ fn declare(cfg: &Gpt2Config) -> Result<(Layers, Vec<ParamInfo>), ModelError> {
                 ln2,
                 mlp: Mlp { fc, proj: mlp_proj, gelu },
                 attn_pdrop: cfg.attn_pdrop as f32,
-                resid_pdrop: cfg.resid_pdrop as f32,
+                resid_pdrop: [cfg.resid_pdrop as f32; 2],
                 sites: [site, site + 1, site + 2],
             }
         })

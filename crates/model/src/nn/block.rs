@@ -33,8 +33,9 @@ pub struct Block {
     pub mlp: Mlp,
     /// Dropout on the attention probabilities.
     pub attn_pdrop: f32,
-    /// Dropout after each branch.
-    pub resid_pdrop: f32,
+    /// Dropout after the attention branch and after the MLP branch (DistilBERT has none after
+    /// attention).
+    pub resid_pdrop: [f32; 2],
     /// Dropout site ids: attention probabilities, attention branch, MLP branch.
     pub sites: [u64; 3],
 }
@@ -124,14 +125,14 @@ impl Block {
         } else {
             self.attn.forward(be, w, &mut s.attn, B::view_mut(&mut sc.tmp), x, batch, bt, d)?;
         }
-        be.dropout_inplace(B::view_mut(&mut sc.tmp), drop.site(site_a, self.resid_pdrop))?;
+        be.dropout_inplace(B::view_mut(&mut sc.tmp), drop.site(site_a, self.resid_pdrop[0]))?;
         be.residual_forward(B::view_mut(&mut s.res_attn), x, B::view(&sc.tmp))?;
         // the MLP's input: ln2(res_attn) before, ln1(res_attn) after
         let (mlp_ln, mlp_ln_saved) = if pre { (&self.ln2, &mut s.ln2) } else { (&self.ln1, &mut s.ln1) };
         mlp_ln.forward(be, w, mlp_ln_saved, B::view(&s.res_attn), rows)?;
         let mlp_in = B::view(if pre { &s.ln2.out } else { &s.ln1.out });
         self.mlp.forward(be, w, &mut s.mlp, B::view_mut(&mut sc.tmp), mlp_in, rows)?;
-        be.dropout_inplace(B::view_mut(&mut sc.tmp), drop.site(site_m, self.resid_pdrop))?;
+        be.dropout_inplace(B::view_mut(&mut sc.tmp), drop.site(site_m, self.resid_pdrop[1]))?;
         let skip = if pre { B::view(&s.res_attn) } else { B::view(&s.ln1.out) };
         be.residual_forward(B::view_mut(&mut s.res_mlp), skip, B::view(&sc.tmp))?;
         if !pre {
@@ -163,12 +164,12 @@ impl Block {
             Order::PreLn => {
                 // res_mlp = res_attn + drop(mlp(ln2(res_attn))): dres is already the skip share
                 be.copy(B::view_mut(tmp), B::as_view(&dres))?;
-                be.dropout_inplace(B::view_mut(tmp), drop.site(site_m, self.resid_pdrop))?;
+                be.dropout_inplace(B::view_mut(tmp), drop.site(site_m, self.resid_pdrop[1]))?;
                 self.mlp.backward(be, w, g, mlp_sc, B::view_mut(dln), B::view(tmp), B::view(&s.ln2.out), &s.mlp, rows)?;
                 self.ln2.backward(be, w, g, B::reborrow(&mut dres), B::view(dln), B::view(&s.res_attn), &s.ln2, rows)?;
                 // res_attn = x + drop(attn(ln1(x)))
                 be.copy(B::view_mut(tmp), B::as_view(&dres))?;
-                be.dropout_inplace(B::view_mut(tmp), drop.site(site_a, self.resid_pdrop))?;
+                be.dropout_inplace(B::view_mut(tmp), drop.site(site_a, self.resid_pdrop[0]))?;
                 let d = drop.site(site_p, self.attn_pdrop);
                 self.attn.backward(be, w, g, attn_sc, B::view_mut(dln), B::view(tmp), B::view(&s.ln1.out), &s.attn, batch, bt, d)?;
                 self.ln1.backward(be, w, g, dres, B::view(dln), x, &s.ln1, rows)
@@ -179,7 +180,7 @@ impl Block {
                 self.ln2.backward(be, w, g, B::view_mut(dr), B::as_view(&dres), B::view(&s.res_mlp), &s.ln2, rows)?;
                 be.copy(B::reborrow(&mut dres), B::view(dr))?;
                 be.copy(B::view_mut(tmp), B::view(dr))?;
-                be.dropout_inplace(B::view_mut(tmp), drop.site(site_m, self.resid_pdrop))?;
+                be.dropout_inplace(B::view_mut(tmp), drop.site(site_m, self.resid_pdrop[1]))?;
                 self.mlp.backward(be, w, g, mlp_sc, B::view_mut(dln), B::view(tmp), B::view(&s.ln1.out), &s.mlp, rows)?;
                 be.add_inplace(B::reborrow(&mut dres), B::view(dln))?;
                 // h = ln1(res_attn), res_attn = x + drop(attn(x))
@@ -187,7 +188,7 @@ impl Block {
                 self.ln1.backward(be, w, g, B::view_mut(dr), B::as_view(&dres), B::view(&s.res_attn), &s.ln1, rows)?;
                 be.copy(B::reborrow(&mut dres), B::view(dr))?;
                 be.copy(B::view_mut(tmp), B::view(dr))?;
-                be.dropout_inplace(B::view_mut(tmp), drop.site(site_a, self.resid_pdrop))?;
+                be.dropout_inplace(B::view_mut(tmp), drop.site(site_a, self.resid_pdrop[0]))?;
                 let d = drop.site(site_p, self.attn_pdrop);
                 self.attn.backward(be, w, g, attn_sc, B::view_mut(dln), B::view(tmp), x, &s.attn, batch, bt, d)?;
                 be.add_inplace(dres, B::view(dln))

@@ -1,7 +1,7 @@
 //! Input embeddings: word + optional absolute positions + optional token types, then an optional
 //! LayerNorm (BERT family) and dropout.
 
-use lmtrain_backend::{Backend, Dropout, EmbeddingTables, Result};
+use lmtrain_backend::{Backend, Dropout, EmbeddingTables, PaddingIdx, Result};
 
 use crate::nn::layernorm::{LayerNorm, LnSaved};
 use crate::params::{Grads, ParamRef, Weights};
@@ -17,6 +17,8 @@ pub struct Embeddings {
     pub token_type: Option<ParamRef>,
     /// LayerNorm after the sum.
     pub ln: Option<LayerNorm>,
+    /// Rows whose gradient the lookup backward skips (`padding_idx`).
+    pub padding: PaddingIdx,
     /// Width.
     pub c: usize,
 }
@@ -88,6 +90,6 @@ impl Embeddings {
         let word = views.next().expect("word table");
         let position = self.position.map(|_| views.next().expect("position table"));
         let token_type = self.token_type.map(|_| views.next().expect("token-type table"));
-        be.embedding_backward(EmbeddingTables { word, position, token_type }, dsum, batch, self.c)
+        be.embedding_backward(EmbeddingTables { word, position, token_type }, dsum, batch, self.c, self.padding)
     }
 }

@@ -88,46 +88,64 @@ pub struct MlmHead {
 /// What the MLM head keeps (sized for every row; the labelled ones use a prefix).
 pub struct MlmSaved<B: Backend> {
     sel: B::Buf,
+    dsel: B::Buf,
+    t: TransformSaved<B>,
+}
+
+/// The transform's activations and gradients.
+struct TransformSaved<B: Backend> {
     pre: B::Buf,
     act: B::Buf,
     ln: LnSaved<B>,
     logits: B::Buf,
-    dsel: B::Buf,
     dact: B::Buf,
     dpre: B::Buf,
     dln: B::Buf,
 }
 
+impl<B: Backend> MlmSaved<B> {
+    /// The logits scratch (after [`MlmHead::logits`]: `[rows, vocab]`).
+    pub fn logits(&self) -> &B::Buf {
+        &self.t.logits
+    }
+}
+
 impl MlmHead {
-    /// Buffers for up to `rows` labelled rows.
+    /// Buffers for up to `rows` rows.
     pub fn alloc<B: Backend>(&self, be: &B, rows: usize) -> Result<MlmSaved<B>> {
         let c = self.dense.n_in;
         let buf = |n| be.alloc(n);
-        Ok(MlmSaved {
-            sel: buf(rows * c)?,
+        let t = TransformSaved {
             pre: buf(rows * c)?,
             act: buf(rows * c)?,
             ln: LnSaved::new(be, rows, c)?,
             logits: self.decoder.alloc(be, rows)?,
-            dsel: buf(rows * c)?,
             dact: buf(rows * c)?,
             dpre: buf(rows * c)?,
             dln: buf(rows * c)?,
-        })
+        };
+        Ok(MlmSaved { sel: buf(rows * c)?, dsel: buf(rows * c)?, t })
     }
 
-    fn transform<B: Backend>(&self, be: &B, w: &Weights<'_, B>, s: &mut MlmSaved<B>, n: usize) -> Result<()> {
+    /// `ln(gelu(dense(x)))` for the `n` rows of `x`, into `t.ln.out`.
+    fn transform<B: Backend>(&self, be: &B, w: &Weights<'_, B>, t: &mut TransformSaved<B>, x: B::View<'_>, n: usize) -> Result<()> {
         let c = self.dense.n_in;
-        let sel = B::slice(B::view(&s.sel), 0, n * c);
-        let act = B::slice_mut(B::view_mut(&mut s.act), 0, n * c);
-        let pre = B::slice_mut(B::view_mut(&mut s.pre), 0, n * c);
-        self.dense.forward_gelu(be, w, act, pre, sel, n, self.gelu)?;
-        self.ln.forward(be, w, &mut s.ln, B::slice(B::view(&s.act), 0, n * c), n)
+        let act = B::slice_mut(B::view_mut(&mut t.act), 0, n * c);
+        let pre = B::slice_mut(B::view_mut(&mut t.pre), 0, n * c);
+        self.dense.forward_gelu(be, w, act, pre, x, n, self.gelu)?;
+        self.ln.forward(be, w, &mut t.ln, B::slice(B::view(&t.act), 0, n * c), n)
+    }
+
+    /// Logits `[rows, vocab]` of every row of `x` into `s.logits()` (eval).
+    pub fn logits<B: Backend>(&self, be: &B, w: &Weights<'_, B>, s: &mut MlmSaved<B>, x: B::View<'_>, rows: usize) -> Result<()> {
+        self.transform(be, w, &mut s.t, x, rows)?;
+        let h = B::slice(B::view(&s.t.ln.out), 0, rows * self.dense.n_in);
+        self.decoder.logits(be, w, B::view_mut(&mut s.t.logits), h, rows)
     }
 
     /// Adds the mean loss over the labelled rows (times `weight`) to `stats`; with
-    /// `grad = Some((dx, dloss))` also accumulates `dx += d loss / d x` over all rows and the
-    /// head's parameter gradients.
+    /// `grad = Some((dx, dloss))` also accumulates `dx += d loss / d x` on the labelled rows and
+    /// the head's parameter gradients.
     #[allow(clippy::too_many_arguments)]
     pub fn loss<B: Backend>(
         &self,
@@ -142,24 +160,25 @@ impl MlmHead {
         stats: &mut B::Stats,
         weight: f64,
     ) -> Result<()> {
-        let c = self.dense.n_in;
-        let n = n_labels;
-        be.gather_rows(B::slice_mut(B::view_mut(&mut s.sel), 0, n * c), x, batch, c)?;
-        self.transform(be, w, s, n)?;
-        let h = B::slice(B::view(&s.ln.out), 0, n * c);
+        let (c, n) = (self.dense.n_in, n_labels);
+        let MlmSaved { sel, dsel, t } = s;
+        be.gather_rows(B::slice_mut(B::view_mut(sel), 0, n * c), x, batch, c)?;
+        let sel = B::slice(B::view(sel), 0, n * c);
+        self.transform(be, w, t, sel, n)?;
+        let h = B::slice(B::view(&t.ln.out), 0, n * c);
         let (Some(g), Some((dx, dloss))) = (g, grad) else {
-            return self.decoder.loss(be, w, None, &mut s.logits, h, batch, Rows::Labelled, None, stats, weight);
+            return self.decoder.loss(be, w, None, &mut t.logits, h, batch, Rows::Labelled, None, stats, weight);
         };
-        let dln = B::slice_mut(B::view_mut(&mut s.dln), 0, n * c);
-        self.decoder.loss(be, w, Some(&mut *g), &mut s.logits, h, batch, Rows::Labelled, Some((dln, dloss)), stats, weight)?;
-        be.fill_zero(B::view_mut(&mut s.dact))?;
-        let act = B::slice(B::view(&s.act), 0, n * c);
-        self.ln.backward(be, w, g, B::slice_mut(B::view_mut(&mut s.dact), 0, n * c), B::slice(B::view(&s.dln), 0, n * c), act, &s.ln, n)?;
-        be.fill_zero(B::view_mut(&mut s.dpre))?;
-        let pre = B::slice(B::view(&s.pre), 0, n * c);
-        be.gelu_backward(B::slice_mut(B::view_mut(&mut s.dpre), 0, n * c), pre, B::slice(B::view(&s.dact), 0, n * c), self.gelu)?;
-        let sel = B::slice(B::view(&s.sel), 0, n * c);
-        self.dense.backward(be, w, g, Some(B::slice_mut(B::view_mut(&mut s.dsel), 0, n * c)), sel, B::slice(B::view(&s.dpre), 0, n * c), n)?;
-        be.scatter_add_rows(dx, B::slice(B::view(&s.dsel), 0, n * c), batch, c)
+        let dln = B::slice_mut(B::view_mut(&mut t.dln), 0, n * c);
+        self.decoder.loss(be, w, Some(&mut *g), &mut t.logits, h, batch, Rows::Labelled, Some((dln, dloss)), stats, weight)?;
+        be.fill_zero(B::slice_mut(B::view_mut(&mut t.dact), 0, n * c))?;
+        let (act, dln) = (B::slice(B::view(&t.act), 0, n * c), B::slice(B::view(&t.dln), 0, n * c));
+        self.ln.backward(be, w, g, B::slice_mut(B::view_mut(&mut t.dact), 0, n * c), dln, act, &t.ln, n)?;
+        be.fill_zero(B::slice_mut(B::view_mut(&mut t.dpre), 0, n * c))?;
+        let pre = B::slice(B::view(&t.pre), 0, n * c);
+        be.gelu_backward(B::slice_mut(B::view_mut(&mut t.dpre), 0, n * c), pre, B::slice(B::view(&t.dact), 0, n * c), self.gelu)?;
+        let dsel_v = B::slice_mut(B::view_mut(dsel), 0, n * c);
+        self.dense.backward(be, w, g, Some(dsel_v), sel, B::slice(B::view(&t.dpre), 0, n * c), n)?;
+        be.scatter_add_rows(dx, B::slice(B::view(dsel), 0, n * c), batch, c)
     }
 }
