@@ -375,6 +375,13 @@ fn embedding_forward_backward_with_repeated_ids() {
     }
     assert!(dwte[4 * c..5 * c].iter().all(|&x| x == 0.0), "unused row untouched");
     assert!(dwpe[..2 * c].iter().all(|&x| x == 0.0), "positions before the offset untouched");
+    // padding_idx: token 3 and position 3 take no gradient, the other rows the same as before
+    let (mut pwte, mut pwpe) = (vec![0f32; vocab * c], vec![0f32; 8 * c]);
+    let pad = lmtrain_backend::PaddingIdx { word: Some(3), position: Some(3) };
+    ops::embedding_backward(EmbeddingTables { word: &mut pwte[..], position: Some(&mut pwpe[..]), token_type: None }, &g, &inp, c, pad);
+    assert!(pwte[3 * c..4 * c].iter().chain(&pwpe[3 * c..4 * c]).all(|&x| x == 0.0), "padding rows skipped");
+    assert_eq!(&pwte[..3 * c], &dwte[..3 * c]);
+    assert_eq!(&pwpe[4 * c..], &dwpe[4 * c..]);
 }
 
 #[test]
