@@ -9,6 +9,10 @@ use lmtrain_backend::{AdamWHyper, DecaySegment, GeluKind};
 use crate::launch::Launch;
 use crate::{CudaDevice, Result, shape};
 
+mod attention;
+
+pub use attention::AttnOptions;
+
 mod sealed {
     pub trait Sealed {}
     impl Sealed for f32 {}

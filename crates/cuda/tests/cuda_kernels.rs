@@ -8,62 +8,21 @@
 mod support;
 
 use cudarc::cublas::{CudaBlas, Gemm, GemmConfig, StridedBatchedConfig, sys::cublasOperation_t};
-use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use cudarc::driver::{LaunchConfig, PushKernelArg};
 use half::bf16;
 use lmtrain_backend::{AdamWHyper, Backend, DecaySegment, GeluKind, GemmShape};
 use lmtrain_cpu::{Cpu, ops};
-use lmtrain_cuda::{CudaDevice, DeviceKind, KernelDtype, LtMatmul};
-use support::{Child, Mode, Rng, assert_close, on_device, run_children};
+use lmtrain_cuda::{CudaDevice, DeviceKind, LtMatmul};
+use support::{
+    BF16_TOL, Child, Elem, F32_TOL, Mode, Rng, assert_close, check, on_device, quantize, run_children,
+    store,
+};
 
-const F32_TOL: f64 = 1e-5;
-const BF16_TOL: f64 = 1e-2;
 /// cuBLASLt's f32 path on a real GPU: the reference rounds inputs to TF32 to nearest-even like
 /// the emulator (which then agrees to 1e-5), but how the hardware converts f32 to TF32
 /// (nearest or truncation) is not specified, so a GPU may differ by an input ulp of TF32
 /// (2^-10): about 1e-3 on these sums of 29-45 products.
 const TF32_GPU_TOL: f64 = 5e-3;
-
-/// Storage types under test: conversion from the f32 test data, and the tolerance of results
-/// stored in that type.
-trait Elem: KernelDtype + Default {
-    const TOL: f64;
-    fn from_f32(x: f32) -> Self;
-    fn to_f32(self) -> f32;
-}
-impl Elem for f32 {
-    const TOL: f64 = F32_TOL;
-    fn from_f32(x: f32) -> Self {
-        x
-    }
-    fn to_f32(self) -> f32 {
-        self
-    }
-}
-impl Elem for bf16 {
-    const TOL: f64 = BF16_TOL;
-    fn from_f32(x: f32) -> Self {
-        bf16::from_f32(x)
-    }
-    fn to_f32(self) -> f32 {
-        bf16::to_f32(self)
-    }
-}
-
-fn store<T: Elem>(x: &[f32]) -> Vec<T> {
-    x.iter().map(|&v| T::from_f32(v)).collect()
-}
-fn load<T: Elem>(x: &[T]) -> Vec<f32> {
-    x.iter().map(|&v| v.to_f32()).collect()
-}
-/// The values a T-typed buffer actually holds: the CPU reference starts from the same inputs.
-fn quantize<T: Elem>(x: Vec<f32>) -> Vec<f32> {
-    load(&store::<T>(&x))
-}
-
-/// Downloads a device buffer and checks it against the CPU reference `want`.
-fn check<T: Elem>(dev: &CudaDevice, what: &str, buf: &CudaSlice<T>, want: &[f32], tol: f64) {
-    assert_close(what, &load(&dev.download(buf).unwrap()), want, tol);
-}
 
 fn layernorm_case<T: Elem>(dev: &CudaDevice, rows: usize, cols: usize, seed: u64) {
     let tag = format!("layernorm {}x{} {}", rows, cols, T::SUFFIX);
