@@ -518,6 +518,9 @@ inline unsigned atomicCAS(unsigned* a, unsigned expect, unsigned v) {
 
 // ---- math and bit intrinsics (host equivalents) ------------------------------------
 inline float rsqrtf(float x) { return 1.0f / sqrtf(x); }
+using std::isfinite;
+using std::isinf;
+using std::isnan;
 // CUDA's integer min/max overloads of device code.
 inline int min(int a, int b) { return a < b ? a : b; }
 inline int max(int a, int b) { return a > b ? a : b; }

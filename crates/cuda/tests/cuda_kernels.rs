@@ -84,10 +84,14 @@ fn layernorm_case<T: Elem>(dev: &CudaDevice, rows: usize, cols: usize, seed: u64
     let mut d_dinp = dev.upload(&store::<T>(&dinp0)).unwrap();
     let (mut d_dw, mut d_db) = (dev.upload(&dweight0).unwrap(), dev.upload(&dbias0).unwrap());
     let (m_ref, r_ref) = (dev.upload(&mean).unwrap(), dev.upload(&rstd).unwrap());
+    let mut scratch = dev
+        .zeros::<f32>(lmtrain_cuda::layernorm_backward_scratch(rows, cols))
+        .unwrap();
     dev.layernorm_backward(
         &mut d_dinp.as_view_mut(),
         &mut d_dw.as_view_mut(),
         &mut d_db.as_view_mut(),
+        &mut scratch.as_view_mut(),
         &d_dout.as_view(),
         &dx.as_view(),
         &dw.as_view(),
@@ -226,6 +230,7 @@ fn adamw_f32() {
                 &dg.as_view(),
                 &mut dm.as_view_mut(),
                 &mut dv.as_view_mut(),
+                None,
                 &segs,
                 &hyper(step),
             )
@@ -263,8 +268,10 @@ fn adamw_bf16() {
                 &dg.as_view(),
                 &mut dm.as_view_mut(),
                 &mut dv.as_view_mut(),
+                None,
                 &segs,
                 &hyper(step),
+                step as u64,
             )
             .unwrap();
         }
