@@ -1,5 +1,5 @@
 //! The CUDA side of lmtrain: opening a device, the kernels built from `kernels/*.cu` (embedded
-//! as fatbins by the workspace's `build.rs`), and one safe launch wrapper per kernel.
+//! as fatbins by this crate's `build.rs`), and one safe launch wrapper per kernel.
 //!
 //! ```no_run
 //! let dev = lmtrain_cuda::CudaDevice::open(0)?; // one clear error line when there is no GPU

@@ -6,7 +6,7 @@
 use std::process::{Command, Output};
 
 fn selftest(case: &str, order: &str) -> Option<Output> {
-    let Some(exe) = option_env!("LMTRAIN_CUEMU_SELFTEST") else {
+    let Some(exe) = lmtrain_cuda_emu::SELFTEST else {
         use std::io::Write;
         let _ = writeln!(
             std::io::stderr(),

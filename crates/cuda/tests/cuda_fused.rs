@@ -682,8 +682,8 @@ fn address_sanitizer_pass() {
         Mode::Direct => {}
         Mode::Skip(why) => support::skip("address_sanitizer_pass", why),
         Mode::Emulate(_) => match (
-            option_env!("LMTRAIN_CUEMU_ASAN_DIR"),
-            option_env!("LMTRAIN_CUEMU_ASAN_RUNTIME"),
+            lmtrain_cuda_emu::ASAN_DIR,
+            lmtrain_cuda_emu::ASAN_RUNTIME,
         ) {
             (Some(dir), Some(rt)) => run_children(
                 ALL,

@@ -43,7 +43,7 @@ pub fn mode() -> Mode {
     {
         return Mode::Direct;
     }
-    match option_env!("LMTRAIN_CUEMU_DIR") {
+    match lmtrain_cuda_emu::DIR {
         Some(dir) if lmtrain_cuda::kernels_built() => Mode::Emulate(dir),
         _ => Mode::Skip(
             "no CUDA kernels in this build (nvcc not found at build time; see README, CUDA)",
