@@ -119,7 +119,7 @@ __device__ void attn_forward(T* __restrict__ out, float* __restrict__ lse, const
   const Geometry g{B, seq, NH, HS, (HS + 15) / 16 * 16, NH * HS};
   const int HP = g.HP, bh = blockIdx.y, b = bh / NH, h = bh % NH, i0 = blockIdx.x * BR;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  const float scale = rsqrtf(float(HS));
+  const float scale = 1.f / sqrtf(float(HS));  // as the CPU: 1 / sqrt(head_size)
   DYN_SMEM(unsigned char, raw);
   Smem sm{raw};
   T* q = sm.take<T>(BR * HP);
@@ -156,12 +156,12 @@ __device__ void attn_forward(T* __restrict__ out, float* __restrict__ lse, const
       const float m_old = m[r];
       const float m_new = fmaxf(m_old, lm::warp_max(mx));
       // m_new == -inf: nothing seen yet in this row, keep zeros
-      const float alpha = m_new == -INFINITY ? 1.f : __expf(m_old - m_new);
+      const float alpha = m_new == -INFINITY ? 1.f : lm::exp_for<T>(m_old - m_new);
       float sum = 0.f;
       for (int c = lane; c < BC; c += 32) {
         const int j = j0 + c;
         float p = 0.f;
-        if (key_ok(key_valid, b, seq, i, j, causal) && m_new != -INFINITY) p = __expf(s[r * BC + c] * scale - m_new);
+        if (key_ok(key_valid, b, seq, i, j, causal) && m_new != -INFINITY) p = lm::exp_for<T>(s[r * BC + c] * scale - m_new);
         sum += p;
         if (p_drop > 0.f && p != 0.f && i < seq) p *= lm::dropout_factor(p_drop, seed, drop_base + uint64_t(i) * seq + j);
         pb[r * BC + c] = lm::from_f32<T>(p);
@@ -213,7 +213,7 @@ __device__ void softmax_grad_tile(float* s, const float* dp, T* pz, T* ds, const
   for (int idx = threadIdx.x; idx < BR * BC; idx += blockDim.x) {
     const int r = idx / BC, c = idx % BC, i = i0 + r, j = j0 + c;
     float p = 0.f;
-    if (i < seq && lse_r[r] != -INFINITY && key_ok(key_valid, b, seq, i, j, causal)) p = __expf(s[idx] * scale - lse_r[r]);
+    if (i < seq && lse_r[r] != -INFINITY && key_ok(key_valid, b, seq, i, j, causal)) p = lm::exp_for<T>(s[idx] * scale - lse_r[r]);
     const float z = (p_drop > 0.f && p != 0.f) ? lm::dropout_factor(p_drop, seed, drop_base + uint64_t(i) * seq + j) : 1.f;
     if (pz) pz[idx] = lm::from_f32<T>(p * z);
     const float g = p * (dp[idx] * z - d_r[r]);
@@ -238,7 +238,7 @@ __device__ void attn_backward_dq(T* __restrict__ dqkv, const T* __restrict__ dou
                                  int causal, float p_drop, uint64_t seed, int BR, int BC) {
   const Geometry g{B, seq, NH, HS, (HS + 15) / 16 * 16, NH * HS};
   const int HP = g.HP, bh = blockIdx.y, b = bh / NH, h = bh % NH, i0 = blockIdx.x * BR;
-  const float scale = rsqrtf(float(HS));
+  const float scale = 1.f / sqrtf(float(HS));  // as the CPU: 1 / sqrt(head_size)
   DYN_SMEM(unsigned char, raw);
   Smem sm{raw};
   T* q = sm.take<T>(BR * HP);
@@ -289,7 +289,7 @@ __device__ void attn_backward_dkv(T* __restrict__ dqkv, const T* __restrict__ do
                                   int causal, float p_drop, uint64_t seed, int BR, int BC) {
   const Geometry g{B, seq, NH, HS, (HS + 15) / 16 * 16, NH * HS};
   const int HP = g.HP, bh = blockIdx.y, b = bh / NH, h = bh % NH, j0 = blockIdx.x * BC;
-  const float scale = rsqrtf(float(HS));
+  const float scale = 1.f / sqrtf(float(HS));  // as the CPU: 1 / sqrt(head_size)
   DYN_SMEM(unsigned char, raw);
   Smem sm{raw};
   T* k = sm.take<T>(BC * HP);

@@ -36,19 +36,19 @@ __device__ void classifier(T* __restrict__ logits, float* __restrict__ losses, c
   for (int j = threadIdx.x; j < vocab; j += blockDim.x) {
     const float v = lm::to_f32(x[j]);
     if (v > m) {
-      s = s * __expf(m - v) + 1.f;
+      s = s * lm::exp_for<T>(m - v) + 1.f;
       m = v;
     } else {
-      s += __expf(v - m);
+      s += lm::exp_for<T>(v - m);
     }
   }
   const float M = lm::block_max(m, scratch);
-  const float S = lm::block_sum(m == -INFINITY ? 0.f : s * __expf(m - M), scratch);
+  const float S = lm::block_sum(m == -INFINITY ? 0.f : s * lm::exp_for<T>(m - M), scratch);
   if (threadIdx.x == 0) losses[sel] = logf(S) + M - target_logit;
   if (!write_grad) return;
   const float inv = dloss / S;
   for (int j = threadIdx.x; j < vocab; j += blockDim.x) {
-    float g = __expf(lm::to_f32(x[j]) - M) * inv;
+    float g = lm::exp_for<T>(lm::to_f32(x[j]) - M) * inv;
     if (fabsf(g) < 1.17549435e-38f) g = 0.f;  // flush subnormals (FLT_MIN)
     if (j == y) g -= dloss;
     x[j] = lm::from_f32<T>(g);

@@ -102,6 +102,11 @@ __device__ __forceinline__ float block_max(float v, float* scratch) {
 __device__ __forceinline__ uint64_t global_thread() { return uint64_t(blockIdx.x) * blockDim.x + threadIdx.x; }
 __device__ __forceinline__ uint64_t grid_threads() { return uint64_t(gridDim.x) * blockDim.x; }
 
+// e^x in the precision of the storage type: the fast hardware exponential (a few ulp; fine
+// for bf16 results) for bf16, the correctly rounded-ish libm expf for f32 results (tested to 1e-5).
+template <class T> __device__ __forceinline__ float exp_for(float x) { return __expf(x); }
+template <> __device__ __forceinline__ float exp_for<float>(float x) { return expf(x); }
+
 // tanh with a hardware instruction on sm_75+; the portable path is the libm function.
 __device__ __forceinline__ float fast_tanh(float x) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 750
