@@ -219,6 +219,19 @@ fn attention_bf16() {
         for (i, k) in ATTN_CASES.iter().enumerate() {
             attention_case::<bf16>(dev, k, 200 + i as u64);
         }
+        // head size 128 (other tile sizes: 32x32 forward, 32x16 backward) and the smallest, 8
+        let big = AttnCase { b: 1, t: 33, nh: 1, hs: 128, causal: true, pad: true, p: 0.1 };
+        attention_case::<bf16>(dev, &big, 210);
+        let small = AttnCase { b: 2, t: 19, nh: 3, hs: 8, causal: false, pad: true, p: 0.0 };
+        attention_case::<bf16>(dev, &small, 211);
+        attention_case::<f32>(dev, &small, 212);
+        // head sizes that are not a multiple of 8 are refused before any launch
+        let qkv = dev.zeros::<bf16>(3 * 12).unwrap();
+        let (mut out, mut lse) = (dev.zeros::<bf16>(12).unwrap(), dev.zeros::<f32>(1).unwrap());
+        let s = AttnShape { b: 1, t: 1, n_head: 1, head_size: 12 };
+        let opt = AttnOptions { causal: true, key_valid: None, dropout: Dropout::NONE };
+        let e = dev.attention_forward(&mut out.as_view_mut(), &mut lse.as_view_mut(), &qkv.as_view(), s, opt);
+        assert!(e.is_err(), "head size 12 accepted");
     });
 }
 
