@@ -1,5 +1,5 @@
 //! The CPU emulator itself (kernels/emu/cuemu.h), through its self-test program built by
-//! build.rs: features the project's kernels do not use yet must work, and planted kernel bugs
+//! crates/cuda/emu/build.rs: features the project's kernels do not use yet must work, and planted kernel bugs
 //! must be exposed — some only when a block's threads run in reverse order, which is why the
 //! kernel tests run in both orders.
 
