@@ -44,6 +44,11 @@ fi
 if ! cargo bench -p lmtrain-cuda --bench cuda_kernels -- --iters "${GPU_CHECK_BENCH_ITERS:-20}" >"$logs/bench.log" 2>&1; then
     status=1
 fi
+# The fused kernels (attention, classifier, LayerNorm, embeddings, AdamW, ...) at GPT-2 124M and
+# BERT-base shapes: criterion, CUDA-event timed, throughput in bytes or FLOPs per second.
+if ! cargo bench -p lmtrain-cuda --bench cuda_fused >"$logs/bench-fused.log" 2>&1; then
+    status=1
+fi
 
 echo
 echo "## lmtrain GPU check"
@@ -72,6 +77,11 @@ echo
 echo "Kernel benchmark (CUDA events, mean per call):"
 echo
 grep -E "^(\||device:|SKIP|error)" "$logs/bench.log" || { echo "(no bench output; see $logs/bench.log)"; status=1; }
+echo
+echo "Fused kernels (criterion; thrpt in B/s for memory-bound kernels, elem/s = FLOP/s for attention):"
+echo
+grep -E "^(gpt2|bert)|thrpt:|^SKIP|^error" "$logs/bench-fused.log" | sed 's/^ *//' | paste - - 2>/dev/null | awk '{$1=$1};1' \
+    || { echo "(no fused-bench output; see $logs/bench-fused.log)"; status=1; }
 echo
 [ "$status" = 0 ] && echo "gpu-check: OK" || echo "gpu-check: FAILED (logs: $logs)"
 exit "$status"

@@ -518,6 +518,18 @@ inline unsigned atomicCAS(unsigned* a, unsigned expect, unsigned v) {
 
 // ---- math and bit intrinsics (host equivalents) ------------------------------------
 inline float rsqrtf(float x) { return 1.0f / sqrtf(x); }
+using std::isfinite;
+using std::isinf;
+using std::isnan;
+// CUDA's integer min/max overloads of device code.
+inline int min(int a, int b) { return a < b ? a : b; }
+inline int max(int a, int b) { return a > b ? a : b; }
+inline unsigned min(unsigned a, unsigned b) { return a < b ? a : b; }
+inline unsigned max(unsigned a, unsigned b) { return a > b ? a : b; }
+inline long long min(long long a, long long b) { return a < b ? a : b; }
+inline long long max(long long a, long long b) { return a > b ? a : b; }
+inline unsigned long long min(unsigned long long a, unsigned long long b) { return a < b ? a : b; }
+inline unsigned long long max(unsigned long long a, unsigned long long b) { return a > b ? a : b; }
 inline float __expf(float x) { return expf(x); }
 inline float __logf(float x) { return logf(x); }
 inline float __tanhf(float x) { return tanhf(x); }
@@ -581,17 +593,31 @@ inline void store_matrix_sync(T* p, const fragment<accumulator, M, N, K, T>& f, 
       for (int c = 0; c < N; ++c) (l == mem_col_major ? p[c * ldm + r] : p[r * ldm + c]) = f.x[r * N + c];
   __syncwarp();
 }
+// The product runs on fragments (lane-local copies, not device memory): it is compiled
+// optimised and uninstrumented even in the AddressSanitizer build, where it would otherwise
+// dominate the run time of tensor-core kernels.
+template <int M, int N, int K, class TA, class TC>
+#if defined(__SANITIZE_ADDRESS__)
+__attribute__((no_sanitize_address))
+#endif
+__attribute__((optimize("O2"))) inline void mma_tile(TC* d, const TA* a, const TA* b, const TC* c) {
+  float fa[M * K], fb[K * N];
+  for (int i = 0; i < M * K; ++i) fa[i] = float(a[i]);
+  for (int i = 0; i < K * N; ++i) fb[i] = float(b[i]);
+  for (int i = 0; i < M; ++i) {
+    float acc[N];
+    for (int j = 0; j < N; ++j) acc[j] = float(c[i * N + j]);
+    for (int k = 0; k < K; ++k)
+      for (int j = 0; j < N; ++j) acc[j] += fa[i * K + k] * fb[k * N + j];
+    for (int j = 0; j < N; ++j) d[i * N + j] = TC(acc[j]);
+  }
+}
 template <int M, int N, int K, class TA, class LA, class LB, class TC>
 inline void mma_sync(fragment<accumulator, M, N, K, TC>& d, const fragment<matrix_a, M, N, K, TA, LA>& a,
                      const fragment<matrix_b, M, N, K, TA, LB>& b, const fragment<accumulator, M, N, K, TC>& c) {
   __syncwarp();
   fragment<accumulator, M, N, K, TC> out;
-  for (int i = 0; i < M; ++i)
-    for (int j = 0; j < N; ++j) {
-      float acc = float(c.x[i * N + j]);
-      for (int k = 0; k < K; ++k) acc += float(a.x[i * K + k]) * float(b.x[k * N + j]);
-      out.x[i * N + j] = TC(acc);
-    }
+  mma_tile<M, N, K>(out.x, a.x, b.x, c.x);
   d = out;
 }
 }  // namespace wmma

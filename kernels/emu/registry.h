@@ -1,6 +1,6 @@
 // registry.h: how host-compiled kernels make themselves known to the fake libcuda.
 //
-// build.rs generates, for every kernels/X.cu, a translation unit that includes X.cu and
+// crates/cuda/emu/build.rs generates, for every kernels/X.cu, a translation unit that includes X.cu and
 // then this header and one CUEMU_REGISTER(name) line per `extern "C" __global__`
 // function it found. Registration records the C++ parameter sizes (checked against the
 // PTX `.param` list when a module is loaded) and which parameters are pointers (checked

@@ -92,11 +92,13 @@ fn row_kernels<T: KernelDtype>(b: &Bench<'_>, rows: usize, cols: usize) -> Resul
         ms,
         gbps(2 * n * e, ms),
     );
+    let mut scratch = dev.zeros::<f32>(lmtrain_cuda::layernorm_backward_scratch(rows, cols))?;
     let ms = b.time(|| {
         dev.layernorm_backward(
             &mut dinp.as_view_mut(),
             &mut dw.as_view_mut(),
             &mut db.as_view_mut(),
+            &mut scratch.as_view_mut(),
             &out.as_view(),
             &x.as_view(),
             &w.as_view(),
@@ -169,6 +171,7 @@ fn adamw(b: &Bench<'_>, n: usize) -> Result<()> {
             &g.as_view(),
             &mut m.as_view_mut(),
             &mut v.as_view_mut(),
+            None,
             &segs,
             &hp,
         )
@@ -188,8 +191,10 @@ fn adamw(b: &Bench<'_>, n: usize) -> Result<()> {
             &gb.as_view(),
             &mut m.as_view_mut(),
             &mut v.as_view_mut(),
+            None,
             &segs,
             &hp,
+            1,
         )
     })?;
     row(

@@ -9,6 +9,13 @@ use lmtrain_backend::{AdamWHyper, DecaySegment, GeluKind};
 use crate::launch::Launch;
 use crate::{CudaDevice, Result, shape};
 
+mod attention;
+mod fused;
+
+pub use attention::AttnOptions;
+pub use fused::{ClassifierRows, EmbeddingBatch, Positions, bias_backward_scratch, grad_norm_scratch};
+
+
 mod sealed {
     pub trait Sealed {}
     impl Sealed for f32 {}
@@ -36,6 +43,13 @@ const ELEM_BLOCK: u32 = 256;
 const ELEM_MAX_BLOCKS: usize = 1 << 16;
 /// Default dynamic shared memory limit per block (no opt-in needed below it).
 const SMEM_LIMIT: usize = 48 * 1024;
+/// Rows per segment of the deterministic parameter-gradient reductions (LayerNorm, bias).
+const SEG_ROWS: usize = 32;
+
+/// Floats of scratch [`CudaDevice::layernorm_backward`] needs: two partial rows per segment.
+pub fn layernorm_backward_scratch(rows: usize, cols: usize) -> usize {
+    2 * cols * rows.div_ceil(SEG_ROWS)
+}
 
 fn check_len(op: &'static str, what: &str, len: usize, want: usize) -> Result<()> {
     if len == want {
@@ -199,13 +213,16 @@ impl CudaDevice {
     }
 
     /// LayerNorm backward; ACCUMULATES into `dinp`, `dweight` and `dbias` (the parameter
-    /// gradients are f32 for both storage types). `cols` is limited to 6144 (shared memory).
+    /// gradients are f32 for both storage types). Deterministic (no float atomics): `scratch`
+    /// (at least [`layernorm_backward_scratch`]`(rows, cols)` floats) receives per-segment
+    /// partial sums that a second launch adds in order.
     #[allow(clippy::too_many_arguments)]
     pub fn layernorm_backward<T: KernelDtype>(
         &self,
         dinp: &mut CudaViewMut<'_, T>,
         dweight: &mut CudaViewMut<'_, f32>,
         dbias: &mut CudaViewMut<'_, f32>,
+        scratch: &mut CudaViewMut<'_, f32>,
         dout: &CudaView<'_, T>,
         inp: &CudaView<'_, T>,
         weight: &CudaView<'_, T>,
@@ -226,38 +243,78 @@ impl CudaDevice {
         check_len(OP, "weight", weight.len(), cols)?;
         check_len(OP, "mean", mean.len(), rows)?;
         check_len(OP, "rstd", rstd.len(), rows)?;
-        let (rows_i, cols_i) = (to_i32(OP, "rows", rows)?, to_i32(OP, "cols", cols)?);
-        let smem = 2 * cols * size_of::<f32>();
-        if smem > SMEM_LIMIT {
+        let need = layernorm_backward_scratch(rows, cols);
+        if scratch.len() < need {
             return Err(shape(
                 OP,
-                format!("cols = {cols} needs {smem} bytes of shared memory (limit {SMEM_LIMIT})"),
+                format!("scratch has {} floats, needs {need}", scratch.len()),
             ));
         }
+        let (rows_i, cols_i) = (to_i32(OP, "rows", rows)?, to_i32(OP, "cols", cols)?);
+        to_i32(OP, "2 * cols", 2 * cols)?;
         if rows == 0 || cols == 0 {
             return Ok(());
         }
-        // A bounded grid: each block folds its rows' dweight/dbias in shared memory first, so
-        // fewer blocks mean fewer global atomics.
-        let blocks = rows_grid(rows).min(1024);
+        let nseg = rows.div_ceil(SEG_ROWS);
+        let seg_rows = SEG_ROWS as i32;
         let cfg = LaunchConfig {
-            grid_dim: (blocks, 1, 1),
+            grid_dim: (nseg as u32, 1, 1),
             block_dim: (ROW_BLOCK, 1, 1),
-            shared_mem_bytes: smem as u32,
+            shared_mem_bytes: 0,
         };
-        let mut l = Launch::new(self, format!("layernorm_bwd_{}", T::SUFFIX))?;
-        l.output(dinp)
-            .output(dweight)
-            .output(dbias)
-            .input(dout)
-            .input(inp)
-            .input(weight)
-            .input(mean)
-            .input(rstd);
-        l.scalar(&rows_i).scalar(&cols_i);
-        // SAFETY: lengths checked above; the kernel touches rows*cols elements of
-        // dinp/dout/inp, cols of dweight/dbias/weight, rows of mean/rstd, and 2*cols floats of
-        // the dynamic shared memory it is given.
+        {
+            let mut part = scratch.slice_mut(0..2 * cols * nseg);
+            let mut l = Launch::new(self, format!("layernorm_bwd_{}", T::SUFFIX))?;
+            l.output(dinp)
+                .output(&mut part)
+                .input(dout)
+                .input(inp)
+                .input(weight)
+                .input(mean)
+                .input(rstd);
+            l.scalar(&rows_i).scalar(&cols_i).scalar(&seg_rows);
+            // SAFETY: lengths checked above; block `seg` touches rows [seg*SEG_ROWS, ..) < rows of
+            // dinp/dout/inp/mean/rstd, cols of weight, and 2*cols floats of part at seg*2*cols,
+            // inside the nseg*2*cols floats of `part`.
+            unsafe { l.launch(cfg) }?;
+        }
+        let part = scratch.slice(0..2 * cols * nseg);
+        self.column_sum(dweight, &part.slice(0..), nseg, 2 * cols, cols)?;
+        self.column_sum(dbias, &part.slice(cols..), nseg, 2 * cols, cols)
+    }
+
+    /// `dst[c] += sum_s partials[s * stride + c]` for `c < n`, `s < nseg`, summed in order.
+    pub(crate) fn column_sum(
+        &self,
+        dst: &mut CudaViewMut<'_, f32>,
+        partials: &CudaView<'_, f32>,
+        nseg: usize,
+        stride: usize,
+        n: usize,
+    ) -> Result<()> {
+        const OP: &str = "column_sum";
+        check_len(OP, "dst", dst.len(), n)?;
+        if nseg == 0 || n == 0 {
+            return Ok(());
+        }
+        if n > stride || partials.len() < (nseg - 1) * stride + n {
+            return Err(shape(OP, "partials too short for nseg * stride"));
+        }
+        let (nseg_i, stride_i, n_i) = (
+            to_i32(OP, "nseg", nseg)?,
+            to_i32(OP, "stride", stride)?,
+            to_i32(OP, "n", n)?,
+        );
+        let cfg = LaunchConfig {
+            grid_dim: (n.div_ceil(ELEM_BLOCK as usize) as u32, 1, 1),
+            block_dim: (ELEM_BLOCK, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut l = Launch::new(self, "column_sum_f32".to_string())?;
+        l.output(dst).input(partials);
+        l.scalar(&nseg_i).scalar(&stride_i).scalar(&n_i);
+        // SAFETY: thread c < n reads partials[s*stride + c] for s < nseg, below
+        // (nseg-1)*stride + n <= partials.len() (checked), and writes dst[c] (n elements).
         unsafe { l.launch(cfg) }
     }
 
@@ -305,13 +362,16 @@ impl CudaDevice {
 
     /// One fused AdamW step over f32 parameters (torch.optim.AdamW semantics, as
     /// `lmtrain_cpu::ops::adamw_update`): `segments` tile the buffer and give each part its
-    /// weight decay; gradients are scaled by `hp.grad_scale` first.
+    /// weight decay; gradients are scaled by `hp.grad_scale` first, and by `clip[1]` when given
+    /// (the clipping factor [`CudaDevice::grad_norm`] leaves on the device).
+    #[allow(clippy::too_many_arguments)]
     pub fn adamw_update(
         &self,
         params: &mut CudaViewMut<'_, f32>,
         grads: &CudaView<'_, f32>,
         m: &mut CudaViewMut<'_, f32>,
         v: &mut CudaViewMut<'_, f32>,
+        clip: Option<&CudaView<'_, f32>>,
         segments: &[DecaySegment],
         hp: &AdamWHyper,
     ) -> Result<()> {
@@ -320,6 +380,9 @@ impl CudaDevice {
         check_len(OP, "grads", grads.len(), n)?;
         check_len(OP, "m", m.len(), n)?;
         check_len(OP, "v", v.len(), n)?;
+        if let Some(c) = clip {
+            check_len(OP, "clip", c.len(), 2)?;
+        }
         let s = AdamScalars::new(OP, hp)?;
         for run in decay_runs(OP, segments, n)? {
             let r = run.offset..run.offset + run.len;
@@ -335,17 +398,20 @@ impl CudaDevice {
                 .input(&g)
                 .output(&mut mm)
                 .output(&mut vv)
+                .optional_input(clip)
                 .scalar(&len);
             s.push(&mut l, &run.weight_decay);
             // SAFETY: the four views have run.len elements (sub-ranges of buffers whose lengths
-            // were checked), the kernel's loop bound.
+            // were checked), the kernel's loop bound; clip, when given, has its 2 floats.
             unsafe { l.launch(elem_cfg(run.len)) }?;
         }
         Ok(())
     }
 
     /// Mixed-precision AdamW: updates the f32 `master` weights and moments from bf16
-    /// gradients, and refreshes the bf16 `params` copy the forward pass reads.
+    /// gradients, and refreshes the bf16 `params` copy the forward pass reads, rounded
+    /// stochastically (random bits from `(seed, parameter index)`: pass a new seed each step).
+    /// `clip` as in [`CudaDevice::adamw_update`].
     #[allow(clippy::too_many_arguments)]
     pub fn adamw_update_bf16(
         &self,
@@ -354,8 +420,10 @@ impl CudaDevice {
         grads: &CudaView<'_, bf16>,
         m: &mut CudaViewMut<'_, f32>,
         v: &mut CudaViewMut<'_, f32>,
+        clip: Option<&CudaView<'_, f32>>,
         segments: &[DecaySegment],
         hp: &AdamWHyper,
+        seed: u64,
     ) -> Result<()> {
         const OP: &str = "adamw_update_bf16";
         let n = master.len();
@@ -363,6 +431,9 @@ impl CudaDevice {
         check_len(OP, "grads", grads.len(), n)?;
         check_len(OP, "m", m.len(), n)?;
         check_len(OP, "v", v.len(), n)?;
+        if let Some(c) = clip {
+            check_len(OP, "clip", c.len(), 2)?;
+        }
         let s = AdamScalars::new(OP, hp)?;
         for run in decay_runs(OP, segments, n)? {
             let r = run.offset..run.offset + run.len;
@@ -372,17 +443,20 @@ impl CudaDevice {
                 grads.slice(r.clone()),
             );
             let (mut mm, mut vv) = (m.slice_mut(r.clone()), v.slice_mut(r));
-            let len = run.len as u64;
+            let (len, offset) = (run.len as u64, run.offset as u64);
             let mut l = Launch::new(self, "adamw_bf16".to_string())?;
             l.output(&mut w)
                 .output(&mut p)
                 .input(&g)
                 .output(&mut mm)
                 .output(&mut vv)
-                .scalar(&len);
+                .optional_input(clip)
+                .scalar(&len)
+                .scalar(&offset)
+                .scalar(&seed);
             s.push(&mut l, &run.weight_decay);
             // SAFETY: the five views have run.len elements (sub-ranges of checked buffers), the
-            // kernel's loop bound.
+            // kernel's loop bound; clip, when given, has its 2 floats.
             unsafe { l.launch(elem_cfg(run.len)) }?;
         }
         Ok(())

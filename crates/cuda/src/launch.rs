@@ -36,6 +36,17 @@ impl<'a> Launch<'a> {
         self
     }
 
+    /// An optional read-only device buffer: a null pointer when absent (kernels test for it).
+    pub(crate) fn optional_input<T>(&mut self, v: Option<&'a CudaView<'_, T>>) -> &mut Self {
+        static NULL: u64 = 0;
+        match v {
+            Some(v) => self.args.arg(v),
+            None => self.args.arg(&NULL),
+        };
+        self.sizes.push(size_of::<u64>());
+        self
+    }
+
     /// A scalar parameter, passed by value.
     pub(crate) fn scalar<T: DeviceRepr>(&mut self, v: &'a T) -> &mut Self {
         self.args.arg(v);

@@ -1,12 +1,12 @@
 //! The CPU emulator itself (kernels/emu/cuemu.h), through its self-test program built by
-//! build.rs: features the project's kernels do not use yet must work, and planted kernel bugs
+//! crates/cuda/emu/build.rs: features the project's kernels do not use yet must work, and planted kernel bugs
 //! must be exposed — some only when a block's threads run in reverse order, which is why the
 //! kernel tests run in both orders.
 
 use std::process::{Command, Output};
 
 fn selftest(case: &str, order: &str) -> Option<Output> {
-    let Some(exe) = option_env!("LMTRAIN_CUEMU_SELFTEST") else {
+    let Some(exe) = lmtrain_cuda_emu::SELFTEST else {
         use std::io::Write;
         let _ = writeln!(
             std::io::stderr(),

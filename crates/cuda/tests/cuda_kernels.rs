@@ -8,62 +8,21 @@
 mod support;
 
 use cudarc::cublas::{CudaBlas, Gemm, GemmConfig, StridedBatchedConfig, sys::cublasOperation_t};
-use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use cudarc::driver::{LaunchConfig, PushKernelArg};
 use half::bf16;
 use lmtrain_backend::{AdamWHyper, DecaySegment, GeluKind, GemmShape};
 use lmtrain_cpu::ops;
-use lmtrain_cuda::{CudaDevice, DeviceKind, KernelDtype, LtMatmul};
-use support::{Child, Mode, Rng, assert_close, on_device, run_children};
+use lmtrain_cuda::{CudaDevice, DeviceKind, LtMatmul};
+use support::{
+    BF16_TOL, Child, Elem, F32_TOL, Mode, Rng, assert_close, check, on_device, quantize, run_children,
+    store,
+};
 
-const F32_TOL: f64 = 1e-5;
-const BF16_TOL: f64 = 1e-2;
 /// cuBLASLt's f32 path on a real GPU: the reference rounds inputs to TF32 to nearest-even like
 /// the emulator (which then agrees to 1e-5), but how the hardware converts f32 to TF32
 /// (nearest or truncation) is not specified, so a GPU may differ by an input ulp of TF32
 /// (2^-10): about 1e-3 on these sums of 29-45 products.
 const TF32_GPU_TOL: f64 = 5e-3;
-
-/// Storage types under test: conversion from the f32 test data, and the tolerance of results
-/// stored in that type.
-trait Elem: KernelDtype + Default {
-    const TOL: f64;
-    fn from_f32(x: f32) -> Self;
-    fn to_f32(self) -> f32;
-}
-impl Elem for f32 {
-    const TOL: f64 = F32_TOL;
-    fn from_f32(x: f32) -> Self {
-        x
-    }
-    fn to_f32(self) -> f32 {
-        self
-    }
-}
-impl Elem for bf16 {
-    const TOL: f64 = BF16_TOL;
-    fn from_f32(x: f32) -> Self {
-        bf16::from_f32(x)
-    }
-    fn to_f32(self) -> f32 {
-        bf16::to_f32(self)
-    }
-}
-
-fn store<T: Elem>(x: &[f32]) -> Vec<T> {
-    x.iter().map(|&v| T::from_f32(v)).collect()
-}
-fn load<T: Elem>(x: &[T]) -> Vec<f32> {
-    x.iter().map(|&v| v.to_f32()).collect()
-}
-/// The values a T-typed buffer actually holds: the CPU reference starts from the same inputs.
-fn quantize<T: Elem>(x: Vec<f32>) -> Vec<f32> {
-    load(&store::<T>(&x))
-}
-
-/// Downloads a device buffer and checks it against the CPU reference `want`.
-fn check<T: Elem>(dev: &CudaDevice, what: &str, buf: &CudaSlice<T>, want: &[f32], tol: f64) {
-    assert_close(what, &load(&dev.download(buf).unwrap()), want, tol);
-}
 
 fn layernorm_case<T: Elem>(dev: &CudaDevice, rows: usize, cols: usize, seed: u64) {
     let tag = format!("layernorm {}x{} {}", rows, cols, T::SUFFIX);
@@ -125,10 +84,14 @@ fn layernorm_case<T: Elem>(dev: &CudaDevice, rows: usize, cols: usize, seed: u64
     let mut d_dinp = dev.upload(&store::<T>(&dinp0)).unwrap();
     let (mut d_dw, mut d_db) = (dev.upload(&dweight0).unwrap(), dev.upload(&dbias0).unwrap());
     let (m_ref, r_ref) = (dev.upload(&mean).unwrap(), dev.upload(&rstd).unwrap());
+    let mut scratch = dev
+        .zeros::<f32>(lmtrain_cuda::layernorm_backward_scratch(rows, cols))
+        .unwrap();
     dev.layernorm_backward(
         &mut d_dinp.as_view_mut(),
         &mut d_dw.as_view_mut(),
         &mut d_db.as_view_mut(),
+        &mut scratch.as_view_mut(),
         &d_dout.as_view(),
         &dx.as_view(),
         &dw.as_view(),
@@ -267,6 +230,7 @@ fn adamw_f32() {
                 &dg.as_view(),
                 &mut dm.as_view_mut(),
                 &mut dv.as_view_mut(),
+                None,
                 &segs,
                 &hyper(step),
             )
@@ -304,8 +268,10 @@ fn adamw_bf16() {
                 &dg.as_view(),
                 &mut dm.as_view_mut(),
                 &mut dv.as_view_mut(),
+                None,
                 &segs,
                 &hyper(step),
+                step as u64,
             )
             .unwrap();
         }
@@ -641,8 +607,8 @@ fn address_sanitizer_pass() {
         Mode::Direct => {} // a child (nothing to do) or a real GPU (no sanitizer)
         Mode::Skip(why) => support::skip("address_sanitizer_pass", why),
         Mode::Emulate(_) => match (
-            option_env!("LMTRAIN_CUEMU_ASAN_DIR"),
-            option_env!("LMTRAIN_CUEMU_ASAN_RUNTIME"),
+            lmtrain_cuda_emu::ASAN_DIR,
+            lmtrain_cuda_emu::ASAN_RUNTIME,
         ) {
             (Some(dir), Some(rt)) => run_children(
                 ALL,

@@ -17,7 +17,15 @@ use std::path::Path;
 use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use lmtrain_cuda::CudaDevice;
+use cudarc::driver::CudaSlice;
+use half::bf16;
+use lmtrain_cuda::{CudaDevice, KernelDtype};
+
+/// Tolerance of f32 results (max-norm relative error).
+pub const F32_TOL: f64 = 1e-5;
+/// Tolerance of results stored in bf16.
+pub const BF16_TOL: f64 = 1e-2;
+
 
 /// Where this process stands.
 pub enum Mode {
@@ -35,7 +43,7 @@ pub fn mode() -> Mode {
     {
         return Mode::Direct;
     }
-    match option_env!("LMTRAIN_CUEMU_DIR") {
+    match lmtrain_cuda_emu::DIR {
         Some(dir) if lmtrain_cuda::kernels_built() => Mode::Emulate(dir),
         _ => Mode::Skip(
             "no CUDA kernels in this build (nvcc not found at build time; see README, CUDA)",
@@ -206,3 +214,46 @@ pub fn assert_close(what: &str, got: &[f32], want: &[f32], tol: f64) {
         "{what}: max-norm relative error {e:.3e} > {tol:.0e}"
     );
 }
+
+/// Storage types under test: conversion from the f32 test data, and the tolerance of results
+/// stored in that type.
+pub trait Elem: KernelDtype + Default {
+    const TOL: f64;
+    fn from_f32(x: f32) -> Self;
+    fn to_f32(self) -> f32;
+}
+impl Elem for f32 {
+    const TOL: f64 = F32_TOL;
+    fn from_f32(x: f32) -> Self {
+        x
+    }
+    fn to_f32(self) -> f32 {
+        self
+    }
+}
+impl Elem for bf16 {
+    const TOL: f64 = BF16_TOL;
+    fn from_f32(x: f32) -> Self {
+        bf16::from_f32(x)
+    }
+    fn to_f32(self) -> f32 {
+        bf16::to_f32(self)
+    }
+}
+
+pub fn store<T: Elem>(x: &[f32]) -> Vec<T> {
+    x.iter().map(|&v| T::from_f32(v)).collect()
+}
+pub fn load<T: Elem>(x: &[T]) -> Vec<f32> {
+    x.iter().map(|&v| v.to_f32()).collect()
+}
+/// The values a T-typed buffer actually holds: the CPU reference starts from the same inputs.
+pub fn quantize<T: Elem>(x: Vec<f32>) -> Vec<f32> {
+    load(&store::<T>(&x))
+}
+
+/// Downloads a device buffer and checks it against the CPU reference `want`.
+pub fn check<T: Elem>(dev: &CudaDevice, what: &str, buf: &CudaSlice<T>, want: &[f32], tol: f64) {
+    assert_close(what, &load(&dev.download(buf).unwrap()), want, tol);
+}
+

@@ -1,0 +1,42 @@
+// Parameter-gradient reductions over rows, deterministic (no float atomics): a fixed split
+// of the rows into segments, each summed in row order by one thread per column, then the
+// segments summed in order.
+//
+//   bias_grad_partial: partials[seg, c] = sum_{r in seg} dout[r, c]   (rows_per_seg rows per seg)
+//   column_sum:        dst[c] += sum_seg partials[seg * stride + c]   (f32; ACCUMULATES)
+// bias_backward = both. Bytes per call: rows*cols*E read + nseg*cols*4 written and read back;
+// FLOPs rows*cols.
+#include "common.cuh"
+
+namespace {
+
+template <class T>
+__device__ void bias_grad_partial(float* __restrict__ partials, const T* __restrict__ dout, int rows, int cols,
+                                  int rows_per_seg) {
+  const int c = blockIdx.y * blockDim.x + threadIdx.x, seg = blockIdx.x;
+  if (c >= cols) return;
+  const int r0 = seg * rows_per_seg, r1 = min(rows, r0 + rows_per_seg);
+  float acc = 0.f;
+  for (int r = r0; r < r1; ++r) acc += lm::to_f32(dout[size_t(r) * cols + c]);
+  partials[size_t(seg) * cols + c] = acc;
+}
+
+}  // namespace
+
+extern "C" __global__ void bias_grad_partial_f32(float* partials, const float* dout, int rows, int cols,
+                                                 int rows_per_seg) {
+  bias_grad_partial(partials, dout, rows, cols, rows_per_seg);
+}
+
+extern "C" __global__ void bias_grad_partial_bf16(float* partials, const lm::bf16* dout, int rows, int cols,
+                                                  int rows_per_seg) {
+  bias_grad_partial(partials, dout, rows, cols, rows_per_seg);
+}
+
+extern "C" __global__ void column_sum_f32(float* dst, const float* partials, int nseg, int stride, int n) {
+  const int c = blockIdx.x * blockDim.x + threadIdx.x;
+  if (c >= n) return;
+  float acc = 0.f;
+  for (int s = 0; s < nseg; ++s) acc += partials[size_t(s) * stride + c];
+  dst[c] += acc;
+}
