@@ -137,16 +137,16 @@ impl AdamScalars {
         if hp.step == 0 {
             return Err(shape(op, "step is 1-based and must be at least 1"));
         }
-        let bc1 = 1.0 - f64::from(hp.beta1).powi(hp.step as i32);
-        let bc2 = 1.0 - f64::from(hp.beta2).powi(hp.step as i32);
+        // the bias corrections every backend shares (torch's, in double precision)
+        let (step_size, bc2_sqrt) = hp.bias_corrections();
         Ok(Self {
             lr: hp.lr,
             beta1: hp.beta1,
             beta2: hp.beta2,
             eps: hp.eps,
             grad_scale: hp.grad_scale,
-            step_size: (f64::from(hp.lr) / bc1) as f32,
-            bc2_sqrt: bc2.sqrt() as f32,
+            step_size,
+            bc2_sqrt,
         })
     }
 

@@ -13,11 +13,8 @@ pub fn adamw_update(params: &mut [f32], grads: &[f32], m: &mut [f32], v: &mut [f
     assert!(hp.step >= 1, "adamw_update: step is 1-based");
     let covered: usize = segments.iter().map(|s| s.len).sum();
     assert_eq!(covered, n, "adamw_update: segments cover {covered} of {n} parameters");
-    // torch computes the bias corrections in double precision (Python floats)
-    let bc1 = 1.0 - (hp.beta1 as f64).powi(hp.step as i32);
-    let bc2 = 1.0 - (hp.beta2 as f64).powi(hp.step as i32);
-    let step_size = (hp.lr as f64 / bc1) as f32;
-    let bc2_sqrt = bc2.sqrt() as f32;
+    // the bias corrections every backend shares (torch's, in double precision)
+    let (step_size, bc2_sqrt) = hp.bias_corrections();
     let k = AdamConsts { b1: hp.beta1, b2: hp.beta2, eps: hp.eps, gs: hp.grad_scale, step_size, bc2_sqrt, decay: 1.0 };
     for seg in segments {
         let r = seg.offset..seg.offset + seg.len;
