@@ -35,7 +35,7 @@ impl Backend for Cpu {
 
     fn alloc(&self, len: usize) -> Result<Vec<f32>> {
         let mut v = Vec::new();
-        v.try_reserve_exact(len).map_err(|_| BackendError(format!("out of memory allocating {} MB", len * 4 >> 20)))?;
+        v.try_reserve_exact(len).map_err(|_| BackendError(format!("out of memory allocating {} MB", len.saturating_mul(4) >> 20)))?;
         v.resize(len, 0.0);
         Ok(v)
     }

@@ -170,10 +170,10 @@ impl BertConfig {
                 let l = base.pp(format!("encoder.layer.{i}"));
                 let s = l.pp("attention.self");
                 let qkv = Linear::stacked(&[s.pp("query"), s.pp("key"), s.pp("value")], h, h, Init::Normal(std));
-                let proj = Linear::linear(&l.pp("attention.output.dense"), h, h, Init::Normal(std), true);
+                let proj = Linear::dense(&l.pp("attention.output.dense"), h, h, Init::Normal(std), true);
                 let ln1 = LayerNorm::new(&l.pp("attention.output.LayerNorm"), h, eps);
-                let fc = Linear::linear(&l.pp("intermediate.dense"), h, self.intermediate_size, Init::Normal(std), true);
-                let out = Linear::linear(&l.pp("output.dense"), self.intermediate_size, h, Init::Normal(std), true);
+                let fc = Linear::dense(&l.pp("intermediate.dense"), h, self.intermediate_size, Init::Normal(std), true);
+                let out = Linear::dense(&l.pp("output.dense"), self.intermediate_size, h, Init::Normal(std), true);
                 let ln2 = LayerNorm::new(&l.pp("output.LayerNorm"), h, eps);
                 let site = 1 + 3 * i as u64;
                 Block {
@@ -224,7 +224,7 @@ impl EncoderConfig for BertConfig {
         let gelu = gelu_of(&self.hidden_act, "hidden_act")?;
         self.declare_encoder("bert", None, |root, mut decoder| {
             let p = root.pp("cls.predictions");
-            let dense = Linear::linear(&p.pp("transform.dense"), h, h, Init::Normal(std), true);
+            let dense = Linear::dense(&p.pp("transform.dense"), h, h, Init::Normal(std), true);
             let ln = LayerNorm::new(&p.pp("transform.LayerNorm"), h, eps);
             decoder.bias = Some(p.bias("bias", decoder.vocab));
             Ok(MlmHead { dense, gelu, ln, decoder })
@@ -304,7 +304,7 @@ impl EncoderConfig for RobertaConfig {
         let (h, eps, std) = (c.hidden_size, c.layer_norm_eps, c.initializer_range);
         c.declare_encoder("roberta", Some(self.pad()), |root, mut decoder| {
             let p = root.pp("lm_head");
-            let dense = Linear::linear(&p.pp("dense"), h, h, Init::Normal(std), true);
+            let dense = Linear::dense(&p.pp("dense"), h, h, Init::Normal(std), true);
             let ln = LayerNorm::new(&p.pp("layer_norm"), h, eps);
             decoder.bias = Some(p.bias("bias", decoder.vocab));
             // RobertaLMHead applies the erf GELU whatever hidden_act says

@@ -147,10 +147,10 @@ impl EncoderConfig for DistilBertConfig {
                 let l = base.pp(format!("transformer.layer.{i}"));
                 let a = l.pp("attention");
                 let qkv = Linear::stacked(&[a.pp("q_lin"), a.pp("k_lin"), a.pp("v_lin")], h, h, std);
-                let proj = Linear::linear(&a.pp("out_lin"), h, h, std, true);
+                let proj = Linear::dense(&a.pp("out_lin"), h, h, std, true);
                 let ln1 = LayerNorm::new(&l.pp("sa_layer_norm"), h, EPS);
-                let fc = Linear::linear(&l.pp("ffn.lin1"), h, self.hidden_dim, std, true);
-                let out = Linear::linear(&l.pp("ffn.lin2"), self.hidden_dim, h, std, true);
+                let fc = Linear::dense(&l.pp("ffn.lin1"), h, self.hidden_dim, std, true);
+                let out = Linear::dense(&l.pp("ffn.lin2"), self.hidden_dim, h, std, true);
                 let ln2 = LayerNorm::new(&l.pp("output_layer_norm"), h, EPS);
                 let site = 1 + 3 * i as u64;
                 Block {
@@ -165,7 +165,7 @@ impl EncoderConfig for DistilBertConfig {
                 }
             })
             .collect();
-        let dense = Linear::linear(&root.pp("vocab_transform"), h, h, std, true);
+        let dense = Linear::dense(&root.pp("vocab_transform"), h, h, std, true);
         let head_ln = LayerNorm::new(&root.pp("vocab_layer_norm"), h, EPS);
         let bias = root.pp("vocab_projector").bias("bias", v);
         let decoder = TiedLmHead { wte: word, bias: Some(bias), vocab: v, c: h };

@@ -38,7 +38,7 @@ impl Linear {
     }
 
     /// An `nn.Linear` layer: `weight [n_out, n_in]` and, with `bias`, `bias [n_out]` under `p`.
-    pub fn linear(p: &ParamBuilder, n_in: usize, n_out: usize, init: Init, bias: bool) -> Self {
+    pub fn dense(p: &ParamBuilder, n_in: usize, n_out: usize, init: Init, bias: bool) -> Self {
         let w = p.weight("weight", &[n_out, n_in], init);
         let b = bias.then(|| p.bias("bias", n_out));
         Linear { w, b, n_in, n_out, layout: Layout::Linear }
