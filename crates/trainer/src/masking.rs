@@ -23,10 +23,7 @@
 //! therefore masks exactly as an uninterrupted one, each step sees fresh masks, and evaluation
 //! masks are the same at every evaluation and in every run with that seed ([`EvalMasks`]).
 
-use lmtrain_backend::mix64;
-
-/// The ignored-label value (PyTorch `CrossEntropyLoss`'s `ignore_index`).
-pub const IGNORE_INDEX: i32 = -100;
+use lmtrain_backend::{IGNORE_INDEX, mix64};
 
 /// How tokens are chosen and replaced.
 #[derive(Clone, Copy, Debug, PartialEq)]
