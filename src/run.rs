@@ -11,11 +11,14 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 use lmtrain_cpu::Cpu;
-use lmtrain_model::LanguageModel;
+use lmtrain_model::bert::{Bert, BertConfig, Roberta, RobertaConfig};
+use lmtrain_model::distilbert::{DistilBert, DistilBertConfig};
 use lmtrain_model::gpt2::{Gpt2, Gpt2Config};
+use lmtrain_model::{LanguageModel, ModelConfig, Objective};
 use lmtrain_store::BlockStore;
 use lmtrain_trainer::checkpoint::{TOKENIZER_FILE, list_checkpoints};
-use lmtrain_trainer::{CausalCollator, Trainer, TrainingArgs};
+use lmtrain_trainer::masking::{MaskVocab, MaskingConfig};
+use lmtrain_trainer::{CausalCollator, Collator, MaskingCollator, Trainer, TrainingArgs};
 
 /// Flags of `train`.
 #[derive(clap::Args, Debug, Clone)]
@@ -38,10 +41,15 @@ pub struct TrainArgs {
     /// Continue from a checkpoint directory (the latest in --output-dir when no DIR is given).
     #[arg(long, num_args = 0..=1, value_name = "DIR")]
     pub resume_from_checkpoint: Option<Option<PathBuf>>,
-    /// Start from a Hugging Face GPT-2 directory (config.json + model.safetensors).
+    /// Start from a Hugging Face directory (config.json + model.safetensors) of any supported
+    /// family; a base-model checkpoint's missing head is initialised fresh.
     #[arg(long, value_name = "DIR")]
     pub init_from: Option<PathBuf>,
-    /// config.json of the model to train from scratch (HF GPT2Config fields).
+    /// The family to train from scratch: gpt2 (causal LM), bert, distilbert or roberta (masked
+    /// LM) [default: gpt2, or the model_type of --model-config].
+    #[arg(long, value_name = "TYPE")]
+    pub model_type: Option<String>,
+    /// config.json of the model to train from scratch (the family's HF config fields).
     #[arg(long, value_name = "FILE")]
     pub model_config: Option<PathBuf>,
     /// From scratch: transformer layers [default: 12].
@@ -56,6 +64,19 @@ pub struct TrainArgs {
     /// From scratch: context length [default: the store's block size].
     #[arg(long)]
     pub n_positions: Option<usize>,
+    /// Masked LM: probability that a token is chosen.
+    #[arg(long, default_value_t = 0.15)]
+    pub mlm_probability: f64,
+    /// Masked LM: fraction of the chosen tokens replaced by the mask token.
+    #[arg(long, default_value_t = 0.8)]
+    pub mask_replace_prob: f64,
+    /// Masked LM: fraction of the chosen tokens replaced by a random token.
+    #[arg(long, default_value_t = 0.1)]
+    pub random_replace_prob: f64,
+    /// Masked LM: choose whole words (every sub-token of a chosen word), from the store's
+    /// word-start flags.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", default_value_t = false, value_name = "BOOL", action = clap::ArgAction::Set)]
+    pub whole_word_masking: bool,
     /// cpu or cuda [default: cpu].
     #[arg(long)]
     pub device: Option<String>,
@@ -102,6 +123,9 @@ fn check_contradictions(a: &TrainArgs, given: &dyn Fn(&str) -> bool) -> anyhow::
         bail!("give either --warmup-steps or --warmup-ratio, not both");
     }
     let scratch_flags = a.model_config.is_some() || a.n_layer.is_some() || a.n_head.is_some() || a.n_embd.is_some() || a.n_positions.is_some();
+    if a.init_from.is_some() && a.model_type.is_some() {
+        bail!("--init-from takes the model type from its config.json; drop --model-type");
+    }
     if a.init_from.is_some() && scratch_flags {
         bail!("--init-from takes the model shape from its config.json; drop --model-config / --n-layer / --n-head / --n-embd / --n-positions");
     }
@@ -138,35 +162,103 @@ pub fn check_device(device: Option<&str>) -> anyhow::Result<()> {
     }
 }
 
-/// The GPT-2 to train from scratch: `--model-config`, else the size flags on top of HF's
-/// GPT2Config defaults, with the vocabulary and special tokens of the store.
-fn scratch_config(a: &TrainArgs, store: &BlockStore) -> anyhow::Result<Gpt2Config> {
+/// A family's config for training from scratch: `--model-config`, else the size flags on top of
+/// Hugging Face's defaults, with the store's vocabulary and special tokens.
+trait ScratchConfig: ModelConfig + Default {
+    /// Applies `--n-layer/--n-head/--n-embd/--n-positions` and the store's facts.
+    fn from_flags(a: &TrainArgs, store: &BlockStore) -> Self;
+}
+
+impl ScratchConfig for Gpt2Config {
+    fn from_flags(a: &TrainArgs, store: &BlockStore) -> Self {
+        let h = store.header();
+        let mut c = Gpt2Config { vocab_size: h.vocab_size as usize, n_positions: a.n_positions.unwrap_or(h.block_size as usize), ..Gpt2Config::default() };
+        c.n_layer = a.n_layer.unwrap_or(c.n_layer);
+        c.n_head = a.n_head.unwrap_or(c.n_head);
+        c.n_embd = a.n_embd.unwrap_or(c.n_embd);
+        if let Some(eos) = h.eos {
+            c.bos_token_id = Some(eos);
+            c.eos_token_id = Some(eos);
+        }
+        c
+    }
+}
+
+/// BERT sizes from the flags (`intermediate_size` 4x the width, as bert-base).
+fn bert_sizes(c: &mut BertConfig, a: &TrainArgs, store: &BlockStore, positions: usize) {
     let h = store.header();
+    c.vocab_size = h.vocab_size as usize;
+    c.max_position_embeddings = a.n_positions.unwrap_or(positions);
+    c.num_hidden_layers = a.n_layer.unwrap_or(c.num_hidden_layers);
+    c.num_attention_heads = a.n_head.unwrap_or(c.num_attention_heads);
+    c.hidden_size = a.n_embd.unwrap_or(c.hidden_size);
+    c.intermediate_size = 4 * c.hidden_size;
+    c.pad_token_id = h.pad.or(c.pad_token_id);
+}
+
+impl ScratchConfig for BertConfig {
+    fn from_flags(a: &TrainArgs, store: &BlockStore) -> Self {
+        let mut c = BertConfig::default();
+        bert_sizes(&mut c, a, store, store.block_size());
+        c
+    }
+}
+
+impl ScratchConfig for RobertaConfig {
+    fn from_flags(a: &TrainArgs, store: &BlockStore) -> Self {
+        let mut c = RobertaConfig::default();
+        let pad = store.header().pad.unwrap_or(1) as usize;
+        // RoBERTa's positions start after the padding index
+        bert_sizes(&mut c.0, a, store, store.block_size() + pad + 1);
+        c
+    }
+}
+
+impl ScratchConfig for DistilBertConfig {
+    fn from_flags(a: &TrainArgs, store: &BlockStore) -> Self {
+        let h = store.header();
+        let mut c = DistilBertConfig { vocab_size: h.vocab_size as usize, ..DistilBertConfig::default() };
+        c.max_position_embeddings = a.n_positions.unwrap_or(store.block_size());
+        c.n_layers = a.n_layer.unwrap_or(c.n_layers);
+        c.n_heads = a.n_head.unwrap_or(c.n_heads);
+        c.dim = a.n_embd.unwrap_or(c.dim);
+        c.hidden_dim = 4 * c.dim;
+        c.pad_token_id = h.pad.or(c.pad_token_id);
+        c
+    }
+}
+
+fn scratch_config<C: ScratchConfig>(a: &TrainArgs, store: &BlockStore) -> anyhow::Result<C> {
     let cfg = match &a.model_config {
         Some(path) => {
             let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-            serde_json::from_str::<Gpt2Config>(&text).with_context(|| format!("{} is not a GPT-2 config.json", path.display()))?
+            serde_json::from_str::<C>(&text).with_context(|| format!("{} is not a config.json of this model type", path.display()))?
         }
-        None => {
-            let mut c = Gpt2Config { vocab_size: h.vocab_size as usize, n_positions: a.n_positions.unwrap_or(h.block_size as usize), ..Gpt2Config::default() };
-            if let Some(v) = a.n_layer {
-                c.n_layer = v;
-            }
-            if let Some(v) = a.n_head {
-                c.n_head = v;
-            }
-            if let Some(v) = a.n_embd {
-                c.n_embd = v;
-            }
-            if let Some(eos) = h.eos {
-                c.bos_token_id = Some(eos);
-                c.eos_token_id = Some(eos);
-            }
-            c
-        }
+        None => C::from_flags(a, store),
     };
     cfg.validate().context("invalid model configuration")?;
     Ok(cfg)
+}
+
+/// The model family of the run: the checkpoint's or `--init-from`'s `model_type`, else
+/// `--model-type`, else `--model-config`'s, else GPT-2.
+fn family(a: &TrainArgs, resume: Option<&Path>) -> anyhow::Result<String> {
+    if let Some(dir) = resume.or(a.init_from.as_deref()) {
+        let found = lmtrain_hf::read_model_type(dir)?;
+        if let Some(t) = a.model_type.as_ref().filter(|t| **t != found) {
+            bail!("--model-type {t} differs from {}'s model_type {found:?}", dir.display());
+        }
+        return Ok(found);
+    }
+    if let Some(t) = &a.model_type {
+        return Ok(t.clone());
+    }
+    if let Some(path) = &a.model_config {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let v: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", path.display()))?;
+        return Ok(v.get("model_type").and_then(|t| t.as_str()).unwrap_or("gpt2").to_string());
+    }
+    Ok("gpt2".into())
 }
 
 /// Finds the checkpoint to resume: the given one, or the newest in the output directory.
@@ -218,21 +310,84 @@ pub fn run(a: TrainArgs, given: &dyn Fn(&str) -> bool) -> anyhow::Result<()> {
     }
 
     let (train, eval, data_tokenizer) = open_data(&data)?;
-    let (model, tokenizer): (Gpt2<Cpu>, Vec<u8>) = if let Some(dir) = &resume {
-        // The model comes from the checkpoint (the same command line with
-        // --resume-from-checkpoint added resumes; its model-shape flags are not used).
-        // The checkpoint's tokenizer must be the data's; Trainer::new checks the fingerprint.
-        let tok = std::fs::read(dir.join(TOKENIZER_FILE)).with_context(|| format!("reading {}/tokenizer.json", dir.display()))?;
-        (lmtrain_hf::load_model(Cpu, dir)?, tok)
-    } else if let Some(dir) = &a.init_from {
-        let model = init_from(dir, args.seed)?;
-        // An HF directory may carry its tokenizer; if it does, the data must match it.
-        let tok = std::fs::read(dir.join(TOKENIZER_FILE)).unwrap_or_else(|_| data_tokenizer.clone());
-        (model, tok)
-    } else {
-        (Gpt2::new(Cpu, scratch_config(&a, &train)?, args.seed)?, data_tokenizer)
+    let family = family(&a, resume.as_deref())?;
+    let run = Run { a: &a, args, train, eval, data_tokenizer, resume: resume.as_deref() };
+    match family.as_str() {
+        "gpt2" => run.go::<Gpt2<Cpu>>(),
+        "bert" => run.go::<Bert<Cpu>>(),
+        "distilbert" => run.go::<DistilBert<Cpu>>(),
+        "roberta" => run.go::<Roberta<Cpu>>(),
+        other => bail!("model type {other:?} is not supported (gpt2, bert, distilbert or roberta)"),
+    }
+}
+
+/// Everything a run needs before the family is known.
+struct Run<'a> {
+    a: &'a TrainArgs,
+    args: TrainingArgs,
+    train: BlockStore,
+    eval: Option<BlockStore>,
+    data_tokenizer: Vec<u8>,
+    resume: Option<&'a Path>,
+}
+
+impl Run<'_> {
+    /// Builds the model of family `M` (from the checkpoint, `--init-from` or scratch) and its
+    /// collator, then trains.
+    fn go<M: LanguageModel<Cpu>>(self) -> anyhow::Result<()>
+    where
+        M::Config: ScratchConfig,
+    {
+        let Run { a, args, train, eval, data_tokenizer, resume } = self;
+        let (model, tokenizer): (M, Vec<u8>) = if let Some(dir) = resume {
+            // The model comes from the checkpoint (the same command line with
+            // --resume-from-checkpoint added resumes; its model-shape flags are not used).
+            // The checkpoint's tokenizer must be the data's; Trainer::new checks the fingerprint.
+            let tok = std::fs::read(dir.join(TOKENIZER_FILE)).with_context(|| format!("reading {}/tokenizer.json", dir.display()))?;
+            (lmtrain_hf::load_model(Cpu, dir)?, tok)
+        } else if let Some(dir) = &a.init_from {
+            let model = init_from(dir, args.seed)?;
+            // An HF directory may carry its tokenizer; if it does, the data must match it.
+            let tok = std::fs::read(dir.join(TOKENIZER_FILE)).unwrap_or_else(|_| data_tokenizer.clone());
+            (model, tok)
+        } else {
+            (M::new(Cpu, scratch_config::<M::Config>(a, &train)?, args.seed)?, data_tokenizer)
+        };
+        let collator: Box<dyn Collator> = match M::OBJECTIVE {
+            Objective::CausalLm => Box::new(CausalCollator),
+            Objective::MaskedLm => Box::new(masking_collator(a, &train, args.seed)?),
+        };
+        train_model(args, model, collator, train, eval, tokenizer, resume, !a.no_progress)
+    }
+}
+
+/// The masking collator of a masked-LM run: the flags' setting, the store's special and mask
+/// tokens.
+fn masking_collator(a: &TrainArgs, store: &BlockStore, seed: u64) -> anyhow::Result<MaskingCollator> {
+    let h = store.header();
+    let sp = h.special_tokens();
+    let Some(mask) = sp.mask else {
+        bail!(
+            "{}: the tokenizer has no mask token ([MASK] or <mask>), which masked-LM training needs; prepare the data with `train prepare --model-type masked` or a tokenizer that has one",
+            store.path().display()
+        );
     };
-    train_model(args, model, train, eval, tokenizer, resume.as_deref(), !a.no_progress)
+    if a.whole_word_masking && !h.has_word_starts {
+        bail!("--whole-word-masking needs the store's word-start flags, and {} has none; re-run `train prepare`", store.path().display());
+    }
+    let config = MaskingConfig {
+        mlm_probability: a.mlm_probability,
+        mask_replace_prob: a.mask_replace_prob,
+        random_replace_prob: a.random_replace_prob,
+        whole_word: a.whole_word_masking,
+    };
+    let (config, warning) = config.hf_effective();
+    if let Some(w) = warning {
+        eprintln!("note: {w}");
+    }
+    let special: Vec<u32> = [sp.eos, sp.bos, sp.pad, sp.unk, sp.cls, sp.sep].into_iter().flatten().collect();
+    let vocab = MaskVocab::new(&special, mask, h.vocab_size)?;
+    Ok(MaskingCollator::new(config, vocab, seed)?)
 }
 
 /// `--init-from DIR`: a Hugging Face model directory, its head initialised fresh when the
@@ -249,9 +404,11 @@ fn init_from<M: LanguageModel<Cpu>>(dir: &Path, seed: u64) -> anyhow::Result<M> 
 }
 
 /// Trains `model` (any family) and reports.
+#[allow(clippy::too_many_arguments)]
 fn train_model<M: LanguageModel<Cpu>>(
     args: TrainingArgs,
     model: M,
+    collator: Box<dyn Collator>,
     train: BlockStore,
     eval: Option<BlockStore>,
     tokenizer: Vec<u8>,
@@ -259,7 +416,7 @@ fn train_model<M: LanguageModel<Cpu>>(
     progress: bool,
 ) -> anyhow::Result<()> {
     let output_dir = args.output_dir.clone();
-    let mut trainer = Trainer::new(args, model, Box::new(CausalCollator), train, eval, tokenizer)?;
+    let mut trainer = Trainer::new(args, model, collator, train, eval, tokenizer)?;
     trainer.set_progress(progress);
     if let Some(dir) = resume {
         trainer.resume_from(dir)?;

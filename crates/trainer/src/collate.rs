@@ -5,6 +5,8 @@
 use lmtrain_model::Input;
 use lmtrain_store::BlockStore;
 
+use crate::masking::{MaskVocab, MaskingConfig, MaskingError, eval_key, mask_rows, train_key};
+
 /// One batch of `b` blocks of `t` tokens, row-major.
 #[derive(Debug, Default, Clone)]
 pub struct Batch {
@@ -52,12 +54,26 @@ impl Batch {
     }
 }
 
+/// Which batch of a run is being made: a collator that draws random numbers (masking) draws
+/// them as a pure function of this, so a resumed run draws what the uninterrupted one would
+/// have, and every evaluation draws the same.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BatchKey {
+    /// Micro-batch `micro` of optimizer step `step` (0-based).
+    Train {
+        /// Optimizer steps taken before this one.
+        step: u64,
+        /// Micro-batch index within the epoch.
+        micro: u64,
+    },
+    /// An evaluation batch (its draws depend on the blocks only).
+    Eval,
+}
+
 /// Makes batches from blocks.
 pub trait Collator: Send + Sync {
-    /// Fills `batch` with the blocks `ids` of `store`. `stream` identifies the batch within the
-    /// run (a pure function of the position in the run), so a collator that draws random numbers
-    /// (masking) draws the same ones after a resume.
-    fn collate(&self, store: &BlockStore, ids: &[usize], stream: u64, batch: &mut Batch);
+    /// Fills `batch` with the blocks `ids` of `store`.
+    fn collate(&self, store: &BlockStore, ids: &[usize], key: BatchKey, batch: &mut Batch);
 }
 
 /// Causal LM: labels are the input ids (the model shifts them by one position inside its loss,
@@ -66,10 +82,52 @@ pub trait Collator: Send + Sync {
 pub struct CausalCollator;
 
 impl Collator for CausalCollator {
-    fn collate(&self, store: &BlockStore, ids: &[usize], _stream: u64, batch: &mut Batch) {
+    fn collate(&self, store: &BlockStore, ids: &[usize], _key: BatchKey, batch: &mut Batch) {
         batch.read_blocks(store, ids);
         batch.labels.clear();
         batch.labels.extend(batch.input_ids.iter().map(|&x| x as i32));
+        batch.attention_mask = None;
+        batch.token_type_ids = None;
+    }
+}
+
+/// Masked LM (Hugging Face `DataCollatorForLanguageModeling(mlm=True)`): fresh masks for every
+/// training batch, fixed masks for evaluation (see [`crate::masking`]); labels only at the
+/// chosen positions.
+pub struct MaskingCollator {
+    config: MaskingConfig,
+    vocab: MaskVocab,
+    seed: u64,
+}
+
+impl MaskingCollator {
+    /// A collator with the run's masking setting, the tokenizer's special and mask ids, and the
+    /// run's seed.
+    pub fn new(config: MaskingConfig, vocab: MaskVocab, seed: u64) -> Result<Self, MaskingError> {
+        config.validate()?;
+        Ok(MaskingCollator { config, vocab, seed })
+    }
+}
+
+impl Collator for MaskingCollator {
+    fn collate(&self, store: &BlockStore, ids: &[usize], key: BatchKey, batch: &mut Batch) {
+        batch.read_blocks(store, ids);
+        let t = batch.t;
+        let word_starts = self.config.whole_word.then(|| {
+            let mut w = vec![false; ids.len() * t];
+            for (row, &id) in ids.iter().enumerate() {
+                store.word_starts(id, &mut w[row * t..(row + 1) * t]);
+            }
+            w
+        });
+        let tokens = std::mem::take(&mut batch.input_ids);
+        batch.input_ids.resize(tokens.len(), 0);
+        batch.labels.resize(tokens.len(), 0);
+        let key_of_row = |r: usize| match key {
+            BatchKey::Train { step, micro } => train_key(self.seed, step, micro, r as u64),
+            BatchKey::Eval => eval_key(self.seed, ids[r] as u64),
+        };
+        mask_rows(&self.config, &self.vocab, t, &tokens, word_starts.as_deref(), None, key_of_row, &mut batch.input_ids, &mut batch.labels);
         batch.attention_mask = None;
         batch.token_type_ids = None;
     }

@@ -27,7 +27,7 @@ use lmtrain_store::BlockStore;
 
 pub use args::{IntervalStrategy, TrainingArgs};
 pub use checkpoint::TrainerState;
-pub use collate::{Batch, CausalCollator, Collator};
+pub use collate::{Batch, BatchKey, CausalCollator, Collator, MaskingCollator};
 pub use trainer::{TrainOutcome, Trainer};
 
 /// Errors of the trainer.
@@ -146,9 +146,8 @@ pub fn evaluate<B: Backend, M: LanguageModel<B>>(
     let mut stats = model.backend().new_stats().map_err(ModelError::from)?;
     let mut b = Batch::default();
     let ids: Vec<usize> = (0..n).collect();
-    for (i, chunk) in ids.chunks(batch.max(1)).enumerate() {
-        // evaluation batches are numbered from the top of the stream space, apart from training's
-        collator.collate(store, chunk, u64::MAX - i as u64, &mut b);
+    for chunk in ids.chunks(batch.max(1)) {
+        collator.collate(store, chunk, collate::BatchKey::Eval, &mut b);
         model.accumulate_loss(&b.input(), &mut stats, b.b as f64)?;
     }
     let sum = model.backend().read_stats(&stats).map_err(ModelError::from)?.loss;

@@ -11,7 +11,7 @@ use lmtrain_store::{BlockStore, EpochOrder};
 use serde_json::json;
 
 use crate::checkpoint::{self, TrainerState};
-use crate::collate::{Batch, Collator};
+use crate::collate::{Batch, BatchKey, Collator};
 use crate::metrics::MetricsLog;
 use crate::{EvalResult, IntervalStrategy, TrainerError, TrainingArgs, check_store_fits, evaluate};
 
@@ -297,7 +297,7 @@ impl<B: Backend, M: LanguageModel<B>> Trainer<B, M> {
             // Dropout masks and collator draws: a pure function of (seed, step, micro-batch), so
             // a resumed run draws exactly what the uninterrupted run would have.
             let stream = step.wrapping_mul(1 << 20) + mi as u64;
-            self.collator.collate(&self.train, &ids, stream, batch);
+            self.collator.collate(&self.train, &ids, BatchKey::Train { step, micro: mi as u64 }, batch);
             self.model.accumulate_gradients(&batch.input(), Some(mix_seed(self.state.seed, stream)), &mut stats)?;
             tokens += batch.tokens() as u64;
         }
