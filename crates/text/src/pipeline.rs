@@ -310,6 +310,8 @@ pub fn prepare_with_progress(
         model_type: opts.model_type,
         special,
         line_by_line: opts.line_by_line,
+        untruncated: truncating.as_ref().map(|_| &tokenizer),
+        block_size: opts.block_size,
     };
     let mut train = SplitWriter::create(&train_path, spec.clone(), opts.max_train_blocks, opts.line_by_line)?;
     let mut val =
@@ -323,8 +325,8 @@ pub fn prepare_with_progress(
                 Some(v) if is_validation_doc(opts.seed, piece.doc, split) => v,
                 _ => &mut train,
             };
-            if let Some((ids, starts)) = enc {
-                target.push_piece(ids, starts, piece.last)?;
+            if let Some((ids, starts, cut)) = enc {
+                target.push_piece(ids, starts, *cut, piece.last)?;
                 tokens_so_far += ids.len() as u64;
             } else {
                 target.skip_piece(piece.last);
@@ -338,8 +340,8 @@ pub fn prepare_with_progress(
         let c = stream_corpus(opts, &val_files, Phase::Validation, progress, &mut |chunk| {
             let encoded = encoder.encode_chunk(&chunk)?;
             for (piece, enc) in chunk.iter().zip(&encoded) {
-                if let Some((ids, starts)) = enc {
-                    v.push_piece(ids, starts, piece.last)?;
+                if let Some((ids, starts, cut)) = enc {
+                    v.push_piece(ids, starts, *cut, piece.last)?;
                     tokens_so_far += ids.len() as u64;
                 } else {
                     v.skip_piece(piece.last);
@@ -621,8 +623,9 @@ fn consume(
     Ok(())
 }
 
-/// A document's token ids and their word-start flags.
-type EncodedDoc = (Vec<u32>, Vec<bool>);
+/// A document's token ids, their word-start flags, and the tokens the tokenizer's own
+/// truncation cut off (line by line, masked).
+type EncodedDoc = (Vec<u32>, Vec<bool>, u64);
 
 /// Turns documents into token ids and word-start flags.
 struct Encoder<'t> {
@@ -633,6 +636,9 @@ struct Encoder<'t> {
     special: SpecialTokens,
     /// Only the first piece of a document is encoded (it is truncated to one block anyway).
     line_by_line: bool,
+    /// When `tokenizer` truncates (line by line, masked): the same without truncation.
+    untruncated: Option<&'t Tokenizer>,
+    block_size: usize,
 }
 
 impl Encoder<'_> {
@@ -660,7 +666,7 @@ impl Encoder<'_> {
                 ids.push(eos());
                 starts.push(true);
             }
-            return Ok((ids, starts));
+            return Ok((ids, starts, 0));
         }
         // Masked LM: the tokenizer's post-processor adds [CLS] ... [SEP] per document (per
         // piece of an over-long one), as Hugging Face's tokenize function does. Causal LM:
@@ -680,7 +686,16 @@ impl Encoder<'_> {
             ids.push(eos());
             starts.push(true);
         }
-        Ok((ids, starts))
+        // Line by line, masked: a sequence that fills its block may have been truncated; the
+        // untruncated length says by how much (a second encode only for those).
+        let cut = match self.untruncated {
+            Some(full) if enc.len() >= self.block_size => {
+                let n = full.encode(doc, add_special).map_err(|e| TextError::Encode(e.to_string()))?.len();
+                n.saturating_sub(enc.len()) as u64
+            }
+            _ => 0,
+        };
+        Ok((ids, starts, cut))
     }
 }
 
@@ -717,7 +732,7 @@ impl SplitWriter {
         }
     }
 
-    fn push_piece(&mut self, ids: &[u32], starts: &[bool], last: bool) -> Result<(), TextError> {
+    fn push_piece(&mut self, ids: &[u32], starts: &[bool], cut: u64, last: bool) -> Result<(), TextError> {
         if self.is_full() {
             return Ok(());
         }
@@ -727,13 +742,13 @@ impl SplitWriter {
             if last {
                 self.summary.documents += 1;
             }
-            self.summary.tokens += ids.len() as u64;
+            self.summary.tokens += ids.len() as u64 + cut;
             if ids.is_empty() {
                 return Ok(());
             }
             let bs = self.grouper.block_size();
             let n = ids.len().min(bs);
-            self.summary.dropped_tokens += (ids.len() - n) as u64;
+            self.summary.dropped_tokens += (ids.len() - n) as u64 + cut;
             self.summary.padding_tokens += (bs - n) as u64;
             self.writer.push_padded_block(&ids[..n], Some(&starts[..n]))?;
             return Ok(());

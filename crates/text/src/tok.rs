@@ -41,41 +41,43 @@ pub const MIN_TRAIN_VOCAB: usize = 300;
 /// published vocabularies; the trainer's memory grows with it).
 pub const MAX_TRAIN_VOCAB: usize = 1 << 20;
 
-/// For tokenizer training, runs of non-whitespace longer than this many bytes are cut into
-/// pieces of this size: BPE training costs grow with the square of a word's length (one
-/// 200 KB "word" took 42 s), and no useful token is that long.
+/// For tokenizer training, runs of whitespace or of non-whitespace longer than this many
+/// bytes are cut into pieces of this size: BPE training costs grow with the square of a
+/// pre-token's length (one 200 KB "word" took 42 s, 640 KB of spaces over 5 minutes), and no
+/// useful token is that long.
 pub const MAX_TRAIN_WORD_BYTES: usize = 256;
 
-/// Cuts `text` for tokenizer training so that no run of non-whitespace is longer than
-/// `max` bytes, pushing the parts (each a separate sequence for the trainer) to `out`.
-/// Cuts fall on character boundaries inside over-long runs only; text without such runs
-/// is pushed whole.
+/// Cuts `text` for tokenizer training so that no run of whitespace or of non-whitespace is
+/// longer than `max` bytes, pushing the parts (each a separate sequence for the trainer) to
+/// `out`. Cuts fall on character boundaries inside over-long runs only; text without such
+/// runs is pushed whole.
 pub fn split_long_words(text: String, max: usize, out: &mut impl Extend<String>) {
     let bytes = text.as_bytes();
     let mut run = 0usize;
+    let mut run_is_space = false;
     let mut cuts = Vec::new();
-    let mut last_cut = 0;
     for (i, &b) in bytes.iter().enumerate() {
-        if b.is_ascii_whitespace() {
-            run = 0;
+        // Count a character once, at its first byte.
+        if b & 0xC0 == 0x80 {
             continue;
         }
-        // Count a character once, at its first byte; cut before a character that would
-        // make the run longer than `max`.
-        if b & 0xC0 != 0x80 {
-            let width = match b {
-                0xF0.. => 4,
-                0xE0.. => 3,
-                0xC0.. => 2,
-                _ => 1,
-            };
-            if run + width > max && i > last_cut {
-                cuts.push(i);
-                last_cut = i;
-                run = 0;
-            }
-            run += width;
+        let space = b.is_ascii_whitespace();
+        if space != run_is_space {
+            run = 0;
+            run_is_space = space;
         }
+        let width = match b {
+            0xF0.. => 4,
+            0xE0.. => 3,
+            0xC0.. => 2,
+            _ => 1,
+        };
+        // Cut before a character that would make the run longer than `max`.
+        if run > 0 && run + width > max {
+            cuts.push(i);
+            run = 0;
+        }
+        run += width;
     }
     if cuts.is_empty() {
         out.extend(std::iter::once(text));
@@ -350,6 +352,12 @@ mod tests {
         split_long_words(text.clone(), 5, &mut out);
         assert_eq!(out.concat(), text);
         assert!(out.iter().all(|p| p.len() <= 5), "{out:?}");
+        out.clear();
+        // Whitespace runs are pre-tokens too.
+        let text = format!("a{}b", " ".repeat(30));
+        split_long_words(text.clone(), 8, &mut out);
+        assert_eq!(out.concat(), text);
+        assert!(out.len() >= 4 && out.iter().all(|p| p.len() <= 9), "{out:?}");
     }
 
     #[test]
