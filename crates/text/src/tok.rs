@@ -162,7 +162,12 @@ pub fn load_tokenizer(path: &Path) -> Result<(Tokenizer, Vec<u8>), TextError> {
         _ => TextError::Io { path: path.to_path_buf(), error: e },
     })?;
     let bad = |msg: String| TextError::BadTokenizer { path: path.to_path_buf(), msg };
-    let mut tok = Tokenizer::from_bytes(&bytes).map_err(|e| bad(e.to_string()))?;
+    // Invalid JSON is reported here: the tokenizers crate's own parsing panics on some of
+    // it (its decoder deserializer calls `expect`).
+    if let Err(e) = serde_json::from_slice::<serde_json::Value>(&bytes) {
+        return Err(bad(e.to_string()));
+    }
+    let mut tok = tokenizer_from_bytes(&bytes).map_err(bad)?;
     tok.with_truncation(None).map_err(|e| bad(e.to_string()))?;
     tok.with_padding(None);
     let vocab = tok.get_vocab_size(true);
@@ -177,6 +182,32 @@ pub fn load_tokenizer(path: &Path) -> Result<(Tokenizer, Vec<u8>), TextError> {
         check_post_processor(pp, &tok).map_err(bad)?;
     }
     Ok((tok, bytes))
+}
+
+/// `Tokenizer::from_bytes`, with a panic inside the tokenizers crate turned into an error.
+///
+/// A last resort, used because that crate's `Deserialize` implementations call `expect` on
+/// sections they cannot read (decoders, normalizers) instead of returning an error, so a
+/// damaged but valid-JSON tokenizer.json can panic. The default panic hook is silenced for
+/// the duration so that the user sees one error line; loading happens before any worker
+/// thread of `prepare` starts, so no other panic message can be lost.
+fn tokenizer_from_bytes(bytes: &[u8]) -> Result<Tokenizer, String> {
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let result = std::panic::catch_unwind(|| Tokenizer::from_bytes(bytes));
+    std::panic::set_hook(hook);
+    match result {
+        Ok(Ok(tok)) => Ok(tok),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(panic) => {
+            let why = panic
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| panic.downcast_ref::<&str>().copied())
+                .unwrap_or("no message");
+            Err(format!("the tokenizers library cannot read it ({why})"))
+        }
+    }
 }
 
 /// Checks that every special token a post-processor adds exists and has ids inside the

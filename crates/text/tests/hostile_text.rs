@@ -362,3 +362,25 @@ fn a_store_and_a_tokenizer_of_another_vocabulary_are_told_apart() {
     let err = check_store_tokenizer(&store, &bert()).unwrap_err().to_string();
     assert!(err.contains("header vocabulary (50257 tokens) differs from") && err.contains("(30522 tokens)"), "{err}");
 }
+
+#[test]
+fn tokenizer_files_the_tokenizers_crate_would_panic_on_are_clean_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = dir.path().join("c.txt");
+    std::fs::write(&corpus, words(3000, 4)).unwrap();
+    let json = String::from_utf8(std::fs::read(gpt2()).unwrap()).unwrap();
+    // A raw control character inside the decoder's JSON (found by tests/fuzz_hostile.rs):
+    // the tokenizers crate's decoder deserializer panics ("Helper") on it.
+    let at = json.find("\"decoder\"").unwrap();
+    let quote = at + json[at..].find(": {").unwrap() + 3;
+    let broken = format!("{}\"x\u{1}\":1,{}", &json[..quote], &json[quote..]);
+    // A Precompiled normalizer whose character map is not base64.
+    let mut value: serde_json::Value = serde_json::from_str(&json).unwrap();
+    value["normalizer"] = serde_json::json!({ "type": "Precompiled", "precompiled_charsmap": "%%% not base64 %%%" });
+    for (k, bytes) in [broken.into_bytes(), serde_json::to_vec(&value).unwrap()].into_iter().enumerate() {
+        let tok = dir.path().join(format!("t{k}.json"));
+        std::fs::write(&tok, bytes).unwrap();
+        let err = prepare(&opts(vec![corpus.clone()], &dir.path().join("out"), tok)).unwrap_err();
+        assert!(matches!(err, TextError::BadTokenizer { .. }), "{err}");
+    }
+}
