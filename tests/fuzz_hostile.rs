@@ -168,7 +168,7 @@ fn pick<'a, T>(rng: &mut Rng64, xs: &'a [T]) -> &'a T {
 }
 
 fn hostile_number(rng: &mut Rng64) -> String {
-    if rng.next_u64() % 4 == 0 {
+    if rng.next_u64().is_multiple_of(4) {
         // A random magnitude, sometimes negative or fractional.
         let v = rng.next_u64() >> (rng.next_u64() % 64);
         match rng.next_u64() % 3 {
@@ -203,10 +203,10 @@ fn case_prepare_flag(rng: &mut Rng64, dir: &Path, data: &Path) -> Vec<String> {
     } else {
         args.extend([flag.into(), hostile_number(rng)]);
     }
-    if rng.next_u64() % 3 == 0 {
+    if rng.next_u64().is_multiple_of(3) {
         args.push("--line-by-line".into());
     }
-    if rng.next_u64() % 3 == 0 {
+    if rng.next_u64().is_multiple_of(3) {
         args.extend(["--model-type".into(), "masked".into()]);
     }
     args
@@ -266,13 +266,13 @@ fn case_corpus(rng: &mut Rng64, dir: &Path, data: &Path) -> Vec<String> {
         "--block-size".into(),
         "4".into(),
     ];
-    if rng.next_u64() % 4 == 0 {
+    if rng.next_u64().is_multiple_of(4) {
         args.push("--skip-invalid".into());
     }
-    if rng.next_u64() % 4 == 0 {
+    if rng.next_u64().is_multiple_of(4) {
         args.push("--paragraphs".into());
     }
-    if rng.next_u64() % 5 == 0 {
+    if rng.next_u64().is_multiple_of(5) {
         args.extend(["--format".into(), pick(rng, &["txt", "jsonl", "csv", "parquet"]).to_string()]);
     }
     args
@@ -306,7 +306,7 @@ fn case_tokenizer(rng: &mut Rng64, dir: &Path, _data: &Path) -> Vec<String> {
         json[key] = hostile_json(rng);
     }
     let mut bytes = serde_json::to_vec(&json).unwrap();
-    if rng.next_u64() % 5 == 0 && !bytes.is_empty() {
+    if rng.next_u64().is_multiple_of(5) && !bytes.is_empty() {
         let at = (rng.next_u64() % bytes.len() as u64) as usize;
         bytes[at] = rng.next_u64() as u8; // and a damaged byte
     }
@@ -317,12 +317,12 @@ fn case_tokenizer(rng: &mut Rng64, dir: &Path, _data: &Path) -> Vec<String> {
     let mut args =
         vec!["prepare".into(), "--quiet".into(), s(&corpus), "-o".into(), s(&dir.join("out")), "--tokenizer".into(), s(&tok)];
     args.extend(["--block-size".into(), "4".into()]);
-    if rng.next_u64() % 2 == 0 {
+    if rng.next_u64().is_multiple_of(2) {
         args.extend(["--model-type".into(), "masked".into()]);
     } else {
         args.extend(["--eos-token".into(), "w0".into()]);
     }
-    if rng.next_u64() % 3 == 0 {
+    if rng.next_u64().is_multiple_of(3) {
         args.push("--line-by-line".into());
     }
     args
@@ -338,7 +338,7 @@ fn case_store(rng: &mut Rng64, dir: &Path, data: &Path) -> Vec<String> {
     let d = dir.join("data");
     std::fs::create_dir_all(&d).unwrap();
     std::fs::copy(data.join("tokenizer.json"), d.join("tokenizer.json")).unwrap();
-    let source = if rng.next_u64() % 4 == 0 { data.join("../padded.bin") } else { data.join("train.bin") };
+    let source = if rng.next_u64().is_multiple_of(4) { data.join("../padded.bin") } else { data.join("train.bin") };
     let mut b = std::fs::read(source).unwrap();
     match rng.next_u64() % 5 {
         0 => {
@@ -361,7 +361,7 @@ fn case_store(rng: &mut Rng64, dir: &Path, data: &Path) -> Vec<String> {
                 _ => rng.next_u64(),
             };
             put(&mut b, at, v, width);
-            if rng.next_u64() % 2 == 0 && b.len() > HEADER_LEN + 2 {
+            if rng.next_u64().is_multiple_of(2) && b.len() > HEADER_LEN + 2 {
                 put(&mut b, HEADER_LEN, rng.next_u64() % 70_000, 2);
                 let crc = crc32(&b[HEADER_LEN..]);
                 put(&mut b, 84, crc as u64, 4);
@@ -386,7 +386,7 @@ const MODEL_FLAGS: [&str; 4] = ["--n-head", "--n-embd", "--n-positions", "--n-la
 
 /// `train` with one hostile numeric flag on a valid store.
 fn case_train_flag(rng: &mut Rng64, dir: &Path, data: &Path) -> Vec<String> {
-    if std::env::var("FUZZ_MODEL_FLAGS").is_ok_and(|v| v == "1") && rng.next_u64() % 3 == 0 {
+    if std::env::var("FUZZ_MODEL_FLAGS").is_ok_and(|v| v == "1") && rng.next_u64().is_multiple_of(3) {
         let flag = *pick(rng, &MODEL_FLAGS);
         let mut args: Vec<String> = vec!["--data".into(), s(data), "--output-dir".into(), s(&dir.join("run"))];
         let mut shape = vec![("--n-layer", "1"), ("--n-head", "1"), ("--n-embd", "8")];

@@ -120,11 +120,11 @@ impl TrainingArgs {
 
     /// Rejects values and combinations HF would reject (or that would silently do nothing).
     ///
-    /// Numeric bounds (each error says the allowed range): `--learning-rate` finite and
-    /// >= 0; `--adam-epsilon` in (0, 1]; `--weight-decay` in [0, 1]; `--max-grad-norm` finite
-    /// and >= 0 (0 = no clipping); `--num-train-epochs` in [0, 1e6]; `--max-steps` and
-    /// `--warmup-steps` at most 1e9; batch sizes and `--gradient-accumulation-steps` 1 to
-    /// 65,536.
+    /// Numeric bounds (each error says the allowed range): `--learning-rate` finite, at
+    /// least 0; `--adam-epsilon` in (0, 1]; `--weight-decay` in [0, 1]; `--max-grad-norm`
+    /// finite, at least 0 (0 = no clipping); `--num-train-epochs` in [0, 1e6];
+    /// `--max-steps` and `--warmup-steps` at most 1e9; batch sizes and
+    /// `--gradient-accumulation-steps` 1 to 65,536.
     pub fn validate(&self) -> Result<(), TrainerError> {
         const MAX_STEPS: u64 = 1_000_000_000;
         const MAX_EPOCHS: f64 = 1e6;
@@ -238,7 +238,8 @@ mod tests {
 
     #[test]
     fn numeric_flags_outside_their_range_are_rejected_with_the_range() {
-        let cases: [(&str, fn(&mut TrainingArgs)); 16] = [
+        type Set = fn(&mut TrainingArgs);
+        let cases: [(&str, Set); 16] = [
             ("--adam-epsilon must be in (0, 1], got -1.0", |a| a.adam_epsilon = -1.0),
             ("--adam-epsilon must be in (0, 1], got inf", |a| a.adam_epsilon = f32::INFINITY),
             ("--adam-epsilon must be in (0, 1], got 0.0", |a| a.adam_epsilon = 0.0),
