@@ -6,6 +6,13 @@
 //! temporary name and renames it into place only when complete; [`BlockStore`] reads it
 //! zero-copy through a memory map without ever pulling the file into RAM; and
 //! [`EpochOrder`] gives a seeded, resumable shuffled order of blocks.
+//!
+//! [`BlockStore::open`] checks the whole file (header limits with checked arithmetic, file
+//! length, payload checksum, every token id below the header's vocabulary), so ids read from
+//! an opened store are trustworthy; a caller compares the vocabulary with its model's once
+//! ([`BlockStore::check_vocab`]). Padded stores (`train prepare --line-by-line`, format
+//! version 2) record each block's real length ([`BlockStore::block_len`],
+//! [`BlockStore::attention_mask`]); see [`format`](mod@format) for the layout.
 
 mod epoch;
 pub mod format;
