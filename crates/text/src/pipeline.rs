@@ -227,6 +227,12 @@ pub fn prepare_with_progress(
     let split = if val_files.is_empty() { opts.validation_split } else { 0.0 };
     let has_validation = !val_files.is_empty() || split > 0.0;
 
+    if opts.output_dir.exists() && !opts.output_dir.is_dir() {
+        return Err(TextError::BadFlag(format!(
+            "--output-dir {}: exists and is not a directory",
+            opts.output_dir.display()
+        )));
+    }
     std::fs::create_dir_all(&opts.output_dir).map_err(TextError::io(&opts.output_dir))?;
     let train_path = opts.output_dir.join("train.bin");
     let val_path = opts.output_dir.join("validation.bin");

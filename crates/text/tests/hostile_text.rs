@@ -227,9 +227,11 @@ fn flags_outside_their_range_are_refused_before_reading() {
     let mut o = PrepareOptions::new(vec![corpus.clone()], &out);
     o.vocab_size = 1 << 31;
     assert!(prepare(&o).unwrap_err().to_string().contains("--vocab-size 2147483648 is too large to train: allowed 300 to 1048576"));
-    let mut o = opts(vec![corpus], &out, gpt2());
+    let mut o = opts(vec![corpus.clone()], &out, gpt2());
     o.max_train_blocks = Some(0);
     assert!(prepare(&o).unwrap_err().to_string().contains("--max-train-blocks must be at least 1"));
+    let err = prepare(&opts(vec![corpus.clone()], &corpus, gpt2())).unwrap_err().to_string();
+    assert!(err.contains("never-read.txt: exists and is not a directory"), "{err}");
 }
 
 #[test]
