@@ -27,6 +27,16 @@ appended after every document, then the documents are concatenated and cut into
 blocks. Masked LM (--model-type masked): each document is wrapped in [CLS] ... [SEP] by
 the tokenizer. The last incomplete block is dropped.
 
+--line-by-line (Hugging Face run_mlm.py's option): every document (every non-blank line of
+a .txt file) is one sequence of its own, truncated to --block-size and padded, with its
+length stored so that training masks the padding (a version 2 store).
+
+Limits: documents longer than 1 MiB are cut into pieces (counted in the summary); a JSON
+Lines line or CSV record may be at most 64 MiB; ZIP (.docx, .xlsx, .epub), PDF and other
+binary files and devices are refused; JSON Lines / CSV / Parquet records whose text is null
+or blank are skipped and counted. Temporary files left by a killed earlier run in
+OUTPUT_DIR are removed.
+
 Example:
   train prepare corpus.txt.gz --tokenizer gpt2.tokenizer.json \\
       --validation-split 0.05 --output-dir data/kjv";
@@ -48,7 +58,7 @@ pub struct PrepareArgs {
     #[arg(long, value_name = "PATH")]
     tokenizer: Option<PathBuf>,
 
-    /// Vocabulary size of a trained tokenizer (ignored with --tokenizer).
+    /// Vocabulary size of a trained tokenizer, 300 to 1048576 (ignored with --tokenizer).
     #[arg(long, default_value_t = 8192, value_name = "N")]
     vocab_size: usize,
 
@@ -56,9 +66,14 @@ pub struct PrepareArgs {
     #[arg(long, value_enum, default_value_t = ModelKind::Causal)]
     model_type: ModelKind,
 
-    /// Tokens per block; the remainder at the end is dropped.
+    /// Tokens per block, 1 to 1048576; the remainder at the end is dropped.
     #[arg(long, default_value_t = 128, value_name = "N")]
     block_size: usize,
+
+    /// One sequence per document (per non-blank line of a .txt file), truncated to the
+    /// block size and padded, instead of concatenating documents and cutting blocks.
+    #[arg(long)]
+    line_by_line: bool,
 
     /// Separate validation corpus (repeatable); same formats as INPUT.
     #[arg(long, value_name = "PATH", conflicts_with = "validation_split")]
@@ -156,6 +171,7 @@ pub fn run(args: PrepareArgs) -> anyhow::Result<()> {
     opts.max_train_blocks = args.max_train_blocks;
     opts.overwrite = args.overwrite;
     opts.eos_token = args.eos_token;
+    opts.line_by_line = args.line_by_line;
 
     let bar = if args.quiet { ProgressBar::hidden() } else { ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr()) };
     bar.set_style(
@@ -184,8 +200,9 @@ pub fn run(args: PrepareArgs) -> anyhow::Result<()> {
 
 fn print_summary(s: &PrepareSummary) {
     let line = |name: &str, x: &lmtrain_text::SplitSummary| {
+        let padding = if x.padding_tokens > 0 { format!(", {} padding", x.padding_tokens) } else { String::new() };
         println!(
-            "{name:<10} {:>10} documents {:>12} tokens {:>9} blocks ({} tokens dropped) -> {}",
+            "{name:<10} {:>10} documents {:>12} tokens {:>9} blocks ({} tokens dropped{padding}) -> {}",
             x.documents,
             x.tokens,
             x.blocks,
@@ -199,6 +216,20 @@ fn print_summary(s: &PrepareSummary) {
     }
     if s.skipped_invalid > 0 {
         println!("skipped    {} documents with invalid UTF-8", s.skipped_invalid);
+    }
+    if s.skipped_empty > 0 {
+        println!("skipped    {} records whose text is null or blank", s.skipped_empty);
+    }
+    if s.split_documents > 0 {
+        println!(
+            "split      {} documents longer than {} bytes into {} pieces",
+            s.split_documents,
+            lmtrain_text::MAX_PIECE_BYTES,
+            s.split_pieces
+        );
+    }
+    if !s.removed_temp_files.is_empty() {
+        println!("removed    {} stale temporary files of an interrupted earlier run", s.removed_temp_files.len());
     }
     let how = if s.tokenizer_trained { format!("trained in {:.1} s", s.tokenizer_seconds) } else { "copied".into() };
     println!(

@@ -6,6 +6,13 @@
 //! temporary name and renames it into place only when complete; [`BlockStore`] reads it
 //! zero-copy through a memory map without ever pulling the file into RAM; and
 //! [`EpochOrder`] gives a seeded, resumable shuffled order of blocks.
+//!
+//! [`BlockStore::open`] checks the whole file (header limits with checked arithmetic, file
+//! length, payload checksum, every token id below the header's vocabulary), so ids read from
+//! an opened store are trustworthy; a caller compares the vocabulary with its model's once
+//! ([`BlockStore::check_vocab`]). Padded stores (`train prepare --line-by-line`, format
+//! version 2) record each block's real length ([`BlockStore::block_len`],
+//! [`BlockStore::attention_mask`]); see [`format`](mod@format) for the layout.
 
 mod epoch;
 pub mod format;
@@ -15,20 +22,29 @@ mod writer;
 use std::path::PathBuf;
 
 pub use epoch::EpochOrder;
-pub use format::{HEADER_LEN, Header, MAGIC, SpecialTokens, TokenDtype, VERSION};
+pub use format::{
+    HEADER_LEN, Header, MAGIC, MAX_BLOCK_SIZE, MAX_BLOCKS, MAX_VOCAB_SIZE, MIN_VERSION, SpecialTokens, TokenDtype, VERSION,
+};
 pub use reader::BlockStore;
-pub use writer::{BlockWriter, FinishedStore, StoreSpec};
+pub use writer::{BlockWriter, FinishedStore, StoreSpec, remove_stale_temp_files};
 
 /// Everything that can go wrong writing or reading a store.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    /// An operating-system error on a store file.
-    #[error("{}: {source}", path.display())]
+    /// An operating-system error on a store file. (The error is printed in the message and
+    /// deliberately not chained as a `source`, so `{:#}` chains print it once.)
+    #[error("{}: {error}", path.display())]
     Io {
         /// The file involved.
         path: PathBuf,
         /// The underlying error.
-        source: std::io::Error,
+        error: std::io::Error,
+    },
+    /// The path is a directory or a device, not a store file.
+    #[error("{}: not a block store file (it is a directory or a device)", path.display())]
+    NotAFile {
+        /// The path.
+        path: PathBuf,
     },
     /// The file does not start with [`MAGIC`].
     #[error("{}: not an lmtrain block store (bad magic bytes)", path.display())]
@@ -38,7 +54,7 @@ pub enum StoreError {
     },
     /// The file was written by a different version of the format.
     #[error(
-        "{}: block store format version {found}, this build reads version {supported}; re-run `train prepare`",
+        "{}: block store format version {found}, this build reads versions 1 to {supported}; re-run `train prepare`",
         path.display()
     )]
     UnsupportedVersion {
@@ -83,6 +99,47 @@ pub enum StoreError {
         /// Checksum of the data.
         computed: u32,
     },
+    /// A token id in the payload is not below the header's vocabulary.
+    #[error(
+        "{}: token id {id} in block {block} is outside the store's vocabulary of {vocab_size} tokens (damaged file); re-run `train prepare`",
+        path.display()
+    )]
+    PayloadTokenOutOfRange {
+        /// The file involved.
+        path: PathBuf,
+        /// The first offending id.
+        id: u32,
+        /// Its block.
+        block: u64,
+        /// The header's vocabulary size.
+        vocab_size: u32,
+    },
+    /// The store's ids do not fit the vocabulary of the model that reads it.
+    #[error(
+        "{}: holds token ids up to {max_id} (store vocabulary {store_vocab}) but the model's vocabulary has {vocab_size} tokens; re-run `train prepare` with the model's tokenizer",
+        path.display()
+    )]
+    VocabMismatch {
+        /// The file involved.
+        path: PathBuf,
+        /// Largest id in the store.
+        max_id: u32,
+        /// Vocabulary in the store's header.
+        store_vocab: u32,
+        /// The model's vocabulary.
+        vocab_size: usize,
+    },
+    /// A store would hold more blocks than the format allows.
+    #[error("{}: more than {max} blocks; use a larger block size or --max-train-blocks", path.display())]
+    TooManyBlocks {
+        /// The file being written.
+        path: PathBuf,
+        /// [`format::MAX_BLOCKS`].
+        max: u64,
+    },
+    /// A [`StoreSpec`] outside the format's limits.
+    #[error("cannot write a block store: {0}")]
+    BadSpec(String),
     /// A block of the wrong length was written.
     #[error("block of {got} tokens written to a store with block size {expected}")]
     BlockLength {
@@ -110,6 +167,6 @@ pub enum StoreError {
 impl StoreError {
     pub(crate) fn io(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> StoreError {
         let path = path.into();
-        move |source| StoreError::Io { path, source }
+        move |error| StoreError::Io { path, error }
     }
 }

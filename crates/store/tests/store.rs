@@ -157,10 +157,10 @@ fn truncated_payload_is_rejected() {
 fn wrong_version_is_rejected() {
     let dir = tempfile::tempdir().unwrap();
     let (path, mut bytes) = valid_store(dir.path());
-    bytes[8..12].copy_from_slice(&2u32.to_le_bytes());
+    bytes[8..12].copy_from_slice(&3u32.to_le_bytes());
     std::fs::write(&path, &bytes).unwrap();
     let err = BlockStore::open(&path).err().expect("wrong version must be rejected");
-    assert!(matches!(err, StoreError::UnsupportedVersion { found: 2, supported: 1, .. }), "{err}");
+    assert!(matches!(err, StoreError::UnsupportedVersion { found: 3, supported: 2, .. }), "{err}");
 }
 
 #[test]
@@ -170,12 +170,15 @@ fn flipped_payload_bit_fails_verify() {
     let last = bytes.len() - 1; // in the word-start bits: the checksum covers them too
     bytes[last] ^= 1;
     std::fs::write(&path, &bytes).unwrap();
-    let store = BlockStore::open(&path).unwrap();
+    let store = BlockStore::open_unverified(&path).unwrap();
     assert!(matches!(store.verify(), Err(StoreError::ChecksumMismatch { .. })));
+    // `open` checks the payload itself.
+    assert!(matches!(BlockStore::open(&path), Err(StoreError::ChecksumMismatch { .. })));
     bytes[last] ^= 1;
     bytes[200] ^= 1; // in the tokens
     std::fs::write(&path, &bytes).unwrap();
-    assert!(matches!(BlockStore::open(&path).unwrap().verify(), Err(StoreError::ChecksumMismatch { .. })));
+    assert!(matches!(BlockStore::open_unverified(&path).unwrap().verify(), Err(StoreError::ChecksumMismatch { .. })));
+    assert!(matches!(BlockStore::open(&path), Err(StoreError::ChecksumMismatch { .. })));
 }
 
 #[test]

@@ -52,14 +52,38 @@ pub enum TextError {
         /// Whether the offset counts decompressed bytes.
         decompressed: bool,
     },
-    /// An operating-system error.
-    #[error("{}: {source}", path.display())]
+    /// An operating-system error. (Printed in the message and deliberately not chained as
+    /// a `source`, so that `{:#}` prints it once.)
+    #[error("{}: {error}", path.display())]
     Io {
         /// The file.
         path: PathBuf,
         /// The error.
-        source: std::io::Error,
+        error: std::io::Error,
     },
+    /// An input is not a text corpus (an archive, a PDF, binary data, a device).
+    #[error("{}: {what}", path.display())]
+    NotText {
+        /// The file.
+        path: PathBuf,
+        /// What it is and what to do.
+        what: String,
+    },
+    /// A line (JSON Lines) or record (CSV) is longer than the reader accepts.
+    #[error("{}:{line}: {kind} longer than {limit} bytes; split the file or use .txt, whose long lines are cut into pieces", path.display())]
+    TooLong {
+        /// The file.
+        path: PathBuf,
+        /// 1-based line (JSON Lines) or record (CSV) number.
+        line: u64,
+        /// "line" or "record".
+        kind: &'static str,
+        /// The limit in bytes.
+        limit: usize,
+    },
+    /// A flag value outside its allowed range.
+    #[error("{0}")]
+    BadFlag(String),
     /// A line of a JSON Lines file is not a JSON object.
     #[error("{}:{line}: not a JSON object: {msg}", path.display())]
     Json {
@@ -90,7 +114,7 @@ pub enum TextError {
         /// The columns the file has.
         available: String,
     },
-    /// A CSV file could not be parsed.
+    /// A CSV file could not be parsed (`msg` without the csv crate's own "CSV error: " prefix).
     #[error("{}: CSV error: {msg}", path.display())]
     Csv {
         /// The file.
@@ -134,6 +158,12 @@ pub enum TextError {
     /// A block size of zero.
     #[error("--block-size must be at least 1")]
     ZeroBlockSize,
+    /// `--line-by-line` needs a padding token.
+    #[error("--line-by-line pads every line to the block size and needs a padding token; the tokenizer has none ([PAD], <pad>, <|pad|>){}", if *.causal { " and no end-of-text token to pad with" } else { "" })]
+    NoPadToken {
+        /// Whether the end-of-text fallback was also missing (causal).
+        causal: bool,
+    },
     /// A validation split outside [0, 1).
     #[error("--validation-split must be in [0, 1), got {0}")]
     BadSplit(f64),
@@ -164,6 +194,13 @@ pub enum TextError {
 impl TextError {
     pub(crate) fn io(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> TextError {
         let path = path.into();
-        move |source| TextError::Io { path, source }
+        move |error| TextError::Io { path, error }
+    }
+
+    /// A CSV error, with its message once.
+    pub(crate) fn csv(path: &std::path::Path, e: &csv::Error) -> TextError {
+        let msg = e.to_string();
+        let msg = msg.strip_prefix("CSV error: ").unwrap_or(&msg).to_string();
+        TextError::Csv { path: path.to_path_buf(), msg }
     }
 }

@@ -45,6 +45,11 @@ impl Grouper {
         Ok(())
     }
 
+    /// Tokens per block.
+    pub fn block_size(&self) -> usize {
+        self.block_size
+    }
+
     /// Tokens pushed so far.
     pub fn tokens_pushed(&self) -> u64 {
         self.pushed

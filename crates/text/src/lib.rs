@@ -13,8 +13,11 @@ pub mod group;
 pub mod pipeline;
 pub mod tok;
 
-pub use corpus::{CorpusFormat, ReadOptions, TxtDocuments};
+pub use corpus::{CorpusFormat, MAX_PIECE_BYTES, MAX_RECORD_BYTES, ReadOptions, TxtDocuments};
 pub use error::TextError;
 pub use group::Grouper;
-pub use pipeline::{Phase, PrepareOptions, PrepareSummary, Progress, SplitSummary, is_validation_doc, prepare, prepare_with_progress};
-pub use tok::{ModelType, tokenizer_fingerprint};
+pub use pipeline::{
+    Phase, PrepareOptions, PrepareSummary, Progress, SplitSummary, check_store_tokenizer, is_validation_doc, prepare,
+    prepare_with_progress,
+};
+pub use tok::{MAX_TRAIN_VOCAB, MAX_TRAIN_WORD_BYTES, MIN_TRAIN_VOCAB, ModelType, tokenizer_fingerprint};

@@ -11,14 +11,17 @@ use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, sync_channel};
 use std::time::Instant;
 
-use lmtrain_store::{BlockStore, BlockWriter, FinishedStore, SpecialTokens, StoreSpec};
+use lmtrain_store::{BlockStore, BlockWriter, FinishedStore, MAX_BLOCK_SIZE, SpecialTokens, StoreSpec};
 use rayon::prelude::*;
 use tokenizers::Tokenizer;
 
-use crate::corpus::{CorpusFile, Documents, ReadOptions, resolve_inputs};
+use crate::corpus::{CorpusFile, Documents, Piece, ReadCounts, ReadOptions, resolve_inputs};
 use crate::fastbpe::FastByteLevelBpe;
 use crate::group::{Grouper, word_starts_from_ids};
-use crate::tok::{ModelType, find_special_tokens, load_tokenizer, tokenizer_fingerprint, train_tokenizer};
+use crate::tok::{
+    MAX_TRAIN_WORD_BYTES, ModelType, find_special_tokens, load_tokenizer, split_long_words, tokenizer_fingerprint,
+    train_tokenizer,
+};
 use crate::TextError;
 
 /// Everything `prepare` needs. Build with [`PrepareOptions::new`] and adjust the fields.
@@ -54,6 +57,10 @@ pub struct PrepareOptions {
     pub eos_token: Option<String>,
     /// Text per chunk handed to the tokenizer.
     pub chunk_bytes: usize,
+    /// One sequence per document (Hugging Face `run_mlm.py --line_by_line`): each document
+    /// becomes one block, truncated to the block size and padded, with its length stored
+    /// (a padded, version 2 store) instead of being concatenated and cut.
+    pub line_by_line: bool,
 }
 
 impl PrepareOptions {
@@ -75,6 +82,7 @@ impl PrepareOptions {
             overwrite: false,
             eos_token: None,
             chunk_bytes: 1 << 20,
+            line_by_line: false,
         }
     }
 }
@@ -88,8 +96,11 @@ pub struct SplitSummary {
     pub tokens: u64,
     /// Blocks written.
     pub blocks: u64,
-    /// Tokens not written: the incomplete last block, or everything after `max_train_blocks`.
+    /// Tokens not written: the incomplete last block, or everything after `max_train_blocks`
+    /// (line by line: the tokens cut off by truncation).
     pub dropped_tokens: u64,
+    /// Pad tokens written (line by line only).
+    pub padding_tokens: u64,
     /// The store file.
     pub path: PathBuf,
 }
@@ -103,6 +114,15 @@ pub struct PrepareSummary {
     pub validation: Option<SplitSummary>,
     /// Documents skipped for invalid UTF-8 (`--skip-invalid`).
     pub skipped_invalid: u64,
+    /// JSON Lines / CSV / Parquet records skipped because their text is null or blank.
+    pub skipped_empty: u64,
+    /// Documents longer than [`MAX_PIECE_BYTES`](crate::corpus::MAX_PIECE_BYTES) that were cut
+    /// into pieces, and how many pieces they made.
+    pub split_documents: u64,
+    /// Pieces of the split documents.
+    pub split_pieces: u64,
+    /// Stale temporary files of killed earlier runs removed from the output directory.
+    pub removed_temp_files: Vec<PathBuf>,
     /// Where the tokenizer was saved.
     pub tokenizer_path: PathBuf,
     /// Whether the tokenizer was trained here (rather than loaded).
@@ -179,6 +199,24 @@ pub fn prepare_with_progress(
     if opts.block_size == 0 {
         return Err(TextError::ZeroBlockSize);
     }
+    if opts.block_size > MAX_BLOCK_SIZE as usize {
+        return Err(TextError::BadFlag(format!(
+            "--block-size {} is too large: allowed 1 to {MAX_BLOCK_SIZE} tokens",
+            opts.block_size
+        )));
+    }
+    if opts.max_train_blocks == Some(0) {
+        return Err(TextError::BadFlag("--max-train-blocks must be at least 1".into()));
+    }
+    if opts.tokenizer.is_none() && opts.vocab_size > crate::tok::MAX_TRAIN_VOCAB {
+        // Checked again by the trainer; failing here is before any reading.
+        return Err(TextError::BadFlag(format!(
+            "--vocab-size {} is too large to train: allowed {} to {}",
+            opts.vocab_size,
+            crate::tok::MIN_TRAIN_VOCAB,
+            crate::tok::MAX_TRAIN_VOCAB
+        )));
+    }
     if !(0.0..1.0).contains(&opts.validation_split) {
         return Err(TextError::BadSplit(opts.validation_split));
     }
@@ -189,10 +227,22 @@ pub fn prepare_with_progress(
     let split = if val_files.is_empty() { opts.validation_split } else { 0.0 };
     let has_validation = !val_files.is_empty() || split > 0.0;
 
+    if opts.output_dir.exists() && !opts.output_dir.is_dir() {
+        return Err(TextError::BadFlag(format!(
+            "--output-dir {}: exists and is not a directory",
+            opts.output_dir.display()
+        )));
+    }
     std::fs::create_dir_all(&opts.output_dir).map_err(TextError::io(&opts.output_dir))?;
     let train_path = opts.output_dir.join("train.bin");
     let val_path = opts.output_dir.join("validation.bin");
     let tok_path = opts.output_dir.join("tokenizer.json");
+    // Temporary files of an earlier run that was killed: ours by name, and their writer is gone.
+    let mut removed_temp_files = Vec::new();
+    for path in [&train_path, &val_path] {
+        removed_temp_files.extend(lmtrain_store::remove_stale_temp_files(path)?);
+    }
+    removed_temp_files.extend(remove_stale_tokenizer_temps(&tok_path)?);
     let existing = |fp: Option<u64>| -> Result<(), TextError> {
         if opts.overwrite {
             return Ok(());
@@ -228,6 +278,13 @@ pub fn prepare_with_progress(
     if opts.model_type == ModelType::Causal && special.eos.is_none() {
         return Err(TextError::NoEos { looked_for: "<|endoftext|>, </s>, <eos>, [EOS]".into() });
     }
+    if opts.line_by_line && special.pad.is_none() {
+        // Causal tokenizers (GPT-2) have no pad token; the usual choice is end-of-text.
+        match (opts.model_type, special.eos) {
+            (ModelType::Causal, Some(eos)) => special.pad = Some(eos),
+            _ => return Err(TextError::NoPadToken { causal: opts.model_type == ModelType::Causal }),
+        }
+    }
     let vocab_size = tokenizer.get_vocab_size(true) as u32;
     let spec = StoreSpec {
         block_size: opts.block_size as u32,
@@ -242,33 +299,66 @@ pub fn prepare_with_progress(
         ModelType::Causal => FastByteLevelBpe::new(&tokenizer),
         ModelType::Masked => None,
     };
-    let encoder = Encoder { tokenizer: &tokenizer, fast, model_type: opts.model_type, special };
-    let mut train = SplitWriter::create(&train_path, spec.clone(), opts.max_train_blocks)?;
-    let mut val = if has_validation { Some(SplitWriter::create(&val_path, spec.clone(), None)?) } else { None };
+    // Line by line, masked: the tokenizer truncates (keeping [CLS] ... [SEP]), as
+    // `run_mlm.py`'s `tokenizer(..., truncation=True, max_length=block_size)` does.
+    let truncating = match (opts.line_by_line, opts.model_type) {
+        (true, ModelType::Masked) => {
+            let mut t = tokenizer.clone();
+            t.with_truncation(Some(tokenizers::TruncationParams { max_length: opts.block_size, ..Default::default() }))
+                .map_err(|e| TextError::Encode(e.to_string()))?;
+            Some(t)
+        }
+        _ => None,
+    };
+    let encoder = Encoder {
+        tokenizer: truncating.as_ref().unwrap_or(&tokenizer),
+        fast,
+        model_type: opts.model_type,
+        special,
+        line_by_line: opts.line_by_line,
+        untruncated: truncating.as_ref().map(|_| &tokenizer),
+        block_size: opts.block_size,
+    };
+    let mut train = SplitWriter::create(&train_path, spec.clone(), opts.max_train_blocks, opts.line_by_line)?;
+    let mut val =
+        if has_validation { Some(SplitWriter::create(&val_path, spec.clone(), None, opts.line_by_line)?) } else { None };
     let mut tokens_so_far = 0u64;
 
-    let mut skipped_invalid = stream_corpus(opts, &train_files, Phase::Train, progress, &mut |chunk, first_index| {
+    let mut counts = stream_corpus(opts, &train_files, Phase::Train, progress, &mut |chunk| {
         let encoded = encoder.encode_chunk(&chunk)?;
-        for (k, (ids, starts)) in encoded.iter().enumerate() {
+        for (piece, enc) in chunk.iter().zip(&encoded) {
             let target = match &mut val {
-                Some(v) if is_validation_doc(opts.seed, first_index + k as u64, split) => v,
+                Some(v) if is_validation_doc(opts.seed, piece.doc, split) => v,
                 _ => &mut train,
             };
-            target.push_doc(ids, starts)?;
-            tokens_so_far += ids.len() as u64;
+            if let Some((ids, starts, cut)) = enc {
+                target.push_piece(ids, starts, *cut, piece.last)?;
+                tokens_so_far += ids.len() as u64;
+            } else {
+                target.skip_piece(piece.last);
+            }
         }
         Ok((tokens_so_far, !train.is_full()))
     })?;
     if let Some(v) = &mut val
         && !val_files.is_empty()
     {
-        skipped_invalid += stream_corpus(opts, &val_files, Phase::Validation, progress, &mut |chunk, _| {
-            for (ids, starts) in encoder.encode_chunk(&chunk)? {
-                v.push_doc(&ids, &starts)?;
-                tokens_so_far += ids.len() as u64;
+        let c = stream_corpus(opts, &val_files, Phase::Validation, progress, &mut |chunk| {
+            let encoded = encoder.encode_chunk(&chunk)?;
+            for (piece, enc) in chunk.iter().zip(&encoded) {
+                if let Some((ids, starts, cut)) = enc {
+                    v.push_piece(ids, starts, *cut, piece.last)?;
+                    tokens_so_far += ids.len() as u64;
+                } else {
+                    v.skip_piece(piece.last);
+                }
             }
             Ok((tokens_so_far, true))
         })?;
+        counts.skipped_invalid += c.skipped_invalid;
+        counts.skipped_empty += c.skipped_empty;
+        counts.split_documents += c.split_documents;
+        counts.split_pieces += c.split_pieces;
     }
 
     let describe = |files: &[CorpusFile]| -> String {
@@ -309,7 +399,11 @@ pub fn prepare_with_progress(
     Ok(PrepareSummary {
         train: train_summary,
         validation,
-        skipped_invalid,
+        skipped_invalid: counts.skipped_invalid,
+        skipped_empty: counts.skipped_empty,
+        split_documents: counts.split_documents,
+        split_pieces: counts.split_pieces,
+        removed_temp_files,
         tokenizer_path: tok_path,
         tokenizer_trained: trained,
         vocab_size,
@@ -326,7 +420,8 @@ fn check_existing_store(path: &Path, block_size: usize, fingerprint: Option<u64>
         return Ok(());
     }
     let incompatible = |reason: String| TextError::IncompatibleStore { path: path.to_path_buf(), reason };
-    let store = BlockStore::open(path)
+    // Only the header matters here (the file is about to be replaced).
+    let store = BlockStore::open_unverified(path)
         .map_err(|e| incompatible(format!("exists and is not a readable lmtrain block store ({e})")))?;
     let h = store.header();
     if h.block_size as usize != block_size {
@@ -339,6 +434,64 @@ fn check_existing_store(path: &Path, block_size: usize, fingerprint: Option<u64>
         && h.tokenizer_fingerprint != fp
     {
         return Err(incompatible("holds a store made with a different tokenizer".into()));
+    }
+    Ok(())
+}
+
+/// Removes `.tokenizer.json.<pid>.tmp` files (the naming of [`write_atomically`]) whose
+/// process is gone (see [`lmtrain_store::remove_stale_temp_files`] for the rule).
+fn remove_stale_tokenizer_temps(path: &Path) -> Result<Vec<PathBuf>, TextError> {
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name().map(|n| n.to_string_lossy().into_owned())) else {
+        return Ok(Vec::new());
+    };
+    if !Path::new("/proc/self").exists() {
+        return Ok(Vec::new());
+    }
+    let Ok(entries) = std::fs::read_dir(dir) else { return Ok(Vec::new()) };
+    let mut removed = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(TextError::io(dir))?;
+        let file = entry.file_name().to_string_lossy().into_owned();
+        let pid = file
+            .strip_prefix('.')
+            .and_then(|r| r.strip_prefix(name.as_str()))
+            .and_then(|r| r.strip_prefix('.'))
+            .and_then(|r| r.strip_suffix(".tmp"))
+            .filter(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()));
+        let Some(pid) = pid else { continue };
+        if Path::new("/proc").join(pid).exists() || !entry.file_type().is_ok_and(|t| t.is_file()) {
+            continue;
+        }
+        let p = entry.path();
+        std::fs::remove_file(&p).map_err(TextError::io(&p))?;
+        removed.push(p);
+    }
+    Ok(removed)
+}
+
+/// Checks that a store and the tokenizer next to it belong together: the store's header
+/// vocabulary must equal the tokenizer's (added tokens included) and, when the store records
+/// one, the fingerprint must match. For `train` and `train eval` to call after opening a
+/// store (`DIR/train.bin` with `DIR/tokenizer.json`).
+pub fn check_store_tokenizer(store: &BlockStore, tokenizer_path: &Path) -> Result<(), TextError> {
+    let (tok, bytes) = load_tokenizer(tokenizer_path)?;
+    let h = store.header();
+    let vocab = tok.get_vocab_size(true);
+    if h.vocab_size as usize != vocab {
+        return Err(TextError::IncompatibleStore {
+            path: store.path().to_path_buf(),
+            reason: format!(
+                "its header vocabulary ({} tokens) differs from {}'s ({vocab} tokens); re-run `train prepare` with that tokenizer",
+                h.vocab_size,
+                tokenizer_path.display()
+            ),
+        });
+    }
+    if h.tokenizer_fingerprint != 0 && h.tokenizer_fingerprint != tokenizer_fingerprint(&bytes) {
+        return Err(TextError::IncompatibleStore {
+            path: store.path().to_path_buf(),
+            reason: format!("it was made with a different tokenizer than {}; re-run `train prepare`", tokenizer_path.display()),
+        });
     }
     Ok(())
 }
@@ -367,13 +520,18 @@ fn train_on_corpus(
     // The trainer pulls documents through an iterator, which cannot return errors: the
     // first one is parked here and reported after training stops.
     let failure: Mutex<Option<TextError>> = Mutex::new(None);
-    let mut index = 0u64;
+    let mut pieces = 0u64;
+    // Parts of the current piece, cut so that no word is longer than MAX_TRAIN_WORD_BYTES.
+    let mut parts: std::collections::VecDeque<String> = std::collections::VecDeque::new();
     let iter = std::iter::from_fn(|| {
         loop {
-            match docs.next_doc() {
-                Ok(Some(doc)) => {
-                    index += 1;
-                    if index.is_multiple_of(4096) {
+            if let Some(part) = parts.pop_front() {
+                return Some(part);
+            }
+            match docs.next_piece() {
+                Ok(Some(piece)) => {
+                    pieces += 1;
+                    if pieces.is_multiple_of(4096) {
                         progress(&Progress {
                             phase: Phase::TrainingTokenizer,
                             bytes_done: counter.load(Ordering::Relaxed),
@@ -381,8 +539,8 @@ fn train_on_corpus(
                             tokens: 0,
                         });
                     }
-                    if !is_validation_doc(opts.seed, index - 1, split) {
-                        return Some(doc);
+                    if !is_validation_doc(opts.seed, piece.doc, split) {
+                        split_long_words(piece.text, MAX_TRAIN_WORD_BYTES, &mut parts);
                     }
                 }
                 Ok(None) => return None,
@@ -400,15 +558,15 @@ fn train_on_corpus(
     trained
 }
 
-/// Streams `files` in chunks through `handle(chunk, index of its first document)`, which
-/// returns (tokens so far, whether to continue). Returns the count of skipped invalid documents.
+/// Streams `files` in chunks of pieces through `handle(chunk)`, which returns (tokens so
+/// far, whether to continue). Returns what the reader skipped and cut.
 fn stream_corpus(
     opts: &PrepareOptions,
     files: &[CorpusFile],
     phase: Phase,
     progress: &(dyn Fn(&Progress) + Sync),
-    handle: &mut dyn FnMut(Vec<String>, u64) -> Result<(u64, bool), TextError>,
-) -> Result<u64, TextError> {
+    handle: &mut dyn FnMut(Vec<Piece>) -> Result<(u64, bool), TextError>,
+) -> Result<ReadCounts, TextError> {
     let mut docs = Documents::new(files.to_vec(), opts.read.clone());
     let total = docs.total_bytes();
     let counter = docs.bytes_read.clone();
@@ -416,17 +574,16 @@ fn stream_corpus(
     std::thread::scope(|scope| {
         // Two chunks in flight: the reader stays ahead of the tokenizer without letting
         // memory grow with the corpus.
-        let (tx, rx) = sync_channel::<Result<(Vec<String>, u64), TextError>>(2);
+        let (tx, rx) = sync_channel::<Result<Vec<Piece>, TextError>>(2);
         let reader = scope.spawn(move || {
-            let mut first_index = 0u64;
             loop {
                 let mut chunk = Vec::new();
                 let mut bytes = 0;
                 let status = loop {
-                    match docs.next_doc() {
-                        Ok(Some(doc)) => {
-                            bytes += doc.len();
-                            chunk.push(doc);
+                    match docs.next_piece() {
+                        Ok(Some(piece)) => {
+                            bytes += piece.text.len();
+                            chunk.push(piece);
                             if bytes >= chunk_bytes {
                                 break Ok(true);
                             }
@@ -435,11 +592,9 @@ fn stream_corpus(
                         Err(e) => break Err(e),
                     }
                 };
-                let n = chunk.len() as u64;
-                if !chunk.is_empty() && tx.send(Ok((chunk, first_index))).is_err() {
+                if !chunk.is_empty() && tx.send(Ok(chunk)).is_err() {
                     break; // the consumer stopped early
                 }
-                first_index += n;
                 match status {
                     Ok(true) => continue,
                     Ok(false) => break,
@@ -449,24 +604,23 @@ fn stream_corpus(
                     }
                 }
             }
-            docs.skipped_invalid
+            docs.counts
         });
         let consumed = consume(rx, handle, &|tokens| {
             progress(&Progress { phase, bytes_done: counter.load(Ordering::Relaxed), bytes_total: total, tokens })
         });
-        let skipped = reader.join().expect("corpus reader thread panicked");
-        consumed.map(|()| skipped)
+        let counts = reader.join().expect("corpus reader thread panicked");
+        consumed.map(|()| counts)
     })
 }
 
 fn consume(
-    rx: Receiver<Result<(Vec<String>, u64), TextError>>,
-    handle: &mut dyn FnMut(Vec<String>, u64) -> Result<(u64, bool), TextError>,
+    rx: Receiver<Result<Vec<Piece>, TextError>>,
+    handle: &mut dyn FnMut(Vec<Piece>) -> Result<(u64, bool), TextError>,
     report: &dyn Fn(u64),
 ) -> Result<(), TextError> {
     for msg in rx {
-        let (chunk, first_index) = msg?;
-        let (tokens, more) = handle(chunk, first_index)?;
+        let (tokens, more) = handle(msg?)?;
         report(tokens);
         if !more {
             break;
@@ -475,8 +629,9 @@ fn consume(
     Ok(())
 }
 
-/// A document's token ids and their word-start flags.
-type EncodedDoc = (Vec<u32>, Vec<bool>);
+/// A document's token ids, their word-start flags, and the tokens the tokenizer's own
+/// truncation cut off (line by line, masked).
+type EncodedDoc = (Vec<u32>, Vec<bool>, u64);
 
 /// Turns documents into token ids and word-start flags.
 struct Encoder<'t> {
@@ -485,29 +640,45 @@ struct Encoder<'t> {
     fast: Option<FastByteLevelBpe<'t>>,
     model_type: ModelType,
     special: SpecialTokens,
+    /// Only the first piece of a document is encoded (it is truncated to one block anyway).
+    line_by_line: bool,
+    /// When `tokenizer` truncates (line by line, masked): the same without truncation.
+    untruncated: Option<&'t Tokenizer>,
+    block_size: usize,
 }
 
 impl Encoder<'_> {
-    /// Tokenizes a chunk in parallel, keeping document order.
-    fn encode_chunk(&self, docs: &[String]) -> Result<Vec<EncodedDoc>, TextError> {
-        docs.par_iter().map(|d| self.encode_doc(d)).collect()
+    /// Tokenizes a chunk in parallel, keeping order; `None` for pieces that are not needed.
+    fn encode_chunk(&self, pieces: &[Piece]) -> Result<Vec<Option<EncodedDoc>>, TextError> {
+        pieces
+            .par_iter()
+            .map(|p| if self.line_by_line && !p.first { Ok(None) } else { self.encode_piece(p).map(Some) })
+            .collect()
     }
 
-    fn encode_doc(&self, doc: &str) -> Result<EncodedDoc, TextError> {
+    /// A piece's ids; the end-of-text token (causal) follows the last piece of a document.
+    fn encode_piece(&self, piece: &Piece) -> Result<EncodedDoc, TextError> {
+        let doc = piece.text.as_str();
+        // Line by line takes a document's first piece as the whole document.
+        let ends_doc = piece.last || self.line_by_line;
+        let eos = || self.special.eos.expect("checked before tokenizing");
         if let Some(fast) = &self.fast
             && !fast.needs_regular_path(doc)
         {
             let mut ids = Vec::with_capacity(doc.len() / 3 + 1);
             let mut starts = Vec::with_capacity(doc.len() / 3 + 1);
             fast.encode(doc, &mut ids, &mut starts).map_err(|e| TextError::Encode(e.to_string()))?;
-            ids.push(self.special.eos.expect("checked before tokenizing"));
-            starts.push(true);
-            return Ok((ids, starts));
+            if ends_doc {
+                ids.push(eos());
+                starts.push(true);
+            }
+            return Ok((ids, starts, 0));
         }
-        // Masked LM: the tokenizer's post-processor adds [CLS] ... [SEP] per document, as
-        // Hugging Face's tokenize function does. Causal LM: no special tokens from the
-        // tokenizer; an end-of-text token is appended after every document so the model
-        // sees document boundaries (llm.c does this; HF's group_texts does not).
+        // Masked LM: the tokenizer's post-processor adds [CLS] ... [SEP] per document (per
+        // piece of an over-long one), as Hugging Face's tokenize function does. Causal LM:
+        // no special tokens from the tokenizer; an end-of-text token is appended after every
+        // document so the model sees document boundaries (llm.c does this; HF's group_texts
+        // does not).
         let add_special = self.model_type == ModelType::Masked;
         // `encode`, not `encode_fast`: the fast variant leaves out the word ids that the
         // word-start flags come from (and measured no faster here).
@@ -517,11 +688,20 @@ impl Encoder<'_> {
         ids.extend_from_slice(enc.get_ids());
         let mut starts = Vec::with_capacity(enc.len() + extra);
         word_starts_from_ids(enc.get_word_ids(), &mut starts);
-        if self.model_type == ModelType::Causal {
-            ids.push(self.special.eos.expect("checked before tokenizing"));
+        if self.model_type == ModelType::Causal && ends_doc {
+            ids.push(eos());
             starts.push(true);
         }
-        Ok((ids, starts))
+        // Line by line, masked: a sequence that fills its block may have been truncated; the
+        // untruncated length says by how much (a second encode only for those).
+        let cut = match self.untruncated {
+            Some(full) if enc.len() >= self.block_size => {
+                let n = full.encode(doc, add_special).map_err(|e| TextError::Encode(e.to_string()))?.len();
+                n.saturating_sub(enc.len()) as u64
+            }
+            _ => 0,
+        };
+        Ok((ids, starts, cut))
     }
 }
 
@@ -531,15 +711,19 @@ struct SplitWriter {
     grouper: Grouper,
     max_blocks: Option<u64>,
     summary: SplitSummary,
+    line_by_line: bool,
 }
 
 impl SplitWriter {
-    fn create(path: &Path, spec: StoreSpec, max_blocks: Option<u64>) -> Result<SplitWriter, TextError> {
+    fn create(path: &Path, spec: StoreSpec, max_blocks: Option<u64>, line_by_line: bool) -> Result<SplitWriter, TextError> {
+        let grouper = Grouper::new(spec.block_size as usize);
+        let writer = if line_by_line { BlockWriter::create_padded(path, spec)? } else { BlockWriter::create(path, spec)? };
         Ok(SplitWriter {
-            grouper: Grouper::new(spec.block_size as usize),
-            writer: BlockWriter::create(path, spec)?,
+            grouper,
+            writer,
             max_blocks,
             summary: SplitSummary { path: path.to_path_buf(), ..Default::default() },
+            line_by_line,
         })
     }
 
@@ -547,11 +731,37 @@ impl SplitWriter {
         self.max_blocks.is_some_and(|m| self.writer.n_blocks() >= m)
     }
 
-    fn push_doc(&mut self, ids: &[u32], starts: &[bool]) -> Result<(), TextError> {
+    /// A piece not encoded (line by line: the rest of a long document).
+    fn skip_piece(&mut self, last: bool) {
+        if last && !self.is_full() {
+            self.summary.documents += 1;
+        }
+    }
+
+    fn push_piece(&mut self, ids: &[u32], starts: &[bool], cut: u64, last: bool) -> Result<(), TextError> {
         if self.is_full() {
             return Ok(());
         }
-        self.summary.documents += 1;
+        if self.line_by_line {
+            // Every document is one block (its first piece, truncated); documents whose
+            // text gives no token at all are skipped.
+            if last {
+                self.summary.documents += 1;
+            }
+            self.summary.tokens += ids.len() as u64 + cut;
+            if ids.is_empty() {
+                return Ok(());
+            }
+            let bs = self.grouper.block_size();
+            let n = ids.len().min(bs);
+            self.summary.dropped_tokens += (ids.len() - n) as u64 + cut;
+            self.summary.padding_tokens += (bs - n) as u64;
+            self.writer.push_padded_block(&ids[..n], Some(&starts[..n]))?;
+            return Ok(());
+        }
+        if last {
+            self.summary.documents += 1;
+        }
         self.summary.tokens += ids.len() as u64;
         self.grouper.push(ids, starts);
         let (writer, max) = (&mut self.writer, self.max_blocks);
@@ -564,7 +774,9 @@ impl SplitWriter {
     fn finish(self, split: &'static str, block_size: usize) -> Result<(FinishedStore, SplitSummary), TextError> {
         let mut summary = self.summary;
         summary.blocks = self.writer.n_blocks();
-        summary.dropped_tokens = summary.tokens - summary.blocks * block_size as u64;
+        if !self.line_by_line {
+            summary.dropped_tokens = summary.tokens - summary.blocks * block_size as u64;
+        }
         if summary.blocks == 0 {
             return Err(TextError::TooSmall { split, tokens: summary.tokens, block_size });
         }

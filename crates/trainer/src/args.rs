@@ -133,10 +133,52 @@ impl TrainingArgs {
     }
 
     /// Rejects values and combinations HF would reject (or that would silently do nothing).
+    ///
+    /// Numeric bounds (each error says the allowed range): `--learning-rate` finite, at
+    /// least 0; `--adam-epsilon` in (0, 1]; `--weight-decay` in [0, 1]; `--max-grad-norm`
+    /// finite, at least 0 (0 = no clipping); `--num-train-epochs` in [0, 1e6];
+    /// `--max-steps` and `--warmup-steps` at most 1e9; batch sizes and
+    /// `--gradient-accumulation-steps` 1 to 65,536.
     pub fn validate(&self) -> Result<(), TrainerError> {
+        const MAX_STEPS: u64 = 1_000_000_000;
+        const MAX_EPOCHS: f64 = 1e6;
+        const MAX_BATCH: usize = 1 << 16;
         let bad = |m: &str| Err(TrainerError::Args(m.to_string()));
+        let bad_s = |m: String| Err(TrainerError::Args(m));
         if !(self.learning_rate.is_finite() && self.learning_rate >= 0.0) {
-            return bad("--learning-rate must be a finite number >= 0");
+            return bad_s(format!("--learning-rate must be a finite number >= 0, got {:?}", self.learning_rate));
+        }
+        if !(self.adam_epsilon.is_finite() && self.adam_epsilon > 0.0 && self.adam_epsilon <= 1.0) {
+            return bad_s(format!("--adam-epsilon must be in (0, 1], got {:?}", self.adam_epsilon));
+        }
+        if !(0.0..=1.0).contains(&self.weight_decay) {
+            return bad_s(format!("--weight-decay must be in [0, 1], got {:?}", self.weight_decay));
+        }
+        if !(self.max_grad_norm.is_finite() && self.max_grad_norm >= 0.0) {
+            return bad_s(format!(
+                "--max-grad-norm must be a finite number >= 0 (0 turns clipping off), got {:?}",
+                self.max_grad_norm
+            ));
+        }
+        if !(0.0..=MAX_EPOCHS).contains(&self.num_train_epochs) {
+            return bad_s(format!("--num-train-epochs must be in [0, 1000000], got {:?}", self.num_train_epochs));
+        }
+        if let Some(n) = self.max_steps
+            && n > MAX_STEPS
+        {
+            return bad_s(format!("--max-steps must be at most {MAX_STEPS}, got {n}"));
+        }
+        if self.warmup_steps > MAX_STEPS {
+            return bad_s(format!("--warmup-steps must be at most {MAX_STEPS}, got {}", self.warmup_steps));
+        }
+        for (name, v) in [
+            ("--per-device-train-batch-size", self.per_device_train_batch_size),
+            ("--per-device-eval-batch-size", self.per_device_eval_batch_size),
+            ("--gradient-accumulation-steps", self.gradient_accumulation_steps),
+        ] {
+            if v > MAX_BATCH {
+                return bad_s(format!("{name} must be 1 to {MAX_BATCH}, got {v}"));
+            }
         }
         if self.per_device_train_batch_size == 0 || self.per_device_eval_batch_size == 0 {
             return bad("batch sizes must be at least 1");
@@ -208,5 +250,42 @@ mod tests {
         b.max_steps = None;
         b.gradient_accumulation_steps = 0;
         assert!(b.validate().is_err());
+    }
+
+    #[test]
+    fn numeric_flags_outside_their_range_are_rejected_with_the_range() {
+        type Set = fn(&mut TrainingArgs);
+        let cases: [(&str, Set); 16] = [
+            ("--adam-epsilon must be in (0, 1], got -1.0", |a| a.adam_epsilon = -1.0),
+            ("--adam-epsilon must be in (0, 1], got inf", |a| a.adam_epsilon = f32::INFINITY),
+            ("--adam-epsilon must be in (0, 1], got 0.0", |a| a.adam_epsilon = 0.0),
+            ("--weight-decay must be in [0, 1], got -1.0", |a| a.weight_decay = -1.0),
+            ("--weight-decay must be in [0, 1], got NaN", |a| a.weight_decay = f32::NAN),
+            ("--max-grad-norm must be a finite number >= 0 (0 turns clipping off), got NaN", |a| a.max_grad_norm = f32::NAN),
+            ("--max-grad-norm must be a finite number >= 0 (0 turns clipping off), got -1.0", |a| a.max_grad_norm = -1.0),
+            ("--num-train-epochs must be in [0, 1000000], got inf", |a| a.num_train_epochs = f64::INFINITY),
+            ("--num-train-epochs must be in [0, 1000000], got 1e308", |a| a.num_train_epochs = 1e308),
+            ("--num-train-epochs must be in [0, 1000000], got NaN", |a| a.num_train_epochs = f64::NAN),
+            ("--max-steps must be at most 1000000000, got 4294967296", |a| a.max_steps = Some(1 << 32)),
+            ("--learning-rate must be a finite number >= 0, got NaN", |a| a.learning_rate = f64::NAN),
+            ("--learning-rate must be a finite number >= 0, got -0.001", |a| a.learning_rate = -1e-3),
+            ("--warmup-steps must be at most 1000000000, got 18446744073709551615", |a| a.warmup_steps = u64::MAX),
+            ("--per-device-train-batch-size must be 1 to 65536, got 4294967296", |a| a.per_device_train_batch_size = 1 << 32),
+            ("--gradient-accumulation-steps must be 1 to 65536, got 65537", |a| a.gradient_accumulation_steps = 65537),
+        ];
+        for (want, set) in cases {
+            let mut a = TrainingArgs::new("out");
+            set(&mut a);
+            let got = a.validate().expect_err(want).to_string();
+            assert!(got.contains(want), "{got}");
+        }
+        // The edges themselves are accepted.
+        let mut a = TrainingArgs::new("out");
+        a.adam_epsilon = 1.0;
+        a.weight_decay = 1.0;
+        a.max_grad_norm = 0.0;
+        a.max_steps = Some(1_000_000_000);
+        a.num_train_epochs = 1e6;
+        a.validate().unwrap();
     }
 }

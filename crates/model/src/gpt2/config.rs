@@ -107,23 +107,64 @@ impl Gpt2Config {
         }
     }
 
-    /// Check that a model can be built from this configuration.
+    /// Check that a model can be built from this configuration, before anything is
+    /// allocated: every size positive and within its bound, and the parameter count
+    /// (computed with checked arithmetic) at most 2^36 (68.7 billion parameters, 275 GB of
+    /// f32 weights). Bounds: vocab_size up to 16,777,216, n_positions up to 1,048,576,
+    /// n_embd up to 65,536, n_inner up to 262,144, n_layer up to 4,096.
     pub fn validate(&self) -> Result<(), ModelError> {
+        const MAX_PARAMS: u128 = 1 << 36;
         let bad = |m: String| Err(ModelError::Config(m));
         if self.model_type != "gpt2" {
             return bad(format!("model_type is {:?}, expected \"gpt2\"", self.model_type));
         }
-        for (name, v) in [
-            ("vocab_size", self.vocab_size),
-            ("n_positions", self.n_positions),
-            ("n_embd", self.n_embd),
-            ("n_layer", self.n_layer),
-            ("n_head", self.n_head),
-            ("n_inner", self.n_inner()),
+        // `n_inner()` multiplies; compute it here without overflowing.
+        let n_inner = match self.n_inner {
+            Some(v) => v,
+            None => match self.n_embd.checked_mul(4) {
+                Some(v) => v,
+                None => return bad(format!("n_embd {} is too large: allowed 1 to 65536", self.n_embd)),
+            },
+        };
+        for (name, v, max) in [
+            ("vocab_size", self.vocab_size, 1usize << 24),
+            ("n_positions", self.n_positions, 1 << 20),
+            ("n_embd", self.n_embd, 1 << 16),
+            ("n_layer", self.n_layer, 1 << 12),
+            ("n_head", self.n_head, 1 << 16),
+            ("n_inner", n_inner, 1 << 18),
         ] {
             if v == 0 {
                 return bad(format!("{name} must be positive"));
             }
+            if v > max {
+                return bad(format!("{name} {v} is too large: allowed 1 to {max}"));
+            }
+        }
+        // Parameters: wte + wpe + per layer (2 LayerNorms, c_attn, attn c_proj, c_fc, mlp
+        // c_proj) + ln_f. u128 cannot overflow with the bounds above; checked anyway.
+        let (v, p, e, l, i) =
+            (self.vocab_size as u128, self.n_positions as u128, self.n_embd as u128, self.n_layer as u128, n_inner as u128);
+        let per_layer = (|| {
+            let ln = 4u128.checked_mul(e)?;
+            let attn = e.checked_mul(3 * e)?.checked_add(3 * e)?.checked_add(e.checked_mul(e)?)?.checked_add(e)?;
+            let mlp = e.checked_mul(i)?.checked_add(i)?.checked_add(i.checked_mul(e)?)?.checked_add(e)?;
+            ln.checked_add(attn)?.checked_add(mlp)
+        })();
+        let params = per_layer
+            .and_then(|pl| pl.checked_mul(l))
+            .and_then(|x| x.checked_add(v.checked_mul(e)?))
+            .and_then(|x| x.checked_add(p.checked_mul(e)?))
+            .and_then(|x| x.checked_add(2 * e));
+        match params {
+            Some(n) if n <= MAX_PARAMS => {}
+            Some(n) => {
+                return bad(format!(
+                    "the model would have {n} parameters ({:.1} GB of f32 weights); at most {MAX_PARAMS} are allowed",
+                    n as f64 * 4.0 / 1e9
+                ));
+            }
+            None => return bad("the model's parameter count overflows".into()),
         }
         if !self.n_embd.is_multiple_of(self.n_head) {
             return bad(format!("n_embd {} is not divisible by n_head {}", self.n_embd, self.n_head));
@@ -133,8 +174,11 @@ impl Gpt2Config {
                 return bad(format!("{name} {p} must be in [0, 1)"));
             }
         }
-        if self.layer_norm_epsilon.is_nan() || self.layer_norm_epsilon <= 0.0 {
-            return bad(format!("layer_norm_epsilon {} must be positive", self.layer_norm_epsilon));
+        if !(self.layer_norm_epsilon.is_finite() && self.layer_norm_epsilon > 0.0) {
+            return bad(format!("layer_norm_epsilon {} must be a finite positive number", self.layer_norm_epsilon));
+        }
+        if !(self.initializer_range.is_finite() && self.initializer_range >= 0.0) {
+            return bad(format!("initializer_range {} must be a finite number >= 0", self.initializer_range));
         }
         if !self.scale_attn_weights || self.scale_attn_by_inverse_layer_idx || self.reorder_and_upcast_attn {
             return bad("only scale_attn_weights=true, scale_attn_by_inverse_layer_idx=false, \
