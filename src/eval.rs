@@ -71,9 +71,14 @@ pub fn run(a: EvalArgs) -> anyhow::Result<()> {
     let tokenizer = std::fs::read(&tok_path).ok();
     // The end-of-text token as text, for tokenizing a text file like the training data.
     let eos_token = match (&tokenizer, model.config().eos_token_id) {
-        (Some(json), Some(id)) => tokenizers::Tokenizer::from_bytes(json).ok().and_then(|t| t.id_to_token(id)),
+        (Some(_), Some(id)) => lmtrain_text::tok::load_tokenizer(&tok_path).ok().and_then(|(t, _)| t.id_to_token(id)),
         _ => None,
     };
+    if let Some(bs) = a.block_size
+        && (bs == 0 || bs > model.config().n_positions)
+    {
+        bail!("--block-size {bs} is not allowed: 1 to the model's n_positions {}", model.config().n_positions);
+    }
     let (store, _tmp) = open_eval_data(&a.data, &a.checkpoint, model.config().n_positions, a.block_size, eos_token)?;
     check_store_fits(&store, model.config(), tokenizer.as_deref())?;
     if tokenizer.is_none() {

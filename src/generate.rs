@@ -49,8 +49,7 @@ pub struct GenerateArgs {
 pub fn load_model_and_tokenizer(dir: &Path) -> anyhow::Result<(Gpt2<Cpu>, tokenizers::Tokenizer)> {
     let model = lmtrain_hf::load_model(Cpu, dir)?;
     let tok_path = dir.join("tokenizer.json");
-    let tokenizer = tokenizers::Tokenizer::from_file(&tok_path)
-        .map_err(|e| anyhow::anyhow!("{}: {e}", tok_path.display()))?;
+    let (tokenizer, _) = lmtrain_text::tok::load_tokenizer(&tok_path)?;
     Ok((model, tokenizer))
 }
 

@@ -283,6 +283,10 @@ pub fn open_data(dir: &Path) -> anyhow::Result<(BlockStore, Option<BlockStore>, 
     let val_path = dir.join("validation.bin");
     let eval = if val_path.is_file() { Some(BlockStore::open(&val_path)?) } else { None };
     let tok_path = dir.join(TOKENIZER_FILE);
+    // the stores' vocabulary and fingerprint must be the tokenizer's
+    for store in std::iter::once(&train).chain(&eval) {
+        lmtrain_text::check_store_tokenizer(store, &tok_path)?;
+    }
     let tokenizer = std::fs::read(&tok_path).with_context(|| format!("reading {}", tok_path.display()))?;
     Ok((train, eval, tokenizer))
 }

@@ -26,12 +26,12 @@ pub const CONFIG_FILE: &str = "config.json";
 #[derive(Debug, thiserror::Error)]
 pub enum HfError {
     /// A file could not be read or written.
-    #[error("{path}: {source}")]
+    #[error("{path}: {error}")]
     Io {
         /// The file.
         path: PathBuf,
-        /// The cause.
-        source: std::io::Error,
+        /// The cause (not a `source`: it is printed here, once).
+        error: std::io::Error,
     },
     /// The directory has only PyTorch pickle weights.
     #[error(
@@ -99,7 +99,7 @@ pub enum HfError {
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> HfError + '_ {
-    move |source| HfError::Io { path: path.to_path_buf(), source }
+    move |error| HfError::Io { path: path.to_path_buf(), error }
 }
 
 /// `model_type` of `dir/config.json` (which family to load it as).

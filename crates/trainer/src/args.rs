@@ -7,6 +7,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::TrainerError;
 
+/// The most optimizer steps a run may take (`--max-steps`, `--warmup-steps`, and epochs times
+/// steps per epoch).
+pub const MAX_STEPS: u64 = 1_000_000_000;
+
 /// When to evaluate / save (`--eval-strategy`, `--save-strategy`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -140,7 +144,6 @@ impl TrainingArgs {
     /// `--max-steps` and `--warmup-steps` at most 1e9; batch sizes and
     /// `--gradient-accumulation-steps` 1 to 65,536.
     pub fn validate(&self) -> Result<(), TrainerError> {
-        const MAX_STEPS: u64 = 1_000_000_000;
         const MAX_EPOCHS: f64 = 1e6;
         const MAX_BATCH: usize = 1 << 16;
         let bad = |m: &str| Err(TrainerError::Args(m.to_string()));

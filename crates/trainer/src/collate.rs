@@ -2,7 +2,7 @@
 //! `attention_mask`, `token_type_ids`), as Hugging Face's data collators do. Which one a run
 //! uses follows from the model family's [`Objective`](lmtrain_model::Objective).
 
-use lmtrain_model::Input;
+use lmtrain_model::{IGNORE_INDEX, Input};
 use lmtrain_store::BlockStore;
 
 use crate::masking::{MaskVocab, MaskingConfig, MaskingError, eval_key, mask_rows, train_key};
@@ -25,7 +25,8 @@ pub struct Batch {
 }
 
 impl Batch {
-    /// Reads the blocks `ids` of `store` into `input_ids` (labels untouched).
+    /// Reads the blocks `ids` of `store` into `input_ids` and, for a padded store
+    /// (`train prepare --line-by-line`), the attention mask (labels untouched).
     pub fn read_blocks(&mut self, store: &BlockStore, ids: &[usize]) {
         let t = store.block_size();
         self.b = ids.len();
@@ -34,6 +35,13 @@ impl Batch {
         for (row, &id) in ids.iter().enumerate() {
             store.read_block(id, &mut self.input_ids[row * t..(row + 1) * t]);
         }
+        self.attention_mask = store.is_padded().then(|| {
+            let mut m = vec![0u8; self.b * t];
+            for (row, &id) in ids.iter().enumerate() {
+                store.attention_mask(id, &mut m[row * t..(row + 1) * t]);
+            }
+            m.into_iter().map(|x| x != 0).collect()
+        });
     }
 
     /// The batch as the model's input.
@@ -86,7 +94,10 @@ impl Collator for CausalCollator {
         batch.read_blocks(store, ids);
         batch.labels.clear();
         batch.labels.extend(batch.input_ids.iter().map(|&x| x as i32));
-        batch.attention_mask = None;
+        // padding predicts nothing (HF sets the labels of pad positions to -100)
+        if let Some(m) = &batch.attention_mask {
+            batch.labels.iter_mut().zip(m).filter(|(_, real)| !**real).for_each(|(l, _)| *l = IGNORE_INDEX);
+        }
         batch.token_type_ids = None;
     }
 }
@@ -127,8 +138,9 @@ impl Collator for MaskingCollator {
             BatchKey::Train { step, micro } => train_key(self.seed, step, micro, r as u64),
             BatchKey::Eval => eval_key(self.seed, ids[r] as u64),
         };
-        mask_rows(&self.config, &self.vocab, t, &tokens, word_starts.as_deref(), None, key_of_row, &mut batch.input_ids, &mut batch.labels);
-        batch.attention_mask = None;
+        // padding is never chosen
+        let mask: Option<Vec<u8>> = batch.attention_mask.as_ref().map(|m| m.iter().map(|&x| x as u8).collect());
+        mask_rows(&self.config, &self.vocab, t, &tokens, word_starts.as_deref(), mask.as_deref(), key_of_row, &mut batch.input_ids, &mut batch.labels);
         batch.token_type_ids = None;
     }
 }

@@ -40,12 +40,12 @@ pub enum TrainerError {
     #[error("{0}")]
     Mismatch(String),
     /// A file could not be read or written.
-    #[error("{path}: {source}")]
+    #[error("{path}: {error}")]
     Io {
         /// The file.
         path: PathBuf,
-        /// The cause.
-        source: std::io::Error,
+        /// The cause (not a `source`: it is printed here, once).
+        error: std::io::Error,
     },
     /// A checkpoint or log file is malformed.
     #[error("{path}: {msg}")]
@@ -85,7 +85,7 @@ pub enum TrainerError {
 
 impl TrainerError {
     pub(crate) fn io(path: &Path, source: std::io::Error) -> Self {
-        TrainerError::Io { path: path.to_path_buf(), source }
+        TrainerError::Io { path: path.to_path_buf(), error: source }
     }
 }
 

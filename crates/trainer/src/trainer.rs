@@ -10,6 +10,7 @@ use lmtrain_optim::{AdamW, AdamWConfig, Schedule, StepReport, decay_segments};
 use lmtrain_store::{BlockStore, EpochOrder};
 use serde_json::json;
 
+use crate::args::MAX_STEPS;
 use crate::checkpoint::{self, TrainerState};
 use crate::collate::{Batch, BatchKey, Collator};
 use crate::metrics::MetricsLog;
@@ -98,7 +99,19 @@ impl<B: Backend, M: LanguageModel<B>> Trainer<B, M> {
         }
         let micro_per_epoch = train.len().div_ceil(args.per_device_train_batch_size) as u64;
         let steps_per_epoch = micro_per_epoch.div_ceil(args.gradient_accumulation_steps as u64);
-        let max_steps = args.max_steps.unwrap_or_else(|| (args.num_train_epochs * steps_per_epoch as f64).ceil() as u64);
+        let max_steps = match args.max_steps {
+            Some(s) => s,
+            None => {
+                let steps = (args.num_train_epochs * steps_per_epoch as f64).ceil();
+                if steps > MAX_STEPS as f64 {
+                    return Err(TrainerError::Args(format!(
+                        "--num-train-epochs {} x {steps_per_epoch} steps per epoch is {steps:.3e} optimizer steps, more than the {MAX_STEPS:.0e} allowed; give fewer epochs or --max-steps",
+                        args.num_train_epochs
+                    )));
+                }
+                steps as u64
+            }
+        };
         let schedule = Schedule {
             base_lr: args.learning_rate,
             kind: args.lr_scheduler,
