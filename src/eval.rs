@@ -85,6 +85,9 @@ pub fn run(a: EvalArgs) -> anyhow::Result<()> {
         eprintln!("note: {} is missing; the data's tokenizer cannot be checked", tok_path.display());
     }
     let r = evaluate(&mut model, &store, a.per_device_eval_batch_size, &CausalCollator)?;
+    if !r.loss.is_finite() {
+        bail!("the eval loss is {} on {}: the checkpoint's weights are not finite (or no block has a label); use another checkpoint", r.loss, a.data.display());
+    }
     println!(
         "eval loss {:.4}, perplexity {:.2} ({} blocks of {} tokens)",
         r.loss,

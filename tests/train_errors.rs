@@ -112,3 +112,27 @@ fn init_from_a_pickle_only_directory_says_it_is_unsupported() {
     assert!(line.contains("pytorch_model.bin"), "{line}");
     assert!(!out.exists());
 }
+
+#[test]
+fn an_inconsistent_trainer_state_is_refused_on_resume() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = make_data(&tmp.path().join("data"), VOCAB, 12, 6, 2);
+    let cfg = model_config(&tmp.path().join("cfg"), VOCAB, 16, 0.0);
+    let out = tmp.path().join("out");
+    let base = ["--data", &s(&data), "--model-config", &s(&cfg), "--output-dir", &s(&out), "--max-steps", "4", "--save-steps", "2", "--no-progress"]
+        .map(String::from);
+    let base: Vec<&str> = base.iter().map(String::as_str).collect();
+    train_ok(&base);
+    let state_path = out.join("checkpoint-2/trainer_state.json");
+    let good = std::fs::read_to_string(&state_path).unwrap();
+    let ckpt = s(&out.join("checkpoint-2"));
+    for (key, value) in [("step_in_epoch", 999), ("global_step", 99)] {
+        let mut state: serde_json::Value = serde_json::from_str(&good).unwrap();
+        state[key] = value.into();
+        std::fs::write(&state_path, state.to_string()).unwrap();
+        let mut args = base.clone();
+        args.extend(["--resume-from-checkpoint", ckpt.as_str()]);
+        let line = train_err(&args);
+        assert!(line.contains("inconsistent loop state"), "{key}: {line}");
+    }
+}

@@ -193,6 +193,16 @@ impl<B: Backend, M: LanguageModel<B>> Trainer<B, M> {
                 dir.display()
             )));
         }
+        // a damaged or edited trainer_state.json must not resume into a silently wrong run
+        if st.step_in_epoch >= self.steps_per_epoch || st.global_step > st.max_steps || st.global_step > u32::MAX as u64 {
+            return Err(TrainerError::Checkpoint {
+                path: dir.join(checkpoint::STATE_FILE),
+                msg: format!(
+                    "inconsistent loop state (global_step {}, step_in_epoch {} of {} per epoch, max_steps {}); use another checkpoint",
+                    st.global_step, st.step_in_epoch, self.steps_per_epoch, st.max_steps
+                ),
+            });
+        }
         let (be, store) = self.model.parts_mut();
         self.optimizer.restore(be, restored.exp_avg, restored.exp_avg_sq, &loaded.params, st.global_step as u32)?;
         store.set_params(be, loaded.params)?;
