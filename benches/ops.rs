@@ -73,7 +73,19 @@ fn layers(c: &mut Criterion) {
     });
     g.throughput(Throughput::Elements(6 * (BT * V * C) as u64));
     g.bench_function("lm_head_loss_fwd_bwd_1024x50257x256", |bench| {
-        bench.iter(|| ops::lm_head_loss(&mut scratch, &xh, &wte, None, &targets, BT, V, C, Some(HeadGrads { dx: &mut dx, dwte: &mut dwte, dbias: None, dloss: 1.0 / BT as f32 })))
+        bench.iter(|| {
+            ops::lm_head_loss(
+                &mut scratch,
+                &xh,
+                &wte,
+                None,
+                &targets,
+                BT,
+                V,
+                C,
+                Some(HeadGrads { dx: &mut dx, dwte: &mut dwte, dbias: None, dloss: 1.0 / BT as f32 }),
+            )
+        })
     });
 
     let x = filled(BT * C, 4);

@@ -198,11 +198,27 @@ impl Backend for Timed {
     fn embedding_forward(&self, out: &mut [f32], tables: EmbeddingTables<&[f32]>, batch: &Inputs, c: usize) -> Result<()> {
         timed("embedding", || self.inner.embedding_forward(out, tables, batch, c))
     }
-    fn embedding_backward(&self, grads: EmbeddingTables<&mut [f32]>, dout: &[f32], batch: &Inputs, c: usize, pad: PaddingIdx) -> Result<()> {
+    fn embedding_backward(
+        &self,
+        grads: EmbeddingTables<&mut [f32]>,
+        dout: &[f32],
+        batch: &Inputs,
+        c: usize,
+        pad: PaddingIdx,
+    ) -> Result<()> {
         timed("embedding", || self.inner.embedding_backward(grads, dout, batch, c, pad))
     }
     #[allow(clippy::too_many_arguments)]
-    fn attention_forward(&self, out: &mut [f32], st: &mut Vec<f32>, qkv: &[f32], s: AttnShape, causal: bool, batch: &Inputs, d: Dropout) -> Result<()> {
+    fn attention_forward(
+        &self,
+        out: &mut [f32],
+        st: &mut Vec<f32>,
+        qkv: &[f32],
+        s: AttnShape,
+        causal: bool,
+        batch: &Inputs,
+        d: Dropout,
+    ) -> Result<()> {
         timed("attention", || self.inner.attention_forward(out, st, qkv, s, causal, batch, d))
     }
     #[allow(clippy::too_many_arguments)]
@@ -221,7 +237,17 @@ impl Backend for Timed {
         timed("attention", || self.inner.attention_backward(dqkv, dout, qkv, out, st, s, causal, batch, d))
     }
     #[allow(clippy::too_many_arguments)]
-    fn attention_cached(&self, out: &mut [f32], q: &[f32], k: &[f32], v: &[f32], start: usize, n: usize, h: usize, hs: usize) -> Result<()> {
+    fn attention_cached(
+        &self,
+        out: &mut [f32],
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        start: usize,
+        n: usize,
+        h: usize,
+        hs: usize,
+    ) -> Result<()> {
         timed("attention", || self.inner.attention_cached(out, q, k, v, start, n, h, hs))
     }
     fn gather_rows(&self, out: &mut [f32], x: &[f32], batch: &Inputs, cols: usize) -> Result<()> {
@@ -276,9 +302,7 @@ fn parse_opts() -> Opts {
     let mut o = Opts { steps: 10, warmup: 2, json: false, breakdown_steps: 3 };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
-        let mut num = |name: &str| -> usize {
-            it.next().and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("{name} needs a number"))
-        };
+        let mut num = |name: &str| -> usize { it.next().and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("{name} needs a number")) };
         match a.as_str() {
             "--steps" => o.steps = num("--steps"),
             "--warmup" => o.warmup = num("--warmup"),
@@ -325,7 +349,8 @@ fn bench() {
 
     fn new_opt<B: Backend>(model: &Gpt2<B>) -> AdamW<B> {
         let segs = decay_segments(model.param_infos().iter().map(|p| (p.offset, p.len, p.decay)), 0.01);
-        AdamW::new(model.backend(), AdamWConfig { weight_decay: 0.01, ..AdamWConfig::default() }, &model.params_to_host().unwrap(), segs).unwrap()
+        AdamW::new(model.backend(), AdamWConfig { weight_decay: 0.01, ..AdamWConfig::default() }, &model.params_to_host().unwrap(), segs)
+            .unwrap()
     }
 
     // Throughput on the plain CPU backend.

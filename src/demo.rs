@@ -134,6 +134,10 @@ pub fn run() -> anyhow::Result<()> {
     let decoding = Decoding::Sample { temperature: 0.8, top_k: 40, top_p: 1.0, seed: 42 };
     let text = crate::generate::continue_text(&mut model, &tokenizer, prompt, 80, decoding, false)?;
     println!("\nsample (temperature 0.8, top-k 40):\n{text}\n");
-    println!("total time {:.0} s. Next: `train generate --checkpoint {} --prompt \"In the beginning\"`", t0.elapsed().as_secs_f64(), out_dir.display());
+    println!(
+        "total time {:.0} s. Next: `train generate --checkpoint {} --prompt \"In the beginning\"`",
+        t0.elapsed().as_secs_f64(),
+        out_dir.display()
+    );
     Ok(())
 }

@@ -3,10 +3,10 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
-use lmtrain_model::LanguageModel;
-use lmtrain_store::BlockStore;
 use lmtrain_cpu::Cpu;
+use lmtrain_model::LanguageModel;
 use lmtrain_model::gpt2::Gpt2;
+use lmtrain_store::BlockStore;
 use lmtrain_trainer::{CausalCollator, check_store_fits, evaluate};
 
 /// Flags of `train eval`.
@@ -86,14 +86,12 @@ pub fn run(a: EvalArgs) -> anyhow::Result<()> {
     }
     let r = evaluate(&mut model, &store, a.per_device_eval_batch_size, &CausalCollator)?;
     if !r.loss.is_finite() {
-        bail!("the eval loss is {} on {}: the checkpoint's weights are not finite (or no block has a label); use another checkpoint", r.loss, a.data.display());
+        bail!(
+            "the eval loss is {} on {}: the checkpoint's weights are not finite (or no block has a label); use another checkpoint",
+            r.loss,
+            a.data.display()
+        );
     }
-    println!(
-        "eval loss {:.4}, perplexity {:.2} ({} blocks of {} tokens)",
-        r.loss,
-        r.perplexity,
-        r.blocks,
-        store.block_size()
-    );
+    println!("eval loss {:.4}, perplexity {:.2} ({} blocks of {} tokens)", r.loss, r.perplexity, r.blocks, store.block_size());
     Ok(())
 }

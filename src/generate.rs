@@ -81,8 +81,7 @@ pub fn continue_text(
     let new = generate(model, ids, max_new_tokens, decoding, eos.filter(|_| stop_at_eos))?;
     // Decode prompt and continuation together, so the tokenizer places the spaces between them.
     let all: Vec<u32> = ids.iter().chain(&new).copied().collect();
-    let pieces: Result<Vec<String>, _> =
-        all.split(|&t| Some(t) == eos).map(|seg| tokenizer.decode(seg, true)).collect();
+    let pieces: Result<Vec<String>, _> = all.split(|&t| Some(t) == eos).map(|seg| tokenizer.decode(seg, true)).collect();
     Ok(pieces.map_err(|e| anyhow::anyhow!("decoding: {e}"))?.join("\n"))
 }
 

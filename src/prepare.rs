@@ -238,9 +238,5 @@ fn print_summary(s: &PrepareSummary) {
         s.tokenizer_fingerprint,
         s.tokenizer_path.display()
     );
-    println!(
-        "throughput {:.0} tokens/s ({:.2} s reading, tokenizing and writing)",
-        s.tokens_per_second(),
-        s.tokenize_seconds
-    );
+    println!("throughput {:.0} tokens/s ({:.2} s reading, tokenizing and writing)", s.tokens_per_second(), s.tokenize_seconds);
 }

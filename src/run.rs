@@ -122,12 +122,15 @@ fn check_contradictions(a: &TrainArgs, given: &dyn Fn(&str) -> bool) -> anyhow::
     if a.training.warmup_steps > 0 && a.training.warmup_ratio > 0.0 {
         bail!("give either --warmup-steps or --warmup-ratio, not both");
     }
-    let scratch_flags = a.model_config.is_some() || a.n_layer.is_some() || a.n_head.is_some() || a.n_embd.is_some() || a.n_positions.is_some();
+    let scratch_flags =
+        a.model_config.is_some() || a.n_layer.is_some() || a.n_head.is_some() || a.n_embd.is_some() || a.n_positions.is_some();
     if a.init_from.is_some() && a.model_type.is_some() {
         bail!("--init-from takes the model type from its config.json; drop --model-type");
     }
     if a.init_from.is_some() && scratch_flags {
-        bail!("--init-from takes the model shape from its config.json; drop --model-config / --n-layer / --n-head / --n-embd / --n-positions");
+        bail!(
+            "--init-from takes the model shape from its config.json; drop --model-config / --n-layer / --n-head / --n-embd / --n-positions"
+        );
     }
     if a.resume_from_checkpoint.is_some() && a.init_from.is_some() {
         bail!("give either --resume-from-checkpoint (continue a run) or --init-from (start a new run from a model), not both");
@@ -172,7 +175,11 @@ trait ScratchConfig: ModelConfig + Default {
 impl ScratchConfig for Gpt2Config {
     fn from_flags(a: &TrainArgs, store: &BlockStore) -> Self {
         let h = store.header();
-        let mut c = Gpt2Config { vocab_size: h.vocab_size as usize, n_positions: a.n_positions.unwrap_or(h.block_size as usize), ..Gpt2Config::default() };
+        let mut c = Gpt2Config {
+            vocab_size: h.vocab_size as usize,
+            n_positions: a.n_positions.unwrap_or(h.block_size as usize),
+            ..Gpt2Config::default()
+        };
         c.n_layer = a.n_layer.unwrap_or(c.n_layer);
         c.n_head = a.n_head.unwrap_or(c.n_head);
         c.n_embd = a.n_embd.unwrap_or(c.n_embd);

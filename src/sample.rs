@@ -56,8 +56,7 @@ impl Sampler {
         let Decoding::Sample { temperature, top_k, top_p, .. } = self.decoding else {
             return argmax();
         };
-        let mut cand: Vec<(u32, f32)> =
-            logits.iter().enumerate().map(|(i, &l)| (i as u32, l / temperature)).collect();
+        let mut cand: Vec<(u32, f32)> = logits.iter().enumerate().map(|(i, &l)| (i as u32, l / temperature)).collect();
         cand.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
         if top_k > 0 {
             cand.truncate(top_k);
@@ -157,8 +156,14 @@ mod tests {
     fn sampling_is_seeded() {
         let d = Decoding::Sample { temperature: 1.5, top_k: 0, top_p: 1.0, seed: 11 };
         let logits: Vec<f32> = (0..50).map(|i| (i as f32 * 0.37).sin()).collect();
-        let a: Vec<u32> = { let mut s = Sampler::new(d); (0..30).map(|_| s.next(&logits)).collect() };
-        let b: Vec<u32> = { let mut s = Sampler::new(d); (0..30).map(|_| s.next(&logits)).collect() };
+        let a: Vec<u32> = {
+            let mut s = Sampler::new(d);
+            (0..30).map(|_| s.next(&logits)).collect()
+        };
+        let b: Vec<u32> = {
+            let mut s = Sampler::new(d);
+            (0..30).map(|_| s.next(&logits)).collect()
+        };
         assert_eq!(a, b);
         assert!(a.iter().any(|&x| x != a[0]), "temperature 1.5 over 50 tokens varies");
     }

@@ -158,9 +158,30 @@ fn word_corpus(rng: &mut Rng64, lines: usize) -> String {
 }
 
 const HOSTILE_NUMBERS: [&str; 24] = [
-    "0", "-1", "1", "2", "NaN", "nan", "inf", "-inf", "1e308", "-1e308", "1e-320", "4294967295", "4294967296",
-    "2147483648", "18446744073709551615", "18446744073709551616", "9223372036854775808", "", " ", "abc", "0x10",
-    "1.5", "-0", "1e9",
+    "0",
+    "-1",
+    "1",
+    "2",
+    "NaN",
+    "nan",
+    "inf",
+    "-inf",
+    "1e308",
+    "-1e308",
+    "1e-320",
+    "4294967295",
+    "4294967296",
+    "2147483648",
+    "18446744073709551615",
+    "18446744073709551616",
+    "9223372036854775808",
+    "",
+    " ",
+    "abc",
+    "0x10",
+    "1.5",
+    "-0",
+    "1e9",
 ];
 
 fn pick<'a, T>(rng: &mut Rng64, xs: &'a [T]) -> &'a T {
@@ -189,10 +210,8 @@ fn s(p: &Path) -> String {
 fn case_prepare_flag(rng: &mut Rng64, dir: &Path, data: &Path) -> Vec<String> {
     let corpus = dir.join("c.txt");
     std::fs::write(&corpus, word_corpus(rng, 40)).unwrap();
-    let flag = *pick(
-        rng,
-        &["--block-size", "--vocab-size", "--validation-split", "--max-train-blocks", "--seed", "--text-field", "--eos-token"],
-    );
+    let flag =
+        *pick(rng, &["--block-size", "--vocab-size", "--validation-split", "--max-train-blocks", "--seed", "--text-field", "--eos-token"]);
     let mut args: Vec<String> = vec!["prepare".into(), "--quiet".into(), s(&corpus), "-o".into(), s(&dir.join("out"))];
     // --vocab-size only matters when a tokenizer is trained; otherwise use the tiny one.
     if flag != "--vocab-size" {
@@ -228,7 +247,19 @@ fn case_corpus(rng: &mut Rng64, dir: &Path, data: &Path) -> Vec<String> {
         }
         4 => {
             // JSON Lines with hostile records.
-            let recs = ["{\"text\": null}", "{\"text\": 5}", "[1,2]", "{\"text\": \"w1 w2\"}", "{\"text\": \"\"}", "{", "null", "{\"other\": \"x\"}", "{\"text\": \"w3\\u0000w4\"}", "{\"text\": {\"a\": 1}}", "\"just a string\""];
+            let recs = [
+                "{\"text\": null}",
+                "{\"text\": 5}",
+                "[1,2]",
+                "{\"text\": \"w1 w2\"}",
+                "{\"text\": \"\"}",
+                "{",
+                "null",
+                "{\"other\": \"x\"}",
+                "{\"text\": \"w3\\u0000w4\"}",
+                "{\"text\": {\"a\": 1}}",
+                "\"just a string\"",
+            ];
             let n = 1 + rng.next_u64() % 8;
             let body: Vec<&str> = (0..n).map(|_| *pick(rng, &recs)).collect();
             ("d.jsonl", (body.join("\n") + "\n").into_bytes())
@@ -288,9 +319,13 @@ fn hostile_json(rng: &mut Rng64) -> serde_json::Value {
         3 => json!("w999"),
         4 => json!([]),
         5 => json!({}),
-        6 => json!({"type": "TemplateProcessing", "single": [{"SpecialToken": {"id": "[X]", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}], "pair": [], "special_tokens": {}}),
+        6 => {
+            json!({"type": "TemplateProcessing", "single": [{"SpecialToken": {"id": "[X]", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}], "pair": [], "special_tokens": {}})
+        }
         7 => json!({"type": "BertProcessing", "sep": ["w1", 99999], "cls": ["w2", 2]}),
-        8 => json!([{"id": 99999, "content": "<x>", "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true}]),
+        8 => {
+            json!([{"id": 99999, "content": "<x>", "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true}])
+        }
         9 => json!({"type": "WordLevel", "vocab": {"w0": 0, "w1": 70000}, "unk_token": "w0"}),
         10 => json!({"type": "RobertaProcessing", "sep": ["</s>", 1], "cls": ["<s>", 0], "trim_offsets": true, "add_prefix_space": false}),
         _ => json!({"max_length": 0, "stride": 5, "strategy": "LongestFirst", "direction": "Right"}),
@@ -314,8 +349,7 @@ fn case_tokenizer(rng: &mut Rng64, dir: &Path, _data: &Path) -> Vec<String> {
     std::fs::write(&tok, bytes).unwrap();
     let corpus = dir.join("c.txt");
     std::fs::write(&corpus, word_corpus(rng, 30)).unwrap();
-    let mut args =
-        vec!["prepare".into(), "--quiet".into(), s(&corpus), "-o".into(), s(&dir.join("out")), "--tokenizer".into(), s(&tok)];
+    let mut args = vec!["prepare".into(), "--quiet".into(), s(&corpus), "-o".into(), s(&dir.join("out")), "--tokenizer".into(), s(&tok)];
     args.extend(["--block-size".into(), "4".into()]);
     if rng.next_u64().is_multiple_of(2) {
         args.extend(["--model-type".into(), "masked".into()]);

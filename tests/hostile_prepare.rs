@@ -19,9 +19,8 @@ fn prepare(args: &[String]) -> Output {
 }
 
 fn temp_files(dir: &Path) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(dir)
-        .map(|d| d.map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect())
-        .unwrap_or_default();
+    let mut v: Vec<String> =
+        std::fs::read_dir(dir).map(|d| d.map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect()).unwrap_or_default();
     v.retain(|n| n.starts_with('.') && n.ends_with(".tmp"));
     v.sort();
     v
@@ -105,11 +104,8 @@ fn the_summary_reports_skipped_split_and_padded_tokens() {
     let dir = tempfile::tempdir().unwrap();
     let jsonl = dir.path().join("d.jsonl");
     let long = "word ".repeat(300_000); // 1.5 MB: two pieces
-    std::fs::write(
-        &jsonl,
-        format!("{{\"text\": null}}\n{{\"text\": \"In the beginning\"}}\n{}\n", serde_json::json!({ "text": long })),
-    )
-    .unwrap();
+    std::fs::write(&jsonl, format!("{{\"text\": null}}\n{{\"text\": \"In the beginning\"}}\n{}\n", serde_json::json!({ "text": long })))
+        .unwrap();
     let tok = s(&data("tokenizers/gpt2.tokenizer.json"));
     let o = prepare(&[s(&jsonl), "-o".into(), s(&dir.path().join("a")), "--tokenizer".into(), tok.clone()]);
     let stdout = String::from_utf8_lossy(&o.stdout);

@@ -34,9 +34,8 @@ fn assert_one_line_error(out: &Output, needles: &[&str]) {
 }
 
 fn files_in(dir: &Path) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(dir)
-        .map(|d| d.map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect())
-        .unwrap_or_default();
+    let mut v: Vec<String> =
+        std::fs::read_dir(dir).map(|d| d.map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect()).unwrap_or_default();
     v.sort();
     v
 }
@@ -81,7 +80,17 @@ fn help_explains_the_command() {
     let out = Command::new(env!("CARGO_BIN_EXE_train")).args(["prepare", "--help"]).output().unwrap();
     let help = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success());
-    for needle in ["--tokenizer", "--block-size", "--validation-split", "--text-field", "--text-column", "--paragraphs", "--skip-invalid", "end-of-text", "[CLS]"] {
+    for needle in [
+        "--tokenizer",
+        "--block-size",
+        "--validation-split",
+        "--text-field",
+        "--text-column",
+        "--paragraphs",
+        "--skip-invalid",
+        "end-of-text",
+        "[CLS]",
+    ] {
         assert!(help.contains(needle), "help lacks {needle}");
     }
 }
@@ -203,7 +212,17 @@ fn incompatible_store_in_output_dir() {
 fn trains_a_wordpiece_tokenizer_for_masked_lm() {
     let dir = tempfile::tempdir().unwrap();
     let out_dir = dir.path().join("bert");
-    let out = prepare(&[s(&data("corpus/kjv.txt.gz")), "--model-type", "bert", "--vocab-size", "2000", "--max-train-blocks", "100", "-o", s(&out_dir)]);
+    let out = prepare(&[
+        s(&data("corpus/kjv.txt.gz")),
+        "--model-type",
+        "bert",
+        "--vocab-size",
+        "2000",
+        "--max-train-blocks",
+        "100",
+        "-o",
+        s(&out_dir),
+    ]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let store = BlockStore::open(&out_dir.join("train.bin")).unwrap();
     assert_eq!(store.len(), 100);

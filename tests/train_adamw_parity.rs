@@ -69,7 +69,8 @@ fn replay(name: &str) {
         let (backend, store) = model.parts_mut();
         let (params, grads) = store.params_and_grads_mut();
         let mut stats = backend.new_stats().unwrap();
-        opt.step(backend, Cpu::view_mut(params), Cpu::view(grads), schedule.lr(k as u64) as f32, f("max_grad_norm") as f32, 1, &mut stats).unwrap();
+        opt.step(backend, Cpu::view_mut(params), Cpu::view(grads), schedule.lr(k as u64) as f32, f("max_grad_norm") as f32, 1, &mut stats)
+            .unwrap();
     }
     let fin = model.forward_loss(&ids, &labels, b, t).unwrap() as f64;
     worst = worst.max((fin - f("final_loss")).abs());

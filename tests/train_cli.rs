@@ -51,10 +51,7 @@ fn config_file_sets_options_and_flags_override_it() {
     let toml_conf = tmp.path().join("run.toml");
     std::fs::write(&toml_conf, "learning-rate = 1e-2\nmax-steps = 3\nlogging-steps = 1\nsave-strategy = \"no\"\n").unwrap();
     let out2 = tmp.path().join("out2");
-    train_ok(&[
-        "--config", &s(&toml_conf), "--data", &s(&data), "--model-config", &s(&cfg), "--output-dir", &s(&out2),
-        "--no-progress",
-    ]);
+    train_ok(&["--config", &s(&toml_conf), "--data", &s(&data), "--model-config", &s(&cfg), "--output-dir", &s(&out2), "--no-progress"]);
     assert_eq!(logged_losses(&out2).len(), 3);
 }
 
@@ -65,10 +62,30 @@ fn training_lowers_eval_loss_and_best_model_is_loaded_at_the_end() {
     let cfg = model_config(&tmp.path().join("cfg"), VOCAB, 16, 0.0);
     let out = tmp.path().join("out");
     train_ok(&[
-        "--data", &s(&data), "--model-config", &s(&cfg), "--output-dir", &s(&out), "--num-train-epochs", "6",
-        "--per-device-train-batch-size", "4", "--learning-rate", "1e-2", "--eval-strategy", "steps",
-        "--eval-steps", "6", "--save-steps", "6", "--save-total-limit", "1", "--load-best-model-at-end",
-        "--logging-steps", "6", "--no-progress",
+        "--data",
+        &s(&data),
+        "--model-config",
+        &s(&cfg),
+        "--output-dir",
+        &s(&out),
+        "--num-train-epochs",
+        "6",
+        "--per-device-train-batch-size",
+        "4",
+        "--learning-rate",
+        "1e-2",
+        "--eval-strategy",
+        "steps",
+        "--eval-steps",
+        "6",
+        "--save-steps",
+        "6",
+        "--save-total-limit",
+        "1",
+        "--load-best-model-at-end",
+        "--logging-steps",
+        "6",
+        "--no-progress",
     ]);
     let evals = eval_records(&out);
     assert_eq!(evals.len(), 6, "24 blocks / 4 = 6 steps per epoch, 6 epochs: {evals:?}");
@@ -91,14 +108,33 @@ fn init_from_continues_from_a_saved_model_and_generate_uses_it() {
     let data = make_data(&tmp.path().join("data"), VOCAB, 12, 24, 6);
     let cfg = model_config(&tmp.path().join("cfg"), VOCAB, 16, 0.0);
     let first = tmp.path().join("first");
-    let common = ["--per-device-train-batch-size", "4", "--learning-rate", "1e-2", "--logging-steps", "1", "--no-progress", "--save-strategy", "no"];
-    let mut args = vec!["--data".to_string(), s(&data), "--model-config".into(), s(&cfg), "--output-dir".into(), s(&first), "--max-steps".into(), "30".into()];
+    let common =
+        ["--per-device-train-batch-size", "4", "--learning-rate", "1e-2", "--logging-steps", "1", "--no-progress", "--save-strategy", "no"];
+    let mut args = vec![
+        "--data".to_string(),
+        s(&data),
+        "--model-config".into(),
+        s(&cfg),
+        "--output-dir".into(),
+        s(&first),
+        "--max-steps".into(),
+        "30".into(),
+    ];
     args.extend(common.iter().map(|x| x.to_string()));
     train_ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
     let first_losses = logged_losses(&first);
 
     let second = tmp.path().join("second");
-    let mut args = vec!["--data".to_string(), s(&data), "--init-from".into(), s(&first), "--output-dir".into(), s(&second), "--max-steps".into(), "2".into()];
+    let mut args = vec![
+        "--data".to_string(),
+        s(&data),
+        "--init-from".into(),
+        s(&first),
+        "--output-dir".into(),
+        s(&second),
+        "--max-steps".into(),
+        "2".into(),
+    ];
     args.extend(common.iter().map(|x| x.to_string()));
     train_ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
     let second_losses = logged_losses(&second);
@@ -148,9 +184,25 @@ fn gradient_accumulation_matches_the_large_batch() {
     let run = |name: &str, batch: &str, accum: &str| {
         let out = tmp.path().join(name);
         train_ok(&[
-            "--data", &s(&data), "--model-config", &s(&cfg), "--output-dir", &s(&out), "--max-steps", "6",
-            "--per-device-train-batch-size", batch, "--gradient-accumulation-steps", accum, "--learning-rate", "1e-2",
-            "--logging-steps", "1", "--save-strategy", "no", "--no-progress",
+            "--data",
+            &s(&data),
+            "--model-config",
+            &s(&cfg),
+            "--output-dir",
+            &s(&out),
+            "--max-steps",
+            "6",
+            "--per-device-train-batch-size",
+            batch,
+            "--gradient-accumulation-steps",
+            accum,
+            "--learning-rate",
+            "1e-2",
+            "--logging-steps",
+            "1",
+            "--save-strategy",
+            "no",
+            "--no-progress",
         ]);
         logged_losses(&out)
     };
@@ -170,9 +222,23 @@ fn epoch_strategies_evaluate_and_save_at_epoch_ends() {
     let out = tmp.path().join("out");
     // 8 blocks of batch 3: 3 micro-batches (the last short), 3 steps per epoch.
     train_ok(&[
-        "--data", &s(&data), "--model-config", &s(&cfg), "--output-dir", &s(&out), "--num-train-epochs", "2",
-        "--per-device-train-batch-size", "3", "--eval-strategy", "epoch", "--save-strategy", "epoch",
-        "--logging-steps", "100", "--no-progress",
+        "--data",
+        &s(&data),
+        "--model-config",
+        &s(&cfg),
+        "--output-dir",
+        &s(&out),
+        "--num-train-epochs",
+        "2",
+        "--per-device-train-batch-size",
+        "3",
+        "--eval-strategy",
+        "epoch",
+        "--save-strategy",
+        "epoch",
+        "--logging-steps",
+        "100",
+        "--no-progress",
     ]);
     assert_eq!(eval_records(&out).iter().map(|e| e.0).collect::<Vec<_>>(), vec![3, 6]);
     assert!(out.join("checkpoint-3").is_dir() && out.join("checkpoint-6").is_dir());

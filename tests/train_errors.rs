@@ -89,8 +89,22 @@ fn nan_loss_stops_names_the_step_and_keeps_the_last_checkpoint() {
     let out = tmp.path().join("out");
     // An absurd learning rate blows the weights up within a few steps.
     let line = train_err(&[
-        "--data", &s(&data), "--model-config", &s(&cfg), "--output-dir", &s(&out), "--max-steps", "20",
-        "--learning-rate", "1e30", "--max-grad-norm", "0", "--save-steps", "1", "--logging-steps", "1",
+        "--data",
+        &s(&data),
+        "--model-config",
+        &s(&cfg),
+        "--output-dir",
+        &s(&out),
+        "--max-steps",
+        "20",
+        "--learning-rate",
+        "1e30",
+        "--max-grad-norm",
+        "0",
+        "--save-steps",
+        "1",
+        "--logging-steps",
+        "1",
     ]);
     assert!(line.contains("at step ") && line.contains("--learning-rate"), "{line}");
     let step: u64 = line.split("at step ").nth(1).unwrap().split(' ').next().unwrap().parse().unwrap();
@@ -119,8 +133,20 @@ fn an_inconsistent_trainer_state_is_refused_on_resume() {
     let data = make_data(&tmp.path().join("data"), VOCAB, 12, 6, 2);
     let cfg = model_config(&tmp.path().join("cfg"), VOCAB, 16, 0.0);
     let out = tmp.path().join("out");
-    let base = ["--data", &s(&data), "--model-config", &s(&cfg), "--output-dir", &s(&out), "--max-steps", "4", "--save-steps", "2", "--no-progress"]
-        .map(String::from);
+    let base = [
+        "--data",
+        &s(&data),
+        "--model-config",
+        &s(&cfg),
+        "--output-dir",
+        &s(&out),
+        "--max-steps",
+        "4",
+        "--save-steps",
+        "2",
+        "--no-progress",
+    ]
+    .map(String::from);
     let base: Vec<&str> = base.iter().map(String::as_str).collect();
     train_ok(&base);
     let state_path = out.join("checkpoint-2/trainer_state.json");

@@ -11,10 +11,33 @@ const VOCAB: usize = 40;
 
 fn base_args(data: &Path, cfg: &Path, out: &Path, extra: &[&str]) -> Vec<String> {
     let mut v: Vec<String> = [
-        "--data", &s(data), "--model-config", &s(cfg), "--output-dir", &s(out), "--max-steps", "6",
-        "--per-device-train-batch-size", "3", "--gradient-accumulation-steps", "2", "--learning-rate", "3e-3",
-        "--warmup-steps", "2", "--lr-scheduler", "cosine", "--weight-decay", "0.1", "--logging-steps", "1",
-        "--save-steps", "3", "--seed", "7", "--no-progress",
+        "--data",
+        &s(data),
+        "--model-config",
+        &s(cfg),
+        "--output-dir",
+        &s(out),
+        "--max-steps",
+        "6",
+        "--per-device-train-batch-size",
+        "3",
+        "--gradient-accumulation-steps",
+        "2",
+        "--learning-rate",
+        "3e-3",
+        "--warmup-steps",
+        "2",
+        "--lr-scheduler",
+        "cosine",
+        "--weight-decay",
+        "0.1",
+        "--logging-steps",
+        "1",
+        "--save-steps",
+        "3",
+        "--seed",
+        "7",
+        "--no-progress",
     ]
     .iter()
     .map(|x| x.to_string())
@@ -76,8 +99,7 @@ fn checkpoints_are_complete_atomic_and_rotated() {
     let cfg = model_config(&tmp.path().join("cfg"), VOCAB, 16, 0.0);
     let out = tmp.path().join("out");
     run(&base_args(&data, &cfg, &out, &["--save-steps", "1", "--save-total-limit", "2"]));
-    let mut names: Vec<String> =
-        std::fs::read_dir(&out).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    let mut names: Vec<String> = std::fs::read_dir(&out).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
     names.sort();
     assert_eq!(
         names,
@@ -89,13 +111,11 @@ fn checkpoints_are_complete_atomic_and_rotated() {
             assert!(out.join(ck).join(f).is_file(), "{ck}/{f} missing");
         }
     }
-    let state: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(out.join("checkpoint-5/trainer_state.json")).unwrap()).unwrap();
+    let state: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("checkpoint-5/trainer_state.json")).unwrap()).unwrap();
     assert_eq!(state["global_step"], 5);
     // 2 steps per epoch: after step 5 the run is 1 step into epoch 2.
     assert_eq!((state["epoch"].as_u64(), state["step_in_epoch"].as_u64()), (Some(2), Some(1)));
-    let config: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(out.join("checkpoint-6/config.json")).unwrap()).unwrap();
+    let config: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("checkpoint-6/config.json")).unwrap()).unwrap();
     assert_eq!(config["model_type"], "gpt2");
     assert_eq!(config["n_layer"], 2);
 }

@@ -50,9 +50,7 @@ fn build_kernels() -> Result<(), String> {
             Err(_) => "looked at $CUDA_HOME/$CUDA_PATH/$CUDA_ROOT bin/nvcc, /usr/local/cuda/bin/nvcc, PATH, .toolchain/cuda".into(),
         };
         if required {
-            return fail(format!(
-                "LMTRAIN_REQUIRE_CUDA=1 but nvcc was not found ({looked})"
-            ));
+            return fail(format!("LMTRAIN_REQUIRE_CUDA=1 but nvcc was not found ({looked})"));
         }
         println!(
             "cargo:warning=nvcc not found ({looked}): building lmtrain-cuda without kernels (CPU-only); \
@@ -66,13 +64,8 @@ fn build_kernels() -> Result<(), String> {
 
     // nvcc: one fatbin per kernel file, in parallel; stderr holds the `ptxas -v` report.
     let results: Vec<Result<Compiled, String>> = thread::scope(|s| {
-        let jobs: Vec<_> = sources
-            .iter()
-            .map(|src| s.spawn(|| compile_fatbin(&nvcc, src, &kernels_dir, &out, &archs)))
-            .collect();
-        jobs.into_iter()
-            .map(|j| j.join().unwrap_or_else(|_| fail("nvcc worker panicked")))
-            .collect()
+        let jobs: Vec<_> = sources.iter().map(|src| s.spawn(|| compile_fatbin(&nvcc, src, &kernels_dir, &out, &archs))).collect();
+        jobs.into_iter().map(|j| j.join().unwrap_or_else(|_| fail("nvcc worker panicked"))).collect()
     });
     let mut modules = Vec::new();
     let mut report = String::new();
@@ -81,38 +74,25 @@ fn build_kernels() -> Result<(), String> {
         let (stem, fatbin, ptxas) = r?;
         let entries = ptx_entries(&fatbin).map_err(|e| format!("{stem}.fatbin: {e}"))?;
         if entries.is_empty() {
-            return fail(format!(
-                "{stem}.fatbin has no readable PTX entry (is the fatbin compressed?)"
-            ));
+            return fail(format!("{stem}.fatbin has no readable PTX entry (is the fatbin compressed?)"));
         }
         report.push_str(&ptxas);
-        modules.push((
-            stem,
-            entries.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>(),
-        ));
+        modules.push((stem, entries.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>()));
         params.extend(entries);
     }
     // Every `extern "C" __global__` of the sources must be in the PTX (the emulator registers
     // kernels by these names, and the fake driver matches them against the PTX at load time).
     for src in &sources {
-        let text =
-            fs::read_to_string(src).map_err(|e| format!("reading {}: {e}", src.display()))?;
+        let text = fs::read_to_string(src).map_err(|e| format!("reading {}: {e}", src.display()))?;
         for name in common::global_functions(&text) {
             if !params.iter().any(|(n, _)| *n == name) {
-                return fail(format!(
-                    "{}: kernel {name} is not in nvcc's PTX",
-                    src.display()
-                ));
+                return fail(format!("{}: kernel {name} is not in nvcc's PTX", src.display()));
             }
         }
     }
     let report_path = out.join("ptxas-report.txt");
-    fs::write(&report_path, &report)
-        .map_err(|e| format!("writing {}: {e}", report_path.display()))?;
-    println!(
-        "cargo:rustc-env=LMTRAIN_PTXAS_REPORT={}",
-        report_path.display()
-    );
+    fs::write(&report_path, &report).map_err(|e| format!("writing {}: {e}", report_path.display()))?;
+    println!("cargo:rustc-env=LMTRAIN_PTXAS_REPORT={}", report_path.display());
     write_module_table(&out, &modules, &params)?;
     println!("cargo:rustc-cfg=lmtrain_kernels");
     Ok(())
@@ -128,9 +108,7 @@ fn parse_archs(spec: Option<&str>) -> Result<Vec<u32>, String> {
         match digits.parse::<u32>() {
             Ok(v) if v >= 50 => archs.push(v),
             _ => {
-                return fail(format!(
-                    "LMTRAIN_CUDA_ARCHS: `{a}` is not a compute capability like 80 or sm_90"
-                ));
+                return fail(format!("LMTRAIN_CUDA_ARCHS: `{a}` is not a compute capability like 80 or sm_90"));
             }
         }
     }
@@ -142,41 +120,18 @@ fn parse_archs(spec: Option<&str>) -> Result<Vec<u32>, String> {
     Ok(archs)
 }
 
-fn compile_fatbin(
-    nvcc: &Path,
-    src: &Path,
-    kernels_dir: &Path,
-    out: &Path,
-    archs: &[u32],
-) -> Result<Compiled, String> {
-    let stem = src
-        .file_stem()
-        .unwrap_or_default()
-        .to_string_lossy()
-        .into_owned();
+fn compile_fatbin(nvcc: &Path, src: &Path, kernels_dir: &Path, out: &Path, archs: &[u32]) -> Result<Compiled, String> {
+    let stem = src.file_stem().unwrap_or_default().to_string_lossy().into_owned();
     let fatbin = out.join(format!("{stem}.fatbin"));
     let mut cmd = Command::new(nvcc);
     // --no-compress: the PTX stays readable, for the parameter tables and the emulator.
-    cmd.args([
-        "-fatbin",
-        "--no-compress",
-        "-O3",
-        "-std=c++17",
-        "-Xptxas",
-        "-v",
-    ]);
+    cmd.args(["-fatbin", "--no-compress", "-O3", "-std=c++17", "-Xptxas", "-v"]);
     for a in archs {
         cmd.arg(format!("-gencode=arch=compute_{a},code=sm_{a}"));
     }
     let newest = archs[archs.len() - 1];
-    cmd.arg(format!(
-        "-gencode=arch=compute_{newest},code=compute_{newest}"
-    ));
-    cmd.arg("-I")
-        .arg(kernels_dir)
-        .arg("-o")
-        .arg(&fatbin)
-        .arg(src);
+    cmd.arg(format!("-gencode=arch=compute_{newest},code=compute_{newest}"));
+    cmd.arg("-I").arg(kernels_dir).arg("-o").arg(&fatbin).arg(src);
     let o = run(&mut cmd)?;
     let bytes = fs::read(&fatbin).map_err(|e| format!("reading {}: {e}", fatbin.display()))?;
     let mut report = format!("# {stem}.cu\n");
@@ -197,9 +152,7 @@ fn ptx_entries(image: &[u8]) -> Result<Vec<Entry>, String> {
     let mut entries: Vec<Entry> = Vec::new();
     for (at, _) in text.match_indices(".entry ") {
         let rest = &text[at + 7..];
-        let name_end = rest
-            .find(|c: char| c == '(' || c.is_whitespace())
-            .ok_or("truncated .entry")?;
+        let name_end = rest.find(|c: char| c == '(' || c.is_whitespace()).ok_or("truncated .entry")?;
         let name = rest[..name_end].to_string();
         let body = &rest[name_end..];
         let mut sizes = Vec::new();
@@ -208,14 +161,8 @@ fn ptx_entries(image: &[u8]) -> Result<Vec<Entry>, String> {
             && open < brace
             && close > open
         {
-            for decl in body[open + 1..close]
-                .split(',')
-                .filter(|d| d.contains(".param"))
-            {
-                sizes.push(
-                    param_size(decl)
-                        .ok_or_else(|| format!("{name}: cannot size `{}`", decl.trim()))?,
-                );
+            for decl in body[open + 1..close].split(',').filter(|d| d.contains(".param")) {
+                sizes.push(param_size(decl).ok_or_else(|| format!("{name}: cannot size `{}`", decl.trim()))?);
             }
         }
         match entries.iter().find(|(n, _)| *n == name) {
@@ -230,15 +177,12 @@ fn ptx_entries(image: &[u8]) -> Result<Vec<Entry>, String> {
 }
 
 fn param_size(decl: &str) -> Option<usize> {
-    let elem = decl
-        .split_whitespace()
-        .filter(|t| *t != ".param")
-        .find_map(|t| {
-            let t = t.strip_prefix('.')?;
-            let (kind, bits) = t.split_at(1);
-            let bits: usize = bits.parse().ok()?;
-            (matches!(kind, "u" | "s" | "b" | "f") && bits.is_multiple_of(8)).then_some(bits / 8)
-        })?;
+    let elem = decl.split_whitespace().filter(|t| *t != ".param").find_map(|t| {
+        let t = t.strip_prefix('.')?;
+        let (kind, bits) = t.split_at(1);
+        let bits: usize = bits.parse().ok()?;
+        (matches!(kind, "u" | "s" | "b" | "f") && bits.is_multiple_of(8)).then_some(bits / 8)
+    })?;
     let count = match (decl.find('['), decl.find(']')) {
         (Some(l), Some(r)) if r > l => decl[l + 1..r].trim().parse().ok()?,
         _ => 1,
@@ -247,22 +191,12 @@ fn param_size(decl: &str) -> Option<usize> {
 }
 
 /// `kernels.rs`: the embedded fatbins and every kernel's PTX parameter sizes.
-fn write_module_table(
-    out: &Path,
-    modules: &[(String, Vec<String>)],
-    params: &[Entry],
-) -> Result<(), String> {
-    let mut s = String::from(
-        "/// Embedded kernel modules: (name of the kernels/*.cu file, fatbin, its kernels).\n",
-    );
+fn write_module_table(out: &Path, modules: &[(String, Vec<String>)], params: &[Entry]) -> Result<(), String> {
+    let mut s = String::from("/// Embedded kernel modules: (name of the kernels/*.cu file, fatbin, its kernels).\n");
     s.push_str("pub static MODULES: &[(&str, &[u8], &[&str])] = &[\n");
     for (m, kernels) in modules {
         let path = out.join(format!("{m}.fatbin"));
-        let _ = writeln!(
-            s,
-            "    ({m:?}, include_bytes!({:?}), &{kernels:?}),",
-            path.display().to_string()
-        );
+        let _ = writeln!(s, "    ({m:?}, include_bytes!({:?}), &{kernels:?}),", path.display().to_string());
     }
     s.push_str("];\n/// Every kernel's parameter sizes in bytes, as its PTX declares them.\n");
     s.push_str("pub static PARAMS: &[(&str, &[usize])] = &[\n");
@@ -273,4 +207,3 @@ fn write_module_table(
     let path = out.join("kernels.rs");
     fs::write(&path, s).map_err(|e| format!("writing {}: {e}", path.display()))
 }
-

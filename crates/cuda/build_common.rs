@@ -8,17 +8,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 /// Environment variables both builds depend on.
-pub const ENV_VARS: &[&str] = &[
-    "NVCC",
-    "CUDA_HOME",
-    "CUDA_PATH",
-    "CUDA_ROOT",
-    "PATH",
-    "CXX",
-    "LMTRAIN_CUDA_ARCHS",
-    "LMTRAIN_REQUIRE_CUDA",
-    "LMTRAIN_BUILD_CUEMU",
-];
+pub const ENV_VARS: &[&str] =
+    &["NVCC", "CUDA_HOME", "CUDA_PATH", "CUDA_ROOT", "PATH", "CXX", "LMTRAIN_CUDA_ARCHS", "LMTRAIN_REQUIRE_CUDA", "LMTRAIN_BUILD_CUEMU"];
 
 pub fn fail<T>(msg: impl Into<String>) -> Result<T, String> {
     Err(msg.into())
@@ -64,16 +55,11 @@ pub fn find_nvcc(root: &Path) -> Option<PathBuf> {
         candidates.extend(env::split_paths(&path).map(|d| d.join("nvcc")));
     }
     candidates.push(root.join(".toolchain/cuda/nvidia/cu13/bin/nvcc"));
-    candidates
-        .into_iter()
-        .find(|p| p.is_file())
-        .and_then(|p| p.canonicalize().ok())
+    candidates.into_iter().find(|p| p.is_file()).and_then(|p| p.canonicalize().ok())
 }
 
 pub fn run(cmd: &mut Command) -> Result<Output, String> {
-    let out = cmd
-        .output()
-        .map_err(|e| format!("cannot run {:?}: {e}", cmd.get_program()))?;
+    let out = cmd.output().map_err(|e| format!("cannot run {:?}: {e}", cmd.get_program()))?;
     if !out.status.success() {
         return fail(format!(
             "{:?} failed ({}):\n{}{}",

@@ -221,11 +221,7 @@ impl GemmDesc {
     pub fn leading_dims(&self) -> (usize, usize, usize) {
         let s = self.shape;
         let or = |ld: usize, packed: usize| if ld == 0 { packed } else { ld };
-        (
-            or(self.lda, if s.trans_a { s.m } else { s.k }),
-            or(self.ldb, if s.trans_b { s.k } else { s.n }),
-            or(self.ldc, s.n),
-        )
+        (or(self.lda, if s.trans_a { s.m } else { s.k }), or(self.ldb, if s.trans_b { s.k } else { s.n }), or(self.ldc, s.n))
     }
     /// Whether every operand is packed and there is one product.
     pub fn is_packed(&self) -> bool {
@@ -294,8 +290,7 @@ impl Dropout {
     pub fn factor(&self, index: u64) -> f32 {
         // 24 random bits compared against p: exact for p on a 2^-24 grid, unbiased otherwise to
         // within 6e-8, and cheap enough for the inner loop of attention.
-        let r = (mix64(self.seed ^ index.wrapping_mul(0x9E37_79B9_7F4A_7C15)) >> 40) as f32
-            * (1.0 / 16_777_216.0);
+        let r = (mix64(self.seed ^ index.wrapping_mul(0x9E37_79B9_7F4A_7C15)) >> 40) as f32 * (1.0 / 16_777_216.0);
         if r < self.p { 0.0 } else { 1.0 / (1.0 - self.p) }
     }
 }
@@ -444,11 +439,24 @@ pub trait Backend: Send + Sync + Sized + 'static {
     fn gelu_backward(&self, dinp: Self::ViewMut<'_>, inp: Self::View<'_>, dout: Self::View<'_>, kind: GeluKind) -> Result<()>;
     /// `out[b, t] = word[ids] + position[pos] + token_type[types]` with the batch's position ids
     /// (or `t` itself when it has none); absent tables add nothing.
-    fn embedding_forward(&self, out: Self::ViewMut<'_>, tables: EmbeddingTables<Self::View<'_>>, batch: &Self::Batch, c: usize) -> Result<()>;
+    fn embedding_forward(
+        &self,
+        out: Self::ViewMut<'_>,
+        tables: EmbeddingTables<Self::View<'_>>,
+        batch: &Self::Batch,
+        c: usize,
+    ) -> Result<()>;
     /// The scatter-add of [`Backend::embedding_forward`] into the gradients of its tables,
     /// skipping the positions whose token (position) id is the word (position) table's padding
     /// index.
-    fn embedding_backward(&self, grads: EmbeddingTables<Self::ViewMut<'_>>, dout: Self::View<'_>, batch: &Self::Batch, c: usize, pad: PaddingIdx) -> Result<()>;
+    fn embedding_backward(
+        &self,
+        grads: EmbeddingTables<Self::ViewMut<'_>>,
+        dout: Self::View<'_>,
+        batch: &Self::Batch,
+        c: usize,
+        pad: PaddingIdx,
+    ) -> Result<()>;
     /// Scaled dot-product attention over fused `qkv` (`[b, t, 3C]`: q, k, v, heads contiguous in
     /// each) into `out` (`[b, t, C]`, heads concatenated), scale `1/sqrt(head_size)`, causal
     /// and/or masked by the batch's key padding, dropout on the probabilities. Saves what the

@@ -103,9 +103,7 @@ pub fn matmul(c: &mut [f32], a: &[f32], b: &[f32], s: GemmShape) {
         for w in bounds.windows(2) {
             let (start, end) = (w[0], w[1]);
             let run = &run;
-            sc.spawn(move |_| {
-                if split_rows { run(start, end, 0, n) } else { run(0, m, start, end) }
-            });
+            sc.spawn(move |_| if split_rows { run(start, end, 0, n) } else { run(0, m, start, end) });
         }
     });
 }
@@ -151,7 +149,21 @@ pub fn matmul_desc(c: &mut [f32], a: &[f32], b: &[f32], d: &GemmDesc) {
     for i in 0..d.batch {
         // SAFETY: the asserts above keep every index of product i inside its operand.
         unsafe {
-            matmul_strided(m, n, k, c.as_mut_ptr().add(i * sc), ldc, a.as_ptr().add(i * sa), a_rs, a_cs, b.as_ptr().add(i * sb), b_rs, b_cs, accumulate, 1.0);
+            matmul_strided(
+                m,
+                n,
+                k,
+                c.as_mut_ptr().add(i * sc),
+                ldc,
+                a.as_ptr().add(i * sa),
+                a_rs,
+                a_cs,
+                b.as_ptr().add(i * sb),
+                b_rs,
+                b_cs,
+                accumulate,
+                1.0,
+            );
         }
     }
 }
@@ -266,7 +278,9 @@ mod tests {
                 let d = GemmDesc { shape: s, lda, ldb, ldc, batch, strides: [sa, sb, sc] };
                 matmul_desc(&mut c, &a, &b, &d);
                 for i in 0..batch {
-                    let pack = |x: &[f32], r: usize, cols: usize, ld: usize| (0..r).flat_map(|row| x[row * ld..row * ld + cols].to_vec()).collect::<Vec<f32>>();
+                    let pack = |x: &[f32], r: usize, cols: usize, ld: usize| {
+                        (0..r).flat_map(|row| x[row * ld..row * ld + cols].to_vec()).collect::<Vec<f32>>()
+                    };
                     let want = naive(&pack(&a[i * sa..], ar, ac, lda), &pack(&b[i * sb..], br, bc, ldb), s);
                     for row in 0..m {
                         for col in 0..ldc {

@@ -8,13 +8,13 @@
 #[macro_use]
 pub mod dispatch;
 mod gemm;
-mod simd;
 pub mod math;
 pub mod ops;
+mod simd;
 
 use lmtrain_backend::{
-    AdamWStep, AttnMask, AttnShape, Backend, BackendError, DecaySegment, Dropout, EmbeddingTables, Epilogue, GeluKind, GemmDesc,
-    HeadGrads, HostBatch, Inputs, PaddingIdx, Result, Rows, StepStats,
+    AdamWStep, AttnMask, AttnShape, Backend, BackendError, DecaySegment, Dropout, EmbeddingTables, Epilogue, GeluKind, GemmDesc, HeadGrads,
+    HostBatch, Inputs, PaddingIdx, Result, Rows, StepStats,
 };
 
 /// The CPU backend (stateless; threads come from rayon's global pool).
@@ -190,7 +190,14 @@ impl Backend for Cpu {
         ops::embedding_forward(out, tables, batch, c);
         Ok(())
     }
-    fn embedding_backward(&self, grads: EmbeddingTables<&mut [f32]>, dout: &[f32], batch: &Inputs, c: usize, pad: PaddingIdx) -> Result<()> {
+    fn embedding_backward(
+        &self,
+        grads: EmbeddingTables<&mut [f32]>,
+        dout: &[f32],
+        batch: &Inputs,
+        c: usize,
+        pad: PaddingIdx,
+    ) -> Result<()> {
         ops::embedding_backward(grads, dout, batch, c, pad);
         Ok(())
     }

@@ -18,11 +18,7 @@ pub fn exp(x: f32) -> f32 {
     let n = shifted - ROUND;
     let r = (x - n * LN2_HI) - n * LN2_LO; // |r| <= ln2/2
     // Taylor polynomial of e^r to degree 7: truncation error < 3e-9 relative on |r| <= 0.347.
-    let p = 1.0
-        + r * (1.0
-            + r * (0.5
-                + r * (1.0 / 6.0
-                    + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
+    let p = 1.0 + r * (1.0 + r * (0.5 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
     // 2^n: exponent field n + 127 (n in [-126, 127] after the clamp)
     let scale = f32::from_bits(shifted.to_bits().wrapping_sub(0x4B40_0000 - 127) << 23);
     let y = p * scale;
@@ -56,14 +52,14 @@ pub fn erf(x: f32) -> f32 {
     let a = x.abs() as f64;
     let t = 1.0 / (1.0 + 0.5 * a);
     // Numerical Recipes erfc Chebyshev fit: |relative error| < 1.2e-7 everywhere.
-    let y = t * (-a * a - 1.265_512_23
-        + t * (1.000_023_68
-            + t * (0.374_091_96
-                + t * (0.096_784_18
-                    + t * (-0.186_288_06
-                        + t * (0.278_868_07
-                            + t * (-1.135_203_98 + t * (1.488_515_87 + t * (-0.822_152_23 + t * 0.170_872_77)))))))))
-        .exp();
+    let y = t
+        * (-a * a - 1.265_512_23
+            + t * (1.000_023_68
+                + t * (0.374_091_96
+                    + t * (0.096_784_18
+                        + t * (-0.186_288_06
+                            + t * (0.278_868_07 + t * (-1.135_203_98 + t * (1.488_515_87 + t * (-0.822_152_23 + t * 0.170_872_77)))))))))
+            .exp();
     let r = (1.0 - y) as f32;
     if x < 0.0 { -r } else { r }
 }

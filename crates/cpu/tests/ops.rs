@@ -1,6 +1,6 @@
 //! CPU ops against straightforward f64 references and finite differences.
 
-use lmtrain_backend::{EmbeddingTables, HeadGrads, HostBatch, Inputs, AdamWHyper, AttnMask, AttnShape, DecaySegment, Dropout, GeluKind};
+use lmtrain_backend::{AdamWHyper, AttnMask, AttnShape, DecaySegment, Dropout, EmbeddingTables, GeluKind, HeadGrads, HostBatch, Inputs};
 use lmtrain_cpu::ops;
 
 fn rand_vec(n: usize, seed: u64, scale: f32) -> Vec<f32> {
@@ -129,10 +129,8 @@ fn adamw_matches_torch_formula_per_segment() {
     let n = 40_000; // larger than one parallel chunk
     let (mut p, g, mut m, mut v) = adam_state(n, 11);
     let (p0, m0, v0) = (p.clone(), m.clone(), v.clone());
-    let segs = [
-        DecaySegment { offset: 0, len: 30_000, weight_decay: 0.1 },
-        DecaySegment { offset: 30_000, len: 10_000, weight_decay: 0.0 },
-    ];
+    let segs =
+        [DecaySegment { offset: 0, len: 30_000, weight_decay: 0.1 }, DecaySegment { offset: 30_000, len: 10_000, weight_decay: 0.0 }];
     let hp = AdamWHyper { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, step: 3, grad_scale: 0.5 };
     ops::adamw_update(&mut p, &g, &mut m, &mut v, &segs, &hp);
     for i in (0..n).step_by(997) {
@@ -156,10 +154,8 @@ fn adamw_gives_the_bits_of_the_plain_f32_formula() {
     let n = 2 * 16_384 + 1_001;
     let (mut p, g, mut m, mut v) = adam_state(n, 21);
     let (p0, m0, v0) = (p.clone(), m.clone(), v.clone());
-    let segs = [
-        DecaySegment { offset: 0, len: 20_011, weight_decay: 0.01 },
-        DecaySegment { offset: 20_011, len: n - 20_011, weight_decay: 0.0 },
-    ];
+    let segs =
+        [DecaySegment { offset: 0, len: 20_011, weight_decay: 0.01 }, DecaySegment { offset: 20_011, len: n - 20_011, weight_decay: 0.0 }];
     let hp = AdamWHyper { lr: 3e-4, beta1: 0.9, beta2: 0.95, eps: 1e-8, step: 7, grad_scale: 0.25 };
     ops::adamw_update(&mut p, &g, &mut m, &mut v, &segs, &hp);
     // the bias corrections in f64 from the f32 hyperparameters, as `adamw_update` (and torch)
@@ -226,8 +222,7 @@ fn attention_ref(qkv: &[f32], s: AttnShape, causal: bool, pad: Option<&[bool]>) 
                 let ok = |j: usize| (!causal || j <= i) && pad.is_none_or(|p| p[bi * t + j]);
                 let mut sc = vec![f64::NEG_INFINITY; t];
                 for (j, scj) in sc.iter_mut().enumerate().filter(|(j, _)| ok(*j)) {
-                    *scj = (0..hs).map(|d| q(d) * qkv[(bi * t + j) * 3 * c + c + h * hs + d] as f64).sum::<f64>()
-                        / (hs as f64).sqrt();
+                    *scj = (0..hs).map(|d| q(d) * qkv[(bi * t + j) * 3 * c + c + h * hs + d] as f64).sum::<f64>() / (hs as f64).sqrt();
                 }
                 let max = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
                 let z: f64 = sc.iter().map(|&x| (x - max).exp()).sum();
@@ -272,9 +267,7 @@ fn attention_backward_matches_finite_differences() {
     ops::attention_forward(&mut out, &mut probs, &qkv, s, mask, Dropout::NONE);
     let mut dqkv = vec![0f32; n];
     ops::attention_backward(&mut dqkv, &g, &qkv, &probs, s, Dropout::NONE);
-    let loss = |qkv: &[f32]| -> f64 {
-        attention_ref(qkv, s, true, None).0.iter().zip(&g).map(|(o, g)| o * *g as f64).sum()
-    };
+    let loss = |qkv: &[f32]| -> f64 { attention_ref(qkv, s, true, None).0.iter().zip(&g).map(|(o, g)| o * *g as f64).sum() };
     let h = 1e-3;
     for i in (0..n).step_by(7) {
         let (mut p, mut m) = (qkv.clone(), qkv.clone());
@@ -331,7 +324,8 @@ fn cached_attention_equals_full_causal_attention() {
     let mut full = vec![0f32; s.t * c];
     let mut probs = vec![0f32; s.probs_len()];
     ops::attention_forward(&mut full, &mut probs, &qkv, s, AttnMask { causal: true, key_padding: None }, Dropout::NONE);
-    let split = |part: usize| -> Vec<f32> { (0..s.t).flat_map(|i| qkv[i * 3 * c + part * c..i * 3 * c + (part + 1) * c].to_vec()).collect() };
+    let split =
+        |part: usize| -> Vec<f32> { (0..s.t).flat_map(|i| qkv[i * 3 * c + part * c..i * 3 * c + (part + 1) * c].to_vec()).collect() };
     let (q, k, v) = (split(0), split(1), split(2));
     // prompt of 6 positions, then one at a time
     let mut got = vec![0f32; s.t * c];
@@ -366,7 +360,13 @@ fn embedding_forward_backward_with_repeated_ids() {
     let g = rand_vec(b * t * c, 25, 1.0);
     let mut dwte = vec![0f32; vocab * c];
     let mut dwpe = vec![0f32; 8 * c];
-    ops::embedding_backward(EmbeddingTables { word: &mut dwte[..], position: Some(&mut dwpe[..]), token_type: None }, &g, &inp, c, Default::default());
+    ops::embedding_backward(
+        EmbeddingTables { word: &mut dwte[..], position: Some(&mut dwpe[..]), token_type: None },
+        &g,
+        &inp,
+        c,
+        Default::default(),
+    );
     for j in 0..c {
         let want3: f32 = [0usize, 1, 4, 8].iter().map(|&i| g[i * c + j]).sum();
         assert!((dwte[3 * c + j] - want3).abs() < 1e-6);
@@ -402,7 +402,13 @@ fn embedding_with_token_types_and_no_positions() {
     }
     let g = rand_vec(b * t * c, 62, 1.0);
     let (mut dwte, mut dwtt) = (vec![0f32; vocab * c], vec![0f32; 2 * c]);
-    ops::embedding_backward(EmbeddingTables { word: &mut dwte[..], position: None, token_type: Some(&mut dwtt[..]) }, &g, &inp, c, Default::default());
+    ops::embedding_backward(
+        EmbeddingTables { word: &mut dwte[..], position: None, token_type: Some(&mut dwtt[..]) },
+        &g,
+        &inp,
+        c,
+        Default::default(),
+    );
     for j in 0..c {
         let want1: f32 = (0..b * t).filter(|&i| types[i] == 1).map(|i| g[i * c + j]).sum();
         assert!((dwtt[c + j] - want1).abs() < 1e-5, "type-1 gradient");
@@ -482,7 +488,17 @@ fn fused_lm_head_case(rows: usize, c: usize, spread: f32) {
     assert!((got_eval - want_eval).abs() < 1e-6 * want_eval.abs(), "{got_eval} vs {want_eval}");
     let mut dx = vec![f32::NAN; rows * c]; // overwritten, not accumulated
     let mut dw = vec![1f32; vocab * c];
-    let got = ops::lm_head_loss(&mut scratch, &x, &wte, None, &targets, rows, vocab, c, Some(HeadGrads { dx: &mut dx, dwte: &mut dw, dbias: None, dloss: 0.5 }));
+    let got = ops::lm_head_loss(
+        &mut scratch,
+        &x,
+        &wte,
+        None,
+        &targets,
+        rows,
+        vocab,
+        c,
+        Some(HeadGrads { dx: &mut dx, dwte: &mut dw, dbias: None, dloss: 0.5 }),
+    );
     assert!((got - want).abs() < 1e-6 * want.abs(), "{got} vs {want}");
     let to64 = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<_>>();
     assert_close(&dx, &to64(&want_dx), 1e-6, "dx");
@@ -490,7 +506,17 @@ fn fused_lm_head_case(rows: usize, c: usize, spread: f32) {
     // bit for bit the same on a second run (fixed reduction order)
     let mut dx2 = vec![f32::NAN; rows * c];
     let mut dw2 = vec![1f32; vocab * c];
-    let again = ops::lm_head_loss(&mut scratch, &x, &wte, None, &targets, rows, vocab, c, Some(HeadGrads { dx: &mut dx2, dwte: &mut dw2, dbias: None, dloss: 0.5 }));
+    let again = ops::lm_head_loss(
+        &mut scratch,
+        &x,
+        &wte,
+        None,
+        &targets,
+        rows,
+        vocab,
+        c,
+        Some(HeadGrads { dx: &mut dx2, dwte: &mut dw2, dbias: None, dloss: 0.5 }),
+    );
     assert!(again.to_bits() == got.to_bits() && dx2 == dx && dw2 == dw, "second run differs");
 }
 
@@ -535,13 +561,33 @@ fn fused_lm_head_with_one_partial_chunk_and_all_rows_ignored() {
     ops::matmul(&mut want_dx, &logits, &wte, GemmShape { m: rows, n: c, k: vocab, trans_a: false, trans_b: false, accumulate: false });
     let mut scratch = vec![f32::NAN; rows * vocab];
     let (mut dx, mut dw) = (vec![f32::NAN; rows * c], vec![0f32; vocab * c]);
-    let got = ops::lm_head_loss(&mut scratch, &x, &wte, None, &targets, rows, vocab, c, Some(HeadGrads { dx: &mut dx, dwte: &mut dw, dbias: None, dloss: 0.2 }));
+    let got = ops::lm_head_loss(
+        &mut scratch,
+        &x,
+        &wte,
+        None,
+        &targets,
+        rows,
+        vocab,
+        c,
+        Some(HeadGrads { dx: &mut dx, dwte: &mut dw, dbias: None, dloss: 0.2 }),
+    );
     assert!((got - want).abs() < 1e-6 * want.abs(), "{got} vs {want}");
     assert_close(&dx, &want_dx.iter().map(|&v| v as f64).collect::<Vec<_>>(), 1e-6, "dx");
     // every target ignored: zero loss, zero gradients
     let ignored = [-100; 5];
     let (mut dx, mut dw) = (vec![f32::NAN; rows * c], vec![0f32; vocab * c]);
-    let got = ops::lm_head_loss(&mut scratch, &x, &wte, None, &ignored, rows, vocab, c, Some(HeadGrads { dx: &mut dx, dwte: &mut dw, dbias: None, dloss: 0.2 }));
+    let got = ops::lm_head_loss(
+        &mut scratch,
+        &x,
+        &wte,
+        None,
+        &ignored,
+        rows,
+        vocab,
+        c,
+        Some(HeadGrads { dx: &mut dx, dwte: &mut dw, dbias: None, dloss: 0.2 }),
+    );
     assert_eq!(got, 0.0);
     assert!(dx.iter().chain(&dw).all(|&v| v == 0.0), "ignored rows must give zero gradients");
 }

@@ -108,7 +108,12 @@ fn every_fast_path_has_a_fallback_that_agrees() {
             // relative to the output's largest magnitude, as the op tests' `assert_close`
             let scale = w.iter().fold(0f64, |m, &v| m.max(v.abs())).max(1e-30);
             let worst = g.iter().zip(&w).map(|(&a, &b)| (a - b).abs() / scale).fold(0f64, f64::max);
-            eprintln!("{:<36} {:>9}: {}", o.name, level.name(), if same_bits { "same bits".to_string() } else { format!("max rel diff {worst:.1e}") });
+            eprintln!(
+                "{:<36} {:>9}: {}",
+                o.name,
+                level.name(),
+                if same_bits { "same bits".to_string() } else { format!("max rel diff {worst:.1e}") }
+            );
             assert!(worst <= 1e-5, "{} at {}: max relative difference {worst:e} from {}", o.name, level.name(), top.name());
         }
         assert!(rest.is_empty(), "child wrote more outputs than expected");

@@ -15,9 +15,7 @@ use criterion::{Criterion, Throughput};
 use cudarc::driver::sys::CUevent_flags;
 use half::bf16;
 use lmtrain_backend::{AdamWHyper, AttnShape, DecaySegment, Dropout};
-use lmtrain_cuda::{
-    AttnOptions, ClassifierRows, CudaDevice, DeviceKind, EmbeddingBatch, Positions, Result,
-};
+use lmtrain_cuda::{AttnOptions, ClassifierRows, CudaDevice, DeviceKind, EmbeddingBatch, Positions, Result};
 
 /// One model's shapes.
 struct Shapes {
@@ -78,9 +76,7 @@ fn bench_model(c: &mut Criterion, dev: &CudaDevice, s: &Shapes) -> Result<()> {
     let n = b * t;
     let e = size_of::<bf16>();
     let mut g = c.benchmark_group(s.name);
-    g.warm_up_time(Duration::from_millis(300))
-        .measurement_time(Duration::from_secs(1))
-        .sample_size(10);
+    g.warm_up_time(Duration::from_millis(300)).measurement_time(Duration::from_secs(1)).sample_size(10);
 
     // attention forward + backward (flash), head size 64
     let shape = AttnShape { b, t, n_head: nh, head_size: ch / nh };
@@ -90,19 +86,13 @@ fn bench_model(c: &mut Criterion, dev: &CudaDevice, s: &Shapes) -> Result<()> {
     let dout = dev.zeros::<bf16>(n * ch)?;
     let kv = dev.upload(&vec![1u8; n])?;
     let kv_view = kv.as_view();
-    let opt = AttnOptions {
-        causal: s.causal,
-        key_valid: (!s.causal).then_some(&kv_view),
-        dropout: Dropout::NONE,
-    };
+    let opt = AttnOptions { causal: s.causal, key_valid: (!s.causal).then_some(&kv_view), dropout: Dropout::NONE };
     let causal_half = if s.causal { 0.5 } else { 1.0 };
     let attn_flops = 4.0 * (b * nh * t * t * (ch / nh)) as f64 * causal_half;
     g.throughput(Throughput::Elements(attn_flops as u64));
     g.bench_function("attention_fwd_bf16 (FLOP)", |it| {
         it.iter_custom(|iters| {
-            time_gpu(dev, iters, || {
-                dev.attention_forward(&mut out.as_view_mut(), &mut lse.as_view_mut(), &qkv.as_view(), shape, opt)
-            })
+            time_gpu(dev, iters, || dev.attention_forward(&mut out.as_view_mut(), &mut lse.as_view_mut(), &qkv.as_view(), shape, opt))
         })
     });
     // backward: dV, dK, dQ plus the S and dP' recomputed in both kernels (10 vs the forward's 4)

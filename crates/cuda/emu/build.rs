@@ -50,11 +50,7 @@ fn build() -> Result<(), String> {
     let Some(nvcc) = find_nvcc(&root) else {
         return Ok(()); // lmtrain-cuda's build reports the missing nvcc
     };
-    let include = nvcc
-        .parent()
-        .and_then(Path::parent)
-        .map(|p| p.join("include"))
-        .unwrap_or_default();
+    let include = nvcc.parent().and_then(Path::parent).map(|p| p.join("include")).unwrap_or_default();
     let sources = kernel_sources(&kernels_dir)?;
     build_emulator(&root, &out, &include, &sources)
 }
@@ -62,29 +58,16 @@ fn build() -> Result<(), String> {
 /// Compiles the CPU emulator twice (plain, and with AddressSanitizer) into
 /// `OUT_DIR/cuemu{,-asan}/lib{cuda,cublas,cublasLt}.so`. Object files compile in parallel;
 /// each kernels/*.cu is its own translation unit followed by its registration lines.
-fn build_emulator(
-    root: &Path,
-    out: &Path,
-    include: &Path,
-    sources: &[PathBuf],
-) -> Result<(), String> {
+fn build_emulator(root: &Path, out: &Path, include: &Path, sources: &[PathBuf]) -> Result<(), String> {
     let cxx = env::var("CXX").unwrap_or_else(|_| "c++".into());
     let emu = root.join("kernels/emu");
     let gen_dir = out.join("cuemu-src");
     fs::create_dir_all(&gen_dir).map_err(|e| e.to_string())?;
     let mut kernel_units = Vec::new();
     for src in sources {
-        let stem = src
-            .file_stem()
-            .unwrap_or_default()
-            .to_string_lossy()
-            .into_owned();
-        let mut unit = format!(
-            "#include {:?}\n#include \"emu/registry.h\"\n",
-            src.display().to_string()
-        );
-        let text =
-            fs::read_to_string(src).map_err(|e| format!("reading {}: {e}", src.display()))?;
+        let stem = src.file_stem().unwrap_or_default().to_string_lossy().into_owned();
+        let mut unit = format!("#include {:?}\n#include \"emu/registry.h\"\n", src.display().to_string());
+        let text = fs::read_to_string(src).map_err(|e| format!("reading {}: {e}", src.display()))?;
         for name in global_functions(&text) {
             let _ = writeln!(unit, "CUEMU_REGISTER({name})");
         }
@@ -99,31 +82,14 @@ fn build_emulator(
         .filter(|p| p.is_absolute() && p.exists());
     let mut variants = vec![("cuemu", vec!["-O2"])];
     if asan_runtime.is_some() {
-        variants.push((
-            "cuemu-asan",
-            vec!["-O1", "-g", "-fsanitize=address", "-fno-omit-frame-pointer"],
-        ));
+        variants.push(("cuemu-asan", vec!["-O1", "-g", "-fsanitize=address", "-fno-omit-frame-pointer"]));
     } else {
-        println!(
-            "cargo:warning=no libasan for {cxx}: the AddressSanitizer pass of the CUDA tests will skip"
-        );
+        println!("cargo:warning=no libasan for {cxx}: the AddressSanitizer pass of the CUDA tests will skip");
     }
 
     let common = |cmd: &mut Command, flags: &[&str]| {
-        cmd.args([
-            "-std=c++17",
-            "-fPIC",
-            "-Wall",
-            "-Wno-unknown-pragmas",
-            "-DCUEMU",
-        ])
-        .args(flags);
-        cmd.arg("-I")
-            .arg(root.join("kernels"))
-            .arg("-I")
-            .arg(&emu)
-            .arg("-I")
-            .arg(include);
+        cmd.args(["-std=c++17", "-fPIC", "-Wall", "-Wno-unknown-pragmas", "-DCUEMU"]).args(flags);
+        cmd.arg("-I").arg(root.join("kernels")).arg("-I").arg(&emu).arg("-I").arg(include);
     };
     // (variant, library, translation units)
     let mut libs: Vec<(&str, &[&str], &str, Vec<PathBuf>)> = Vec::new();
@@ -131,18 +97,8 @@ fn build_emulator(
         let mut cuda_units = vec![emu.join("fake_cuda.cpp")];
         cuda_units.extend(kernel_units.iter().cloned());
         libs.push((variant, flags, "libcuda.so", cuda_units));
-        libs.push((
-            variant,
-            flags,
-            "libcublas.so",
-            vec![emu.join("fake_cublas.cpp")],
-        ));
-        libs.push((
-            variant,
-            flags,
-            "libcublasLt.so",
-            vec![emu.join("fake_cublaslt.cpp")],
-        ));
+        libs.push((variant, flags, "libcublas.so", vec![emu.join("fake_cublas.cpp")]));
+        libs.push((variant, flags, "libcublasLt.so", vec![emu.join("fake_cublaslt.cpp")]));
     }
     // All objects in parallel (bounded by the machine's cores).
     let jobs: Vec<(String, PathBuf, PathBuf, &[&str])> = libs
@@ -181,13 +137,7 @@ fn build_emulator(
                 })
             })
             .collect();
-        handles
-            .into_iter()
-            .flat_map(|h| {
-                h.join()
-                    .unwrap_or_else(|_| vec!["compiler worker panicked".into()])
-            })
-            .collect()
+        handles.into_iter().flat_map(|h| h.join().unwrap_or_else(|_| vec!["compiler worker panicked".into()])).collect()
     });
     if let Some(e) = errors.into_iter().next() {
         return fail(format!("building the CUDA emulator: {e}"));
@@ -196,49 +146,24 @@ fn build_emulator(
     let selftest = out.join("cuemu").join("cuemu-selftest");
     let mut cmd = Command::new(&cxx);
     common(&mut cmd, &["-O1"]);
-    cmd.arg(emu.join("selftest.cpp"))
-        .arg("-o")
-        .arg(&selftest)
-        .arg("-lpthread");
+    cmd.arg(emu.join("selftest.cpp")).arg("-o").arg(&selftest).arg("-lpthread");
     run(&mut cmd).map_err(|e| format!("building the emulator self-test: {e}"))?;
-    println!(
-        "cargo:rustc-env=LMTRAIN_CUEMU_SELFTEST={}",
-        selftest.display()
-    );
+    println!("cargo:rustc-env=LMTRAIN_CUEMU_SELFTEST={}", selftest.display());
     for (variant, flags, lib, units) in &libs {
         let objs: Vec<PathBuf> = units
             .iter()
-            .map(|u| {
-                out.join(variant).join(format!(
-                    "{lib}-{}.o",
-                    u.file_stem().unwrap_or_default().to_string_lossy()
-                ))
-            })
+            .map(|u| out.join(variant).join(format!("{lib}-{}.o", u.file_stem().unwrap_or_default().to_string_lossy())))
             .collect();
         let mut cmd = Command::new(&cxx);
-        cmd.arg("-shared")
-            .args(flags.iter().filter(|f| f.starts_with("-fsanitize")));
-        cmd.arg(format!("-Wl,-soname,{lib}"))
-            .args(&objs)
-            .arg("-o")
-            .arg(out.join(variant).join(lib));
+        cmd.arg("-shared").args(flags.iter().filter(|f| f.starts_with("-fsanitize")));
+        cmd.arg(format!("-Wl,-soname,{lib}")).args(&objs).arg("-o").arg(out.join(variant).join(lib));
         cmd.arg("-lpthread");
         run(&mut cmd).map_err(|e| format!("linking the CUDA emulator: {e}"))?;
     }
-    println!(
-        "cargo:rustc-env=LMTRAIN_CUEMU_DIR={}",
-        out.join("cuemu").display()
-    );
+    println!("cargo:rustc-env=LMTRAIN_CUEMU_DIR={}", out.join("cuemu").display());
     if let Some(rt) = asan_runtime {
-        println!(
-            "cargo:rustc-env=LMTRAIN_CUEMU_ASAN_DIR={}",
-            out.join("cuemu-asan").display()
-        );
-        println!(
-            "cargo:rustc-env=LMTRAIN_CUEMU_ASAN_RUNTIME={}",
-            rt.display()
-        );
+        println!("cargo:rustc-env=LMTRAIN_CUEMU_ASAN_DIR={}", out.join("cuemu-asan").display());
+        println!("cargo:rustc-env=LMTRAIN_CUEMU_ASAN_RUNTIME={}", rt.display());
     }
     Ok(())
 }
-

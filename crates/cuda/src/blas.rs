@@ -22,15 +22,10 @@ impl LtMatmul {
     pub fn new(dev: &CudaDevice) -> Result<Self> {
         // SAFETY: only loads the shared library (dlopen) and reports whether that worked.
         if !unsafe { cudarc::cublaslt::sys::is_culib_present() } {
-            return Err(CudaError::Blas {
-                context: "loading libcublasLt.so".into(),
-                detail: "library not found".into(),
-            });
+            return Err(CudaError::Blas { context: "loading libcublasLt.so".into(), detail: "library not found".into() });
         }
-        let lt = CudaBlasLT::new(dev.stream().clone()).map_err(|e| CudaError::Blas {
-            context: "creating a handle".into(),
-            detail: e.to_string(),
-        })?;
+        let lt = CudaBlasLT::new(dev.stream().clone())
+            .map_err(|e| CudaError::Blas { context: "creating a handle".into(), detail: e.to_string() })?;
         Ok(Self { lt })
     }
 
@@ -51,47 +46,25 @@ impl LtMatmul {
         CudaBlasLT: Matmul<T>,
     {
         const OP: &str = "lt_matmul";
-        let GemmShape {
-            m,
-            n,
-            k,
-            trans_a,
-            trans_b,
-            accumulate,
-        } = s;
-        let sizes = [
-            ("C", c.len(), m * n),
-            ("A", a.len(), m * k),
-            ("B", b.len(), k * n),
-        ];
+        let GemmShape { m, n, k, trans_a, trans_b, accumulate } = s;
+        let sizes = [("C", c.len(), m * n), ("A", a.len(), m * k), ("B", b.len(), k * n)];
         for (what, len, want) in sizes {
             if len != want {
-                return Err(shape(
-                    OP,
-                    format!("{what} has {len} elements, expected {want}"),
-                ));
+                return Err(shape(OP, format!("{what} has {len} elements, expected {want}")));
             }
         }
         if let Some(bias) = bias
             && bias.len() != n
         {
-            return Err(shape(
-                OP,
-                format!("bias has {} elements, expected {n}", bias.len()),
-            ));
+            return Err(shape(OP, format!("bias has {} elements, expected {n}", bias.len())));
         }
         if accumulate && (gelu || bias.is_some()) {
-            return Err(shape(
-                OP,
-                "accumulate cannot be combined with a bias or GELU epilogue",
-            ));
+            return Err(shape(OP, "accumulate cannot be combined with a bias or GELU epilogue"));
         }
         if m == 0 || n == 0 {
             return Ok(());
         }
-        let dim = |v: usize| {
-            i64::try_from(v).map_err(|_| shape(OP, format!("dimension {v} exceeds i64")))
-        };
+        let dim = |v: usize| i64::try_from(v).map_err(|_| shape(OP, format!("dimension {v} exceeds i64")));
         // Row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T: B plays cuBLASLt's
         // "A" and A its "B"; a row-major [r, c] buffer is a column-major c x r one (ld = c).
         let cfg = MatmulConfig {
@@ -115,9 +88,7 @@ impl LtMatmul {
         let act = gelu.then_some(Activation::Gelu);
         // SAFETY: A, B, C (and bias) have exactly the lengths the layouts above describe
         // (checked), so cuBLASLt reads and writes inside them.
-        unsafe { self.lt.matmul(cfg, b, a, c, bias, act.as_ref()) }.map_err(|e| CudaError::Blas {
-            context: format!("matmul {m}x{n}x{k}"),
-            detail: e.to_string(),
-        })
+        unsafe { self.lt.matmul(cfg, b, a, c, bias, act.as_ref()) }
+            .map_err(|e| CudaError::Blas { context: format!("matmul {m}x{n}x{k}"), detail: e.to_string() })
     }
 }

@@ -3,9 +3,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use cudarc::driver::{
-    CudaContext, CudaFunction, CudaSlice, CudaStream, DeviceRepr, ValidAsZeroBits,
-};
+use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, DeviceRepr, ValidAsZeroBits};
 use cudarc::nvrtc::Ptx;
 
 use crate::{CudaError, Result, driver, embedded};
@@ -33,10 +31,7 @@ pub struct CudaDevice {
 
 impl std::fmt::Debug for CudaDevice {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CudaDevice")
-            .field("name", &self.name)
-            .field("kind", &self.kind)
-            .finish()
+        f.debug_struct("CudaDevice").field("name", &self.name).field("kind", &self.kind).finish()
     }
 }
 
@@ -54,11 +49,7 @@ impl CudaDevice {
         }
         let ctx = CudaContext::new(ordinal).map_err(driver(format!("opening device {ordinal}")))?;
         let name = ctx.name().map_err(driver("reading the device name"))?;
-        let kind = if name.starts_with(EMULATOR_NAME) {
-            DeviceKind::Emulator
-        } else {
-            DeviceKind::Gpu
-        };
+        let kind = if name.starts_with(EMULATOR_NAME) { DeviceKind::Emulator } else { DeviceKind::Gpu };
         if kind == DeviceKind::Emulator && std::env::var("LMTRAIN_CUEMU").as_deref() != Ok("1") {
             return Err(CudaError::EmulatorOnly);
         }
@@ -67,24 +58,14 @@ impl CudaDevice {
         }
         let mut functions = HashMap::new();
         for (module_name, image, kernels) in embedded::MODULES {
-            let module = ctx
-                .load_module(Ptx::from_binary(image.to_vec()))
-                .map_err(driver(format!("loading kernels/{module_name}.cu")))?;
+            let module = ctx.load_module(Ptx::from_binary(image.to_vec())).map_err(driver(format!("loading kernels/{module_name}.cu")))?;
             for kernel in *kernels {
-                let f = module
-                    .load_function(kernel)
-                    .map_err(driver(format!("loading kernel {kernel}")))?;
+                let f = module.load_function(kernel).map_err(driver(format!("loading kernel {kernel}")))?;
                 functions.insert(*kernel, f);
             }
         }
         let stream = ctx.default_stream();
-        Ok(Self {
-            ctx,
-            stream,
-            functions,
-            name,
-            kind,
-        })
+        Ok(Self { ctx, stream, functions, name, kind })
     }
 
     /// The device's name as the driver reports it.
@@ -109,23 +90,17 @@ impl CudaDevice {
 
     /// Copies a host slice into a new device buffer.
     pub fn upload<T: DeviceRepr>(&self, host: &[T]) -> Result<CudaSlice<T>> {
-        self.stream
-            .clone_htod(host)
-            .map_err(driver("copying to the device"))
+        self.stream.clone_htod(host).map_err(driver("copying to the device"))
     }
 
     /// Copies a device buffer back to the host (waits for pending work on the stream).
     pub fn download<T: DeviceRepr + Default + Clone>(&self, dev: &CudaSlice<T>) -> Result<Vec<T>> {
-        self.stream
-            .clone_dtoh(dev)
-            .map_err(driver("copying from the device"))
+        self.stream.clone_dtoh(dev).map_err(driver("copying from the device"))
     }
 
     /// A zero-filled device buffer of `len` elements.
     pub fn zeros<T: DeviceRepr + ValidAsZeroBits>(&self, len: usize) -> Result<CudaSlice<T>> {
-        self.stream
-            .alloc_zeros(len)
-            .map_err(driver("allocating device memory"))
+        self.stream.alloc_zeros(len).map_err(driver("allocating device memory"))
     }
 
     /// Waits until all launched work has finished.
@@ -135,8 +110,6 @@ impl CudaDevice {
 
     /// A loaded kernel by its symbol name (e.g. `layernorm_fwd_f32`), for direct cudarc launches.
     pub fn function(&self, name: &str) -> Result<&CudaFunction> {
-        self.functions
-            .get(name)
-            .ok_or_else(|| CudaError::MissingKernel(name.to_string()))
+        self.functions.get(name).ok_or_else(|| CudaError::MissingKernel(name.to_string()))
     }
 }

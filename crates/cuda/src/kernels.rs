@@ -15,7 +15,6 @@ mod fused;
 pub use attention::AttnOptions;
 pub use fused::{ClassifierRows, EmbeddingBatch, Positions, bias_backward_scratch, grad_norm_scratch};
 
-
 mod sealed {
     pub trait Sealed {}
     impl Sealed for f32 {}
@@ -52,14 +51,7 @@ pub fn layernorm_backward_scratch(rows: usize, cols: usize) -> usize {
 }
 
 fn check_len(op: &'static str, what: &str, len: usize, want: usize) -> Result<()> {
-    if len == want {
-        Ok(())
-    } else {
-        Err(shape(
-            op,
-            format!("{what} has {len} elements, expected {want}"),
-        ))
-    }
+    if len == want { Ok(()) } else { Err(shape(op, format!("{what} has {len} elements, expected {want}"))) }
 }
 
 fn to_i32(op: &'static str, what: &str, v: usize) -> Result<i32> {
@@ -72,11 +64,7 @@ fn rows_grid(rows: usize) -> u32 {
 
 fn elem_cfg(n: usize) -> LaunchConfig {
     let blocks = n.div_ceil(ELEM_BLOCK as usize).clamp(1, ELEM_MAX_BLOCKS) as u32;
-    LaunchConfig {
-        grid_dim: (blocks, 1, 1),
-        block_dim: (ELEM_BLOCK, 1, 1),
-        shared_mem_bytes: 0,
-    }
+    LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (ELEM_BLOCK, 1, 1), shared_mem_bytes: 0 }
 }
 
 /// A run of consecutive parameters with one weight decay (the kernel's unit of launch).
@@ -93,29 +81,16 @@ fn decay_runs(op: &'static str, segments: &[DecaySegment], n: usize) -> Result<V
     let mut next = 0;
     for s in segments {
         if s.offset != next {
-            return Err(shape(
-                op,
-                format!(
-                    "segment at {} leaves a gap or overlap (expected offset {next})",
-                    s.offset
-                ),
-            ));
+            return Err(shape(op, format!("segment at {} leaves a gap or overlap (expected offset {next})", s.offset)));
         }
         next += s.len;
         match runs.last_mut() {
             Some(r) if r.weight_decay == s.weight_decay => r.len += s.len,
-            _ => runs.push(DecayRun {
-                offset: s.offset,
-                len: s.len,
-                weight_decay: s.weight_decay,
-            }),
+            _ => runs.push(DecayRun { offset: s.offset, len: s.len, weight_decay: s.weight_decay }),
         }
     }
     if next != n {
-        return Err(shape(
-            op,
-            format!("segments cover {next} of {n} parameters"),
-        ));
+        return Err(shape(op, format!("segments cover {next} of {n} parameters")));
     }
     runs.retain(|r| r.len > 0);
     Ok(runs)
@@ -139,28 +114,14 @@ impl AdamScalars {
         }
         // the bias corrections every backend shares (torch's, in double precision)
         let (step_size, bc2_sqrt) = hp.bias_corrections();
-        Ok(Self {
-            lr: hp.lr,
-            beta1: hp.beta1,
-            beta2: hp.beta2,
-            eps: hp.eps,
-            grad_scale: hp.grad_scale,
-            step_size,
-            bc2_sqrt,
-        })
+        Ok(Self { lr: hp.lr, beta1: hp.beta1, beta2: hp.beta2, eps: hp.eps, grad_scale: hp.grad_scale, step_size, bc2_sqrt })
     }
 
     /// Pushes the scalars both AdamW kernels take after their buffers and length, in their
     /// parameter order: lr, beta1, beta2, eps, weight decay, grad scale, step size, sqrt(bc2).
     fn push<'a>(&'a self, l: &mut Launch<'a>, weight_decay: &'a f32) {
-        l.scalar(&self.lr)
-            .scalar(&self.beta1)
-            .scalar(&self.beta2)
-            .scalar(&self.eps)
-            .scalar(weight_decay);
-        l.scalar(&self.grad_scale)
-            .scalar(&self.step_size)
-            .scalar(&self.bc2_sqrt);
+        l.scalar(&self.lr).scalar(&self.beta1).scalar(&self.beta2).scalar(&self.eps).scalar(weight_decay);
+        l.scalar(&self.grad_scale).scalar(&self.step_size).scalar(&self.bc2_sqrt);
     }
 }
 
@@ -181,9 +142,7 @@ impl CudaDevice {
         eps: f32,
     ) -> Result<()> {
         const OP: &str = "layernorm_forward";
-        let n = rows
-            .checked_mul(cols)
-            .ok_or_else(|| shape(OP, "rows * cols overflows"))?;
+        let n = rows.checked_mul(cols).ok_or_else(|| shape(OP, "rows * cols overflows"))?;
         check_len(OP, "out", out.len(), n)?;
         check_len(OP, "inp", inp.len(), n)?;
         check_len(OP, "mean", mean.len(), rows)?;
@@ -194,18 +153,9 @@ impl CudaDevice {
         if rows == 0 || cols == 0 {
             return Ok(());
         }
-        let cfg = LaunchConfig {
-            grid_dim: (rows_grid(rows), 1, 1),
-            block_dim: (ROW_BLOCK, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = LaunchConfig { grid_dim: (rows_grid(rows), 1, 1), block_dim: (ROW_BLOCK, 1, 1), shared_mem_bytes: 0 };
         let mut l = Launch::new(self, format!("layernorm_fwd_{}", T::SUFFIX))?;
-        l.output(out)
-            .output(mean)
-            .output(rstd)
-            .input(inp)
-            .input(weight)
-            .input(bias);
+        l.output(out).output(mean).output(rstd).input(inp).input(weight).input(bias);
         l.scalar(&rows_i).scalar(&cols_i).scalar(&eps);
         // SAFETY: every buffer has exactly the length the kernel indexes (checked above): it
         // touches rows*cols elements of out/inp, rows of mean/rstd and cols of weight/bias.
@@ -232,9 +182,7 @@ impl CudaDevice {
         cols: usize,
     ) -> Result<()> {
         const OP: &str = "layernorm_backward";
-        let n = rows
-            .checked_mul(cols)
-            .ok_or_else(|| shape(OP, "rows * cols overflows"))?;
+        let n = rows.checked_mul(cols).ok_or_else(|| shape(OP, "rows * cols overflows"))?;
         check_len(OP, "dinp", dinp.len(), n)?;
         check_len(OP, "dout", dout.len(), n)?;
         check_len(OP, "inp", inp.len(), n)?;
@@ -245,10 +193,7 @@ impl CudaDevice {
         check_len(OP, "rstd", rstd.len(), rows)?;
         let need = layernorm_backward_scratch(rows, cols);
         if scratch.len() < need {
-            return Err(shape(
-                OP,
-                format!("scratch has {} floats, needs {need}", scratch.len()),
-            ));
+            return Err(shape(OP, format!("scratch has {} floats, needs {need}", scratch.len())));
         }
         let (rows_i, cols_i) = (to_i32(OP, "rows", rows)?, to_i32(OP, "cols", cols)?);
         to_i32(OP, "2 * cols", 2 * cols)?;
@@ -257,21 +202,11 @@ impl CudaDevice {
         }
         let nseg = rows.div_ceil(SEG_ROWS);
         let seg_rows = SEG_ROWS as i32;
-        let cfg = LaunchConfig {
-            grid_dim: (nseg as u32, 1, 1),
-            block_dim: (ROW_BLOCK, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = LaunchConfig { grid_dim: (nseg as u32, 1, 1), block_dim: (ROW_BLOCK, 1, 1), shared_mem_bytes: 0 };
         {
             let mut part = scratch.slice_mut(0..2 * cols * nseg);
             let mut l = Launch::new(self, format!("layernorm_bwd_{}", T::SUFFIX))?;
-            l.output(dinp)
-                .output(&mut part)
-                .input(dout)
-                .input(inp)
-                .input(weight)
-                .input(mean)
-                .input(rstd);
+            l.output(dinp).output(&mut part).input(dout).input(inp).input(weight).input(mean).input(rstd);
             l.scalar(&rows_i).scalar(&cols_i).scalar(&seg_rows);
             // SAFETY: lengths checked above; block `seg` touches rows [seg*SEG_ROWS, ..) < rows of
             // dinp/dout/inp/mean/rstd, cols of weight, and 2*cols floats of part at seg*2*cols,
@@ -300,16 +235,9 @@ impl CudaDevice {
         if n > stride || partials.len() < (nseg - 1) * stride + n {
             return Err(shape(OP, "partials too short for nseg * stride"));
         }
-        let (nseg_i, stride_i, n_i) = (
-            to_i32(OP, "nseg", nseg)?,
-            to_i32(OP, "stride", stride)?,
-            to_i32(OP, "n", n)?,
-        );
-        let cfg = LaunchConfig {
-            grid_dim: (n.div_ceil(ELEM_BLOCK as usize) as u32, 1, 1),
-            block_dim: (ELEM_BLOCK, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let (nseg_i, stride_i, n_i) = (to_i32(OP, "nseg", nseg)?, to_i32(OP, "stride", stride)?, to_i32(OP, "n", n)?);
+        let cfg =
+            LaunchConfig { grid_dim: (n.div_ceil(ELEM_BLOCK as usize) as u32, 1, 1), block_dim: (ELEM_BLOCK, 1, 1), shared_mem_bytes: 0 };
         let mut l = Launch::new(self, "column_sum_f32".to_string())?;
         l.output(dst).input(partials);
         l.scalar(&nseg_i).scalar(&stride_i).scalar(&n_i);
@@ -319,12 +247,7 @@ impl CudaDevice {
     }
 
     /// `out = gelu(inp)` element-wise.
-    pub fn gelu_forward<T: KernelDtype>(
-        &self,
-        out: &mut CudaViewMut<'_, T>,
-        inp: &CudaView<'_, T>,
-        kind: GeluKind,
-    ) -> Result<()> {
+    pub fn gelu_forward<T: KernelDtype>(&self, out: &mut CudaViewMut<'_, T>, inp: &CudaView<'_, T>, kind: GeluKind) -> Result<()> {
         const OP: &str = "gelu_forward";
         let n = inp.len();
         check_len(OP, "out", out.len(), n)?;
@@ -386,20 +309,10 @@ impl CudaDevice {
         let s = AdamScalars::new(OP, hp)?;
         for run in decay_runs(OP, segments, n)? {
             let r = run.offset..run.offset + run.len;
-            let (mut p, g, mut mm, mut vv) = (
-                params.slice_mut(r.clone()),
-                grads.slice(r.clone()),
-                m.slice_mut(r.clone()),
-                v.slice_mut(r),
-            );
+            let (mut p, g, mut mm, mut vv) = (params.slice_mut(r.clone()), grads.slice(r.clone()), m.slice_mut(r.clone()), v.slice_mut(r));
             let len = run.len as u64;
             let mut l = Launch::new(self, "adamw_f32".to_string())?;
-            l.output(&mut p)
-                .input(&g)
-                .output(&mut mm)
-                .output(&mut vv)
-                .optional_input(clip)
-                .scalar(&len);
+            l.output(&mut p).input(&g).output(&mut mm).output(&mut vv).optional_input(clip).scalar(&len);
             s.push(&mut l, &run.weight_decay);
             // SAFETY: the four views have run.len elements (sub-ranges of buffers whose lengths
             // were checked), the kernel's loop bound; clip, when given, has its 2 floats.
@@ -437,11 +350,7 @@ impl CudaDevice {
         let s = AdamScalars::new(OP, hp)?;
         for run in decay_runs(OP, segments, n)? {
             let r = run.offset..run.offset + run.len;
-            let (mut w, mut p, g) = (
-                master.slice_mut(r.clone()),
-                params.slice_mut(r.clone()),
-                grads.slice(r.clone()),
-            );
+            let (mut w, mut p, g) = (master.slice_mut(r.clone()), params.slice_mut(r.clone()), grads.slice(r.clone()));
             let (mut mm, mut vv) = (m.slice_mut(r.clone()), v.slice_mut(r));
             let (len, offset) = (run.len as u64, run.offset as u64);
             let mut l = Launch::new(self, "adamw_bf16".to_string())?;

@@ -15,11 +15,7 @@ pub(crate) struct Launch<'a> {
 impl<'a> Launch<'a> {
     pub(crate) fn new(dev: &'a CudaDevice, kernel: String) -> Result<Self> {
         let f = dev.function(&kernel)?;
-        Ok(Self {
-            args: dev.stream().launch_builder(f),
-            kernel,
-            sizes: Vec::new(),
-        })
+        Ok(Self { args: dev.stream().launch_builder(f), kernel, sizes: Vec::new() })
     }
 
     /// A read-only device buffer (a pointer parameter).
@@ -66,11 +62,7 @@ impl<'a> Launch<'a> {
             .map(|(_, p)| *p)
             .ok_or_else(|| CudaError::MissingKernel(self.kernel.clone()))?;
         if declared != self.sizes.as_slice() {
-            return Err(CudaError::Signature {
-                kernel: self.kernel,
-                passed: self.sizes,
-                declared: declared.to_vec(),
-            });
+            return Err(CudaError::Signature { kernel: self.kernel, passed: self.sizes, declared: declared.to_vec() });
         }
         // SAFETY: argument count and sizes match the kernel's parameters (checked above) and the
         // caller vouches for the memory accesses.

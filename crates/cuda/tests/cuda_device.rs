@@ -8,10 +8,7 @@ use support::{Child, Mode, run_children};
 fn assert_one_line(e: &CudaError) -> String {
     let msg = e.to_string();
     assert!(!msg.contains('\n'), "error spans several lines: {msg}");
-    assert!(
-        msg.starts_with("no NVIDIA driver found"),
-        "unexpected message: {msg}"
-    );
+    assert!(msg.starts_with("no NVIDIA driver found"), "unexpected message: {msg}");
     msg
 }
 
@@ -24,10 +21,7 @@ fn open_without_driver_is_one_clear_line() {
     }
     // SAFETY: only tries to dlopen libcuda.so.
     if unsafe { cudarc::driver::sys::is_culib_present() } {
-        support::skip(
-            "open_without_driver_is_one_clear_line",
-            "an NVIDIA driver is installed",
-        );
+        support::skip("open_without_driver_is_one_clear_line", "an NVIDIA driver is installed");
         return;
     }
     let err = CudaDevice::open(0).expect_err("no driver, yet a device opened");
@@ -40,8 +34,7 @@ fn open_without_driver_is_one_clear_line() {
 fn emulator_refused_outside_tests() {
     match support::mode() {
         Mode::Direct if std::env::var("LMTRAIN_CUDA_CHILD").is_ok() => {
-            let err =
-                CudaDevice::open(0).expect_err("the emulator was accepted without LMTRAIN_CUEMU=1");
+            let err = CudaDevice::open(0).expect_err("the emulator was accepted without LMTRAIN_CUEMU=1");
             assert!(matches!(err, CudaError::EmulatorOnly), "{err:?}");
             println!("{}", assert_one_line(&err));
         }
@@ -49,12 +42,7 @@ fn emulator_refused_outside_tests() {
         Mode::Skip(why) => support::skip("emulator_refused_outside_tests", why),
         Mode::Emulate(dir) => run_children(
             &["emulator_refused_outside_tests"],
-            &Child {
-                lib_dir: dir,
-                order: "forward",
-                asan_runtime: None,
-                allow_emulator: false,
-            },
+            &Child { lib_dir: dir, order: "forward", asan_runtime: None, allow_emulator: false },
         ),
     }
 }

@@ -17,24 +17,15 @@ use half::bf16;
 use lmtrain_backend::{AttnMask, AttnShape, Dropout};
 use lmtrain_cpu::ops;
 use lmtrain_cuda::{AttnOptions, ClassifierRows, CudaDevice, EmbeddingBatch, Positions};
-use support::{
-    Child, Elem, F32_TOL, Mode, Rng, assert_close, check, load, on_device, quantize,
-    run_children, store,
-};
+use support::{Child, Elem, F32_TOL, Mode, Rng, assert_close, check, load, on_device, quantize, run_children, store};
 
 /// The bits of a device buffer, for the determinism checks.
 fn bits<T: Elem>(dev: &CudaDevice, buf: &CudaSlice<T>) -> Vec<u32> {
-    load(&dev.download(buf).unwrap())
-        .iter()
-        .map(|v| v.to_bits())
-        .collect()
+    load(&dev.download(buf).unwrap()).iter().map(|v| v.to_bits()).collect()
 }
 
 fn assert_same_bits<T: Elem>(dev: &CudaDevice, what: &str, a: &CudaSlice<T>, b: &CudaSlice<T>) {
-    assert!(
-        bits(dev, a) == bits(dev, b),
-        "{what}: two launches gave different bits"
-    );
+    assert!(bits(dev, a) == bits(dev, b), "{what}: two launches gave different bits");
 }
 
 // ---- attention ------------------------------------------------------------------------------
@@ -81,11 +72,8 @@ fn lse_reference(qkv: &[f32], s: AttnShape, causal: bool, kp: Option<&[bool]>) -
                     })
                     .collect();
                 let m = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-                lse[(bi * s.n_head + h) * s.t + i] = if scores.is_empty() {
-                    f32::NEG_INFINITY
-                } else {
-                    (m + scores.iter().map(|x| (x - m).exp()).sum::<f64>().ln()) as f32
-                };
+                lse[(bi * s.n_head + h) * s.t + i] =
+                    if scores.is_empty() { f32::NEG_INFINITY } else { (m + scores.iter().map(|x| (x - m).exp()).sum::<f64>().ln()) as f32 };
             }
         }
     }
@@ -93,36 +81,15 @@ fn lse_reference(qkv: &[f32], s: AttnShape, causal: bool, kp: Option<&[bool]>) -
 }
 
 fn attention_case<T: Elem>(dev: &CudaDevice, k: &AttnCase, seed: u64) {
-    let s = AttnShape {
-        b: k.b,
-        t: k.t,
-        n_head: k.nh,
-        head_size: k.hs,
-    };
-    let tag = format!(
-        "attention b{} t{} h{} hs{} causal={} pad={} p={} {}",
-        k.b,
-        k.t,
-        k.nh,
-        k.hs,
-        k.causal,
-        k.pad,
-        k.p,
-        T::SUFFIX
-    );
+    let s = AttnShape { b: k.b, t: k.t, n_head: k.nh, head_size: k.hs };
+    let tag = format!("attention b{} t{} h{} hs{} causal={} pad={} p={} {}", k.b, k.t, k.nh, k.hs, k.causal, k.pad, k.p, T::SUFFIX);
     let c = s.channels();
     let mut rng = Rng::new(seed);
     let qkv = quantize::<T>(rng.vec(k.b * k.t * 3 * c, 1.5, 0.0));
     let kp = key_padding(k.b, k.t);
     let kp_opt = k.pad.then_some(kp.as_slice());
-    let drop = Dropout {
-        p: k.p,
-        seed: 0x5EED ^ seed,
-    };
-    let mask = AttnMask {
-        causal: k.causal,
-        key_padding: kp_opt,
-    };
+    let drop = Dropout { p: k.p, seed: 0x5EED ^ seed };
+    let mask = AttnMask { causal: k.causal, key_padding: kp_opt };
     let (mut out, mut probs) = (vec![0f32; k.b * k.t * c], vec![0f32; s.probs_len()]);
     ops::attention_forward(&mut out, &mut probs, &qkv, s, mask, drop);
     let lse = lse_reference(&qkv, s, k.causal, kp_opt);
@@ -131,40 +98,21 @@ fn attention_case<T: Elem>(dev: &CudaDevice, k: &AttnCase, seed: u64) {
     let kv_bytes: Vec<u8> = kp.iter().map(|&v| u8::from(v)).collect();
     let d_kv = dev.upload(&kv_bytes).unwrap();
     let kv_view = d_kv.as_view();
-    let opt = AttnOptions {
-        causal: k.causal,
-        key_valid: k.pad.then_some(&kv_view),
-        dropout: drop,
-    };
+    let opt = AttnOptions { causal: k.causal, key_valid: k.pad.then_some(&kv_view), dropout: drop };
     let run_forward = || {
         let mut d_out = dev.zeros::<T>(k.b * k.t * c).unwrap();
         let mut d_lse = dev.zeros::<f32>(k.b * k.nh * k.t).unwrap();
-        dev.attention_forward(
-            &mut d_out.as_view_mut(),
-            &mut d_lse.as_view_mut(),
-            &d_qkv.as_view(),
-            s,
-            opt,
-        )
-        .unwrap();
+        dev.attention_forward(&mut d_out.as_view_mut(), &mut d_lse.as_view_mut(), &d_qkv.as_view(), s, opt).unwrap();
         (d_out, d_lse)
     };
     let (d_out, d_lse) = run_forward();
     check(dev, &format!("{tag} forward out"), &d_out, &out, T::TOL);
     let got_lse = dev.download(&d_lse).unwrap();
     for (i, (&g, &w)) in got_lse.iter().zip(&lse).enumerate() {
-        assert!(
-            (g == w) || (g.is_finite() && w.is_finite()),
-            "{tag}: lse[{i}] = {g}, want {w}"
-        );
+        assert!((g == w) || (g.is_finite() && w.is_finite()), "{tag}: lse[{i}] = {g}, want {w}");
     }
     let finite = |x: &[f32]| x.iter().map(|&v| if v.is_finite() { v } else { 0.0 }).collect::<Vec<_>>();
-    assert_close(
-        &format!("{tag} forward lse"),
-        &finite(&got_lse),
-        &finite(&lse),
-        F32_TOL,
-    );
+    assert_close(&format!("{tag} forward lse"), &finite(&got_lse), &finite(&lse), F32_TOL);
 
     let dout = quantize::<T>(rng.vec(k.b * k.t * c, 1.0, 0.0));
     let dqkv0 = quantize::<T>(rng.vec(k.b * k.t * 3 * c, 0.1, 0.0));
@@ -242,14 +190,9 @@ fn classifier_case<T: Elem>(dev: &CudaDevice, n_rows: usize, vocab: usize, seed:
     let mut rng = Rng::new(seed);
     let logits = quantize::<T>(rng.vec(n_rows * vocab, 4.0, 0.0));
     // every other row plus the last one; one selected row ignored (a padding row)
-    let rows: Vec<u32> = (0..n_rows as u32)
-        .filter(|r| r % 2 == 0 || *r as usize == n_rows - 1)
-        .collect();
-    let targets: Vec<i32> = rows
-        .iter()
-        .enumerate()
-        .map(|(s, &r)| if s == 1 { -100 } else { ((r as usize * 7919 + 3) % vocab) as i32 })
-        .collect();
+    let rows: Vec<u32> = (0..n_rows as u32).filter(|r| r % 2 == 0 || *r as usize == n_rows - 1).collect();
+    let targets: Vec<i32> =
+        rows.iter().enumerate().map(|(s, &r)| if s == 1 { -100 } else { ((r as usize * 7919 + 3) % vocab) as i32 }).collect();
     let valid = targets.iter().filter(|&&y| y != -100).count();
     let g = 1.0 / valid as f32;
     // CPU reference: ops::cross_entropy on each selected row (its loss and dlogits).
@@ -265,32 +208,17 @@ fn classifier_case<T: Elem>(dev: &CudaDevice, n_rows: usize, vocab: usize, seed:
         let mut d_logits = dev.upload(&store::<T>(&logits)).unwrap();
         let mut losses = dev.zeros::<f32>(rows.len()).unwrap();
         let mut total = dev.zeros::<f64>(1).unwrap();
-        dev.classifier(
-            &mut d_logits.as_view_mut(),
-            &mut losses.as_view_mut(),
-            &mut total.as_view_mut(),
-            &sel,
-            dloss,
-        )
-        .unwrap();
+        dev.classifier(&mut d_logits.as_view_mut(), &mut losses.as_view_mut(), &mut total.as_view_mut(), &sel, dloss).unwrap();
         (d_logits, losses, dev.download(&total).unwrap()[0])
     };
     let (d_logits, losses, total) = run(Some(g));
     check(dev, &format!("{tag} dlogits"), &d_logits, &want, T::TOL);
     check(dev, &format!("{tag} row losses"), &losses, &want_losses, F32_TOL);
-    assert_close(
-        &format!("{tag} loss sum"),
-        &[total as f32],
-        &[want_total as f32],
-        F32_TOL,
-    );
+    assert_close(&format!("{tag} loss sum"), &[total as f32], &[want_total as f32], F32_TOL);
     // rows not selected are untouched (bit for bit)
     let got = load(&dev.download(&d_logits).unwrap());
     for r in (0..n_rows).filter(|r| !rows.contains(&(*r as u32))) {
-        assert!(
-            got[r * vocab..(r + 1) * vocab] == logits[r * vocab..(r + 1) * vocab],
-            "{tag}: unselected row {r} changed"
-        );
+        assert!(got[r * vocab..(r + 1) * vocab] == logits[r * vocab..(r + 1) * vocab], "{tag}: unselected row {r} changed");
     }
     // the loss alone leaves the logits as they were
     let (d_plain, losses_plain, total_plain) = run(None);
@@ -380,11 +308,8 @@ fn layernorm_backward_determinism<T: Elem>(dev: &CudaDevice, rows: usize, cols: 
     let (mut dinp, mut dweight, mut dbias) = (vec![0f32; rows * cols], rng.vec(cols, 0.5, 0.0), rng.vec(cols, 0.5, 0.0));
     let (dw0, db0) = (dweight.clone(), dbias.clone());
     ops::layernorm_backward(&mut dinp, &mut dweight, &mut dbias, &dout, &x, &w, &mean, &rstd, rows, cols);
-    let (dx, dwt, ddy) = (
-        dev.upload(&store::<T>(&x)).unwrap(),
-        dev.upload(&store::<T>(&w)).unwrap(),
-        dev.upload(&store::<T>(&dout)).unwrap(),
-    );
+    let (dx, dwt, ddy) =
+        (dev.upload(&store::<T>(&x)).unwrap(), dev.upload(&store::<T>(&w)).unwrap(), dev.upload(&store::<T>(&dout)).unwrap());
     let (dm, dr) = (dev.upload(&mean).unwrap(), dev.upload(&rstd).unwrap());
     let run = || {
         let mut d_dinp = dev.zeros::<T>(rows * cols).unwrap();
@@ -466,7 +391,11 @@ fn embedding_case<T: Elem>(dev: &CudaDevice, b: usize, t: usize, c: usize, expli
     let inp = lmtrain_backend::Inputs::new(&host);
     let tables = lmtrain_backend::EmbeddingTables { word: &wte[..], position: Some(&wpe[..]), token_type: explicit.then_some(&tte[..]) };
     ops::embedding_forward(&mut out, tables, &inp, c);
-    let grads = lmtrain_backend::EmbeddingTables { word: &mut dwte[..], position: Some(&mut dwpe[..]), token_type: explicit.then_some(&mut dtte[..]) };
+    let grads = lmtrain_backend::EmbeddingTables {
+        word: &mut dwte[..],
+        position: Some(&mut dwpe[..]),
+        token_type: explicit.then_some(&mut dtte[..]),
+    };
     ops::embedding_backward(grads, &dout, &inp, c, Default::default());
     let positions = if explicit { Positions::Explicit(&pos_ids) } else { Positions::Offset(0) };
     let types = explicit.then_some(type_ids.as_slice());
@@ -475,20 +404,13 @@ fn embedding_case<T: Elem>(dev: &CudaDevice, b: usize, t: usize, c: usize, expli
     let (d_wte, d_wpe, d_tte, d_dout) = (up(&wte), up(&wpe), up(&tte), up(&dout));
     let tte_view = d_tte.as_view();
     let mut d_out = dev.zeros::<T>(n * c).unwrap();
-    dev.embedding_forward(&mut d_out.as_view_mut(), &batch, &d_wte.as_view(), &d_wpe.as_view(), explicit.then_some(&tte_view))
-        .unwrap();
+    dev.embedding_forward(&mut d_out.as_view_mut(), &batch, &d_wte.as_view(), &d_wpe.as_view(), explicit.then_some(&tte_view)).unwrap();
     check(dev, &format!("{tag} forward"), &d_out, &out, T::TOL);
     let run = || {
         let (mut a, mut p, mut ty) = (dev.upload(&dwte0).unwrap(), dev.upload(&dwpe0).unwrap(), dev.upload(&dtte0).unwrap());
         let mut ty_view = ty.as_view_mut();
-        dev.embedding_backward(
-            &mut a.as_view_mut(),
-            &mut p.as_view_mut(),
-            explicit.then_some(&mut ty_view),
-            &d_dout.as_view(),
-            &batch,
-        )
-        .unwrap();
+        dev.embedding_backward(&mut a.as_view_mut(), &mut p.as_view_mut(), explicit.then_some(&mut ty_view), &d_dout.as_view(), &batch)
+            .unwrap();
         (a, p, ty)
     };
     let (a, p, ty) = run();
@@ -535,8 +457,7 @@ fn norm_case<T: Elem>(dev: &CudaDevice, n: usize, seed: u64) {
     let run = |max_norm: f32| {
         let mut out = dev.zeros::<f32>(2).unwrap();
         let mut scratch = dev.zeros::<f64>(lmtrain_cuda::grad_norm_scratch(n)).unwrap();
-        dev.grad_norm(&mut out.as_view_mut(), &mut scratch.as_view_mut(), &dg.as_view(), max_norm)
-            .unwrap();
+        dev.grad_norm(&mut out.as_view_mut(), &mut scratch.as_view_mut(), &dg.as_view(), max_norm).unwrap();
         dev.download(&out).unwrap()
     };
     let got = run(1.0);
@@ -574,8 +495,16 @@ fn grad_norm_and_clip() {
         let mut scratch = dev.zeros::<f64>(lmtrain_cuda::grad_norm_scratch(n)).unwrap();
         dev.grad_norm(&mut out.as_view_mut(), &mut scratch.as_view_mut(), &dg.as_view(), max_norm).unwrap();
         let (mut dp, mut dm, mut dv) = (dev.upload(&p0).unwrap(), dev.zeros::<f32>(n).unwrap(), dev.zeros::<f32>(n).unwrap());
-        dev.adamw_update(&mut dp.as_view_mut(), &dg.as_view(), &mut dm.as_view_mut(), &mut dv.as_view_mut(), Some(&out.as_view()), &segs, &hp)
-            .unwrap();
+        dev.adamw_update(
+            &mut dp.as_view_mut(),
+            &dg.as_view(),
+            &mut dm.as_view_mut(),
+            &mut dv.as_view_mut(),
+            Some(&out.as_view()),
+            &segs,
+            &hp,
+        )
+        .unwrap();
         check(dev, "adamw with device clip: params", &dp, &p, F32_TOL);
         check(dev, "adamw with device clip: m", &dm, &m, F32_TOL);
     });
@@ -694,23 +623,11 @@ fn address_sanitizer_pass() {
     match support::mode() {
         Mode::Direct => {}
         Mode::Skip(why) => support::skip("address_sanitizer_pass", why),
-        Mode::Emulate(_) => match (
-            lmtrain_cuda_emu::ASAN_DIR,
-            lmtrain_cuda_emu::ASAN_RUNTIME,
-        ) {
-            (Some(dir), Some(rt)) => run_children(
-                ALL,
-                &Child {
-                    lib_dir: dir,
-                    order: "forward",
-                    asan_runtime: Some(rt),
-                    allow_emulator: true,
-                },
-            ),
-            _ => support::skip(
-                "address_sanitizer_pass",
-                "the host compiler has no AddressSanitizer runtime",
-            ),
+        Mode::Emulate(_) => match (lmtrain_cuda_emu::ASAN_DIR, lmtrain_cuda_emu::ASAN_RUNTIME) {
+            (Some(dir), Some(rt)) => {
+                run_children(ALL, &Child { lib_dir: dir, order: "forward", asan_runtime: Some(rt), allow_emulator: true })
+            }
+            _ => support::skip("address_sanitizer_pass", "the host compiler has no AddressSanitizer runtime"),
         },
     }
 }

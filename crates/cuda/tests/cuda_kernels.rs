@@ -13,10 +13,7 @@ use half::bf16;
 use lmtrain_backend::{AdamWHyper, DecaySegment, GeluKind, GemmShape};
 use lmtrain_cpu::ops;
 use lmtrain_cuda::{CudaDevice, DeviceKind, LtMatmul};
-use support::{
-    BF16_TOL, Child, Elem, F32_TOL, Mode, Rng, assert_close, check, on_device, quantize, run_children,
-    store,
-};
+use support::{BF16_TOL, Child, Elem, F32_TOL, Mode, Rng, assert_close, check, on_device, quantize, run_children, store};
 
 /// cuBLASLt's f32 path on a real GPU: the reference rounds inputs to TF32 to nearest-even like
 /// the emulator (which then agrees to 1e-5), but how the hardware converts f32 to TF32
@@ -32,20 +29,12 @@ fn layernorm_case<T: Elem>(dev: &CudaDevice, rows: usize, cols: usize, seed: u64
     let b = quantize::<T>(rng.vec(cols, 0.2, 0.0));
     let eps = 1e-5;
 
-    let (mut out, mut mean, mut rstd) =
-        (vec![0f32; rows * cols], vec![0f32; rows], vec![0f32; rows]);
+    let (mut out, mut mean, mut rstd) = (vec![0f32; rows * cols], vec![0f32; rows], vec![0f32; rows]);
     ops::layernorm_forward(&mut out, &mut mean, &mut rstd, &x, &w, &b, rows, cols, eps);
 
-    let (dx, dw, db) = (
-        dev.upload(&store::<T>(&x)).unwrap(),
-        dev.upload(&store::<T>(&w)).unwrap(),
-        dev.upload(&store::<T>(&b)).unwrap(),
-    );
+    let (dx, dw, db) = (dev.upload(&store::<T>(&x)).unwrap(), dev.upload(&store::<T>(&w)).unwrap(), dev.upload(&store::<T>(&b)).unwrap());
     let mut d_out = dev.zeros::<T>(rows * cols).unwrap();
-    let (mut d_mean, mut d_rstd) = (
-        dev.zeros::<f32>(rows).unwrap(),
-        dev.zeros::<f32>(rows).unwrap(),
-    );
+    let (mut d_mean, mut d_rstd) = (dev.zeros::<f32>(rows).unwrap(), dev.zeros::<f32>(rows).unwrap());
     dev.layernorm_forward(
         &mut d_out.as_view_mut(),
         &mut d_mean.as_view_mut(),
@@ -67,26 +56,13 @@ fn layernorm_case<T: Elem>(dev: &CudaDevice, rows: usize, cols: usize, seed: u64
     let dinp0 = quantize::<T>(rng.vec(rows * cols, 0.5, 0.0));
     let (dweight0, dbias0) = (rng.vec(cols, 0.5, 0.0), rng.vec(cols, 0.5, 0.0));
     let (mut dinp, mut dweight, mut dbias) = (dinp0.clone(), dweight0.clone(), dbias0.clone());
-    ops::layernorm_backward(
-        &mut dinp,
-        &mut dweight,
-        &mut dbias,
-        &dout,
-        &x,
-        &w,
-        &mean,
-        &rstd,
-        rows,
-        cols,
-    );
+    ops::layernorm_backward(&mut dinp, &mut dweight, &mut dbias, &dout, &x, &w, &mean, &rstd, rows, cols);
 
     let d_dout = dev.upload(&store::<T>(&dout)).unwrap();
     let mut d_dinp = dev.upload(&store::<T>(&dinp0)).unwrap();
     let (mut d_dw, mut d_db) = (dev.upload(&dweight0).unwrap(), dev.upload(&dbias0).unwrap());
     let (m_ref, r_ref) = (dev.upload(&mean).unwrap(), dev.upload(&rstd).unwrap());
-    let mut scratch = dev
-        .zeros::<f32>(lmtrain_cuda::layernorm_backward_scratch(rows, cols))
-        .unwrap();
+    let mut scratch = dev.zeros::<f32>(lmtrain_cuda::layernorm_backward_scratch(rows, cols)).unwrap();
     dev.layernorm_backward(
         &mut d_dinp.as_view_mut(),
         &mut d_dw.as_view_mut(),
@@ -102,20 +78,8 @@ fn layernorm_case<T: Elem>(dev: &CudaDevice, rows: usize, cols: usize, seed: u64
     )
     .unwrap();
     check(dev, &format!("{tag} backward dinp"), &d_dinp, &dinp, T::TOL);
-    check(
-        dev,
-        &format!("{tag} backward dweight"),
-        &d_dw,
-        &dweight,
-        F32_TOL,
-    );
-    check(
-        dev,
-        &format!("{tag} backward dbias"),
-        &d_db,
-        &dbias,
-        F32_TOL,
-    );
+    check(dev, &format!("{tag} backward dweight"), &d_dw, &dweight, F32_TOL);
+    check(dev, &format!("{tag} backward dbias"), &d_db, &dbias, F32_TOL);
 }
 
 fn gelu_case<T: Elem>(dev: &CudaDevice, n: usize, kind: GeluKind, seed: u64) {
@@ -126,8 +90,7 @@ fn gelu_case<T: Elem>(dev: &CudaDevice, n: usize, kind: GeluKind, seed: u64) {
     ops::gelu_forward(&mut out, &x, kind);
     let dx = dev.upload(&store::<T>(&x)).unwrap();
     let mut d_out = dev.zeros::<T>(n).unwrap();
-    dev.gelu_forward(&mut d_out.as_view_mut(), &dx.as_view(), kind)
-        .unwrap();
+    dev.gelu_forward(&mut d_out.as_view_mut(), &dx.as_view(), kind).unwrap();
     check(dev, &format!("{tag} forward"), &d_out, &out, T::TOL);
 
     let dout = quantize::<T>(rng.vec(n, 1.0, 0.0));
@@ -136,13 +99,7 @@ fn gelu_case<T: Elem>(dev: &CudaDevice, n: usize, kind: GeluKind, seed: u64) {
     ops::gelu_backward(&mut dinp, &x, &dout, kind);
     let d_dout = dev.upload(&store::<T>(&dout)).unwrap();
     let mut d_dinp = dev.upload(&store::<T>(&dinp0)).unwrap();
-    dev.gelu_backward(
-        &mut d_dinp.as_view_mut(),
-        &dx.as_view(),
-        &d_dout.as_view(),
-        kind,
-    )
-    .unwrap();
+    dev.gelu_backward(&mut d_dinp.as_view_mut(), &dx.as_view(), &d_dout.as_view(), kind).unwrap();
     check(dev, &format!("{tag} backward"), &d_dinp, &dinp, T::TOL);
 }
 
@@ -150,33 +107,14 @@ fn gelu_case<T: Elem>(dev: &CudaDevice, n: usize, kind: GeluKind, seed: u64) {
 /// sub-ranges (views at odd offsets) with different weight decay.
 fn segments(n: usize) -> Vec<DecaySegment> {
     vec![
-        DecaySegment {
-            offset: 0,
-            len: 1000,
-            weight_decay: 0.1,
-        },
-        DecaySegment {
-            offset: 1000,
-            len: 13,
-            weight_decay: 0.0,
-        },
-        DecaySegment {
-            offset: 1013,
-            len: n - 1013,
-            weight_decay: 0.1,
-        },
+        DecaySegment { offset: 0, len: 1000, weight_decay: 0.1 },
+        DecaySegment { offset: 1000, len: 13, weight_decay: 0.0 },
+        DecaySegment { offset: 1013, len: n - 1013, weight_decay: 0.1 },
     ]
 }
 
 fn hyper(step: u32) -> AdamWHyper {
-    AdamWHyper {
-        lr: 1e-2,
-        beta1: 0.9,
-        beta2: 0.999,
-        eps: 1e-8,
-        step,
-        grad_scale: 0.7,
-    }
+    AdamWHyper { lr: 1e-2, beta1: 0.9, beta2: 0.999, eps: 1e-8, step, grad_scale: 0.7 }
 }
 
 #[test]
@@ -225,16 +163,8 @@ fn adamw_f32() {
             let g = rng.vec(n, 0.5, 0.0);
             ops::adamw_update(&mut p, &g, &mut m, &mut v, &segs, &hyper(step));
             let dg = dev.upload(&g).unwrap();
-            dev.adamw_update(
-                &mut dp.as_view_mut(),
-                &dg.as_view(),
-                &mut dm.as_view_mut(),
-                &mut dv.as_view_mut(),
-                None,
-                &segs,
-                &hyper(step),
-            )
-            .unwrap();
+            dev.adamw_update(&mut dp.as_view_mut(), &dg.as_view(), &mut dm.as_view_mut(), &mut dv.as_view_mut(), None, &segs, &hyper(step))
+                .unwrap();
         }
         let got = dev.download(&dp).unwrap();
         assert_close("adamw f32 params", &got, &p, F32_TOL);
@@ -289,26 +219,12 @@ fn tf32(x: f32) -> f32 {
     f32::from_bits((b + 0xFFF + ((b >> 13) & 1)) & !0x1FFF)
 }
 
-fn lt_case<T: Elem>(
-    dev: &CudaDevice,
-    lt: &LtMatmul,
-    s: GemmShape,
-    bias: bool,
-    gelu: bool,
-    seed: u64,
-) where
+fn lt_case<T: Elem>(dev: &CudaDevice, lt: &LtMatmul, s: GemmShape, bias: bool, gelu: bool, seed: u64)
+where
     cudarc::cublaslt::CudaBlasLT: cudarc::cublaslt::Matmul<T>,
 {
-    let tag = format!(
-        "lt {}x{}x{} ta={} tb={} acc={} bias={bias} gelu={gelu} {}",
-        s.m,
-        s.n,
-        s.k,
-        s.trans_a,
-        s.trans_b,
-        s.accumulate,
-        T::SUFFIX
-    );
+    let tag =
+        format!("lt {}x{}x{} ta={} tb={} acc={} bias={bias} gelu={gelu} {}", s.m, s.n, s.k, s.trans_a, s.trans_b, s.accumulate, T::SUFFIX);
     let mut rng = Rng::new(seed);
     let a = quantize::<T>(rng.vec(s.m * s.k, 1.0, 0.0));
     let b = quantize::<T>(rng.vec(s.k * s.n, 1.0, 0.0));
@@ -316,11 +232,7 @@ fn lt_case<T: Elem>(
     let c0 = quantize::<T>(rng.vec(s.m * s.n, 1.0, 0.0));
     // Reference on the CPU backend; f32 inputs rounded to TF32 like the GPU's.
     let round = |x: &[f32]| {
-        if T::SUFFIX == "f32" {
-            x.iter().map(|&v| tf32(v)).collect()
-        } else {
-            x.to_vec()
-        }
+        if T::SUFFIX == "f32" { x.iter().map(|&v| tf32(v)).collect() } else { x.to_vec() }
     };
     let mut want = c0.clone();
     ops::matmul(&mut want, &round(&a), &round(&b), s);
@@ -331,27 +243,12 @@ fn lt_case<T: Elem>(
         let pre = want.clone();
         ops::gelu_forward(&mut want, &pre, GeluKind::Tanh);
     }
-    let (da, db, dbias) = (
-        dev.upload(&store::<T>(&a)).unwrap(),
-        dev.upload(&store::<T>(&b)).unwrap(),
-        dev.upload(&store::<T>(&bv)).unwrap(),
-    );
+    let (da, db, dbias) =
+        (dev.upload(&store::<T>(&a)).unwrap(), dev.upload(&store::<T>(&b)).unwrap(), dev.upload(&store::<T>(&bv)).unwrap());
     let mut dc = dev.upload(&store::<T>(&c0)).unwrap();
     let bias_view = dbias.as_view();
-    lt.matmul(
-        &mut dc.as_view_mut(),
-        &da.as_view(),
-        &db.as_view(),
-        bias.then_some(&bias_view),
-        gelu,
-        s,
-    )
-    .unwrap();
-    let tol = if T::SUFFIX == "f32" && dev.kind() == DeviceKind::Gpu {
-        TF32_GPU_TOL
-    } else {
-        T::TOL
-    };
+    lt.matmul(&mut dc.as_view_mut(), &da.as_view(), &db.as_view(), bias.then_some(&bias_view), gelu, s).unwrap();
+    let tol = if T::SUFFIX == "f32" && dev.kind() == DeviceKind::Gpu { TF32_GPU_TOL } else { T::TOL };
     check(dev, &tag, &dc, &want, tol);
 }
 
@@ -362,34 +259,13 @@ where
     let lt = LtMatmul::new(dev).unwrap();
     let mut seed = 20;
     for (trans_a, trans_b) in [(false, false), (false, true), (true, false), (true, true)] {
-        let s = GemmShape {
-            m: 37,
-            n: 53,
-            k: 29,
-            trans_a,
-            trans_b,
-            accumulate: false,
-        };
+        let s = GemmShape { m: 37, n: 53, k: 29, trans_a, trans_b, accumulate: false };
         lt_case::<T>(dev, &lt, s, true, true, seed);
         seed += 1;
     }
-    let s = GemmShape {
-        m: 19,
-        n: 7,
-        k: 45,
-        trans_a: false,
-        trans_b: true,
-        accumulate: false,
-    };
+    let s = GemmShape { m: 19, n: 7, k: 45, trans_a: false, trans_b: true, accumulate: false };
     lt_case::<T>(dev, &lt, s, true, false, seed);
-    let s = GemmShape {
-        m: 19,
-        n: 7,
-        k: 45,
-        trans_a: true,
-        trans_b: false,
-        accumulate: true,
-    };
+    let s = GemmShape { m: 19, n: 7, k: 45, trans_a: true, trans_b: false, accumulate: true };
     lt_case::<T>(dev, &lt, s, false, false, seed + 1);
 }
 
@@ -422,14 +298,9 @@ fn cublas_sgemm_strided_batched() {
         for p in 0..batch {
             for j in 0..n {
                 for i in 0..m {
-                    let dot: f64 = (0..k)
-                        .map(|l| {
-                            f64::from(a[p * sa + l + i * lda]) * f64::from(b[p * sb + l + j * ldb])
-                        })
-                        .sum();
+                    let dot: f64 = (0..k).map(|l| f64::from(a[p * sa + l + i * lda]) * f64::from(b[p * sb + l + j * ldb])).sum();
                     let ci = p * sc + i + j * ldc;
-                    want[ci] =
-                        (f64::from(alpha) * dot + f64::from(beta) * f64::from(c0[ci])) as f32;
+                    want[ci] = (f64::from(alpha) * dot + f64::from(beta) * f64::from(c0[ci])) as f32;
                 }
             }
         }
@@ -482,23 +353,14 @@ fn cublaslt_strided_batched_bias() {
         for p in 0..batch {
             for j in 0..n {
                 for i in 0..m {
-                    let dot: f64 = (0..k)
-                        .map(|l| {
-                            f64::from(a[p * sa + l + i * lda]) * f64::from(b[p * sb + l + j * ldb])
-                        })
-                        .sum();
+                    let dot: f64 = (0..k).map(|l| f64::from(a[p * sa + l + i * lda]) * f64::from(b[p * sb + l + j * ldb])).sum();
                     let ci = p * sc + i + j * ldc;
-                    want[ci] = (f64::from(alpha) * dot + f64::from(beta) * f64::from(c0[ci]))
-                        as f32
-                        + bias[p * sbias + i];
+                    want[ci] = (f64::from(alpha) * dot + f64::from(beta) * f64::from(c0[ci])) as f32 + bias[p * sbias + i];
                 }
             }
         }
-        let (da, db, dbias) = (
-            dev.upload(&store::<bf16>(&a)).unwrap(),
-            dev.upload(&store::<bf16>(&b)).unwrap(),
-            dev.upload(&store::<bf16>(&bias)).unwrap(),
-        );
+        let (da, db, dbias) =
+            (dev.upload(&store::<bf16>(&a)).unwrap(), dev.upload(&store::<bf16>(&b)).unwrap(), dev.upload(&store::<bf16>(&bias)).unwrap());
         let mut dc = dev.upload(&store::<bf16>(&c0)).unwrap();
         let cfg = MatmulConfig {
             transa: true,
@@ -522,13 +384,7 @@ fn cublaslt_strided_batched_bias() {
         // leading dimensions (sizes computed above from the same numbers).
         unsafe { lt.matmul(cfg, &da, &db, &mut dc, Some(&dbias), None) }.unwrap();
         // Only the m x n part of each padded C is written: compare the whole buffer.
-        check(
-            dev,
-            "cublaslt strided batched bf16 + bias",
-            &dc,
-            &want,
-            BF16_TOL,
-        );
+        check(dev, "cublaslt strided batched bf16 + bias", &dc, &want, BF16_TOL);
     });
 }
 
@@ -544,37 +400,24 @@ fn emulator_rejects_bad_launches() {
         let x = dev.upload(&vec![1f32; 64]).unwrap();
         let mut y = dev.zeros::<f32>(64).unwrap();
         let f = dev.function("gelu_tanh_fwd_f32").unwrap();
-        let cfg = |threads: u32, smem: u32| LaunchConfig {
-            grid_dim: (1, 1, 1),
-            block_dim: (threads, 1, 1),
-            shared_mem_bytes: smem,
-        };
+        let cfg = |threads: u32, smem: u32| LaunchConfig { grid_dim: (1, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: smem };
         // Too many threads per block.
         let mut b = dev.stream().launch_builder(f);
         b.arg(&mut y).arg(&x).arg(&n);
         // SAFETY: the launch is refused by the driver before any kernel code runs.
-        assert!(
-            unsafe { b.launch(cfg(1025, 0)) }.is_err(),
-            "1025 threads per block accepted"
-        );
+        assert!(unsafe { b.launch(cfg(1025, 0)) }.is_err(), "1025 threads per block accepted");
         // More dynamic shared memory than the default 48 KiB without an opt-in.
         let mut b = dev.stream().launch_builder(f);
         b.arg(&mut y).arg(&x).arg(&n);
         // SAFETY: as above, refused before running.
-        assert!(
-            unsafe { b.launch(cfg(64, 64 * 1024)) }.is_err(),
-            "64 KiB of dynamic shared memory accepted"
-        );
+        assert!(unsafe { b.launch(cfg(64, 64 * 1024)) }.is_err(), "64 KiB of dynamic shared memory accepted");
         // A host address where the kernel expects device memory.
         let host = vec![0f32; 64];
         let bogus = host.as_ptr() as u64;
         let mut b = dev.stream().launch_builder(f);
         b.arg(&bogus).arg(&x).arg(&n);
         // SAFETY: as above, refused before running.
-        assert!(
-            unsafe { b.launch(cfg(64, 0)) }.is_err(),
-            "a host pointer was accepted as device memory"
-        );
+        assert!(unsafe { b.launch(cfg(64, 0)) }.is_err(), "a host pointer was accepted as device memory");
         // And the well-formed launch goes through.
         let mut b = dev.stream().launch_builder(f);
         b.arg(&mut y).arg(&x).arg(&n);
@@ -606,23 +449,11 @@ fn address_sanitizer_pass() {
     match support::mode() {
         Mode::Direct => {} // a child (nothing to do) or a real GPU (no sanitizer)
         Mode::Skip(why) => support::skip("address_sanitizer_pass", why),
-        Mode::Emulate(_) => match (
-            lmtrain_cuda_emu::ASAN_DIR,
-            lmtrain_cuda_emu::ASAN_RUNTIME,
-        ) {
-            (Some(dir), Some(rt)) => run_children(
-                ALL,
-                &Child {
-                    lib_dir: dir,
-                    order: "forward",
-                    asan_runtime: Some(rt),
-                    allow_emulator: true,
-                },
-            ),
-            _ => support::skip(
-                "address_sanitizer_pass",
-                "the host compiler has no AddressSanitizer runtime",
-            ),
+        Mode::Emulate(_) => match (lmtrain_cuda_emu::ASAN_DIR, lmtrain_cuda_emu::ASAN_RUNTIME) {
+            (Some(dir), Some(rt)) => {
+                run_children(ALL, &Child { lib_dir: dir, order: "forward", asan_runtime: Some(rt), allow_emulator: true })
+            }
+            _ => support::skip("address_sanitizer_pass", "the host compiler has no AddressSanitizer runtime"),
         },
     }
 }

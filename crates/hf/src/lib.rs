@@ -191,7 +191,12 @@ pub fn load_params<B: Backend, M: LanguageModel<B>>(dir: &Path, mode: LoadMode) 
         match hit {
             Some((n, t)) => {
                 if t.shape() != info.shape.as_slice() {
-                    return Err(HfError::Shape { path: weights.clone(), name: info.name.clone(), expected: info.shape.clone(), found: t.shape().to_vec() });
+                    return Err(HfError::Shape {
+                        path: weights.clone(),
+                        name: info.name.clone(),
+                        expected: info.shape.clone(),
+                        found: t.shape().to_vec(),
+                    });
                 }
                 used.insert(n);
                 found.push(Some(t));
@@ -235,14 +240,8 @@ fn to_f32(t: &TensorView<'_>, out: &mut [f32]) -> Result<(), String> {
     let d = t.data();
     match t.dtype() {
         Dtype::F32 => out.iter_mut().zip(d.chunks_exact(4)).for_each(|(o, b)| *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
-        Dtype::F16 => out
-            .iter_mut()
-            .zip(d.chunks_exact(2))
-            .for_each(|(o, b)| *o = half::f16::from_le_bytes([b[0], b[1]]).to_f32()),
-        Dtype::BF16 => out
-            .iter_mut()
-            .zip(d.chunks_exact(2))
-            .for_each(|(o, b)| *o = half::bf16::from_le_bytes([b[0], b[1]]).to_f32()),
+        Dtype::F16 => out.iter_mut().zip(d.chunks_exact(2)).for_each(|(o, b)| *o = half::f16::from_le_bytes([b[0], b[1]]).to_f32()),
+        Dtype::BF16 => out.iter_mut().zip(d.chunks_exact(2)).for_each(|(o, b)| *o = half::bf16::from_le_bytes([b[0], b[1]]).to_f32()),
         other => return Err(format!("dtype {other:?} is not supported (F32, F16, BF16)")),
     }
     Ok(())
@@ -259,7 +258,12 @@ pub fn save_model<B: Backend, M: LanguageModel<B>>(model: &M, dir: &Path) -> Res
 
 /// [`save_model`] from host parameters laid out as `infos` (e.g. the optimizer's f32 master
 /// copy).
-pub fn save_params<B: Backend, M: LanguageModel<B>>(config: &M::Config, infos: &[ParamInfo], params: &[f32], dir: &Path) -> Result<(), HfError> {
+pub fn save_params<B: Backend, M: LanguageModel<B>>(
+    config: &M::Config,
+    infos: &[ParamInfo],
+    params: &[f32],
+    dir: &Path,
+) -> Result<(), HfError> {
     std::fs::create_dir_all(dir).map_err(io_err(dir))?;
     let cfg = config.for_saving(&M::HF);
     let json = serde_json::to_string_pretty(&cfg).map_err(|source| HfError::Json { path: dir.join(CONFIG_FILE), source })?;

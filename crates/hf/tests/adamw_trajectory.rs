@@ -41,7 +41,9 @@ fn ten_adamw_steps_follow_pytorch() {
         assert_eq!(tr.schedule, "linear");
         let bytes = std::fs::read(dir.join("golden.safetensors")).unwrap();
         let st = SafeTensors::deserialize(&bytes).unwrap();
-        let i64s = |n: &str| -> Vec<i64> { st.tensor(n).unwrap().data().chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect() };
+        let i64s = |n: &str| -> Vec<i64> {
+            st.tensor(n).unwrap().data().chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect()
+        };
         let ids: Vec<u32> = i64s("input_ids").into_iter().map(|x| x as u32).collect();
         let labels: Vec<i32> = i64s("labels").into_iter().map(|x| x as i32).collect();
         let shape = st.tensor("input_ids").unwrap().shape().to_vec();
@@ -68,7 +70,8 @@ fn ten_adamw_steps_follow_pytorch() {
             } else {
                 ((tr.total_steps - step) as f32 / (tr.total_steps - tr.warmup_steps).max(1) as f32).max(0.0)
             };
-            let hp = AdamWHyper { lr: tr.lr * lambda, beta1: tr.betas[0], beta2: tr.betas[1], eps: tr.eps, step: step as u32 + 1, grad_scale };
+            let hp =
+                AdamWHyper { lr: tr.lr * lambda, beta1: tr.betas[0], beta2: tr.betas[1], eps: tr.eps, step: step as u32 + 1, grad_scale };
             let (params, grads) = model.params_and_grads_mut();
             lmtrain_cpu::ops::adamw_update(params, grads, &mut m, &mut v, &segments, &hp);
         }

@@ -145,7 +145,12 @@ fn adamw_replay<M: LanguageModel<Cpu>>(name: &str, mut model: M) {
     };
     let mut opt = AdamW::new(model.backend(), cfg, &model.params_to_host().unwrap(), segments).unwrap();
     let total = spec["total_steps"].as_u64().unwrap();
-    let schedule = Schedule { base_lr: f("lr"), kind: SchedulerKind::Linear, warmup_steps: spec["warmup_steps"].as_u64().unwrap(), total_steps: total };
+    let schedule = Schedule {
+        base_lr: f("lr"),
+        kind: SchedulerKind::Linear,
+        warmup_steps: spec["warmup_steps"].as_u64().unwrap(),
+        total_steps: total,
+    };
     let want: Vec<f64> = spec["losses"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
     let mut worst = 0f64;
     for (k, &w) in want.iter().enumerate() {
@@ -156,7 +161,8 @@ fn adamw_replay<M: LanguageModel<Cpu>>(name: &str, mut model: M) {
         let (be, store) = model.parts_mut();
         let (params, grads) = store.params_and_grads_mut();
         let mut stats = be.new_stats().unwrap();
-        opt.step(be, Cpu::view_mut(params), Cpu::view(grads), schedule.lr(k as u64) as f32, f("max_grad_norm") as f32, 1, &mut stats).unwrap();
+        opt.step(be, Cpu::view_mut(params), Cpu::view(grads), schedule.lr(k as u64) as f32, f("max_grad_norm") as f32, 1, &mut stats)
+            .unwrap();
     }
     let fin = model.eval_loss(&g.input()).unwrap() as f64;
     worst = worst.max((fin - f("final_loss")).abs());

@@ -46,10 +46,8 @@ fn golden(name: &str) -> Golden {
     let ids_t = st.tensor("input_ids").unwrap();
     assert_eq!(ids_t.dtype(), Dtype::I64);
     let (b, t) = (ids_t.shape()[0], ids_t.shape()[1]);
-    let mut grads: Vec<(String, Vec<f32>)> = st
-        .iter()
-        .filter_map(|(n, v)| n.strip_prefix("grad.").map(|p| (p.to_string(), f32s(v.data()))))
-        .collect();
+    let mut grads: Vec<(String, Vec<f32>)> =
+        st.iter().filter_map(|(n, v)| n.strip_prefix("grad.").map(|p| (p.to_string(), f32s(v.data())))).collect();
     grads.sort_by(|a, b| a.0.cmp(&b.0));
     Golden {
         b,

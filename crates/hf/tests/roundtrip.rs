@@ -2,8 +2,8 @@
 
 use std::path::{Path, PathBuf};
 
-use lmtrain_hf::HfError;
 use lmtrain_cpu::Cpu;
+use lmtrain_hf::HfError;
 use lmtrain_model::LanguageModel;
 use lmtrain_model::gpt2::Gpt2;
 use safetensors::SafeTensors;
@@ -53,7 +53,8 @@ fn saved_files_hold_exactly_what_transformers_wrote() {
         assert_eq!(again.params(), model.params());
         assert_eq!(again.config(), model.config());
         // no temporary files left behind
-        let names: Vec<String> = std::fs::read_dir(out.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        let names: Vec<String> =
+            std::fs::read_dir(out.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
         assert!(names.iter().all(|n| !n.contains(".tmp")), "{names:?}");
     }
 }
@@ -67,11 +68,10 @@ fn bare_names_and_extra_buffers_of_original_checkpoints_load() {
     let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
     let st = SafeTensors::deserialize(&bytes).unwrap();
     let mask = vec![0u8; 4 * 20 * 20];
-    let mut tensors: Vec<(String, safetensors::tensor::TensorView<'_>)> = st
-        .iter()
-        .map(|(n, v)| (n.strip_prefix("transformer.").unwrap_or(n).to_string(), v))
-        .collect();
-    tensors.push(("h.0.attn.bias".into(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![1, 1, 20, 20], &mask).unwrap()));
+    let mut tensors: Vec<(String, safetensors::tensor::TensorView<'_>)> =
+        st.iter().map(|(n, v)| (n.strip_prefix("transformer.").unwrap_or(n).to_string(), v)).collect();
+    tensors
+        .push(("h.0.attn.bias".into(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![1, 1, 20, 20], &mask).unwrap()));
     let wte = st.tensor("transformer.wte.weight").unwrap();
     tensors.push(("lm_head.weight".into(), wte));
     let out = tempfile::tempdir().unwrap();

@@ -160,7 +160,8 @@ impl BertConfig {
         let e = base.pp("embeddings");
         let word = e.pp("word_embeddings").weight("weight", &[v, h], embedding_init(self.pad_token_id));
         let position = e.pp("position_embeddings").weight("weight", &[self.max_position_embeddings, h], embedding_init(position_padding));
-        let token_type = (self.type_vocab_size > 0).then(|| e.pp("token_type_embeddings").weight("weight", &[self.type_vocab_size, h], Init::Normal(std)));
+        let token_type = (self.type_vocab_size > 0)
+            .then(|| e.pp("token_type_embeddings").weight("weight", &[self.type_vocab_size, h], Init::Normal(std)));
         let ln = LayerNorm::new(&e.pp("LayerNorm"), h, eps);
         let padding = PaddingIdx { word: self.pad_token_id, position: position_padding };
         let emb = Embeddings { word, position: Some(position), token_type, ln: Some(ln), padding, c: h };

@@ -100,7 +100,10 @@ impl ModelConfig for DistilBertConfig {
             &[("dropout", self.dropout), ("attention_dropout", self.attention_dropout)],
         )?;
         if self.pad_token_id.is_some_and(|p| p as usize >= self.vocab_size) {
-            return Err(ModelError::Config(format!("pad_token_id {:?} is outside the vocabulary of {}", self.pad_token_id, self.vocab_size)));
+            return Err(ModelError::Config(format!(
+                "pad_token_id {:?} is outside the vocabulary of {}",
+                self.pad_token_id, self.vocab_size
+            )));
         }
         gelu_of(&self.activation, "activation").map(|_| ())
     }

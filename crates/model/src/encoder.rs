@@ -175,7 +175,15 @@ impl<B: Backend, C: EncoderConfig> MaskedLm<B, C> {
         Ok(())
     }
 
-    fn backward(&mut self, batch: &B::Batch, b: usize, t: usize, n_labels: usize, drop: &Dropouts, stats: &mut B::Stats) -> Result<(), ModelError> {
+    fn backward(
+        &mut self,
+        batch: &B::Batch,
+        b: usize,
+        t: usize,
+        n_labels: usize,
+        drop: &Dropouts,
+        stats: &mut B::Stats,
+    ) -> Result<(), ModelError> {
         let (be, l) = (&self.backend, &self.layers);
         let (w, mut g) = self.store.split();
         let a = self.acts.as_mut().expect("forward ran");

@@ -133,11 +133,7 @@ fn gradients_with_dropout_match_finite_differences() {
     let mut checked = 0;
     for info in &infos {
         // the largest gradient entry of each tensor
-        let (i, &g) = grads[info.offset..info.offset + info.len]
-            .iter()
-            .enumerate()
-            .max_by(|a, b| a.1.abs().total_cmp(&b.1.abs()))
-            .unwrap();
+        let (i, &g) = grads[info.offset..info.offset + info.len].iter().enumerate().max_by(|a, b| a.1.abs().total_cmp(&b.1.abs())).unwrap();
         let idx = info.offset + i;
         let h = 1e-2f32;
         let orig = m.params()[idx];

@@ -131,20 +131,13 @@ impl Schedule {
 /// Warmup steps as HF `TrainingArguments.get_warmup_steps`: an explicit step count wins,
 /// otherwise `ceil(total_steps * warmup_ratio)`.
 pub fn warmup_steps(total_steps: u64, warmup_steps: u64, warmup_ratio: f64) -> u64 {
-    if warmup_steps > 0 {
-        warmup_steps
-    } else {
-        (total_steps as f64 * warmup_ratio).ceil() as u64
-    }
+    if warmup_steps > 0 { warmup_steps } else { (total_steps as f64 * warmup_ratio).ceil() as u64 }
 }
 
 /// Builds the weight-decay segments covering a flat parameter buffer from
 /// `(offset, len, decay)` triples (one per named parameter, in any order). Adjacent
 /// parameters with the same decay flag merge into one segment.
-pub fn decay_segments(
-    params: impl IntoIterator<Item = (usize, usize, bool)>,
-    weight_decay: f32,
-) -> Vec<DecaySegment> {
+pub fn decay_segments(params: impl IntoIterator<Item = (usize, usize, bool)>, weight_decay: f32) -> Vec<DecaySegment> {
     let mut items: Vec<(usize, usize, bool)> = params.into_iter().collect();
     items.sort_by_key(|&(offset, _, _)| offset);
     let mut out: Vec<DecaySegment> = Vec::new();

@@ -156,15 +156,7 @@ pub struct Header {
 impl Header {
     /// The special-token ids as one value.
     pub fn special_tokens(&self) -> SpecialTokens {
-        SpecialTokens {
-            eos: self.eos,
-            bos: self.bos,
-            pad: self.pad,
-            unk: self.unk,
-            cls: self.cls,
-            sep: self.sep,
-            mask: self.mask,
-        }
+        SpecialTokens { eos: self.eos, bos: self.bos, pad: self.pad, unk: self.unk, cls: self.cls, sep: self.sep, mask: self.mask }
     }
 
     /// Bytes of word-start bits per block.
@@ -205,8 +197,7 @@ impl Header {
         b[24..32].copy_from_slice(&self.n_blocks.to_le_bytes());
         b[32..40].copy_from_slice(&self.n_tokens.to_le_bytes());
         b[40..44].copy_from_slice(&self.vocab_size.to_le_bytes());
-        let flags = if self.has_word_starts { FLAG_WORD_STARTS } else { 0 }
-            | if self.has_block_lengths { FLAG_BLOCK_LENGTHS } else { 0 };
+        let flags = if self.has_word_starts { FLAG_WORD_STARTS } else { 0 } | if self.has_block_lengths { FLAG_BLOCK_LENGTHS } else { 0 };
         b[44..48].copy_from_slice(&flags.to_le_bytes());
         b[48..56].copy_from_slice(&self.tokenizer_fingerprint.to_le_bytes());
         let specials = [self.eos, self.bos, self.pad, self.unk, self.cls, self.sep, self.mask];
@@ -226,11 +217,7 @@ impl Header {
             return Err(StoreError::NotAStore { path });
         }
         if b.len() < HEADER_LEN {
-            return Err(StoreError::SizeMismatch {
-                path,
-                expected: HEADER_LEN as u64,
-                actual: b.len() as u64,
-            });
+            return Err(StoreError::SizeMismatch { path, expected: HEADER_LEN as u64, actual: b.len() as u64 });
         }
         let u32_at = |at: usize| u32::from_le_bytes(b[at..at + 4].try_into().unwrap());
         let u64_at = |at: usize| u64::from_le_bytes(b[at..at + 8].try_into().unwrap());

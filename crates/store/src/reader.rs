@@ -134,12 +134,7 @@ impl BlockStore {
             None => return Ok(()),
         };
         if too_big(id) {
-            return Err(StoreError::VocabMismatch {
-                path: self.path.clone(),
-                max_id: id,
-                store_vocab: self.header.vocab_size,
-                vocab_size,
-            });
+            return Err(StoreError::VocabMismatch { path: self.path.clone(), max_id: id, store_vocab: self.header.vocab_size, vocab_size });
         }
         Ok(())
     }
@@ -196,8 +191,7 @@ impl BlockStore {
     /// Block `i`'s tokens as `u16` without copying, when the store holds u16 tokens.
     /// (The payload starts 128 bytes into a page-aligned map, so it is aligned.)
     pub fn block_u16(&self, i: usize) -> Option<&[u16]> {
-        (self.header.dtype == TokenDtype::U16 && cfg!(target_endian = "little"))
-            .then(|| bytemuck::cast_slice(self.block_bytes(i)))
+        (self.header.dtype == TokenDtype::U16 && cfg!(target_endian = "little")).then(|| bytemuck::cast_slice(self.block_bytes(i)))
     }
 
     /// Copies block `i` into `out`, widening u16 ids to u32.

@@ -6,8 +6,8 @@ use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::format::{HEADER_LEN, Header, MAX_BLOCK_SIZE, MAX_BLOCKS, MAX_VOCAB_SIZE, SpecialTokens, TokenDtype};
 use crate::StoreError;
+use crate::format::{HEADER_LEN, Header, MAX_BLOCK_SIZE, MAX_BLOCKS, MAX_VOCAB_SIZE, SpecialTokens, TokenDtype};
 
 /// What a new store describes: everything in the header except the counts and checksum.
 #[derive(Clone, Debug)]
@@ -134,13 +134,7 @@ pub struct BlockWriter {
 /// A temporary file opened for writing and reading back.
 fn side_file(target: &Path, tag: &str, capacity: usize) -> Result<(TempFile, BufWriter<File>), StoreError> {
     let tmp = TempFile::next_to(target, tag);
-    let file = File::options()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&tmp.path)
-        .map_err(StoreError::io(&tmp.path))?;
+    let file = File::options().read(true).write(true).create(true).truncate(true).open(&tmp.path).map_err(StoreError::io(&tmp.path))?;
     Ok((tmp, BufWriter::with_capacity(capacity, file)))
 }
 
@@ -153,20 +147,14 @@ fn check_spec(spec: &StoreSpec) -> Result<(), StoreError> {
         return Err(StoreError::BadSpec(format!("block size {} is above the limit of {MAX_BLOCK_SIZE}", spec.block_size)));
     }
     if spec.vocab_size == 0 || spec.vocab_size > MAX_VOCAB_SIZE {
-        return Err(StoreError::BadSpec(format!(
-            "vocabulary of {} tokens, allowed 1 to {MAX_VOCAB_SIZE}",
-            spec.vocab_size
-        )));
+        return Err(StoreError::BadSpec(format!("vocabulary of {} tokens, allowed 1 to {MAX_VOCAB_SIZE}", spec.vocab_size)));
     }
     let s = &spec.special;
     for (name, id) in [("eos", s.eos), ("bos", s.bos), ("pad", s.pad), ("unk", s.unk), ("cls", s.cls), ("sep", s.sep), ("mask", s.mask)] {
         if let Some(id) = id
             && id >= spec.vocab_size
         {
-            return Err(StoreError::BadSpec(format!(
-                "{name} token id {id} is outside the vocabulary of {} tokens",
-                spec.vocab_size
-            )));
+            return Err(StoreError::BadSpec(format!("{name} token id {id} is outside the vocabulary of {} tokens", spec.vocab_size)));
         }
     }
     Ok(())
@@ -177,10 +165,7 @@ impl BlockWriter {
     pub fn create(path: &Path, spec: StoreSpec) -> Result<BlockWriter, StoreError> {
         check_spec(&spec)?;
         let main_tmp = TempFile::next_to(path, "tokens");
-        let mut main = BufWriter::with_capacity(
-            1 << 20,
-            File::create(&main_tmp.path).map_err(StoreError::io(&main_tmp.path))?,
-        );
+        let mut main = BufWriter::with_capacity(1 << 20, File::create(&main_tmp.path).map_err(StoreError::io(&main_tmp.path))?);
         // Placeholder header; the real one is written by `finish` when counts are known.
         main.write_all(&[0u8; HEADER_LEN]).map_err(StoreError::io(&main_tmp.path))?;
         // Read back by `finish`, hence read + write.
@@ -302,8 +287,7 @@ impl BlockWriter {
     /// the header with the final counts and checksum, and syncs. Call
     /// [`FinishedStore::persist`] to move it into place.
     pub fn finish(self) -> Result<FinishedStore, StoreError> {
-        let BlockWriter { target, spec, dtype, main_tmp, main, bits_tmp, bits, lengths, mut crc_tokens, n_blocks, .. } =
-            self;
+        let BlockWriter { target, spec, dtype, main_tmp, main, bits_tmp, bits, lengths, mut crc_tokens, n_blocks, .. } = self;
         let main_path = main_tmp.path.clone();
         let io_main = || StoreError::io(&main_path);
         let mut main = main.into_inner().map_err(|e| StoreError::Io { path: main_path.clone(), error: e.into_error() })?;

@@ -5,8 +5,8 @@
 use std::path::{Path, PathBuf};
 
 use lmtrain_store::{
-    BlockStore, BlockWriter, EpochOrder, HEADER_LEN, MAX_BLOCK_SIZE, MAX_VOCAB_SIZE, SpecialTokens, StoreError,
-    StoreSpec, remove_stale_temp_files,
+    BlockStore, BlockWriter, EpochOrder, HEADER_LEN, MAX_BLOCK_SIZE, MAX_VOCAB_SIZE, SpecialTokens, StoreError, StoreSpec,
+    remove_stale_temp_files,
 };
 
 fn spec(block_size: u32, vocab_size: u32) -> StoreSpec {
@@ -192,10 +192,7 @@ fn payload_ids_outside_the_vocabulary_are_rejected_at_open() {
     b[at..at + 2].copy_from_slice(&600u16.to_le_bytes());
     reseal_payload(&mut b);
     let msg = open_err(&path, &b);
-    assert!(
-        msg.contains("token id 600 in block 3 is outside the store's vocabulary of 512 tokens") && msg.contains("s.bin"),
-        "{msg}"
-    );
+    assert!(msg.contains("token id 600 in block 3 is outside the store's vocabulary of 512 tokens") && msg.contains("s.bin"), "{msg}");
     // The unverified open accepts it; verify() finds it.
     let store = BlockStore::open_unverified(&path).unwrap();
     assert!(matches!(store.verify(), Err(StoreError::PayloadTokenOutOfRange { id: 600, block: 3, .. })));
@@ -306,7 +303,8 @@ fn only_stale_temp_files_of_our_own_naming_are_removed() {
     // pid_max is at most 2^22 on Linux: this process id cannot be running.
     let dead = 99_999_999u32;
     let me = std::process::id();
-    let stale = [format!(".train.bin.tokens.{dead}-0.tmp"), format!(".train.bin.bits.{dead}-1.tmp"), format!(".train.bin.lengths.{dead}-7.tmp")];
+    let stale =
+        [format!(".train.bin.tokens.{dead}-0.tmp"), format!(".train.bin.bits.{dead}-1.tmp"), format!(".train.bin.lengths.{dead}-7.tmp")];
     let keep = [
         format!(".train.bin.tokens.{me}-0.tmp"),        // a live writer (this process)
         format!(".train.bin.model.{dead}-0.tmp"),       // not one of our tags
@@ -321,11 +319,8 @@ fn only_stale_temp_files_of_our_own_naming_are_removed() {
     }
     // A directory with a matching name is not a file of ours.
     std::fs::create_dir(dir.path().join(format!(".train.bin.bits.{dead}-9.tmp"))).unwrap();
-    let mut removed: Vec<String> = remove_stale_temp_files(&target)
-        .unwrap()
-        .iter()
-        .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
-        .collect();
+    let mut removed: Vec<String> =
+        remove_stale_temp_files(&target).unwrap().iter().map(|p| p.file_name().unwrap().to_string_lossy().into_owned()).collect();
     removed.sort();
     let mut want = stale.to_vec();
     want.sort();
@@ -345,7 +340,6 @@ fn io_errors_print_their_cause_once() {
     let e = BlockStore::open(dir.path()).err().unwrap();
     let msg = chain(&e);
     assert!(msg.contains("not a block store file (it is a directory or a device)"), "{msg}");
-
 }
 
 #[test]
@@ -381,6 +375,12 @@ fn open_cost_on_100mb() {
         let t = std::time::Instant::now();
         BlockStore::open(&path).unwrap();
         let full = t.elapsed().as_secs_f64();
-        println!("{mb:.0} MB: open_unverified {:.2} ms, verify {:.1} ms, open {:.1} ms ({:.1} GB/s)", header_only * 1e3, scan * 1e3, full * 1e3, mb / 1e3 / full);
+        println!(
+            "{mb:.0} MB: open_unverified {:.2} ms, verify {:.1} ms, open {:.1} ms ({:.1} GB/s)",
+            header_only * 1e3,
+            scan * 1e3,
+            full * 1e3,
+            mb / 1e3 / full
+        );
     }
 }

@@ -389,9 +389,7 @@ fn sniff_binary(head: &[u8], gzip: bool) -> Option<String> {
         "is a Parquet file; give it a .parquet name or pass --format parquet"
     } else if starts(b"LMTBLOCK") {
         "is an lmtrain block store (the output of `train prepare`), not a corpus"
-    } else if starts(b"\xFD7zXZ\x00")
-        || (starts(b"BZh") && head.len() > 3 && head[3].is_ascii_digit())
-        || starts(b"\x28\xB5\x2F\xFD") {
+    } else if starts(b"\xFD7zXZ\x00") || (starts(b"BZh") && head.len() > 3 && head[3].is_ascii_digit()) || starts(b"\x28\xB5\x2F\xFD") {
         "is xz, bzip2 or zstd compressed; decompress it (or recompress it with gzip as .gz) first"
     } else if starts(b"\x1f\x8b") && gzip {
         "holds gzip data inside gzip data; decompress it once first"
@@ -706,8 +704,7 @@ impl DocSource for JsonLines {
             };
             let parsed = serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(text);
             let (path, line_no) = (&self.lines.path, self.lines.line_no);
-            let mut obj =
-                parsed.map_err(|e| TextError::Json { path: path.clone(), line: line_no, msg: e.to_string() })?;
+            let mut obj = parsed.map_err(|e| TextError::Json { path: path.clone(), line: line_no, msg: e.to_string() })?;
             let bad = |problem: String| TextError::BadField { path: path.clone(), line: line_no, problem };
             match obj.remove(&self.field) {
                 Some(serde_json::Value::String(s)) if !s.trim().is_empty() => return Ok(Some((s, true))),
@@ -881,8 +878,7 @@ impl ParquetSource {
             if let Some(col) = &mut self.current {
                 self.values.clear();
                 self.def_levels.clear();
-                let (records, values, _) =
-                    col.read_records(1024, Some(&mut self.def_levels), None, &mut self.values).map_err(perr)?;
+                let (records, values, _) = col.read_records(1024, Some(&mut self.def_levels), None, &mut self.values).map_err(perr)?;
                 if records > 0 {
                     // Nulls have no entry in `values`: they are skipped, and counted.
                     self.nulls += records.saturating_sub(values) as u64;

@@ -27,9 +27,7 @@ pub enum TextError {
         what: String,
     },
     /// The corpus yields fewer tokens than one block.
-    #[error(
-        "the {split} set has {tokens} tokens, fewer than one block of {block_size}: give more text or a smaller --block-size"
-    )]
+    #[error("the {split} set has {tokens} tokens, fewer than one block of {block_size}: give more text or a smaller --block-size")]
     TooSmall {
         /// "training" or "validation".
         split: &'static str,
@@ -145,9 +143,7 @@ pub enum TextError {
     #[error("tokenization failed: {0}")]
     Encode(String),
     /// A causal-LM store needs an end-of-text token.
-    #[error(
-        "the tokenizer has no end-of-text token (looked for {looked_for}); pass --eos-token with the token that separates documents"
-    )]
+    #[error("the tokenizer has no end-of-text token (looked for {looked_for}); pass --eos-token with the token that separates documents")]
     NoEos {
         /// The tokens looked for.
         looked_for: String,

@@ -42,16 +42,24 @@ impl Ranges {
     fn parse(pattern: &str) -> Ranges {
         let hir = regex_syntax::Parser::new().parse(pattern).expect("valid class");
         match hir.kind() {
-            HirKind::Class(Class::Unicode(c)) => {
-                Ranges(c.ranges().iter().map(|r| (r.start() as u32, r.end() as u32)).collect())
-            }
+            HirKind::Class(Class::Unicode(c)) => Ranges(c.ranges().iter().map(|r| (r.start() as u32, r.end() as u32)).collect()),
             _ => unreachable!("a Unicode class pattern"),
         }
     }
 
     fn contains(&self, c: char) -> bool {
         let c = c as u32;
-        self.0.binary_search_by(|&(lo, hi)| if hi < c { std::cmp::Ordering::Less } else if lo > c { std::cmp::Ordering::Greater } else { std::cmp::Ordering::Equal }).is_ok()
+        self.0
+            .binary_search_by(|&(lo, hi)| {
+                if hi < c {
+                    std::cmp::Ordering::Less
+                } else if lo > c {
+                    std::cmp::Ordering::Greater
+                } else {
+                    std::cmp::Ordering::Equal
+                }
+            })
+            .is_ok()
     }
 }
 
@@ -258,10 +266,63 @@ mod tests {
         // (NBSP, tabs, newlines, ideographic space), letters of every kind (Lt, Lm, Lo, CJK),
         // numbers that are not digits (Nl, No), combining marks, emoji, control characters.
         let pieces = [
-            "'s", "'S", "'t", "'re", "'ve", "'m", "'ll", "'d", "'x", "''", "'", " ", "  ", "   ", "\t", "\n", "\r\n",
-            " \n ", "\u{a0}", "\u{3000}", "\u{2028}", "word", "Word", " the", "don", "’s", "ǅ", "ʰ", "中文", "ひらがな",
-            "é", "e\u{301}", "\u{301}", "123", "٣", "½", "Ⅻ", "²", "3.14", "-", "--", "...", "!?", "😀", "👩‍👩‍👧",
-            "\u{0}", "\u{7f}", "\u{ad}", "x", "<|", "|>", "endoftext", "$", "€", "Ελληνικά", "עברית", "العربية",
+            "'s",
+            "'S",
+            "'t",
+            "'re",
+            "'ve",
+            "'m",
+            "'ll",
+            "'d",
+            "'x",
+            "''",
+            "'",
+            " ",
+            "  ",
+            "   ",
+            "\t",
+            "\n",
+            "\r\n",
+            " \n ",
+            "\u{a0}",
+            "\u{3000}",
+            "\u{2028}",
+            "word",
+            "Word",
+            " the",
+            "don",
+            "’s",
+            "ǅ",
+            "ʰ",
+            "中文",
+            "ひらがな",
+            "é",
+            "e\u{301}",
+            "\u{301}",
+            "123",
+            "٣",
+            "½",
+            "Ⅻ",
+            "²",
+            "3.14",
+            "-",
+            "--",
+            "...",
+            "!?",
+            "😀",
+            "👩‍👩‍👧",
+            "\u{0}",
+            "\u{7f}",
+            "\u{ad}",
+            "x",
+            "<|",
+            "|>",
+            "endoftext",
+            "$",
+            "€",
+            "Ελληνικά",
+            "עברית",
+            "العربية",
         ];
         let mut rng = Xoshiro256PlusPlus::seed_from_u64(3);
         for _ in 0..20_000 {
@@ -273,9 +334,8 @@ mod tests {
 
     #[test]
     fn fast_path_equals_a_trained_byte_level_tokenizer() {
-        let docs: Vec<String> = (0..300)
-            .map(|i| format!("Verse {i}: and the LORD said unto them,  they'll go\tthither; ünïcödé {}", i * 7))
-            .collect();
+        let docs: Vec<String> =
+            (0..300).map(|i| format!("Verse {i}: and the LORD said unto them,  they'll go\tthither; ünïcödé {}", i * 7)).collect();
         let tok = crate::tok::train_tokenizer(crate::ModelType::Causal, 400, docs.clone().into_iter()).unwrap();
         let fast = FastByteLevelBpe::new(&tok).expect("a trained causal tokenizer qualifies");
         for d in &docs {
@@ -286,7 +346,8 @@ mod tests {
 
     #[test]
     fn only_matching_tokenizers_qualify() {
-        let bert = Tokenizer::from_file(concat!(env!("CARGO_MANIFEST_DIR"), "/../../data/tokenizers/bert-base-uncased.tokenizer.json")).unwrap();
+        let bert =
+            Tokenizer::from_file(concat!(env!("CARGO_MANIFEST_DIR"), "/../../data/tokenizers/bert-base-uncased.tokenizer.json")).unwrap();
         assert!(FastByteLevelBpe::new(&bert).is_none());
         let tok = gpt2();
         let fast = FastByteLevelBpe::new(&tok).unwrap();

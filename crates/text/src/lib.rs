@@ -17,7 +17,6 @@ pub use corpus::{CorpusFormat, MAX_PIECE_BYTES, MAX_RECORD_BYTES, ReadOptions, T
 pub use error::TextError;
 pub use group::Grouper;
 pub use pipeline::{
-    Phase, PrepareOptions, PrepareSummary, Progress, SplitSummary, check_store_tokenizer, is_validation_doc, prepare,
-    prepare_with_progress,
+    Phase, PrepareOptions, PrepareSummary, Progress, SplitSummary, check_store_tokenizer, is_validation_doc, prepare, prepare_with_progress,
 };
 pub use tok::{MAX_TRAIN_VOCAB, MAX_TRAIN_WORD_BYTES, MIN_TRAIN_VOCAB, ModelType, tokenizer_fingerprint};

@@ -15,14 +15,13 @@ use lmtrain_store::{BlockStore, BlockWriter, FinishedStore, MAX_BLOCK_SIZE, Spec
 use rayon::prelude::*;
 use tokenizers::Tokenizer;
 
+use crate::TextError;
 use crate::corpus::{CorpusFile, Documents, Piece, ReadCounts, ReadOptions, resolve_inputs};
 use crate::fastbpe::FastByteLevelBpe;
 use crate::group::{Grouper, word_starts_from_ids};
 use crate::tok::{
-    MAX_TRAIN_WORD_BYTES, ModelType, find_special_tokens, load_tokenizer, split_long_words, tokenizer_fingerprint,
-    train_tokenizer,
+    MAX_TRAIN_WORD_BYTES, ModelType, find_special_tokens, load_tokenizer, split_long_words, tokenizer_fingerprint, train_tokenizer,
 };
-use crate::TextError;
 
 /// Everything `prepare` needs. Build with [`PrepareOptions::new`] and adjust the fields.
 #[derive(Clone, Debug)]
@@ -192,18 +191,12 @@ fn splitmix64(mut z: u64) -> u64 {
 }
 
 /// Runs the pipeline, calling `progress` from time to time (possibly from several threads).
-pub fn prepare_with_progress(
-    opts: &PrepareOptions,
-    progress: &(dyn Fn(&Progress) + Sync),
-) -> Result<PrepareSummary, TextError> {
+pub fn prepare_with_progress(opts: &PrepareOptions, progress: &(dyn Fn(&Progress) + Sync)) -> Result<PrepareSummary, TextError> {
     if opts.block_size == 0 {
         return Err(TextError::ZeroBlockSize);
     }
     if opts.block_size > MAX_BLOCK_SIZE as usize {
-        return Err(TextError::BadFlag(format!(
-            "--block-size {} is too large: allowed 1 to {MAX_BLOCK_SIZE} tokens",
-            opts.block_size
-        )));
+        return Err(TextError::BadFlag(format!("--block-size {} is too large: allowed 1 to {MAX_BLOCK_SIZE} tokens", opts.block_size)));
     }
     if opts.max_train_blocks == Some(0) {
         return Err(TextError::BadFlag("--max-train-blocks must be at least 1".into()));
@@ -221,17 +214,13 @@ pub fn prepare_with_progress(
         return Err(TextError::BadSplit(opts.validation_split));
     }
     let train_files = resolve_inputs(&opts.inputs, opts.read.format)?;
-    let val_files =
-        if opts.validation_files.is_empty() { Vec::new() } else { resolve_inputs(&opts.validation_files, opts.read.format)? };
+    let val_files = if opts.validation_files.is_empty() { Vec::new() } else { resolve_inputs(&opts.validation_files, opts.read.format)? };
     // The split only applies when no validation file is given.
     let split = if val_files.is_empty() { opts.validation_split } else { 0.0 };
     let has_validation = !val_files.is_empty() || split > 0.0;
 
     if opts.output_dir.exists() && !opts.output_dir.is_dir() {
-        return Err(TextError::BadFlag(format!(
-            "--output-dir {}: exists and is not a directory",
-            opts.output_dir.display()
-        )));
+        return Err(TextError::BadFlag(format!("--output-dir {}: exists and is not a directory", opts.output_dir.display())));
     }
     std::fs::create_dir_all(&opts.output_dir).map_err(TextError::io(&opts.output_dir))?;
     let train_path = opts.output_dir.join("train.bin");
@@ -286,13 +275,7 @@ pub fn prepare_with_progress(
         }
     }
     let vocab_size = tokenizer.get_vocab_size(true) as u32;
-    let spec = StoreSpec {
-        block_size: opts.block_size as u32,
-        vocab_size,
-        tokenizer_fingerprint: fingerprint,
-        special,
-        word_starts: true,
-    };
+    let spec = StoreSpec { block_size: opts.block_size as u32, vocab_size, tokenizer_fingerprint: fingerprint, special, word_starts: true };
 
     let tokenize_started = Instant::now();
     let fast = match opts.model_type {
@@ -320,8 +303,7 @@ pub fn prepare_with_progress(
         block_size: opts.block_size,
     };
     let mut train = SplitWriter::create(&train_path, spec.clone(), opts.max_train_blocks, opts.line_by_line)?;
-    let mut val =
-        if has_validation { Some(SplitWriter::create(&val_path, spec.clone(), None, opts.line_by_line)?) } else { None };
+    let mut val = if has_validation { Some(SplitWriter::create(&val_path, spec.clone(), None, opts.line_by_line)?) } else { None };
     let mut tokens_so_far = 0u64;
 
     let mut counts = stream_corpus(opts, &train_files, Phase::Train, progress, &mut |chunk| {
@@ -421,14 +403,11 @@ fn check_existing_store(path: &Path, block_size: usize, fingerprint: Option<u64>
     }
     let incompatible = |reason: String| TextError::IncompatibleStore { path: path.to_path_buf(), reason };
     // Only the header matters here (the file is about to be replaced).
-    let store = BlockStore::open_unverified(path)
-        .map_err(|e| incompatible(format!("exists and is not a readable lmtrain block store ({e})")))?;
+    let store =
+        BlockStore::open_unverified(path).map_err(|e| incompatible(format!("exists and is not a readable lmtrain block store ({e})")))?;
     let h = store.header();
     if h.block_size as usize != block_size {
-        return Err(incompatible(format!(
-            "holds a store with block size {}, not {block_size}",
-            h.block_size
-        )));
+        return Err(incompatible(format!("holds a store with block size {}, not {block_size}", h.block_size)));
     }
     if let Some(fp) = fingerprint
         && h.tokenizer_fingerprint != fp
@@ -650,10 +629,7 @@ struct Encoder<'t> {
 impl Encoder<'_> {
     /// Tokenizes a chunk in parallel, keeping order; `None` for pieces that are not needed.
     fn encode_chunk(&self, pieces: &[Piece]) -> Result<Vec<Option<EncodedDoc>>, TextError> {
-        pieces
-            .par_iter()
-            .map(|p| if self.line_by_line && !p.first { Ok(None) } else { self.encode_piece(p).map(Some) })
-            .collect()
+        pieces.par_iter().map(|p| if self.line_by_line && !p.first { Ok(None) } else { self.encode_piece(p).map(Some) }).collect()
     }
 
     /// A piece's ids; the end-of-text token (causal) follows the last piece of a document.

@@ -393,9 +393,6 @@ mod tests {
 
     #[test]
     fn too_small_vocab_is_refused() {
-        assert!(matches!(
-            train_tokenizer(ModelType::Causal, 10, std::iter::empty()),
-            Err(TextError::VocabTooSmall { got: 10, .. })
-        ));
+        assert!(matches!(train_tokenizer(ModelType::Causal, 10, std::iter::empty()), Err(TextError::VocabTooSmall { got: 10, .. })));
     }
 }

@@ -192,10 +192,7 @@ fn a_template_naming_an_undefined_or_out_of_range_token_is_an_error_not_a_panic(
             serde_json::json!({ "[CLS]": cls, "[SEP]": { "id": "[SEP]", "ids": [999999], "tokens": ["[SEP]"] } }),
             "special token \"[SEP]\" has id 999999, outside the vocabulary of 30522 tokens",
         ),
-        (
-            serde_json::json!({ "[CLS]": cls, "[SEP]": { "id": "[SEP]", "ids": [102, 103], "tokens": ["[SEP]"] } }),
-            "has 2 ids and 1 tokens",
-        ),
+        (serde_json::json!({ "[CLS]": cls, "[SEP]": { "id": "[SEP]", "ids": [102, 103], "tokens": ["[SEP]"] } }), "has 2 ids and 1 tokens"),
     ];
     for (special, want) in cases {
         let tok = template_tokenizer(dir.path(), special);
@@ -205,10 +202,8 @@ fn a_template_naming_an_undefined_or_out_of_range_token_is_an_error_not_a_panic(
         assert!(matches!(err, TextError::BadTokenizer { .. }) && err.to_string().contains(want), "{err}");
     }
     // A correct template works.
-    let ok = template_tokenizer(
-        dir.path(),
-        serde_json::json!({ "[CLS]": cls, "[SEP]": { "id": "[SEP]", "ids": [102], "tokens": ["[SEP]"] } }),
-    );
+    let ok =
+        template_tokenizer(dir.path(), serde_json::json!({ "[CLS]": cls, "[SEP]": { "id": "[SEP]", "ids": [102], "tokens": ["[SEP]"] } }));
     let mut o = opts(vec![corpus], &dir.path().join("out"), ok);
     o.model_type = ModelType::Masked;
     o.block_size = 16;
@@ -279,8 +274,7 @@ fn stale_temp_files_of_a_killed_run_are_removed_and_only_those() {
     let corpus = dir.path().join("c.txt");
     std::fs::write(&corpus, words(4000, 5)).unwrap();
     let s = prepare(&opts(vec![corpus], &out, gpt2())).unwrap();
-    let mut removed: Vec<String> =
-        s.removed_temp_files.iter().map(|p| p.file_name().unwrap().to_string_lossy().into_owned()).collect();
+    let mut removed: Vec<String> = s.removed_temp_files.iter().map(|p| p.file_name().unwrap().to_string_lossy().into_owned()).collect();
     removed.sort();
     let mut want = stale.to_vec();
     want.sort();

@@ -158,10 +158,7 @@ impl TrainingArgs {
             return bad_s(format!("--weight-decay must be in [0, 1], got {:?}", self.weight_decay));
         }
         if !(self.max_grad_norm.is_finite() && self.max_grad_norm >= 0.0) {
-            return bad_s(format!(
-                "--max-grad-norm must be a finite number >= 0 (0 turns clipping off), got {:?}",
-                self.max_grad_norm
-            ));
+            return bad_s(format!("--max-grad-norm must be a finite number >= 0 (0 turns clipping off), got {:?}", self.max_grad_norm));
         }
         if !(0.0..=MAX_EPOCHS).contains(&self.num_train_epochs) {
             return bad_s(format!("--num-train-epochs must be in [0, 1000000], got {:?}", self.num_train_epochs));
@@ -229,7 +226,10 @@ mod tests {
         let a = TrainingArgs::new("out");
         assert_eq!(a.learning_rate, 5e-5);
         assert_eq!((a.adam_epsilon, a.num_train_epochs, a.per_device_train_batch_size, a.logging_steps), (1e-8, 3.0, 8, 500));
-        assert_eq!((a.eval_strategy, a.save_strategy, a.lr_scheduler), (IntervalStrategy::No, IntervalStrategy::Steps, SchedulerKind::Linear));
+        assert_eq!(
+            (a.eval_strategy, a.save_strategy, a.lr_scheduler),
+            (IntervalStrategy::No, IntervalStrategy::Steps, SchedulerKind::Linear)
+        );
         assert_eq!(a.max_grad_norm, 1.0);
         assert_eq!(a.eval_interval(), a.logging_steps);
         a.validate().unwrap();

@@ -65,8 +65,7 @@ pub fn list_checkpoints(output_dir: &Path) -> Result<Vec<(u64, PathBuf)>, Traine
     for entry in entries {
         let entry = entry.map_err(|e| TrainerError::io(output_dir, e))?;
         let name = entry.file_name();
-        let Some(step) = name.to_str().and_then(|n| n.strip_prefix("checkpoint-")).and_then(|s| s.parse::<u64>().ok())
-        else {
+        let Some(step) = name.to_str().and_then(|n| n.strip_prefix("checkpoint-")).and_then(|s| s.parse::<u64>().ok()) else {
             continue;
         };
         if entry.path().join(STATE_FILE).is_file() {
@@ -145,10 +144,7 @@ fn write_moments(path: &Path, exp_avg: &[f32], exp_avg_sq: &[f32]) -> Result<(),
         ("exp_avg", TensorView::new(Dtype::F32, vec![exp_avg.len()], m).expect("valid view")),
         ("exp_avg_sq", TensorView::new(Dtype::F32, vec![exp_avg_sq.len()], v).expect("valid view")),
     ];
-    safetensors::serialize_to_file(views, None, path).map_err(|e| TrainerError::Checkpoint {
-        path: path.to_path_buf(),
-        msg: e.to_string(),
-    })
+    safetensors::serialize_to_file(views, None, path).map_err(|e| TrainerError::Checkpoint { path: path.to_path_buf(), msg: e.to_string() })
 }
 
 /// Everything a checkpoint restores besides the weights.
@@ -165,8 +161,8 @@ pub struct Restored {
 pub fn load_state(dir: &Path) -> Result<Restored, TrainerError> {
     let state_path = dir.join(STATE_FILE);
     let bytes = fs::read(&state_path).map_err(|e| TrainerError::io(&state_path, e))?;
-    let state: TrainerState = serde_json::from_slice(&bytes)
-        .map_err(|e| TrainerError::Checkpoint { path: state_path.clone(), msg: e.to_string() })?;
+    let state: TrainerState =
+        serde_json::from_slice(&bytes).map_err(|e| TrainerError::Checkpoint { path: state_path.clone(), msg: e.to_string() })?;
     let opt_path = dir.join(OPTIMIZER_FILE);
     let bytes = fs::read(&opt_path).map_err(|e| TrainerError::io(&opt_path, e))?;
     let bad = |msg: String| TrainerError::Checkpoint { path: opt_path.clone(), msg };

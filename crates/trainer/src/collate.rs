@@ -140,7 +140,17 @@ impl Collator for MaskingCollator {
         };
         // padding is never chosen
         let mask: Option<Vec<u8>> = batch.attention_mask.as_ref().map(|m| m.iter().map(|&x| x as u8).collect());
-        mask_rows(&self.config, &self.vocab, t, &tokens, word_starts.as_deref(), mask.as_deref(), key_of_row, &mut batch.input_ids, &mut batch.labels);
+        mask_rows(
+            &self.config,
+            &self.vocab,
+            t,
+            &tokens,
+            word_starts.as_deref(),
+            mask.as_deref(),
+            key_of_row,
+            &mut batch.input_ids,
+            &mut batch.labels,
+        );
         batch.token_type_ids = None;
     }
 }

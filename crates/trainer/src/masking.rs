@@ -246,9 +246,7 @@ pub fn mask_block(
     } else {
         None
     };
-    let eligible = |i: usize| {
-        input.attention_mask.is_none_or(|a| a[i] != 0) && !vocab.is_special(input.tokens[i])
-    };
+    let eligible = |i: usize| input.attention_mask.is_none_or(|a| a[i] != 0) && !vocab.is_special(input.tokens[i]);
     let m = cfg.mask_replace_prob;
     let mr = cfg.mask_replace_prob + cfg.random_replace_prob;
     let mut counts = MaskCounts::default();
@@ -719,7 +717,15 @@ mod tests {
             within_5_sigma(&format!("seed {seed} step {step}: choices differing from seed 42 step 7"), differ, n, 2.0 * 0.15 * 0.85);
         }
         // keys differ in every coordinate, with no trivial collisions between them
-        let keys = [train_key(1, 0, 0, 0), train_key(1, 1, 0, 0), train_key(1, 0, 1, 0), train_key(1, 0, 0, 1), train_key(2, 0, 0, 0), eval_key(1, 0), eval_key(1, 1)];
+        let keys = [
+            train_key(1, 0, 0, 0),
+            train_key(1, 1, 0, 0),
+            train_key(1, 0, 1, 0),
+            train_key(1, 0, 0, 1),
+            train_key(2, 0, 0, 0),
+            eval_key(1, 0),
+            eval_key(1, 1),
+        ];
         let set: std::collections::HashSet<u64> = keys.iter().copied().collect();
         assert_eq!(set.len(), keys.len());
         // a decision depends on the position, not on the other tokens of the block

@@ -68,8 +68,7 @@ fn read_lines(path: &Path) -> Result<Vec<(String, Value)>, TrainerError> {
         if line.trim().is_empty() {
             continue;
         }
-        let v = serde_json::from_str(&line)
-            .map_err(|e| TrainerError::Checkpoint { path: path.to_path_buf(), msg: e.to_string() })?;
+        let v = serde_json::from_str(&line).map_err(|e| TrainerError::Checkpoint { path: path.to_path_buf(), msg: e.to_string() })?;
         out.push((line, v));
     }
     Ok(out)

@@ -216,7 +216,21 @@ pub fn attention_backward(dqkv: &mut [f32], dout: &[f32], qkv: &[f32], probs: &[
                 } else {
                     pb
                 };
-                crate::gemm::matmul_strided(keys, hs, rows, dv, 3 * c, pv.as_ptr(), 1, t as isize, dy.offset(dy0), c as isize, 1, true, 1.0);
+                crate::gemm::matmul_strided(
+                    keys,
+                    hs,
+                    rows,
+                    dv,
+                    3 * c,
+                    pv.as_ptr(),
+                    1,
+                    t as isize,
+                    dy.offset(dy0),
+                    c as isize,
+                    1,
+                    true,
+                    1.0,
+                );
             }
             // softmax backward on the block: dS = P * (dP - sum_j dP * P) over the seen keys
             for (r, (dr, pr)) in dpb.chunks_exact_mut(t).zip(pb.chunks_exact(t)).enumerate() {

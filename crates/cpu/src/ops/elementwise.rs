@@ -31,9 +31,7 @@ pub fn fill_zero(x: &mut [f32]) {
         x.par_chunks_mut(CHUNK).for_each(|c| c.fill(0.0));
         return;
     }
-    x.par_chunks_mut(CHUNK).for_each(|c| {
-        dispatch!(avx512: crate::simd::zero_streaming(c), avx2: c.fill(0.0), portable: c.fill(0.0))
-    });
+    x.par_chunks_mut(CHUNK).for_each(|c| dispatch!(avx512: crate::simd::zero_streaming(c), avx2: c.fill(0.0), portable: c.fill(0.0)));
 }
 
 /// Buffers from this many elements (16 MB) up, gradient buffers, are zeroed with streaming

@@ -67,16 +67,13 @@ avx2_version!(gelu_fwd_chunk_avx2, gelu_fwd_chunk, (o: &mut [f32], x: &[f32], ki
 /// `dinp += gelu'(inp) * dout`.
 pub fn gelu_backward(dinp: &mut [f32], inp: &[f32], dout: &[f32], kind: GeluKind) {
     assert!(dinp.len() == inp.len() && dout.len() == inp.len(), "gelu_backward: length mismatch");
-    dinp.par_chunks_mut(CHUNK)
-        .zip(inp.par_chunks(CHUNK))
-        .zip(dout.par_chunks(CHUNK))
-        .for_each(|((d, x), g)| {
-            dispatch!(
-                avx512: if kind == GeluKind::Tanh { gelu_tanh_bwd_avx512(d, x, g) } else { gelu_bwd_chunk_avx2(d, x, g, kind) },
-                avx2: gelu_bwd_chunk_avx2(d, x, g, kind),
-                portable: gelu_bwd_chunk(d, x, g, kind),
-            )
-        });
+    dinp.par_chunks_mut(CHUNK).zip(inp.par_chunks(CHUNK)).zip(dout.par_chunks(CHUNK)).for_each(|((d, x), g)| {
+        dispatch!(
+            avx512: if kind == GeluKind::Tanh { gelu_tanh_bwd_avx512(d, x, g) } else { gelu_bwd_chunk_avx2(d, x, g, kind) },
+            avx2: gelu_bwd_chunk_avx2(d, x, g, kind),
+            portable: gelu_bwd_chunk(d, x, g, kind),
+        )
+    });
 }
 
 /// Tanh-form GELU backward with explicit AVX-512 (see [`crate::simd::gelu_tanh_grad16`]).

@@ -93,7 +93,15 @@ pub fn lm_head_loss(
 
 /// [`lm_head_loss`] on rows that all have a target (one per entry of `targets`; shapes checked
 /// by the caller).
-fn head_rows(scratch: &mut [f32], x: &[f32], wte: &[f32], bias: Option<&[f32]>, targets: &[i32], c: usize, grad: Option<HeadGrads<&mut [f32]>>) -> f64 {
+fn head_rows(
+    scratch: &mut [f32],
+    x: &[f32],
+    wte: &[f32],
+    bias: Option<&[f32]>,
+    targets: &[i32],
+    c: usize,
+    grad: Option<HeadGrads<&mut [f32]>>,
+) -> f64 {
     let (rows, vocab) = (targets.len(), wte.len() / c);
     if rows == 0 {
         return 0.0;

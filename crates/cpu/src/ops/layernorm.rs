@@ -22,12 +22,11 @@ pub fn layernorm_forward(
     assert!(mean.len() == rows && rstd.len() == rows, "layernorm_forward: mean/rstd shape");
     assert!(weight.len() == cols && bias.len() == cols, "layernorm_forward: weight/bias shape");
     let rpt = rows_per_task(cols);
-    out.par_chunks_mut(cols * rpt)
-        .zip(inp.par_chunks(cols * rpt))
-        .zip(mean.par_chunks_mut(rpt).zip(rstd.par_chunks_mut(rpt)))
-        .for_each(|((o, x), (mu, rs))| {
+    out.par_chunks_mut(cols * rpt).zip(inp.par_chunks(cols * rpt)).zip(mean.par_chunks_mut(rpt).zip(rstd.par_chunks_mut(rpt))).for_each(
+        |((o, x), (mu, rs))| {
             dispatch!(layernorm_fwd_rows, layernorm_fwd_rows_avx512, layernorm_fwd_rows_avx2, o, x, mu, rs, weight, bias, cols, eps)
-        });
+        },
+    );
 }
 
 /// Sum of `f(x)` over `x` in [`LANES`] partials (then the lanes in order, then the tail): the

@@ -26,9 +26,9 @@ pub use embedding::{embedding_backward, embedding_forward};
 pub use gelu::{gelu_backward, gelu_forward};
 pub use head::{LM_HEAD_CHUNK, lm_head_loss};
 pub use layernorm::{layernorm_backward, layernorm_forward};
-pub use rows::{gather_rows, scatter_add_rows};
 pub use linear::{add_bias, bias_backward, matmul, matmul_desc};
 pub use lmtrain_backend::IGNORE_INDEX;
+pub use rows::{gather_rows, scatter_add_rows};
 pub use xent::cross_entropy;
 
 /// Elements per rayon task in elementwise loops.

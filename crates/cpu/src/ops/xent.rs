@@ -12,11 +12,8 @@ use super::IGNORE_INDEX;
 /// probabilities are never stored separately. The reference for a device's fused classifier.
 pub fn cross_entropy(logits: &mut [f32], targets: &[i32], rows: usize, vocab: usize, dloss: Option<f32>) -> f64 {
     assert!(logits.len() == rows * vocab && targets.len() == rows, "cross_entropy: shape");
-    let losses: Vec<f64> = logits
-        .par_chunks_mut(vocab)
-        .zip(targets.par_iter())
-        .map(|(row, &tgt)| xent_row(row, tgt, vocab, dloss))
-        .collect();
+    let losses: Vec<f64> =
+        logits.par_chunks_mut(vocab).zip(targets.par_iter()).map(|(row, &tgt)| xent_row(row, tgt, vocab, dloss)).collect();
     losses.iter().sum()
 }
 

@@ -1,7 +1,9 @@
 //! Every CPU op run once on shapes that take its threaded paths, its outputs kept bit for bit:
 //! shared by the thread-count determinism test and the forced-SIMD-level test.
 
-use lmtrain_backend::{AdamWHyper, AttnMask, AttnShape, DecaySegment, Dropout, EmbeddingTables, GeluKind, GemmShape, HeadGrads, HostBatch, Inputs};
+use lmtrain_backend::{
+    AdamWHyper, AttnMask, AttnShape, DecaySegment, Dropout, EmbeddingTables, GeluKind, GemmShape, HeadGrads, HostBatch, Inputs,
+};
 use lmtrain_cpu::ops;
 
 pub fn rand_vec(n: usize, seed: u64, scale: f32) -> Vec<f32> {
@@ -49,9 +51,8 @@ pub fn run_ops() -> Vec<Output> {
     assert!(z.iter().all(|&v| v == 0.0), "fill_zero");
 
     // linear
-    for (i, &(m, n, k, ta, tb)) in [(rows, hidden, c, false, false), (rows, c, hidden, false, true), (c, hidden, rows, true, false)]
-        .iter()
-        .enumerate()
+    for (i, &(m, n, k, ta, tb)) in
+        [(rows, hidden, c, false, false), (rows, c, hidden, false, true), (c, hidden, rows, true, false)].iter().enumerate()
     {
         let a = rand_vec(m * k, 10 + i as u64, 1.0);
         let b = rand_vec(k * n, 20 + i as u64, 1.0);
@@ -99,7 +100,15 @@ pub fn run_ops() -> Vec<Output> {
     let wpe = rand_vec(128 * c, 13, 1.0);
     let pos: Vec<u32> = (0..bsz * t).map(|i| (5 + i % t) as u32).collect();
     let types: Vec<u32> = (0..bsz * t).map(|i| (i % 3 == 0) as u32).collect();
-    let host = HostBatch { b: bsz, t, input_ids: &ids, targets: None, attention_mask: None, token_type_ids: Some(&types), position_ids: Some(&pos) };
+    let host = HostBatch {
+        b: bsz,
+        t,
+        input_ids: &ids,
+        targets: None,
+        attention_mask: None,
+        token_type_ids: Some(&types),
+        position_ids: Some(&pos),
+    };
     let inp = Inputs::new(&host);
     let wtt = rand_vec(2 * c, 29, 1.0);
     let mut e = vec![0f32; bsz * t * c];
@@ -155,14 +164,34 @@ pub fn run_ops() -> Vec<Output> {
     let mut scratch = vec![0f32; rows * vocab];
     let eval = ops::lm_head_loss(&mut scratch, &xh, &wh, Some(&hb), &targets, rows, vocab, c, None);
     let (mut dxh, mut dwh) = (vec![0f32; rows * c], rand_vec(vocab * c, 24, 1.0));
-    let loss = ops::lm_head_loss(&mut scratch, &xh, &wh, Some(&hb), &targets, rows, vocab, c, Some(HeadGrads { dx: &mut dxh, dwte: &mut dwh, dbias: Some(&mut dbh), dloss: 0.01 }));
+    let loss = ops::lm_head_loss(
+        &mut scratch,
+        &xh,
+        &wh,
+        Some(&hb),
+        &targets,
+        rows,
+        vocab,
+        c,
+        Some(HeadGrads { dx: &mut dxh, dwte: &mut dwh, dbias: Some(&mut dbh), dloss: 0.01 }),
+    );
     res.push(out64("lm_head_loss loss", vec![eval, loss]));
     res.push(out("lm_head_loss dx", dxh));
     res.push(out("lm_head_loss dwte", dwh));
     res.push(out("lm_head_loss dbias", dbh.clone()));
     let all_targets: Vec<i32> = (0..rows).map(|r| (r * 37 % vocab) as i32).collect();
     let (mut dxh, mut dwh) = (vec![0f32; rows * c], vec![0f32; vocab * c]);
-    let loss = ops::lm_head_loss(&mut scratch, &xh, &wh, Some(&hb), &all_targets, rows, vocab, c, Some(HeadGrads { dx: &mut dxh, dwte: &mut dwh, dbias: Some(&mut dbh), dloss: 0.01 }));
+    let loss = ops::lm_head_loss(
+        &mut scratch,
+        &xh,
+        &wh,
+        Some(&hb),
+        &all_targets,
+        rows,
+        vocab,
+        c,
+        Some(HeadGrads { dx: &mut dxh, dwte: &mut dwh, dbias: Some(&mut dbh), dloss: 0.01 }),
+    );
     res.push(out64("lm_head_loss loss, no ignored row", vec![loss]));
     res.push(out("lm_head_loss dx, no ignored row", dxh));
     res.push(out("lm_head_loss dwte, no ignored row", dwh));
@@ -173,10 +202,8 @@ pub fn run_ops() -> Vec<Output> {
     res.push(out("global_norm", vec![ops::global_norm(&gr)]));
     let (mut p, mut m, mut v) = (rand_vec(n, 26, 1.0), rand_vec(n, 27, 0.01), rand_vec(n, 28, 0.001));
     v.iter_mut().for_each(|x| *x = x.abs());
-    let segs = [
-        DecaySegment { offset: 0, len: 70_001, weight_decay: 0.1 },
-        DecaySegment { offset: 70_001, len: n - 70_001, weight_decay: 0.0 },
-    ];
+    let segs =
+        [DecaySegment { offset: 0, len: 70_001, weight_decay: 0.1 }, DecaySegment { offset: 70_001, len: n - 70_001, weight_decay: 0.0 }];
     let hp = AdamWHyper { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, step: 3, grad_scale: 0.5 };
     ops::adamw_update(&mut p, &gr, &mut m, &mut v, &segs, &hp);
     res.push(out("adamw params", p));
@@ -191,14 +218,8 @@ pub fn run_ops() -> Vec<Output> {
 pub fn run_gpt2_steps() -> Vec<Output> {
     use lmtrain_model::LanguageModel;
     use lmtrain_model::gpt2::{Gpt2, Gpt2Config};
-    let cfg = Gpt2Config {
-        vocab_size: 2 * ops::LM_HEAD_CHUNK + 77,
-        n_positions: 64,
-        n_embd: 64,
-        n_layer: 2,
-        n_head: 4,
-        ..Gpt2Config::default()
-    };
+    let cfg =
+        Gpt2Config { vocab_size: 2 * ops::LM_HEAD_CHUNK + 77, n_positions: 64, n_embd: 64, n_layer: 2, n_head: 4, ..Gpt2Config::default() };
     let mut model = Gpt2::new(lmtrain_cpu::Cpu, cfg, 5).unwrap();
     let (b, t) = (3, 47);
     let ids: Vec<u32> = (0..b * t).map(|i| ((i * 7919 + 13) % 1101) as u32).collect();

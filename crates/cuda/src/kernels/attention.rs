@@ -25,12 +25,7 @@ fn padded(hs: usize) -> usize {
 /// Dynamic shared memory of `attention_fwd_*` (mirrors the layout in attention.cu).
 pub fn attention_smem_fwd(br: usize, bc: usize, hs: usize, elem: usize) -> usize {
     let hp = padded(hs);
-    region(br * hp, elem)
-        + 2 * region(bc * hp, elem)
-        + region(br * bc, 4)
-        + region(br * bc, elem)
-        + region(br * hp, 4)
-        + 2 * region(br, 4)
+    region(br * hp, elem) + 2 * region(bc * hp, elem) + region(br * bc, 4) + region(br * bc, elem) + region(br * hp, 4) + 2 * region(br, 4)
 }
 
 /// Dynamic shared memory of `attention_bwd_dq_*`.
@@ -56,22 +51,12 @@ pub fn attention_smem_dkv(br: usize, bc: usize, hs: usize, elem: usize) -> usize
 }
 
 /// The largest tile pair whose shared memory fits, with its byte count.
-fn pick_tiles(
-    op: &'static str,
-    hs: usize,
-    elem: usize,
-    smem: fn(usize, usize, usize, usize) -> usize,
-) -> Result<(usize, usize, usize)> {
+fn pick_tiles(op: &'static str, hs: usize, elem: usize, smem: fn(usize, usize, usize, usize) -> usize) -> Result<(usize, usize, usize)> {
     TILES
         .iter()
         .map(|&(br, bc)| (br, bc, smem(br, bc, hs, elem)))
         .find(|&(_, _, bytes)| bytes <= SMEM_LIMIT)
-        .ok_or_else(|| {
-            shape(
-                op,
-                format!("head size {hs} needs more than {SMEM_LIMIT} bytes of shared memory"),
-            )
-        })
+        .ok_or_else(|| shape(op, format!("head size {hs} needs more than {SMEM_LIMIT} bytes of shared memory")))
 }
 
 /// Masks and dropout of one attention call.
@@ -88,19 +73,13 @@ pub struct AttnOptions<'a, 'b> {
 /// Shape checks shared by forward and backward; returns the kernel's integer sizes.
 fn attn_sizes(op: &'static str, s: AttnShape, opt: &AttnOptions<'_, '_>) -> Result<[i32; 4]> {
     if s.head_size == 0 || !s.head_size.is_multiple_of(8) {
-        return Err(shape(
-            op,
-            format!("head size {} is not a positive multiple of 8", s.head_size),
-        ));
+        return Err(shape(op, format!("head size {} is not a positive multiple of 8", s.head_size)));
     }
     if let Some(kv) = opt.key_valid {
         check_len(op, "key_valid", kv.len(), s.b * s.t)?;
     }
     if !(0.0..1.0).contains(&opt.dropout.p) {
-        return Err(shape(
-            op,
-            format!("dropout probability {} outside [0, 1)", opt.dropout.p),
-        ));
+        return Err(shape(op, format!("dropout probability {} outside [0, 1)", opt.dropout.p)));
     }
     // the dropout index (b*nh + h)*t*t + i*t + j must not wrap
     s.b.checked_mul(s.n_head)
@@ -110,12 +89,7 @@ fn attn_sizes(op: &'static str, s: AttnShape, opt: &AttnOptions<'_, '_>) -> Resu
     if s.b * s.n_head > 65535 {
         return Err(shape(op, "b * n_head exceeds the grid's 65535 limit"));
     }
-    Ok([
-        to_i32(op, "b", s.b)?,
-        to_i32(op, "t", s.t)?,
-        to_i32(op, "n_head", s.n_head)?,
-        to_i32(op, "head_size", s.head_size)?,
-    ])
+    Ok([to_i32(op, "b", s.b)?, to_i32(op, "t", s.t)?, to_i32(op, "n_head", s.n_head)?, to_i32(op, "head_size", s.head_size)?])
 }
 
 impl CudaDevice {
@@ -190,11 +164,7 @@ impl CudaDevice {
         let elem = size_of::<T>();
         let (qbr, qbc, qsmem) = pick_tiles(OP, s.head_size, elem, attention_smem_dq)?;
         let (kbr, kbc, ksmem) = pick_tiles(OP, s.head_size, elem, attention_smem_dkv)?;
-        let prep = LaunchConfig {
-            grid_dim: (rows.div_ceil(4) as u32, 1, 1),
-            block_dim: (ATTN_THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let prep = LaunchConfig { grid_dim: (rows.div_ceil(4) as u32, 1, 1), block_dim: (ATTN_THREADS, 1, 1), shared_mem_bytes: 0 };
         let mut l = Launch::new(self, format!("attention_bwd_prep_{}", T::SUFFIX))?;
         l.output(scratch).input(out).input(dout);
         l.scalar(&b).scalar(&t).scalar(&nh).scalar(&hs);
@@ -203,10 +173,7 @@ impl CudaDevice {
         unsafe { l.launch(prep) }?;
         let (causal, p, seed) = (i32::from(opt.causal), opt.dropout.p, opt.dropout.seed);
         let d = scratch.as_view();
-        for (kernel, br, bc, smem, blocks) in [
-            ("dq", qbr, qbc, qsmem, s.t.div_ceil(qbr)),
-            ("dkv", kbr, kbc, ksmem, s.t.div_ceil(kbc)),
-        ] {
+        for (kernel, br, bc, smem, blocks) in [("dq", qbr, qbc, qsmem, s.t.div_ceil(qbr)), ("dkv", kbr, kbc, ksmem, s.t.div_ceil(kbc))] {
             let cfg = LaunchConfig {
                 grid_dim: (blocks as u32, (s.b * s.n_head) as u32, 1),
                 block_dim: (ATTN_THREADS, 1, 1),

@@ -10,9 +10,7 @@ use std::collections::BTreeMap;
 use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, LaunchConfig};
 use lmtrain_backend::Dropout;
 
-use super::{
-    ELEM_BLOCK, KernelDtype, ROW_BLOCK, SEG_ROWS, check_len, elem_cfg, rows_grid, to_i32,
-};
+use super::{ELEM_BLOCK, KernelDtype, ROW_BLOCK, SEG_ROWS, check_len, elem_cfg, rows_grid, to_i32};
 use crate::launch::Launch;
 use crate::{CudaDevice, Result, shape};
 
@@ -23,11 +21,7 @@ const RED_BLOCK: u32 = 256;
 
 fn upload_i32(dev: &CudaDevice, v: &[i32]) -> Result<CudaSlice<i32>> {
     // cudarc refuses empty copies; a one-element buffer stands in (never read).
-    if v.is_empty() {
-        dev.zeros::<i32>(1)
-    } else {
-        dev.upload(v)
-    }
+    if v.is_empty() { dev.zeros::<i32>(1) } else { dev.upload(v) }
 }
 
 /// Rows grouped by key for a deterministic backward: `rows[start[k]..start[k + 1]]` are the
@@ -52,12 +46,7 @@ impl Buckets {
             rows.extend_from_slice(&r);
             start.push(rows.len() as i32);
         }
-        Ok(Self {
-            n: ks.len(),
-            start: upload_i32(dev, &start)?,
-            rows: upload_i32(dev, &rows)?,
-            keys: upload_i32(dev, &ks)?,
-        })
+        Ok(Self { n: ks.len(), start: upload_i32(dev, &start)?, rows: upload_i32(dev, &rows)?, keys: upload_i32(dev, &ks)? })
     }
 }
 
@@ -101,30 +90,17 @@ impl EmbeddingBatch {
         n_types: usize,
     ) -> Result<Self> {
         const OP: &str = "EmbeddingBatch";
-        let n = b
-            .checked_mul(t)
-            .ok_or_else(|| shape(OP, "b * t overflows"))?;
+        let n = b.checked_mul(t).ok_or_else(|| shape(OP, "b * t overflows"))?;
         to_i32(OP, "b * t", n)?;
         check_len(OP, "ids", ids.len(), n)?;
         let checked = |what: &str, v: &[u32], limit: usize| -> Result<Vec<i32>> {
-            v.iter()
-                .map(|&x| {
-                    if (x as usize) < limit {
-                        Ok(x as i32)
-                    } else {
-                        Err(shape(OP, format!("{what} {x} >= {limit}")))
-                    }
-                })
-                .collect()
+            v.iter().map(|&x| if (x as usize) < limit { Ok(x as i32) } else { Err(shape(OP, format!("{what} {x} >= {limit}"))) }).collect()
         };
         let ids_i = checked("token id", ids, vocab)?;
         let pos_i = match positions {
             Positions::Offset(off) => {
                 if off + t > n_pos {
-                    return Err(shape(
-                        OP,
-                        format!("position {} >= {n_pos}", off + t - 1),
-                    ));
+                    return Err(shape(OP, format!("position {} >= {n_pos}", off + t - 1)));
                 }
                 (0..n).map(|i| (off + i % t) as i32).collect()
             }
@@ -167,13 +143,7 @@ pub struct ClassifierRows {
 impl ClassifierRows {
     /// `rows[s]` (`< n_rows`, each at most once) is a row of a `[n_rows, vocab]` logits matrix
     /// with target `targets[s]` (`< vocab`, or -100 = ignored).
-    pub fn new(
-        dev: &CudaDevice,
-        rows: &[u32],
-        targets: &[i32],
-        n_rows: usize,
-        vocab: usize,
-    ) -> Result<Self> {
+    pub fn new(dev: &CudaDevice, rows: &[u32], targets: &[i32], n_rows: usize, vocab: usize) -> Result<Self> {
         const OP: &str = "ClassifierRows";
         check_len(OP, "targets", targets.len(), rows.len())?;
         to_i32(OP, "vocab", vocab)?;
@@ -182,29 +152,14 @@ impl ClassifierRows {
         for &r in rows {
             let r = r as usize;
             if r >= n_rows || std::mem::replace(&mut seen[r], true) {
-                return Err(shape(
-                    OP,
-                    format!("row {r} is outside [0, {n_rows}) or selected twice"),
-                ));
+                return Err(shape(OP, format!("row {r} is outside [0, {n_rows}) or selected twice")));
             }
             r_i.push(to_i32(OP, "row", r)?);
         }
-        if let Some(&y) = targets
-            .iter()
-            .find(|&&y| y != IGNORE_INDEX && (y < 0 || y as usize >= vocab))
-        {
-            return Err(shape(
-                OP,
-                format!("target {y} outside the vocabulary {vocab}"),
-            ));
+        if let Some(&y) = targets.iter().find(|&&y| y != IGNORE_INDEX && (y < 0 || y as usize >= vocab)) {
+            return Err(shape(OP, format!("target {y} outside the vocabulary {vocab}")));
         }
-        Ok(Self {
-            n: rows.len(),
-            n_rows,
-            vocab,
-            rows: upload_i32(dev, &r_i)?,
-            targets: upload_i32(dev, targets)?,
-        })
+        Ok(Self { n: rows.len(), n_rows, vocab, rows: upload_i32(dev, &r_i)?, targets: upload_i32(dev, targets)? })
     }
 
     /// The same selection for every row `0..n_rows` (the LM head's case).
@@ -261,11 +216,7 @@ impl CudaDevice {
         let (vocab, n) = (to_i32(OP, "vocab", sel.vocab)?, to_i32(OP, "rows", sel.n)?);
         let (g, write) = (dloss.unwrap_or(0.0), i32::from(dloss.is_some()));
         if sel.n > 0 {
-            let cfg = LaunchConfig {
-                grid_dim: (sel.n as u32, 1, 1),
-                block_dim: (RED_BLOCK, 1, 1),
-                shared_mem_bytes: 0,
-            };
+            let cfg = LaunchConfig { grid_dim: (sel.n as u32, 1, 1), block_dim: (RED_BLOCK, 1, 1), shared_mem_bytes: 0 };
             let (rows, targets) = (sel.rows.as_view(), sel.targets.as_view());
             let mut l = Launch::new(self, format!("classifier_{}", T::SUFFIX))?;
             l.output(logits).output(losses).input(&rows).input(&targets);
@@ -275,11 +226,7 @@ impl CudaDevice {
             // (n_rows * vocab, checked) and losses[s] (n, checked).
             unsafe { l.launch(cfg) }?;
         }
-        let cfg = LaunchConfig {
-            grid_dim: (1, 1, 1),
-            block_dim: (RED_BLOCK, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (RED_BLOCK, 1, 1), shared_mem_bytes: 0 };
         let lv = losses.as_view();
         let mut l = Launch::new(self, "classifier_loss_sum_f32".to_string())?;
         l.output(total).input(&lv).scalar(&n);
@@ -408,15 +355,8 @@ impl CudaDevice {
         eps: f32,
     ) -> Result<()> {
         const OP: &str = "residual_layernorm_forward";
-        let n = rows
-            .checked_mul(cols)
-            .ok_or_else(|| shape(OP, "rows * cols overflows"))?;
-        for (what, len) in [
-            ("residual", residual.len()),
-            ("out", out.len()),
-            ("a", a.len()),
-            ("b", b.len()),
-        ] {
+        let n = rows.checked_mul(cols).ok_or_else(|| shape(OP, "rows * cols overflows"))?;
+        for (what, len) in [("residual", residual.len()), ("out", out.len()), ("a", a.len()), ("b", b.len())] {
             check_len(OP, what, len, n)?;
         }
         check_len(OP, "mean", mean.len(), rows)?;
@@ -427,11 +367,7 @@ impl CudaDevice {
         if n == 0 {
             return Ok(());
         }
-        let cfg = LaunchConfig {
-            grid_dim: (rows_grid(rows), 1, 1),
-            block_dim: (ROW_BLOCK, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = LaunchConfig { grid_dim: (rows_grid(rows), 1, 1), block_dim: (ROW_BLOCK, 1, 1), shared_mem_bytes: 0 };
         let mut l = Launch::new(self, format!("residual_layernorm_fwd_{}", T::SUFFIX))?;
         l.output(residual).output(out).output(mean).output(rstd);
         l.input(a).input(b).input(weight).input(bias);
@@ -452,17 +388,12 @@ impl CudaDevice {
         cols: usize,
     ) -> Result<()> {
         const OP: &str = "bias_backward";
-        let n = rows
-            .checked_mul(cols)
-            .ok_or_else(|| shape(OP, "rows * cols overflows"))?;
+        let n = rows.checked_mul(cols).ok_or_else(|| shape(OP, "rows * cols overflows"))?;
         check_len(OP, "dout", dout.len(), n)?;
         check_len(OP, "dbias", dbias.len(), cols)?;
         let need = bias_backward_scratch(rows, cols);
         if scratch.len() < need {
-            return Err(shape(
-                OP,
-                format!("scratch has {} floats, needs {need}", scratch.len()),
-            ));
+            return Err(shape(OP, format!("scratch has {} floats, needs {need}", scratch.len())));
         }
         let (rows_i, cols_i) = (to_i32(OP, "rows", rows)?, to_i32(OP, "cols", cols)?);
         if n == 0 {
@@ -507,11 +438,7 @@ impl CudaDevice {
         }
         let mut part = scratch.slice_mut(0..blocks);
         let n64 = n as u64;
-        let cfg = |grid: usize| LaunchConfig {
-            grid_dim: (grid as u32, 1, 1),
-            block_dim: (RED_BLOCK, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = |grid: usize| LaunchConfig { grid_dim: (grid as u32, 1, 1), block_dim: (RED_BLOCK, 1, 1), shared_mem_bytes: 0 };
         let mut l = Launch::new(self, format!("grad_norm_partial_{}", T::SUFFIX))?;
         l.output(&mut part).input(grads).scalar(&n64);
         // SAFETY: grid-stride over grads[0..n) (its length); block i writes part[i], i < blocks.
@@ -542,4 +469,3 @@ impl CudaDevice {
         unsafe { l.launch(elem_cfg(n)) }
     }
 }
-

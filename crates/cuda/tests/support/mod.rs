@@ -26,7 +26,6 @@ pub const F32_TOL: f64 = 1e-5;
 /// Tolerance of results stored in bf16.
 pub const BF16_TOL: f64 = 1e-2;
 
-
 /// Where this process stands.
 pub enum Mode {
     /// Run test bodies here, against whatever libcuda the loader finds.
@@ -38,16 +37,12 @@ pub enum Mode {
 }
 
 pub fn mode() -> Mode {
-    if std::env::var("LMTRAIN_CUDA_CHILD").is_ok_and(|v| v == "1")
-        || std::env::var("LMTRAIN_CUDA_REAL").is_ok_and(|v| v == "1")
-    {
+    if std::env::var("LMTRAIN_CUDA_CHILD").is_ok_and(|v| v == "1") || std::env::var("LMTRAIN_CUDA_REAL").is_ok_and(|v| v == "1") {
         return Mode::Direct;
     }
     match lmtrain_cuda_emu::DIR {
         Some(dir) if lmtrain_cuda::kernels_built() => Mode::Emulate(dir),
-        _ => Mode::Skip(
-            "no CUDA kernels in this build (nvcc not found at build time; see README, CUDA)",
-        ),
+        _ => Mode::Skip("no CUDA kernels in this build (nvcc not found at build time; see README, CUDA)"),
     }
 }
 
@@ -61,15 +56,7 @@ pub fn on_device(test: &str, body: impl FnOnce(&CudaDevice)) {
         }
         Mode::Emulate(dir) => {
             for order in ["forward", "reverse"] {
-                run_children(
-                    &[test],
-                    &Child {
-                        lib_dir: dir,
-                        order,
-                        asan_runtime: None,
-                        allow_emulator: true,
-                    },
-                );
+                run_children(&[test], &Child { lib_dir: dir, order, asan_runtime: None, allow_emulator: true });
             }
         }
         Mode::Skip(why) => skip(test, why),
@@ -94,30 +81,21 @@ pub struct Child<'a> {
 pub fn run_children(tests: &[&str], c: &Child<'_>) {
     let exe = std::env::current_exe().expect("test binary path");
     let mut cmd = Command::new(exe);
-    cmd.args(tests)
-        .args(["--exact", "--test-threads=1", "--nocapture"]);
+    cmd.args(tests).args(["--exact", "--test-threads=1", "--nocapture"]);
     let ld_path = match std::env::var_os("LD_LIBRARY_PATH") {
         Some(old) if !old.is_empty() => format!("{}:{}", c.lib_dir, old.to_string_lossy()),
         _ => c.lib_dir.to_string(),
     };
-    cmd.env("LD_LIBRARY_PATH", ld_path)
-        .env("LMTRAIN_CUDA_CHILD", "1")
-        .env("CUEMU_SCHED", c.order);
+    cmd.env("LD_LIBRARY_PATH", ld_path).env("LMTRAIN_CUDA_CHILD", "1").env("CUEMU_SCHED", c.order);
     if c.allow_emulator {
         cmd.env("LMTRAIN_CUEMU", "1");
     } else {
         cmd.env_remove("LMTRAIN_CUEMU");
     }
     if let Some(rt) = c.asan_runtime {
-        assert!(
-            Path::new(rt).exists(),
-            "AddressSanitizer runtime {rt} is missing"
-        );
+        assert!(Path::new(rt).exists(), "AddressSanitizer runtime {rt} is missing");
         // Rust's own allocations are not instrumented; leaks of the test harness are not ours.
-        cmd.env("LD_PRELOAD", rt).env(
-            "ASAN_OPTIONS",
-            "detect_leaks=0:abort_on_error=1:detect_stack_use_after_return=0",
-        );
+        cmd.env("LD_PRELOAD", rt).env("ASAN_OPTIONS", "detect_leaks=0:abort_on_error=1:detect_stack_use_after_return=0");
     }
     let (status, stdout, stderr) = output_within(cmd, CHILD_TIMEOUT);
     let expected = format!("test result: ok. {} passed", tests.len());
@@ -126,10 +104,7 @@ pub fn run_children(tests: &[&str], c: &Child<'_>) {
         "emulated run of {tests:?} (CUEMU_SCHED={}, asan={}) failed: {}\n--- stdout\n{stdout}\n--- stderr\n{stderr}",
         c.order,
         c.asan_runtime.is_some(),
-        status.map_or_else(
-            || format!("killed after {CHILD_TIMEOUT:?} (a kernel that never finishes?)"),
-            |s| s.to_string()
-        ),
+        status.map_or_else(|| format!("killed after {CHILD_TIMEOUT:?} (a kernel that never finishes?)"), |s| s.to_string()),
     );
 }
 
@@ -138,11 +113,7 @@ const CHILD_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// Runs `cmd`, killing it after `limit`; returns its status (None if killed) and output.
 fn output_within(mut cmd: Command, limit: Duration) -> (Option<ExitStatus>, String, String) {
-    let mut child = cmd
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawning the test binary");
+    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawning the test binary");
     // Drain both pipes on threads so a chatty child cannot block on a full pipe.
     let drain = |mut r: Box<dyn Read + Send>| {
         std::thread::spawn(move || {
@@ -165,11 +136,7 @@ fn output_within(mut cmd: Command, limit: Duration) -> (Option<ExitStatus>, Stri
         }
         std::thread::sleep(Duration::from_millis(10));
     };
-    (
-        status,
-        out.join().unwrap_or_default(),
-        err.join().unwrap_or_default(),
-    )
+    (status, out.join().unwrap_or_default(), err.join().unwrap_or_default())
 }
 
 /// Small deterministic generator for test data (xorshift64*).
@@ -209,10 +176,7 @@ pub fn rel_err(got: &[f32], want: &[f32]) -> f64 {
 pub fn assert_close(what: &str, got: &[f32], want: &[f32], tol: f64) {
     let e = rel_err(got, want);
     println!("{what}: max-norm relative error {e:.3e} (tolerance {tol:.0e})");
-    assert!(
-        e <= tol,
-        "{what}: max-norm relative error {e:.3e} > {tol:.0e}"
-    );
+    assert!(e <= tol, "{what}: max-norm relative error {e:.3e} > {tol:.0e}");
 }
 
 /// Storage types under test: conversion from the f32 test data, and the tolerance of results
@@ -256,4 +220,3 @@ pub fn quantize<T: Elem>(x: Vec<f32>) -> Vec<f32> {
 pub fn check<T: Elem>(dev: &CudaDevice, what: &str, buf: &CudaSlice<T>, want: &[f32], tol: f64) {
     assert_close(what, &load(&dev.download(buf).unwrap()), want, tol);
 }
-

@@ -101,9 +101,9 @@ impl Gpt2Config {
         match self.activation_function.as_str() {
             "gelu_new" | "gelu_pytorch_tanh" => Ok(GeluKind::Tanh),
             "gelu" => Ok(GeluKind::Erf),
-            other => Err(ModelError::Config(format!(
-                "activation_function {other:?} is not supported (gelu_new, gelu_pytorch_tanh or gelu)"
-            ))),
+            other => {
+                Err(ModelError::Config(format!("activation_function {other:?} is not supported (gelu_new, gelu_pytorch_tanh or gelu)")))
+            }
         }
     }
 

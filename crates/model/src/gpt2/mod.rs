@@ -78,7 +78,7 @@ struct Acts<B: Backend> {
     lnf: LnSaved<B>,
     logits: B::Buf, // (BT, V) in the backend's head layout
     scratch: BlockScratch<B>,
-    dres: B::Buf, // (BT, C) the gradient flowing along the residual stream
+    dres: B::Buf,  // (BT, C) the gradient flowing along the residual stream
     dhead: B::Buf, // (BT, C) the head's input gradient
 }
 
@@ -252,7 +252,15 @@ impl<B: Backend> Gpt2<B> {
 
     /// The fused output head + cross-entropy (forward and backward), then backward through the
     /// blocks and embeddings.
-    fn backward(&mut self, batch: &B::Batch, b: usize, t: usize, dloss: f32, drop: &Dropouts, stats: &mut B::Stats) -> Result<(), ModelError> {
+    fn backward(
+        &mut self,
+        batch: &B::Batch,
+        b: usize,
+        t: usize,
+        dloss: f32,
+        drop: &Dropouts,
+        stats: &mut B::Stats,
+    ) -> Result<(), ModelError> {
         let bt = b * t;
         let (be, l) = (&self.backend, &self.layers);
         let (w, mut g) = self.store.split();
@@ -275,7 +283,14 @@ impl<B: Backend> Gpt2<B> {
     /// labels, `-100` ignored, as `GPT2LMHeadModel`). Gradients ACCUMULATE (see
     /// [`LanguageModel::zero_grad`]). `dropout_seed: None` = eval mode; a seed makes the dropout
     /// masks a pure function of (seed, site, position).
-    pub fn forward_backward(&mut self, input_ids: &[u32], labels: &[i32], b: usize, t: usize, dropout_seed: Option<u64>) -> Result<f32, ModelError> {
+    pub fn forward_backward(
+        &mut self,
+        input_ids: &[u32],
+        labels: &[i32],
+        b: usize,
+        t: usize,
+        dropout_seed: Option<u64>,
+    ) -> Result<f32, ModelError> {
         let input = Input { b, t, input_ids, labels: Some(labels), attention_mask: None, token_type_ids: None };
         self.loss_and_gradients(&input, dropout_seed)
     }
@@ -324,7 +339,10 @@ impl<B: Backend> Gpt2<B> {
         let c = self.config.n_embd;
         let start = cache.len;
         let positions: Vec<u32> = (start..start + n).map(|p| p as u32).collect();
-        let host = HostBatch { position_ids: Some(&positions), ..self.host_batch(&Input { b: 1, t: n, input_ids: tokens, labels: None, attention_mask: None, token_type_ids: None }) };
+        let host = HostBatch {
+            position_ids: Some(&positions),
+            ..self.host_batch(&Input { b: 1, t: n, input_ids: tokens, labels: None, attention_mask: None, token_type_ids: None })
+        };
         let batch = self.check_and_upload(&host)?;
         let mut emb = l.emb.alloc(be, n)?;
         l.emb.forward(be, &w, &mut emb, &batch, n, Dropouts(None).site(0, 0.0))?;

@@ -3,10 +3,10 @@
 
 use lmtrain_backend::{Backend, Result};
 
+use crate::nn::Dropouts;
 use crate::nn::attention::{AttnSaved, AttnScratch, SelfAttention};
 use crate::nn::layernorm::{LayerNorm, LnSaved};
 use crate::nn::mlp::{Mlp, MlpSaved, MlpScratch};
-use crate::nn::Dropouts;
 use crate::params::{Grads, Weights};
 
 /// Where the LayerNorms sit.

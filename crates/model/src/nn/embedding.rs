@@ -49,8 +49,20 @@ impl Embeddings {
     }
 
     /// Embeds the batch into `s` (`rows = b * t`), dropout `d` on the output.
-    pub fn forward<B: Backend>(&self, be: &B, w: &Weights<'_, B>, s: &mut EmbSaved<B>, batch: &B::Batch, rows: usize, d: Dropout) -> Result<()> {
-        let tables = EmbeddingTables { word: w.get(self.word), position: self.position.map(|r| w.get(r)), token_type: self.token_type.map(|r| w.get(r)) };
+    pub fn forward<B: Backend>(
+        &self,
+        be: &B,
+        w: &Weights<'_, B>,
+        s: &mut EmbSaved<B>,
+        batch: &B::Batch,
+        rows: usize,
+        d: Dropout,
+    ) -> Result<()> {
+        let tables = EmbeddingTables {
+            word: w.get(self.word),
+            position: self.position.map(|r| w.get(r)),
+            token_type: self.token_type.map(|r| w.get(r)),
+        };
         be.embedding_forward(B::view_mut(&mut s.sum), tables, batch, self.c)?;
         match (&self.ln, &mut s.ln) {
             (Some(ln), Some(saved)) => {

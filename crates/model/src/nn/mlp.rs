@@ -44,7 +44,15 @@ impl Mlp {
     }
 
     /// `out = proj(gelu(fc(x)))` over `bt` rows.
-    pub fn forward<B: Backend>(&self, be: &B, w: &Weights<'_, B>, s: &mut MlpSaved<B>, out: B::ViewMut<'_>, x: B::View<'_>, bt: usize) -> Result<()> {
+    pub fn forward<B: Backend>(
+        &self,
+        be: &B,
+        w: &Weights<'_, B>,
+        s: &mut MlpSaved<B>,
+        out: B::ViewMut<'_>,
+        x: B::View<'_>,
+        bt: usize,
+    ) -> Result<()> {
         self.fc.forward_gelu(be, w, B::view_mut(&mut s.act), B::view_mut(&mut s.pre), x, bt, self.gelu)?;
         self.proj.forward(be, w, out, B::view(&s.act), bt)
     }
