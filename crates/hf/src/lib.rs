@@ -10,7 +10,6 @@
 //! allocated.
 
 use std::collections::HashMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use lmtrain_backend::Backend;
@@ -283,25 +282,7 @@ pub fn save_params<B: Backend, M: LanguageModel<B>>(
     write_atomic(&dir.join(CONFIG_FILE), format!("{json}\n").as_bytes())
 }
 
-/// Write `data` to `path` through a temporary file in the same directory, fsync, a rename and
-/// an fsync of the directory: a crash leaves the old file or the new one, never a torn one.
-/// This is lmtrain's one atomic-write helper.
+/// [`lmtrain_store::write_atomic`] (lmtrain's one atomic-write helper) with this crate's error.
 pub fn write_atomic(path: &Path, data: &[u8]) -> Result<(), HfError> {
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let tmp = path.with_file_name(format!(".{name}.tmp.{}", std::process::id()));
-    let result = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(data)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result.map_err(io_err(path))?;
-    // make the rename itself durable; best effort (not every platform can open a directory)
-    if let Some(dir) = path.parent().and_then(|d| std::fs::File::open(if d.as_os_str().is_empty() { Path::new(".") } else { d }).ok()) {
-        let _ = dir.sync_all();
-    }
-    Ok(())
+    lmtrain_store::write_atomic(path, data).map_err(io_err(path))
 }

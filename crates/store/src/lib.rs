@@ -14,6 +14,7 @@
 //! version 2) record each block's real length ([`BlockStore::block_len`],
 //! [`BlockStore::attention_mask`]); see [`format`](mod@format) for the layout.
 
+mod atomic;
 mod epoch;
 pub mod format;
 mod reader;
@@ -21,6 +22,7 @@ mod writer;
 
 use std::path::PathBuf;
 
+pub use atomic::{sync_parent, write_atomic};
 pub use epoch::EpochOrder;
 pub use format::{HEADER_LEN, Header, MAGIC, MAX_BLOCK_SIZE, MAX_BLOCKS, MAX_VOCAB_SIZE, MIN_VERSION, SpecialTokens, TokenDtype, VERSION};
 pub use reader::BlockStore;

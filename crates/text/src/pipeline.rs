@@ -363,7 +363,7 @@ pub fn prepare_with_progress(opts: &PrepareOptions, progress: &(dyn Fn(&Progress
     let tokenize_seconds = tokenize_started.elapsed().as_secs_f64();
 
     // Everything is complete under temporary names: move it into place.
-    write_atomically(&tok_path, &tok_json)?;
+    lmtrain_store::write_atomic(&tok_path, &tok_json).map_err(TextError::io(&tok_path))?;
     let validation = match val_done {
         Some((store, summary)) => {
             store.persist()?;
@@ -417,7 +417,7 @@ fn check_existing_store(path: &Path, block_size: usize, fingerprint: Option<u64>
     Ok(())
 }
 
-/// Removes `.tokenizer.json.<pid>.tmp` files (the naming of [`write_atomically`]) whose
+/// Removes `.tokenizer.json.<pid>.tmp` files (the naming of [`lmtrain_store::write_atomic`]) whose
 /// process is gone (see [`lmtrain_store::remove_stale_temp_files`] for the rule).
 fn remove_stale_tokenizer_temps(path: &Path) -> Result<Vec<PathBuf>, TextError> {
     let (Some(dir), Some(name)) = (path.parent(), path.file_name().map(|n| n.to_string_lossy().into_owned())) else {
@@ -473,17 +473,6 @@ pub fn check_store_tokenizer(store: &BlockStore, tokenizer_path: &Path) -> Resul
         });
     }
     Ok(())
-}
-
-/// Writes `bytes` to `path` through a temporary file and a rename.
-fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), TextError> {
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let tmp = path.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
-    let result = std::fs::write(&tmp, bytes).and_then(|()| std::fs::rename(&tmp, path));
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result.map_err(TextError::io(path))
 }
 
 /// Reads the training documents (validation ones excluded) once to train a tokenizer.

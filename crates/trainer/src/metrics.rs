@@ -1,7 +1,7 @@
 //! The JSON Lines metrics log (`OUTPUT_DIR/metrics.jsonl`): one object per line, written and
 //! flushed as it happens, so a crash or a NaN stop keeps everything logged before it.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 
@@ -34,13 +34,11 @@ impl MetricsLog {
                 .filter(|(_, v)| v.get("step").and_then(Value::as_u64).is_some_and(|s| s <= limit))
                 .map(|(line, _)| line)
                 .collect();
-            let tmp = output_dir.join(format!(".{METRICS_FILE}.tmp"));
             let mut text = kept.join("\n");
             if !text.is_empty() {
                 text.push('\n');
             }
-            fs::write(&tmp, text).map_err(|e| TrainerError::io(&tmp, e))?;
-            fs::rename(&tmp, &path).map_err(|e| TrainerError::io(&path, e))?;
+            lmtrain_store::write_atomic(&path, text.as_bytes()).map_err(|e| TrainerError::io(&path, e))?;
         }
         let file = OpenOptions::new().create(true).append(true).open(&path).map_err(|e| TrainerError::io(&path, e))?;
         Ok(Self { path, file })
@@ -106,9 +104,9 @@ mod tests {
         let path = tmp.path().join(METRICS_FILE);
         // 0.1 + 0.2 has a 17-digit shortest form, the kind a parse/print round trip can alter.
         let text = "{\"epoch\":0.30000000000000004,\"step\":1}\n{\"epoch\":0.010638297872340425,\"step\":2}\n{\"step\":3}\n";
-        fs::write(&path, text).unwrap();
+        std::fs::write(&path, text).unwrap();
         drop(MetricsLog::open(tmp.path(), 2).unwrap());
-        let kept = fs::read_to_string(&path).unwrap();
+        let kept = std::fs::read_to_string(&path).unwrap();
         assert_eq!(kept, text.lines().take(2).map(|l| format!("{l}\n")).collect::<String>());
     }
 }
