@@ -8,6 +8,8 @@ use serde::{Deserialize, Serialize};
 
 use lmtrain_backend::{GeluKind, PaddingIdx};
 
+use crate::nn::mlp::gelu_of;
+
 use crate::encoder::{EncoderConfig, EncoderLayers, MaskedLm};
 use crate::nn::{Block, Embeddings, LayerNorm, Linear, MlmHead, Mlp, Order, SelfAttention, TiedLmHead};
 use crate::params::{Init, ParamBuilder, ParamInfo};
@@ -82,15 +84,6 @@ impl Default for BertConfig {
             architectures: None,
             extra: serde_json::Map::new(),
         }
-    }
-}
-
-/// GELU form of a Hugging Face activation name.
-pub(crate) fn gelu_of(name: &str, key: &str) -> Result<GeluKind, ModelError> {
-    match name {
-        "gelu" => Ok(GeluKind::Erf),
-        "gelu_new" | "gelu_pytorch_tanh" => Ok(GeluKind::Tanh),
-        other => Err(ModelError::Config(format!("{key} {other:?} is not supported (gelu, gelu_new or gelu_pytorch_tanh)"))),
     }
 }
 

@@ -9,8 +9,9 @@ use serde::{Deserialize, Serialize};
 
 use lmtrain_backend::PaddingIdx;
 
-use crate::bert::{check_sizes, gelu_of};
+use crate::bert::check_sizes;
 use crate::encoder::{EncoderConfig, EncoderLayers, MaskedLm};
+use crate::nn::mlp::gelu_of;
 use crate::nn::{Block, Embeddings, LayerNorm, Linear, MlmHead, Mlp, Order, SelfAttention, TiedLmHead};
 use crate::params::{Init, ParamBuilder, ParamInfo};
 use crate::{HfSpec, ModelConfig, ModelError};

@@ -47,7 +47,7 @@ fn parameter_table_follows_hugging_face_names_shapes_and_decay_groups() {
     assert_eq!(offset, m.params().len());
     assert_eq!(m.grads().len(), m.params().len());
     // the 124M configuration has the well-known parameter count (lm_head tied)
-    assert_eq!(lmtrain_model::gpt2::param_layout(&Gpt2Config::default()).iter().map(|p| p.len).sum::<usize>(), 124_439_808);
+    assert_eq!(Gpt2::<Cpu>::param_table(&Gpt2Config::default()).unwrap().iter().map(|p| p.len).sum::<usize>(), 124_439_808);
 }
 
 #[test]

@@ -17,7 +17,7 @@ mod layernorm;
 mod linear;
 mod rows;
 mod softmax;
-mod xent;
+mod classifier;
 
 pub use adamw::{adamw_update, global_norm};
 pub use attention::{attention_backward, attention_cached, attention_forward};
@@ -29,7 +29,7 @@ pub use layernorm::{layernorm_backward, layernorm_forward};
 pub use linear::{add_bias, bias_backward, matmul, matmul_desc};
 pub use lmtrain_backend::IGNORE_INDEX;
 pub use rows::{gather_rows, scatter_add_rows};
-pub use xent::cross_entropy;
+pub use classifier::cross_entropy;
 
 /// Elements per rayon task in elementwise loops.
 const CHUNK: usize = 1 << 14;

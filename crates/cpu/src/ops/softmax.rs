@@ -1,4 +1,4 @@
-//! Row softmax pieces shared by the cross-entropy ([`super::xent`]) and the fused output head
+//! Row softmax pieces shared by the cross-entropy ([`super::classifier`]) and the fused output head
 //! ([`super::head`]): the row max, the shifted exponentials and their sum, and the scaling of
 //! probabilities into gradients. All `#[inline(always)]`, so each caller's AVX2 / AVX-512 build
 //! compiles them for its own instruction set.

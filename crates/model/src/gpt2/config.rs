@@ -98,13 +98,7 @@ impl Gpt2Config {
 
     /// The MLP activation.
     pub fn gelu_kind(&self) -> Result<GeluKind, ModelError> {
-        match self.activation_function.as_str() {
-            "gelu_new" | "gelu_pytorch_tanh" => Ok(GeluKind::Tanh),
-            "gelu" => Ok(GeluKind::Erf),
-            other => {
-                Err(ModelError::Config(format!("activation_function {other:?} is not supported (gelu_new, gelu_pytorch_tanh or gelu)")))
-            }
-        }
+        crate::nn::mlp::gelu_of(&self.activation_function, "activation_function")
     }
 
     /// Check that a model can be built from this configuration, before anything is

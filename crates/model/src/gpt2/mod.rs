@@ -64,11 +64,6 @@ fn declare(cfg: &Gpt2Config) -> Result<(Layers, Vec<ParamInfo>), ModelError> {
     Ok((Layers { emb, blocks, ln_f, head, embd_pdrop: cfg.embd_pdrop as f32 }, root.finish()))
 }
 
-/// The parameter table of a configuration, in Hugging Face `named_parameters()` order.
-pub fn param_layout(cfg: &Gpt2Config) -> Vec<ParamInfo> {
-    declare(cfg).map(|d| d.1).unwrap_or_default()
-}
-
 /// Activations of one `(b, t)` shape.
 struct Acts<B: Backend> {
     b: usize,

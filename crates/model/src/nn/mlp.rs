@@ -2,6 +2,8 @@
 
 use lmtrain_backend::{Backend, GeluKind, Result};
 
+use crate::ModelError;
+
 use crate::nn::linear::Linear;
 use crate::params::{Grads, Weights};
 
@@ -75,5 +77,15 @@ impl Mlp {
         be.fill_zero(B::view_mut(&mut sc.dpre))?;
         be.gelu_backward(B::view_mut(&mut sc.dpre), B::view(&s.pre), B::view(&sc.dact), self.gelu)?;
         self.fc.backward(be, w, g, Some(dx), x, B::view(&sc.dpre), bt)
+    }
+}
+
+/// The GELU form of a Hugging Face activation name (`key` names the config field in the
+/// error): `gelu` is the erf form, `gelu_new` / `gelu_pytorch_tanh` the tanh form.
+pub fn gelu_of(name: &str, key: &str) -> std::result::Result<GeluKind, ModelError> {
+    match name {
+        "gelu" => Ok(GeluKind::Erf),
+        "gelu_new" | "gelu_pytorch_tanh" => Ok(GeluKind::Tanh),
+        other => Err(ModelError::Config(format!("{key} {other:?} is not supported (gelu, gelu_new or gelu_pytorch_tanh)"))),
     }
 }
