@@ -9,6 +9,7 @@
 
 mod adamw;
 mod attention;
+mod classifier;
 mod elementwise;
 mod embedding;
 mod gelu;
@@ -17,10 +18,10 @@ mod layernorm;
 mod linear;
 mod rows;
 mod softmax;
-mod classifier;
 
 pub use adamw::{adamw_update, global_norm};
 pub use attention::{attention_backward, attention_cached, attention_forward};
+pub use classifier::cross_entropy;
 pub use elementwise::{add_inplace, dropout_inplace, fill_zero, residual_forward, scale};
 pub use embedding::{embedding_backward, embedding_forward};
 pub use gelu::{gelu_backward, gelu_forward};
@@ -29,7 +30,6 @@ pub use layernorm::{layernorm_backward, layernorm_forward};
 pub use linear::{add_bias, bias_backward, matmul, matmul_desc};
 pub use lmtrain_backend::IGNORE_INDEX;
 pub use rows::{gather_rows, scatter_add_rows};
-pub use classifier::cross_entropy;
 
 /// Elements per rayon task in elementwise loops.
 const CHUNK: usize = 1 << 14;
