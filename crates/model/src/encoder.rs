@@ -4,7 +4,7 @@
 //! [`distilbert`](crate::distilbert)) is its config: names, sizes and quirks declared through an
 //! [`EncoderConfig`].
 
-use lmtrain_backend::{Backend, HostBatch};
+use lmtrain_backend::{Backend, HostBatch, Rows};
 
 use crate::nn::block::{BlockSaved, BlockScratch};
 use crate::nn::embedding::EmbSaved;
@@ -63,6 +63,7 @@ pub struct MaskedLm<B: Backend, C: EncoderConfig> {
     backend: B,
     store: ParamStore<B>,
     acts: Option<Acts<B>>,
+    head_rows: Rows,
 }
 
 impl<B: Backend, C: EncoderConfig> LanguageModel<B> for MaskedLm<B, C> {
@@ -78,7 +79,7 @@ impl<B: Backend, C: EncoderConfig> LanguageModel<B> for MaskedLm<B, C> {
         config.validate()?;
         let (layers, infos) = config.declare()?;
         let store = ParamStore::new(&backend, infos, params)?;
-        Ok(MaskedLm { config, layers, backend, store, acts: None })
+        Ok(MaskedLm { config, layers, backend, store, acts: None, head_rows: Rows::Labelled })
     }
 
     fn config(&self) -> &C {
@@ -171,7 +172,8 @@ impl<B: Backend, C: EncoderConfig> MaskedLm<B, C> {
         let (be, l, w) = (&self.backend, &self.layers, self.store.weights());
         let a = self.acts.as_mut().expect("forward ran");
         let last = l.blocks.last().expect("at least one layer").output(a.blocks.last().expect("at least one layer"));
-        l.head.loss(be, &w, None, &mut a.head, last, batch, n_labels, None, stats, weight)?;
+        let n = if self.head_rows == Rows::All { a.b * a.t } else { n_labels };
+        l.head.loss(be, &w, None, &mut a.head, last, batch, self.head_rows, n, None, stats, weight)?;
         Ok(())
     }
 
@@ -190,7 +192,8 @@ impl<B: Backend, C: EncoderConfig> MaskedLm<B, C> {
         be.fill_zero(B::view_mut(&mut a.dres))?;
         let last = l.blocks.last().expect("at least one layer").output(a.blocks.last().expect("at least one layer"));
         let grad = Some((B::view_mut(&mut a.dres), 1.0 / n_labels as f32));
-        l.head.loss(be, &w, Some(&mut g), &mut a.head, last, batch, n_labels, grad, stats, 1.0)?;
+        let n = if self.head_rows == Rows::All { b * t } else { n_labels };
+        l.head.loss(be, &w, Some(&mut g), &mut a.head, last, batch, self.head_rows, n, grad, stats, 1.0)?;
         for i in (0..l.blocks.len()).rev() {
             let x = if i == 0 { a.emb.out() } else { l.blocks[i - 1].output(&a.blocks[i - 1]) };
             l.blocks[i].backward(be, &w, &mut g, &a.blocks[i], &mut a.scratch, B::view_mut(&mut a.dres), x, batch, (b, t), drop)?;
@@ -198,6 +201,13 @@ impl<B: Backend, C: EncoderConfig> MaskedLm<B, C> {
         let d = drop.site(0, l.emb_pdrop);
         l.emb.backward(be, &w, &mut g, B::view_mut(&mut a.dres), B::view_mut(&mut a.dsum), &a.emb, batch, b * t, d)?;
         Ok(())
+    }
+
+    /// Where the MLM head runs: [`Rows::Labelled`] (the default) or every position as Hugging
+    /// Face does ([`Rows::All`]: the same loss and gradients at more cost; for tests and
+    /// benchmarks).
+    pub fn set_head_rows(&mut self, rows: Rows) {
+        self.head_rows = rows;
     }
 
     /// Logits `[b, t, vocab]` at every position (eval mode), copied to the host.
