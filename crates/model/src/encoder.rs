@@ -111,6 +111,17 @@ impl<B: Backend, C: EncoderConfig> LanguageModel<B> for MaskedLm<B, C> {
         self.forward(&batch, input.b, input.t, &Dropouts(None))?;
         self.head_loss(&batch, n_labels, stats, weight)
     }
+
+    fn logits(&mut self, input: &Input<'_>) -> Result<Vec<f32>, ModelError> {
+        let (batch, _) = self.upload(input, false)?;
+        let (b, t) = (input.b, input.t);
+        self.forward(&batch, b, t, &Dropouts(None))?;
+        let (be, l, w) = (&self.backend, &self.layers, self.store.weights());
+        let a = self.acts.as_mut().expect("forward allocates");
+        let last = l.blocks.last().expect("at least one layer").output(a.blocks.last().expect("at least one layer"));
+        l.head.logits(be, &w, &mut a.head, last, b * t)?;
+        Ok(be.to_host(B::slice(B::view(a.head.logits()), 0, b * t * self.config.vocab_size()))?)
+    }
 }
 
 impl<B: Backend, C: EncoderConfig> MaskedLm<B, C> {
@@ -208,18 +219,6 @@ impl<B: Backend, C: EncoderConfig> MaskedLm<B, C> {
     /// benchmarks).
     pub fn set_head_rows(&mut self, rows: Rows) {
         self.head_rows = rows;
-    }
-
-    /// Logits `[b, t, vocab]` at every position (eval mode), copied to the host.
-    pub fn logits(&mut self, input: &Input<'_>) -> Result<Vec<f32>, ModelError> {
-        let (batch, _) = self.upload(input, false)?;
-        let (b, t) = (input.b, input.t);
-        self.forward(&batch, b, t, &Dropouts(None))?;
-        let (be, l, w) = (&self.backend, &self.layers, self.store.weights());
-        let a = self.acts.as_mut().expect("forward allocates");
-        let last = l.blocks.last().expect("at least one layer").output(a.blocks.last().expect("at least one layer"));
-        l.head.logits(be, &w, &mut a.head, last, b * t)?;
-        Ok(be.to_host(B::slice(B::view(a.head.logits()), 0, b * t * self.config.vocab_size()))?)
     }
 }
 
