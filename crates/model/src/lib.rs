@@ -48,6 +48,19 @@ pub enum Objective {
     MaskedLm,
 }
 
+impl Objective {
+    /// The tokens a batch's loss averages over: the labelled positions, for a causal LM after
+    /// the shift by one (the first label of each row is never a target).
+    pub fn predicted_tokens(self, input: &Input<'_>) -> usize {
+        let Some(labels) = input.labels else { return 0 };
+        let skip = match self {
+            Objective::CausalLm => 1,
+            Objective::MaskedLm => 0,
+        };
+        labels.chunks(input.t.max(1)).map(|row| row.iter().skip(skip).filter(|&&y| y != IGNORE_INDEX).count()).sum()
+    }
+}
+
 /// One batch as a model's `forward()` takes it in Hugging Face (`[b, t]` row-major).
 #[derive(Clone, Copy, Debug)]
 pub struct Input<'a> {

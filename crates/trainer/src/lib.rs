@@ -134,8 +134,12 @@ pub fn check_store_fits<C: ModelConfig>(store: &BlockStore, config: &C, tokenize
 }
 
 /// Mean loss and perplexity of `model` over every block of `store` (eval mode: no dropout),
-/// batches of `batch` blocks, each batch weighted by its size as HF's evaluation loop does. The
-/// batch losses accumulate in the backend; the host reads them once, at the end.
+/// batches of `batch` blocks: the mean cross-entropy over every predicted token of the store
+/// (each batch's mean weighted by its predicted tokens), so a batch with few masked tokens
+/// weighs as little as it holds, and one with none adds nothing instead of a NaN. With blocks
+/// of equal length and no padding (causal LM) this equals Hugging Face's average of batch means
+/// weighted by batch size. The batch losses accumulate in the backend; the host reads them once,
+/// at the end.
 pub fn evaluate<B: Backend, M: LanguageModel<B>>(
     model: &mut M,
     store: &BlockStore,
@@ -146,11 +150,17 @@ pub fn evaluate<B: Backend, M: LanguageModel<B>>(
     let mut stats = model.backend().new_stats().map_err(ModelError::from)?;
     let mut b = Batch::default();
     let ids: Vec<usize> = (0..n).collect();
+    let mut predicted = 0usize;
     for chunk in ids.chunks(batch.max(1)) {
         collator.collate(store, chunk, collate::BatchKey::Eval, &mut b);
-        model.accumulate_loss(&b.input(), &mut stats, b.b as f64)?;
+        let tokens = M::OBJECTIVE.predicted_tokens(&b.input());
+        if tokens > 0 {
+            model.accumulate_loss(&b.input(), &mut stats, tokens as f64)?;
+            predicted += tokens;
+        }
     }
     let sum = model.backend().read_stats(&stats).map_err(ModelError::from)?.loss;
-    let loss = sum / n.max(1) as f64;
+    // no predicted token at all: NaN, which the callers report
+    let loss = if predicted == 0 { f64::NAN } else { sum / predicted as f64 };
     Ok(EvalResult { loss, perplexity: loss.exp(), blocks: n })
 }
