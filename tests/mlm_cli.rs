@@ -227,4 +227,25 @@ fn masked_lm_mismatches_stop_with_one_line() {
         "2",
     ]);
     assert!(e.contains("no mask token"), "{e}");
+    // --whole-word-masking on a store without word-start flags
+    let special = lmtrain_store::SpecialTokens { mask: Some(1), ..Default::default() };
+    let wdata = make_data_with(&root.join("no-word-starts"), 40, 8, 16, 4, "a", special);
+    let out = root.join("wwm");
+    let e = train_err(&[
+        "--data",
+        &s(&wdata),
+        "--output-dir",
+        &s(&out),
+        "--model-type",
+        "bert",
+        "--n-layer",
+        "1",
+        "--n-embd",
+        "16",
+        "--n-head",
+        "2",
+        "--whole-word-masking",
+    ]);
+    assert!(e.contains("--whole-word-masking needs the store's word-start flags"), "{e}");
+    assert!(!out.exists(), "nothing written");
 }

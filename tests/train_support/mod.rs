@@ -30,6 +30,11 @@ pub fn make_data(dir: &Path, vocab: usize, block: usize, n_train: usize, n_val: 
 
 /// As [`make_data`] with a tokenizer variant tag (another tag = another tokenizer fingerprint).
 pub fn make_data_tagged(dir: &Path, vocab: usize, block: usize, n_train: usize, n_val: usize, tag: &str) -> PathBuf {
+    make_data_with(dir, vocab, block, n_train, n_val, tag, SpecialTokens { eos: Some(0), ..Default::default() })
+}
+
+/// As [`make_data_tagged`] with the special-token ids the store headers record.
+pub fn make_data_with(dir: &Path, vocab: usize, block: usize, n_train: usize, n_val: usize, tag: &str, special: SpecialTokens) -> PathBuf {
     std::fs::create_dir_all(dir).unwrap();
     let tok = tokenizer_json(vocab, tag);
     std::fs::write(dir.join("tokenizer.json"), &tok).unwrap();
@@ -39,7 +44,7 @@ pub fn make_data_tagged(dir: &Path, vocab: usize, block: usize, n_train: usize, 
             block_size: block as u32,
             vocab_size: vocab as u32,
             tokenizer_fingerprint: fp,
-            special: SpecialTokens { eos: Some(0), ..Default::default() },
+            special,
             word_starts: false,
             layout: Default::default(),
         };
