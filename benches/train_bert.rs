@@ -6,7 +6,7 @@
 //! on the labelled rows only (lmtrain's way), then the same step with the head's transform and
 //! vocabulary products on all 1,024 positions, which is what Hugging Face computes (there every
 //! position is given a label so that no row can be skipped: the FLOPs of HF's step), to show the
-//! saving. `benches/train_bert_pytorch.py` runs the same
+//! saving. `benches/train_mlm_pytorch.py` runs the same
 //! step in PyTorch; `benches/train_compare.py --model bert` runs both and prints the table.
 //!
 //!     cargo bench --bench train_bert -- [--steps N] [--warmup N] [--json]

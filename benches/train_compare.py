@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Runs a training benchmark side by side: lmtrain's CPU backend (`cargo bench --bench train_MODEL`)
-and PyTorch eager float32 (benches/train_MODEL_pytorch.py, Hugging Face + torch.optim.AdamW), same
+and PyTorch eager float32 (benches/train_gpt2_pytorch.py or train_mlm_pytorch.py, Hugging Face + torch.optim.AdamW), same
 config, same thread count; prints a Markdown table and the ratio.
 
   --model gpt2: GPT2LMHeadModel, n_layer 4, n_head 4, n_embd 256, vocab 50257, batch 8 x 128
@@ -42,6 +42,7 @@ def main():
 
     env = dict(os.environ, RAYON_NUM_THREADS=str(args.threads))
     bench = f"train_{args.model}"
+    script, script_args = ("train_gpt2_pytorch.py", []) if args.model == "gpt2" else ("train_mlm_pytorch.py", ["--family", args.model])
 
     def ours():
         print(f"== lmtrain (cargo bench --bench {bench}, RAYON_NUM_THREADS={args.threads})", file=sys.stderr)
@@ -55,7 +56,7 @@ def main():
         print(f"== PyTorch {' '.join(extra) or 'eager'}", file=sys.stderr)
         try:
             out = subprocess.run(
-                [sys.executable, str(ROOT / "benches" / f"{bench}_pytorch.py"), "--threads", str(args.threads),
+                [sys.executable, str(ROOT / "benches" / script), *script_args, "--threads", str(args.threads),
                  "--steps", str(max(args.steps, 5))] + extra,
                 cwd=ROOT, stdout=subprocess.PIPE, text=True, check=True,
             )

@@ -1,15 +1,16 @@
 #!/usr/bin/env python3
-"""PyTorch side of the BERT masked-LM training benchmark: Hugging Face BertForMaskedLM +
-torch.optim.AdamW, eager float32 on the CPU, the same step as lmtrain's trainer (forward with
+"""PyTorch side of the masked-LM training benchmarks: Hugging Face BertForMaskedLM (--family bert)
+or DebertaV2ForMaskedLM (--family deberta, DeBERTa-v3's attention settings) + torch.optim.AdamW, eager float32 on the CPU, the same step as lmtrain's trainer (forward with
 labels, backward, clip_grad_norm_(1.0), AdamW with weight-decay groups). 15% of the tokens carry a
 label (80% of them [MASK], 10% random, 10% kept), as DataCollatorForLanguageModeling makes them;
 the model computes its MLM head on every position, as transformers does.
 
-Default config = the issue's benchmark: 4 layers, hidden 256, 4 heads, intermediate 1024, vocab
-30522, batch 8, block 128, HF default dropout 0.1, 2 threads. Prints a human line on stderr and
-one JSON object on stdout.
+Default config = the issues' benchmarks: 4 layers, hidden 256, 4 heads, intermediate 1024, batch
+8, block 128, HF default dropout 0.1, 2 threads; vocabulary 30522 (BERT) or 128100 (DeBERTa-v3:
+relative attention, c2p|p2c, 256 position buckets, shared keys, LayerNorm on the relative
+embeddings). Prints a human line on stderr and one JSON object on stdout.
 
-    python3 benches/train_bert_pytorch.py [--threads 2] [--steps 20] [--compile]
+    python3 benches/train_mlm_pytorch.py [--family bert|deberta] [--threads 2] [--steps 20] [--compile]
 """
 import argparse
 import json
@@ -19,12 +20,13 @@ import time
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--family", default="bert", choices=["bert", "deberta"])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--intermediate", type=int, default=1024)
-    ap.add_argument("--vocab", type=int, default=30522)
+    ap.add_argument("--vocab", type=int, default=None, help="30522 (bert) or 128100 (deberta)")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--block", type=int, default=128)
     ap.add_argument("--mlm-probability", type=float, default=0.15)
@@ -37,17 +39,27 @@ def main():
     args = ap.parse_args()
 
     import torch
-    from transformers import BertConfig, BertForMaskedLM
+    import transformers
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    cfg = BertConfig(
-        vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers,
-        num_attention_heads=args.heads, intermediate_size=args.intermediate,
-        max_position_embeddings=args.block,
-    )
-    cfg._attn_implementation = args.attn
-    model = BertForMaskedLM(cfg).float()
+    sizes = dict(hidden_size=args.hidden, num_hidden_layers=args.layers, num_attention_heads=args.heads,
+                 intermediate_size=args.intermediate)
+    if args.family == "bert":
+        args.vocab = args.vocab or 30522
+        cfg = transformers.BertConfig(vocab_size=args.vocab, max_position_embeddings=args.block, **sizes)
+        cls = transformers.BertForMaskedLM
+    else:
+        args.vocab = args.vocab or 128100
+        # deberta-v3-base's attention settings
+        cfg = transformers.DebertaV2Config(
+            vocab_size=args.vocab, max_position_embeddings=512, relative_attention=True, position_buckets=256,
+            norm_rel_ebd="layer_norm", share_att_key=True, pos_att_type=["p2c", "c2p"], position_biased_input=False,
+            max_relative_positions=-1, type_vocab_size=0, layer_norm_eps=1e-7, **sizes)
+        cls = transformers.DebertaV2ForMaskedLM
+    if args.family == "bert":
+        cfg._attn_implementation = args.attn
+    model = cls(cfg).float()
     model.train()
     decay, no_decay = [], []
     for name, p in model.named_parameters():
@@ -90,9 +102,10 @@ def main():
     tokens = args.batch * args.block
     result = {
         "impl": "pytorch" + ("-compile" if args.compile else "-eager"),
+        "family": args.family,
         "torch": torch.__version__,
         "threads": args.threads,
-        "attn": model.config._attn_implementation,
+        "attn": getattr(model.config, "_attn_implementation", None),
         "labels": int(chosen.sum()),
         "steps": len(times),
         "step_ms_median": median * 1e3,
