@@ -68,7 +68,7 @@ pub fn run(a: EvalArgs) -> anyhow::Result<()> {
     }
     let mut model: Gpt2<Cpu> = lmtrain_hf::load_model(Cpu, &a.checkpoint).context("loading the checkpoint")?;
     let tok_path = a.checkpoint.join("tokenizer.json");
-    let tokenizer = std::fs::read(&tok_path).ok();
+    let tokenizer = if tok_path.is_file() { Some(lmtrain_hf::read_checked(&a.checkpoint, "tokenizer.json")?) } else { None };
     // The end-of-text token as text, for tokenizing a text file like the training data.
     let eos_token = match (&tokenizer, model.config().eos_token_id) {
         (Some(_), Some(id)) => lmtrain_text::tok::load_tokenizer(&tok_path).ok().and_then(|(t, _)| t.id_to_token(id)),

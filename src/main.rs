@@ -8,6 +8,7 @@ mod plot;
 mod prepare;
 mod run;
 mod sample;
+mod signals;
 
 use clap::{CommandFactory, FromArgMatches, Subcommand};
 
@@ -84,6 +85,10 @@ fn main() {
         }),
     };
     if let Err(err) = result {
+        // A run stopped by a signal has said where to resume; its status names the signal.
+        if let Some(run::Interrupted(status)) = err.downcast_ref::<run::Interrupted>() {
+            std::process::exit(*status);
+        }
         // One clear line (with its causes), non-zero exit.
         eprintln!("error: {err:#}");
         std::process::exit(1);

@@ -42,32 +42,7 @@ pub fn remove_stale_temp_files(target: &Path) -> Result<Vec<PathBuf>, StoreError
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),
     };
-    if !Path::new("/proc/self").exists() {
-        return Ok(Vec::new());
-    }
-    let entries = match std::fs::read_dir(&dir) {
-        Ok(e) => e,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(StoreError::Io { path: dir, error: e }),
-    };
-    let mut removed = Vec::new();
-    for entry in entries {
-        let entry = entry.map_err(StoreError::io(&dir))?;
-        let file_name = entry.file_name().to_string_lossy().into_owned();
-        let Some(pid) = stale_temp_pid(&file_name, &name) else { continue };
-        if Path::new("/proc").join(pid.to_string()).exists() {
-            continue; // that writer may still be running
-        }
-        let path = entry.path();
-        if entry.file_type().map_err(StoreError::io(&path))?.is_file() {
-            match std::fs::remove_file(&path) {
-                Ok(()) => removed.push(path),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(StoreError::Io { path, error: e }),
-            }
-        }
-    }
-    Ok(removed)
+    crate::atomic::remove_dead_temps(target, |file| stale_temp_pid(file, &name)).map_err(|error| StoreError::Io { path: dir, error })
 }
 
 /// The process id in `file_name` when it is one of our temporary names for `target_name`.
