@@ -193,9 +193,10 @@ fn a_model_beyond_the_machines_memory_is_refused_before_allocation_everywhere() 
     std::fs::write(dir.join("model.safetensors"), b"").unwrap();
     std::fs::copy(data.join("tokenizer.json"), dir.join("tokenizer.json")).unwrap();
     let refused = |line: &str, bytes: u32| {
-        let want = format!("parameters and needs at least");
         assert!(
-            line.contains(&want) && line.contains(&format!("({bytes} bytes per parameter")) && line.contains("available (of"),
+            line.contains("parameters and needs at least")
+                && line.contains(&format!("({bytes} bytes per parameter"))
+                && line.contains("available (of"),
             "{line}"
         );
     };
