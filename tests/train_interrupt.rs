@@ -161,7 +161,7 @@ fn a_second_signal_ends_the_run_at_once() {
     // Steps of a fraction of a second: both signals land inside the same step.
     let (data, cfg) = setup(tmp.path(), 512);
     let out = tmp.path().join("out");
-    let mut child = spawn(&args_batch(&data, &cfg, &out, 50, 1000, 32), &out);
+    let mut child = spawn(&args_batch(&data, &cfg, &out, 50, 1000, 64), &out);
     assert!(wait_until(&mut child, || logged_steps(&out) >= 1), "the run ended early");
     let first_step = Instant::now();
     signal(&child, "INT");
