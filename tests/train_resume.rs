@@ -209,6 +209,12 @@ fn temporary_files_a_killed_run_left_in_the_output_dir_are_removed_and_only_thos
     for n in stale.iter().chain(&keep) {
         std::fs::write(out.join(n), b"left over").unwrap();
     }
+    // a checkpoint directory a killed run was writing, and one a live process is writing
+    let (dead_ckpt, live_ckpt) = (out.join(".checkpoint-3.99999999.tmp"), out.join(".checkpoint-3.1.tmp"));
+    for d in [&dead_ckpt, &live_ckpt] {
+        std::fs::create_dir_all(d).unwrap();
+        std::fs::write(d.join("model.safetensors"), b"half").unwrap();
+    }
     let args = base_args(&data, &cfg, &out, &["--save-strategy", "no"]);
     let o = train(&args.iter().map(String::as_str).collect::<Vec<_>>());
     let stderr = String::from_utf8_lossy(&o.stderr);
@@ -216,13 +222,14 @@ fn temporary_files_a_killed_run_left_in_the_output_dir_are_removed_and_only_thos
     if !Path::new("/proc/self").exists() {
         return; // no way to tell a dead writer from a live one: nothing is removed
     }
-    assert!(stderr.contains(&format!("note: removed 4 temporary files an interrupted run left in {}", out.display())), "{stderr}");
+    assert!(stderr.contains(&format!("note: removed 5 temporary files an interrupted run left in {}", out.display())), "{stderr}");
     for n in stale {
         assert!(!out.join(n).exists(), "{n} stayed");
     }
     for n in keep {
         assert!(out.join(n).exists(), "{n} is not provably stale and ours");
     }
+    assert!(!dead_ckpt.exists() && live_ckpt.join("model.safetensors").is_file());
 }
 
 fn copy_dir(from: &Path, to: &Path) {

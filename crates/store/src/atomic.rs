@@ -34,22 +34,24 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
 /// for the rule.
 pub fn remove_stale_atomic_temps(path: &Path) -> std::io::Result<Vec<PathBuf>> {
     let Some(name) = path.file_name().map(|n| n.to_string_lossy().into_owned()) else { return Ok(Vec::new()) };
-    remove_dead_temps(path, |file| {
+    remove_dead_temps(parent_dir(path), false, |file| {
         let pid = file.strip_prefix('.')?.strip_prefix(name.as_str())?.strip_prefix('.')?.strip_suffix(".tmp")?;
-        pid.bytes().all(|b| b.is_ascii_digit()).then(|| pid.parse().ok()).flatten()
+        parse_pid(pid)
     })
 }
 
-/// Removes the plain files beside `target` for which `pid_of` gives the id of the process that
-/// wrote them (the file is one of our temporary names) and no process with that id is running,
-/// and returns their paths. Only files that are provably ours and stale are touched: a live
-/// writer's files, this process's own included, stay, and where the running processes cannot
-/// be listed (no `/proc`) nothing is removed. A missing directory removes nothing.
-pub(crate) fn remove_dead_temps(target: &Path, pid_of: impl Fn(&str) -> Option<u32>) -> std::io::Result<Vec<PathBuf>> {
-    let dir = match target.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
+/// `digits` as a process id (ASCII digits only, no sign or space).
+pub fn parse_pid(digits: &str) -> Option<u32> {
+    digits.bytes().all(|b| b.is_ascii_digit()).then(|| digits.parse().ok()).flatten()
+}
+
+/// Removes the entries of `dir` (plain files, or with `dirs` directories and all they
+/// hold) for which `pid_of` gives the id of the process that wrote them (the name is one of our
+/// temporary names) and no process with that id is running, and returns their paths. Only
+/// entries that are provably ours and stale are touched: a live writer's, this process's own
+/// included, stay, and where the running processes cannot be listed (no `/proc`) nothing is
+/// removed. A missing directory removes nothing.
+pub fn remove_dead_temps(dir: &Path, dirs: bool, pid_of: impl Fn(&str) -> Option<u32>) -> std::io::Result<Vec<PathBuf>> {
     if !Path::new("/proc/self").exists() {
         return Ok(Vec::new());
     }
@@ -62,11 +64,13 @@ pub(crate) fn remove_dead_temps(target: &Path, pid_of: impl Fn(&str) -> Option<u
     for entry in entries {
         let entry = entry?;
         let Some(pid) = pid_of(&entry.file_name().to_string_lossy()) else { continue };
-        if Path::new("/proc").join(pid.to_string()).exists() || !entry.file_type()?.is_file() {
-            continue; // that writer may still be running, or it is not a file we write
+        let kind = entry.file_type()?;
+        if Path::new("/proc").join(pid.to_string()).exists() || !(kind.is_file() || dirs && kind.is_dir()) {
+            continue; // that writer may still be running, or it is not what we write
         }
-        match std::fs::remove_file(entry.path()) {
-            Ok(()) => removed.push(entry.path()),
+        let path = entry.path();
+        match if kind.is_dir() { std::fs::remove_dir_all(&path) } else { std::fs::remove_file(&path) } {
+            Ok(()) => removed.push(path),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(e),
         }
@@ -74,14 +78,18 @@ pub(crate) fn remove_dead_temps(target: &Path, pid_of: impl Fn(&str) -> Option<u
     Ok(removed)
 }
 
+/// The directory `path` is in (`.` for a bare name).
+pub(crate) fn parent_dir(path: &Path) -> &Path {
+    match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    }
+}
+
 /// Best effort: flush the directory entry of `path` so a rename survives a power loss (not every
 /// platform can open a directory).
 pub fn sync_parent(path: &Path) {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    if let Ok(d) = std::fs::File::open(dir) {
+    if let Ok(d) = std::fs::File::open(parent_dir(path)) {
         let _ = d.sync_all();
     }
 }

@@ -38,11 +38,9 @@ pub fn remove_stale_temp_files(target: &Path) -> Result<Vec<PathBuf>, StoreError
     let Some(name) = target.file_name().map(|n| n.to_string_lossy().into_owned()) else {
         return Ok(Vec::new());
     };
-    let dir = match target.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    crate::atomic::remove_dead_temps(target, |file| stale_temp_pid(file, &name)).map_err(|error| StoreError::Io { path: dir, error })
+    let dir = crate::atomic::parent_dir(target);
+    crate::atomic::remove_dead_temps(dir, false, |file| stale_temp_pid(file, &name))
+        .map_err(|error| StoreError::Io { path: dir.to_path_buf(), error })
 }
 
 /// The process id in `file_name` when it is one of our temporary names for `target_name`.
@@ -53,11 +51,8 @@ fn stale_temp_pid(file_name: &str, target_name: &str) -> Option<u32> {
         return None;
     }
     let (pid, n) = rest.strip_suffix(".tmp")?.split_once('-')?;
-    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
-    if !digits(pid) || !digits(n) {
-        return None;
-    }
-    pid.parse().ok()
+    crate::atomic::parse_pid(n)?;
+    crate::atomic::parse_pid(pid)
 }
 
 /// A temporary file that is deleted when dropped unless it was renamed into place.

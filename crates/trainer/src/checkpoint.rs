@@ -58,14 +58,20 @@ pub const FILES: [&str; 5] = [lmtrain_hf::CONFIG_FILE, lmtrain_hf::WEIGHTS_FILE,
 /// Files the trainer replaces in the output directory with [`lmtrain_store::write_atomic`].
 const OUTPUT_FILES: [&str; 4] = [lmtrain_hf::CONFIG_FILE, lmtrain_hf::WEIGHTS_FILE, TOKENIZER_FILE, crate::metrics::METRICS_FILE];
 
-/// Removes the temporary files an interrupted run left in `output_dir` (a kill during the final
-/// model save or a metrics rewrite): `.NAME.PID.tmp` of the files the trainer writes there,
-/// whose process is gone ([`lmtrain_store::remove_stale_atomic_temps`]). Returns their paths.
-/// (A half-written checkpoint directory is replaced when its step is saved again.)
+/// Removes what an interrupted run left in `output_dir` when its process is gone: half-written
+/// checkpoint directories (`.checkpoint-STEP.PID.tmp`) and the temporary files of the final
+/// model save or a metrics rewrite (`.NAME.PID.tmp`, see
+/// [`lmtrain_store::remove_stale_atomic_temps`]). Returns their paths.
 pub fn remove_stale_temps(output_dir: &Path) -> Result<Vec<PathBuf>, TrainerError> {
-    let mut removed = Vec::new();
+    let io = |e| TrainerError::io(output_dir, e);
+    let mut removed = lmtrain_store::remove_dead_temps(output_dir, true, |name| {
+        let (step, pid) = name.strip_prefix(".checkpoint-")?.strip_suffix(".tmp")?.split_once('.')?;
+        step.parse::<u64>().ok()?;
+        lmtrain_store::parse_pid(pid)
+    })
+    .map_err(io)?;
     for name in OUTPUT_FILES {
-        removed.extend(lmtrain_store::remove_stale_atomic_temps(&output_dir.join(name)).map_err(|e| TrainerError::io(output_dir, e))?);
+        removed.extend(lmtrain_store::remove_stale_atomic_temps(&output_dir.join(name)).map_err(io)?);
     }
     Ok(removed)
 }
@@ -118,10 +124,8 @@ pub fn save<B: Backend, M: LanguageModel<B>>(
 ) -> Result<PathBuf, TrainerError> {
     let name = checkpoint_name(state.global_step);
     let final_dir = output_dir.join(&name);
-    let tmp = output_dir.join(format!(".{name}.tmp"));
-    if tmp.exists() {
-        fs::remove_dir_all(&tmp).map_err(|e| TrainerError::io(&tmp, e))?;
-    }
+    // the process id marks it as this run's: a rerun removes it once this process is gone
+    let tmp = output_dir.join(format!(".{name}.{}.tmp", std::process::id()));
     fs::create_dir_all(&tmp).map_err(|e| TrainerError::io(&tmp, e))?;
     // every file durable (fsynced) before the manifest, the manifest before the rename
     lmtrain_hf::save_params::<B, M>(model.config(), model.param_infos(), tensors.params, &tmp)?;
@@ -246,7 +250,7 @@ mod tests {
             fake_checkpoint(tmp.path(), s);
         }
         fs::create_dir_all(tmp.path().join("checkpoint-7")).unwrap(); // no state file: not a checkpoint
-        fs::create_dir_all(tmp.path().join(".checkpoint-8.tmp")).unwrap();
+        fs::create_dir_all(tmp.path().join(".checkpoint-8.12.tmp")).unwrap();
         assert_eq!(steps(tmp.path()), vec![3, 20, 100]);
     }
 
