@@ -318,10 +318,12 @@ impl<B: Backend, M: LanguageModel<B>> Trainer<B, M> {
             }
             let saved = self.save_now(gs, step.end_of_epoch, is_last);
             if saved {
+                log.sync()?;
                 outcome.last_checkpoint = Some(self.save_checkpoint(&out_dir, eval_result)?);
             }
             if !is_last && self.stop.as_ref().is_some_and(|f| f.load(Ordering::SeqCst)) {
                 if !saved && self.args.save_strategy != IntervalStrategy::No {
+                    log.sync()?;
                     outcome.last_checkpoint = Some(self.save_checkpoint(&out_dir, None)?);
                 }
                 outcome.stopped = true;
