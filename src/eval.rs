@@ -100,7 +100,7 @@ impl ForFamily for EvalArgs {
         let a = self;
         let mut model: M = lmtrain_hf::load_model(Cpu, &a.checkpoint).context("loading the checkpoint")?;
         let tok_path = a.checkpoint.join("tokenizer.json");
-        let tokenizer = std::fs::read(&tok_path).ok();
+        let tokenizer = if tok_path.is_file() { Some(lmtrain_hf::read_checked(&a.checkpoint, "tokenizer.json")?) } else { None };
         let positions = model.config().max_positions();
         if let Some(bs) = a.block_size
             && (bs == 0 || bs > positions)

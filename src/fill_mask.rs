@@ -87,6 +87,9 @@ impl ForFamily for FillMask<'_> {
             );
         }
         let mut model: M = lmtrain_hf::load_model(Cpu, self.dir).context("loading the checkpoint")?;
+        if self.dir.join("tokenizer.json").is_file() {
+            lmtrain_hf::read_checked(self.dir, "tokenizer.json")?; // a damaged file is named as such
+        }
         let (tokenizer, _) = lmtrain_text::tok::load_tokenizer(&self.dir.join("tokenizer.json"))?;
         fill_mask(&mut model, &tokenizer, self.prompt, self.top_k)
     }

@@ -49,6 +49,9 @@ pub struct GenerateArgs {
 pub fn load_model_and_tokenizer(dir: &Path) -> anyhow::Result<(Gpt2<Cpu>, tokenizers::Tokenizer)> {
     let model = lmtrain_hf::load_model(Cpu, dir)?;
     let tok_path = dir.join("tokenizer.json");
+    if tok_path.is_file() {
+        lmtrain_hf::read_checked(dir, "tokenizer.json")?; // a damaged file is named as such
+    }
     let (tokenizer, _) = lmtrain_text::tok::load_tokenizer(&tok_path)?;
     Ok((model, tokenizer))
 }

@@ -10,6 +10,7 @@ mod plot;
 mod prepare;
 mod run;
 mod sample;
+mod signals;
 
 use clap::{CommandFactory, FromArgMatches, Subcommand};
 use lmtrain_model::Objective;
@@ -92,6 +93,10 @@ fn main() {
         }),
     };
     if let Err(err) = result {
+        // A run stopped by a signal has said where to resume; its status names the signal.
+        if let Some(run::Interrupted(status)) = err.downcast_ref::<run::Interrupted>() {
+            std::process::exit(*status);
+        }
         // One clear line (with its causes), non-zero exit.
         eprintln!("error: {err:#}");
         std::process::exit(1);

@@ -14,13 +14,28 @@ use lmtrain_cpu::Cpu;
 use lmtrain_model::bert::{BertConfig, RobertaConfig};
 use lmtrain_model::distilbert::DistilBertConfig;
 use lmtrain_model::gpt2::Gpt2Config;
-use lmtrain_model::{LanguageModel, ModelConfig, Objective};
+use lmtrain_model::{Footprint, LanguageModel, ModelConfig, Objective};
 use lmtrain_store::{BlockStore, Layout};
 
 use crate::family::{Family, ForFamily};
 use lmtrain_trainer::checkpoint::{TOKENIZER_FILE, list_checkpoints};
 use lmtrain_trainer::masking::{MaskVocab, MaskingConfig};
-use lmtrain_trainer::{CausalCollator, Collator, MaskingCollator, Trainer, TrainingArgs};
+use lmtrain_trainer::{CausalCollator, Collator, IntervalStrategy, MaskingCollator, Trainer, TrainingArgs};
+
+use crate::signals::StopSignals;
+
+/// A run that SIGINT or SIGTERM stopped, after it printed where to resume from; the process
+/// exits with this status (128 + the signal).
+#[derive(Debug)]
+pub struct Interrupted(pub i32);
+
+impl std::fmt::Display for Interrupted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "stopped by a signal (exit status {})", self.0)
+    }
+}
+
+impl std::error::Error for Interrupted {}
 
 /// Flags of `train`.
 #[derive(clap::Args, Debug, Clone)]
@@ -380,19 +395,28 @@ impl ForFamily for Run<'_> {
         for store in std::iter::once(&train).chain(&eval) {
             check_layout(store, M::OBJECTIVE)?;
         }
+        // Before anything is allocated, each way checks that the model, its gradients and AdamW's
+        // moments fit the machine.
         let (model, tokenizer): (M, Vec<u8>) = if let Some(dir) = resume {
+            fits_training::<M>(dir)?;
             // The model comes from the checkpoint (the same command line with
             // --resume-from-checkpoint added resumes; its model-shape flags are not used).
             // The checkpoint's tokenizer must be the data's; Trainer::new checks the fingerprint.
-            let tok = std::fs::read(dir.join(TOKENIZER_FILE)).with_context(|| format!("reading {}/tokenizer.json", dir.display()))?;
+            let tok = lmtrain_hf::read_checked(dir, TOKENIZER_FILE)?;
             (lmtrain_hf::load_model(Cpu, dir)?, tok)
         } else if let Some(dir) = &a.init_from {
+            fits_training::<M>(dir)?;
             let model = init_from(dir, args.seed)?;
             // An HF directory may carry its tokenizer; if it does, the data must match it.
-            let tok = std::fs::read(dir.join(TOKENIZER_FILE)).unwrap_or_else(|_| data_tokenizer.clone());
+            let tok = match dir.join(TOKENIZER_FILE).is_file() {
+                true => lmtrain_hf::read_checked(dir, TOKENIZER_FILE)?,
+                false => data_tokenizer.clone(),
+            };
             (model, tok)
         } else {
-            (M::new(Cpu, scratch_config::<M::Config>(a, &train)?, args.seed)?, data_tokenizer)
+            let config = scratch_config::<M::Config>(a, &train)?;
+            M::check_memory(&config, Footprint::Training)?;
+            (M::new(Cpu, config, args.seed)?, data_tokenizer)
         };
         let collator: Box<dyn Collator> = match M::OBJECTIVE {
             Objective::CausalLm => Box::new(CausalCollator),
@@ -424,6 +448,14 @@ pub fn check_layout(store: &BlockStore, objective: Objective) -> anyhow::Result<
         store.path().display(),
         objective_name(objective)
     )
+}
+
+/// Refuses a model directory whose config.json describes a model too large to train here.
+fn fits_training<M: LanguageModel<Cpu>>(dir: &Path) -> anyhow::Result<()> {
+    let config = lmtrain_hf::load_config::<M::Config>(dir)?;
+    M::check_memory(&config, Footprint::Training)
+        .map_err(|source| lmtrain_hf::HfError::Model { path: dir.join(lmtrain_hf::CONFIG_FILE), source })?;
+    Ok(())
 }
 
 /// The masking collator of a masked-LM run: the flags' setting, the store's special and mask
@@ -481,6 +513,7 @@ fn train_model<M: LanguageModel<Cpu>>(
     progress: bool,
 ) -> anyhow::Result<()> {
     let output_dir = args.output_dir.clone();
+    let saving = args.save_strategy != IntervalStrategy::No;
     let mut trainer = Trainer::new(args, model, collator, train, eval, tokenizer)?;
     trainer.set_progress(progress);
     if let Some(dir) = resume {
@@ -493,7 +526,21 @@ fn train_model<M: LanguageModel<Cpu>>(
         trainer.model().num_params() as f64 / 1e6,
         trainer.max_steps()
     );
+    let signals = StopSignals::install()?;
+    trainer.set_stop_flag(signals.flag());
     let outcome = trainer.train()?;
+    if outcome.stopped {
+        let (name, status) = signals.received().unwrap_or(("a signal", 1));
+        eprintln!("stopped by {name} after step {} of {}", outcome.global_step, trainer.max_steps());
+        match outcome.last_checkpoint.as_deref().filter(|_| saving) {
+            Some(dir) => {
+                eprintln!("checkpoint written to {}", dir.display());
+                eprintln!("resume with: {}", resume_command(dir));
+            }
+            None => eprintln!("nothing was saved (--save-strategy no), so this run cannot be resumed"),
+        }
+        return Err(Interrupted(status).into());
+    }
     println!(
         "done: {} steps, last loss {:.4}, {:.0} tokens/s{}",
         outcome.global_step,
@@ -506,4 +553,33 @@ fn train_model<M: LanguageModel<Cpu>>(
     );
     println!("model saved in {}", output_dir.display());
     Ok(())
+}
+
+/// This process's command line with `--resume-from-checkpoint DIR` in place of any it had,
+/// quoted for a POSIX shell.
+fn resume_command(checkpoint: &Path) -> String {
+    let argv: Vec<String> = std::env::args_os().map(|a| a.to_string_lossy().into_owned()).collect();
+    let mut out: Vec<String> = Vec::with_capacity(argv.len() + 2);
+    let mut args = argv.into_iter();
+    out.extend(args.next());
+    while let Some(arg) = args.next() {
+        if arg == "--resume-from-checkpoint" {
+            // its optional value: the next argument unless that is a flag
+            let mut rest = args.clone();
+            if rest.next().is_some_and(|v| !v.starts_with('-')) {
+                args.next();
+            }
+        } else if !arg.starts_with("--resume-from-checkpoint=") {
+            out.push(arg);
+        }
+    }
+    out.push("--resume-from-checkpoint".into());
+    out.push(checkpoint.to_string_lossy().into_owned());
+    out.iter().map(|a| shell_quote(a)).collect::<Vec<_>>().join(" ")
+}
+
+/// `arg` as one POSIX shell word.
+fn shell_quote(arg: &str) -> String {
+    let plain = !arg.is_empty() && arg.bytes().all(|b| b.is_ascii_alphanumeric() || b"@%+=:,./_-".contains(&b));
+    if plain { arg.to_string() } else { format!("'{}'", arg.replace('\'', "'\\''")) }
 }

@@ -1,6 +1,8 @@
 //! Seeded fuzzing of `train prepare` and `train` with hostile inputs: damaged and
 //! hand-crafted block stores, corpora (binary, compressed, malformed JSON Lines / CSV,
-//! over-long lines), mutated tokenizer.json files and out-of-range flag values.
+//! over-long lines), mutated tokenizer.json files, out-of-range flag values, and damaged or
+//! edited checkpoints (config.json, trainer_state.json, the weights, the optimizer moments, the
+//! tokenizer, checksums.json) given to resume, `--init-from`, `train eval` and `train generate`.
 //!
 //! Every case runs the built binary as a child process under an address-space limit
 //! (`ulimit -v`) and a wall-clock limit, and must end with exit code 0, 1 or 2; when it fails,
@@ -413,6 +415,130 @@ fn case_store(rng: &mut Rng64, dir: &Path, data: &Path) -> Vec<String> {
     args
 }
 
+/// A JSON value for an edited checkpoint field.
+fn hostile_field(rng: &mut Rng64) -> serde_json::Value {
+    use serde_json::json;
+    match rng.next_u64() % 12 {
+        0 => json!(0),
+        1 => json!(-1),
+        2 => json!(1u64 << 31),
+        3 => json!(1u64 << 32),
+        4 => json!(1u64 << 40),
+        5 => json!(u64::MAX),
+        6 => json!(1e308),
+        7 => json!(null),
+        8 => json!("gpt2"),
+        9 => json!([]),
+        10 => json!(1.5),
+        _ => json!(rng.next_u64() % 100),
+    }
+}
+
+/// Arguments of the run that wrote the base checkpoint (`--max-steps 2`, one per checkpoint);
+/// a resume must give the same.
+const CHECKPOINT_RUN: [&str; 13] =
+    ["--max-steps", "2", "--save-steps", "1", "--n-layer", "1", "--n-head", "1", "--n-embd", "8", "--seed", "3", "--no-progress"];
+
+/// A copy of the base run's checkpoint-1 with one file damaged or edited (and half of the time
+/// without its checksums.json, so the damage reaches the parsers), then resumed, evaluated,
+/// generated from or used by `--init-from`.
+fn case_checkpoint(rng: &mut Rng64, dir: &Path, data: &Path) -> Vec<String> {
+    let out = dir.join("ck");
+    let ck = out.join("checkpoint-1");
+    std::fs::create_dir_all(&ck).unwrap();
+    for e in std::fs::read_dir(data.join("../ckrun/checkpoint-1")).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), ck.join(e.file_name())).unwrap();
+    }
+    let edit_json = |rng: &mut Rng64, file: &str, keys: &[&str]| {
+        let path = ck.join(file);
+        let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        for _ in 0..1 + rng.next_u64() % 2 {
+            let key = *pick(rng, keys);
+            v[key] = hostile_field(rng);
+        }
+        std::fs::write(&path, serde_json::to_vec(&v).unwrap()).unwrap();
+    };
+    let what = rng.next_u64() % 5;
+    match what {
+        0 => edit_json(
+            rng,
+            "config.json",
+            &[
+                "n_embd",
+                "n_layer",
+                "n_head",
+                "n_positions",
+                "vocab_size",
+                "n_inner",
+                "layer_norm_epsilon",
+                "eos_token_id",
+                "model_type",
+                "activation_function",
+            ],
+        ),
+        1 => edit_json(
+            rng,
+            "trainer_state.json",
+            &["global_step", "epoch", "step_in_epoch", "max_steps", "tokens_seen", "seed", "best_metric", "args"],
+        ),
+        2 => {
+            let path = ck.join(*pick(rng, &["model.safetensors", "optimizer.safetensors"]));
+            let mut b = std::fs::read(&path).unwrap();
+            match rng.next_u64() % 4 {
+                0 => {
+                    let at = (rng.next_u64() % b.len() as u64) as usize;
+                    b[at] ^= 1 << (rng.next_u64() % 8);
+                }
+                1 => b.truncate((rng.next_u64() % b.len() as u64) as usize),
+                2 => b.extend((0..1 + rng.next_u64() % 64).map(|_| rng.next_u64() as u8)),
+                _ => put(&mut b, 0, *pick(rng, &[0, 1, 7, 1 << 31, 1 << 40, u64::MAX]), 8), // the header length
+            }
+            std::fs::write(&path, b).unwrap();
+        }
+        3 => {
+            let path = ck.join("tokenizer.json");
+            let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+            v[*pick(rng, &["model", "added_tokens", "post_processor", "normalizer"])] = hostile_json(rng);
+            std::fs::write(&path, serde_json::to_vec(&v).unwrap()).unwrap();
+        }
+        _ => {
+            let path = ck.join("checksums.json");
+            let text = std::fs::read_to_string(&path).unwrap();
+            let edited = match rng.next_u64() % 3 {
+                0 => text.replace("crc32\"", "sha1\""),
+                1 => text.replacen("\"bytes\": ", "\"bytes\": 1", 1),
+                _ => text[..(rng.next_u64() % text.len() as u64) as usize].to_string(),
+            };
+            std::fs::write(&path, edited).unwrap();
+        }
+    }
+    if what != 4 && rng.next_u64().is_multiple_of(2) {
+        std::fs::remove_file(ck.join("checksums.json")).unwrap();
+    }
+    let (d, c) = (s(data), s(&ck));
+    let mut args: Vec<String> = match rng.next_u64() % 4 {
+        0 => vec!["--data".into(), d, "--output-dir".into(), s(&out), "--resume-from-checkpoint".into(), c],
+        1 => vec!["eval".into(), "--checkpoint".into(), c, "--data".into(), d],
+        2 => vec!["generate".into(), "--checkpoint".into(), c, "--prompt".into(), "w1 w2".into(), "--max-new-tokens".into(), "3".into()],
+        _ => vec![
+            "--data".into(),
+            d,
+            "--output-dir".into(),
+            s(&dir.join("run")),
+            "--init-from".into(),
+            c,
+            "--max-steps".into(),
+            "1".into(),
+            "--no-progress".into(),
+        ],
+    };
+    if args[0] == "--data" && args[4] == "--resume-from-checkpoint" {
+        args.extend(CHECKPOINT_RUN.map(String::from));
+    }
+    args
+}
+
 /// Model-shape flags (a third of the train-flag cases).
 const MODEL_FLAGS: [&str; 4] = ["--n-head", "--n-embd", "--n-positions", "--n-layer"];
 
@@ -480,13 +606,19 @@ fn hostile_inputs_give_one_clean_error_line_and_never_crash() {
         w.push_padded_block(&[1, 2, 3], None).unwrap();
         w.finish().unwrap().persist().unwrap();
     }
+    // The checkpoints `case_checkpoint` damages.
+    let mut ckrun = vec!["--data".to_string(), s(&data), "--output-dir".into(), s(&root.path().join("ckrun"))];
+    ckrun.extend(CHECKPOINT_RUN.map(String::from));
+    let o = run_train(&ckrun, root.path());
+    assert_eq!(o.code, Some(0), "the base checkpoint run failed: {}", o.stderr);
     type Gen = fn(&mut Rng64, &Path, &Path) -> Vec<String>;
-    let gens: [(&str, Gen, u64); 5] = [
+    let gens: [(&str, Gen, u64); 6] = [
         ("prepare-flag", case_prepare_flag, 25),
         ("corpus", case_corpus, 25),
         ("tokenizer", case_tokenizer, 20),
         ("store", case_store, 20),
         ("train-flag", case_train_flag, 10),
+        ("checkpoint", case_checkpoint, 20),
     ];
     let total_weight: u64 = gens.iter().map(|g| g.2).sum();
     let next = AtomicUsize::new(0);

@@ -152,6 +152,9 @@ fn an_inconsistent_trainer_state_is_refused_on_resume() {
     let state_path = out.join("checkpoint-2/trainer_state.json");
     let good = std::fs::read_to_string(&state_path).unwrap();
     let ckpt = s(&out.join("checkpoint-2"));
+    // Edited by hand with its checksums dropped (a changed file with them is refused as damaged,
+    // see train_resume.rs): the loop state itself must still be checked.
+    std::fs::remove_file(out.join("checkpoint-2/checksums.json")).unwrap();
     for (key, value) in [("step_in_epoch", 999), ("global_step", 99)] {
         let mut state: serde_json::Value = serde_json::from_str(&good).unwrap();
         state[key] = value.into();
@@ -161,4 +164,52 @@ fn an_inconsistent_trainer_state_is_refused_on_resume() {
         let line = train_err(&args);
         assert!(line.contains("inconsistent loop state"), "{key}: {line}");
     }
+}
+
+#[test]
+fn a_model_beyond_the_machines_memory_is_refused_before_allocation_everywhere() {
+    let Some(mem) = lmtrain_model::limits::host_memory() else {
+        println!("SKIP: this platform does not report its memory; only the fixed parameter bound applies");
+        return;
+    };
+    // GPT-2 of width 8192 (805M parameters a layer) with enough layers that even evaluation
+    // (8 bytes a parameter) needs more than the available memory, within every size bound.
+    let per_layer = 12 * 8192u64 * 8192 + 13 * 8192;
+    let n_layer = mem.available / 8 / per_layer + 2;
+    if n_layer as u128 * per_layer as u128 > lmtrain_model::limits::MAX_PARAMS {
+        println!("SKIP: {} GB available: no model within the parameter bound exceeds it", mem.available / 1_000_000_000);
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let data = make_data(&tmp.path().join("data"), VOCAB, 12, 6, 2);
+    let cfg = model_config(&tmp.path().join("cfg"), VOCAB, 16, 0.0);
+    let mut huge: serde_json::Value = serde_json::from_slice(&std::fs::read(&cfg).unwrap()).unwrap();
+    huge["n_embd"] = 8192.into();
+    huge["n_layer"] = n_layer.into();
+    // a model directory: the huge config.json, no weights worth reading (never opened)
+    let dir = tmp.path().join("huge");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("config.json"), huge.to_string()).unwrap();
+    std::fs::write(dir.join("model.safetensors"), b"").unwrap();
+    std::fs::copy(data.join("tokenizer.json"), dir.join("tokenizer.json")).unwrap();
+    let refused = |line: &str, bytes: u32| {
+        assert!(
+            line.contains("parameters and needs at least")
+                && line.contains(&format!("({bytes} bytes per parameter"))
+                && line.contains("available (of"),
+            "{line}"
+        );
+    };
+    let out = tmp.path().join("out");
+    let (d, o, c) = (s(&data), s(&out), s(&dir));
+    let scratch = train_err(&["--data", &d, "--model-config", &s(&dir.join("config.json")), "--output-dir", &o, "--max-steps", "1"]);
+    refused(&scratch, 16);
+    let init = train_err(&["--data", &d, "--init-from", &c, "--output-dir", &o, "--max-steps", "1"]);
+    refused(&init, 16);
+    assert!(init.contains(&format!("{}: the model has", dir.join("config.json").display())), "{init}");
+    let resume = train_err(&["--data", &d, "--resume-from-checkpoint", &c, "--output-dir", &o, "--max-steps", "1"]);
+    refused(&resume, 16);
+    refused(&train_err(&["eval", "--checkpoint", &c, "--data", &d]), 8);
+    refused(&train_err(&["generate", "--checkpoint", &c, "--prompt", "w1"]), 8);
+    assert!(!out.join("checkpoint-1").exists());
 }

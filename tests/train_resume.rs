@@ -137,6 +137,101 @@ fn existing_checkpoints_are_not_overwritten_without_a_flag() {
     assert_ne!(std::fs::read(out.join("checkpoint-6/model.safetensors")).unwrap(), before);
 }
 
+/// Flips one bit of `path` at `at` bytes from its end (inside the last tensor's data).
+fn flip_bit(path: &Path, at: usize) {
+    let mut bytes = std::fs::read(path).unwrap();
+    let i = bytes.len() - at;
+    bytes[i] ^= 0x01;
+    std::fs::write(path, bytes).unwrap();
+}
+
+#[test]
+fn a_damaged_checkpoint_file_is_named_and_a_directory_without_checksums_still_loads() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = make_data(&tmp.path().join("data"), VOCAB, 12, 10, 4);
+    let cfg = model_config(&tmp.path().join("cfg"), VOCAB, 16, 0.0);
+    let full = tmp.path().join("full");
+    run(&base_args(&data, &cfg, &full, &[]));
+    let manifest: serde_json::Value = serde_json::from_slice(&std::fs::read(full.join("checkpoint-3/checksums.json")).unwrap()).unwrap();
+    let listed: Vec<&String> = manifest["files"].as_object().unwrap().keys().collect();
+    assert_eq!(listed, ["config.json", "model.safetensors", "optimizer.safetensors", "tokenizer.json", "trainer_state.json"]);
+
+    // One low mantissa bit of a weight: the model would load and run, silently different.
+    let bad_model = tmp.path().join("bad-model/checkpoint-3");
+    copy_dir(&full.join("checkpoint-3"), &bad_model);
+    flip_bit(&bad_model.join("model.safetensors"), 4);
+    let bad_opt = tmp.path().join("bad-opt/checkpoint-3");
+    copy_dir(&full.join("checkpoint-3"), &bad_opt);
+    flip_bit(&bad_opt.join("optimizer.safetensors"), 4);
+    let bad_state = tmp.path().join("bad-state/checkpoint-3");
+    copy_dir(&full.join("checkpoint-3"), &bad_state);
+    let state = std::fs::read_to_string(bad_state.join("trainer_state.json")).unwrap();
+    std::fs::write(bad_state.join("trainer_state.json"), state.replace("\"tokens_seen\": ", "\"tokens_seen\": 1")).unwrap();
+
+    let damaged = |dir: &Path, file: &str, line: &str| {
+        let want = format!("{}: the file is damaged", dir.join(file).display());
+        assert!(line.contains(&want) && line.ends_with("use another checkpoint"), "want {want:?} in {line}");
+    };
+    let resume = |dir: &Path| {
+        let out = dir.parent().unwrap();
+        let args = base_args(&data, &cfg, out, &["--resume-from-checkpoint", &s(dir)]);
+        train_err(&args.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    damaged(&bad_model, "model.safetensors", &resume(&bad_model));
+    damaged(&bad_opt, "optimizer.safetensors", &resume(&bad_opt));
+    damaged(&bad_state, "trainer_state.json", &resume(&bad_state));
+    let eval = |dir: &Path| train_err(&["eval", "--checkpoint", &s(dir), "--data", &s(&data)]);
+    damaged(&bad_model, "model.safetensors", &eval(&bad_model));
+    let generate = train_err(&["generate", "--checkpoint", &s(&bad_model), "--prompt", "w1 w2", "--max-new-tokens", "2"]);
+    damaged(&bad_model, "model.safetensors", &generate);
+    let init = base_args(&data, &cfg, &tmp.path().join("init"), &["--init-from", &s(&bad_model)]);
+    let init: Vec<&str> = init.iter().map(String::as_str).filter(|a| *a != "--model-config" && *a != s(&cfg)).collect();
+    damaged(&bad_model, "model.safetensors", &train_err(&init));
+    // A Hugging Face directory has no checksums.json: it loads unchecked (the final model too).
+    std::fs::remove_file(bad_model.join("checksums.json")).unwrap();
+    train_ok(&["eval", "--checkpoint", &s(&bad_model), "--data", &s(&data)]);
+    assert!(!full.join("checksums.json").exists());
+    train_ok(&["eval", "--checkpoint", &s(&full), "--data", &s(&data)]);
+    train_ok(&["eval", "--checkpoint", &s(&full.join("checkpoint-3")), "--data", &s(&data)]);
+}
+
+#[test]
+fn temporary_files_a_killed_run_left_in_the_output_dir_are_removed_and_only_those() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = make_data(&tmp.path().join("data"), VOCAB, 12, 10, 4);
+    let cfg = model_config(&tmp.path().join("cfg"), VOCAB, 16, 0.0);
+    let out = tmp.path().join("out");
+    std::fs::create_dir_all(&out).unwrap();
+    // 99999999 is above Linux's largest process id; process 1 always runs.
+    let stale =
+        [".model.safetensors.99999999.tmp", ".config.json.99999999.tmp", ".tokenizer.json.99999999.tmp", ".metrics.jsonl.99999999.tmp"];
+    let keep = [".model.safetensors.1.tmp", ".model.safetensors.99999999.tmp.partial", "notes.txt"];
+    for n in stale.iter().chain(&keep) {
+        std::fs::write(out.join(n), b"left over").unwrap();
+    }
+    // a checkpoint directory a killed run was writing, and one a live process is writing
+    let (dead_ckpt, live_ckpt) = (out.join(".checkpoint-3.99999999.tmp"), out.join(".checkpoint-3.1.tmp"));
+    for d in [&dead_ckpt, &live_ckpt] {
+        std::fs::create_dir_all(d).unwrap();
+        std::fs::write(d.join("model.safetensors"), b"half").unwrap();
+    }
+    let args = base_args(&data, &cfg, &out, &["--save-strategy", "no"]);
+    let o = train(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{stderr}");
+    if !Path::new("/proc/self").exists() {
+        return; // no way to tell a dead writer from a live one: nothing is removed
+    }
+    assert!(stderr.contains(&format!("note: removed 5 temporary files an interrupted run left in {}", out.display())), "{stderr}");
+    for n in stale {
+        assert!(!out.join(n).exists(), "{n} stayed");
+    }
+    for n in keep {
+        assert!(out.join(n).exists(), "{n} is not provably stale and ours");
+    }
+    assert!(!dead_ckpt.exists() && live_ckpt.join("model.safetensors").is_file());
+}
+
 fn copy_dir(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();
     for e in std::fs::read_dir(from).unwrap() {

@@ -9,12 +9,16 @@
 //! lacks). Every shape is checked against the file's header before the parameters are
 //! allocated.
 
+mod checksums;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use lmtrain_backend::Backend;
-use lmtrain_model::{HfSpec, LanguageModel, ModelConfig, ModelError, ParamInfo};
+use lmtrain_model::{Footprint, HfSpec, LanguageModel, ModelConfig, ModelError, ParamInfo};
 use safetensors::{Dtype, SafeTensors, tensor::TensorView};
+
+pub use checksums::{CHECKSUMS_FILE, read_checked, verify, write_checksums};
 
 /// File name of the weights.
 pub const WEIGHTS_FILE: &str = "model.safetensors";
@@ -53,6 +57,14 @@ pub enum HfError {
     /// model.safetensors is not valid.
     #[error("{path}: {msg}")]
     Safetensors {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        msg: String,
+    },
+    /// A file disagrees with the directory's `checksums.json`.
+    #[error("{path}: {msg}")]
+    Damaged {
         /// The file.
         path: PathBuf,
         /// What is wrong.
@@ -103,22 +115,24 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> HfError + '_ {
 
 /// `model_type` of `dir/config.json` (which family to load it as).
 pub fn read_model_type(dir: &Path) -> Result<String, HfError> {
-    let value: serde_json::Value = read_json(&dir.join(CONFIG_FILE))?;
+    let value: serde_json::Value = read_config_json(dir)?;
     Ok(value.get("model_type").and_then(|v| v.as_str()).unwrap_or("").to_string())
 }
 
-fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, HfError> {
+/// `dir/config.json`, checked against the directory's checksums.
+fn read_config_json<T: serde::de::DeserializeOwned>(dir: &Path) -> Result<T, HfError> {
+    let path = dir.join(CONFIG_FILE);
     if !path.is_file() {
-        return Err(HfError::Missing(path.to_path_buf()));
+        return Err(HfError::Missing(path));
     }
-    let text = std::fs::read_to_string(path).map_err(io_err(path))?;
-    serde_json::from_str(&text).map_err(|source| HfError::Json { path: path.to_path_buf(), source })
+    let text = read_checked(dir, CONFIG_FILE)?;
+    serde_json::from_slice(&text).map_err(|source| HfError::Json { path, source })
 }
 
 /// Read and validate `dir/config.json` as configuration `C`.
 pub fn load_config<C: ModelConfig>(dir: &Path) -> Result<C, HfError> {
     let path = dir.join(CONFIG_FILE);
-    let cfg: C = read_json(&path)?;
+    let cfg: C = read_config_json(dir)?;
     cfg.validate().map_err(|source| HfError::Model { path, source })?;
     Ok(cfg)
 }
@@ -178,7 +192,10 @@ pub fn load_params<B: Backend, M: LanguageModel<B>>(dir: &Path, mode: LoadMode) 
     let config: M::Config = load_config(dir)?;
     let cfg_path = dir.join(CONFIG_FILE);
     let table = M::param_table(&config).map_err(|source| HfError::Model { path: cfg_path.clone(), source })?;
-    let bytes = std::fs::read(&weights).map_err(io_err(&weights))?;
+    let n_params = table.last().map_or(0, |p: &ParamInfo| p.offset + p.len);
+    lmtrain_model::limits::check_params(n_params, Footprint::Inference)
+        .map_err(|source| HfError::Model { path: cfg_path.clone(), source })?;
+    let bytes = read_checked(dir, WEIGHTS_FILE)?;
     let st = SafeTensors::deserialize(&bytes).map_err(|e| HfError::Safetensors { path: weights.clone(), msg: e.to_string() })?;
     let spec = &M::HF;
     // 1. match every declared tensor to a file tensor and check its shape (nothing allocated yet)
@@ -216,7 +233,7 @@ pub fn load_params<B: Backend, M: LanguageModel<B>>(dir: &Path, mode: LoadMode) 
     // 2. convert
     let mut params = match mode {
         LoadMode::Adapt { seed } if !initialised.is_empty() => lmtrain_model::params::init_params(&table, seed),
-        _ => vec![0f32; table.last().map_or(0, |p: &ParamInfo| p.offset + p.len)],
+        _ => vec![0f32; n_params],
     };
     for (info, t) in table.iter().zip(&found) {
         if let Some(t) = t {

@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use lmtrain_backend::{GeluKind, PaddingIdx};
 
+use crate::limits::{MAX_HEADS, MAX_INNER, MAX_LAYERS, MAX_POSITIONS, MAX_TYPE_VOCAB, MAX_VOCAB, MAX_WIDTH, check_size};
 use crate::nn::mlp::gelu_of;
 
 use crate::encoder::{EncoderConfig, EncoderLayers, MaskedLm};
@@ -87,11 +88,13 @@ impl Default for BertConfig {
     }
 }
 
-/// Checks shared by the encoder families.
-pub(crate) fn check_sizes(sizes: &[(&str, usize)], width: usize, heads: usize, dropouts: &[(&str, f64)]) -> Result<(), ModelError> {
+/// Checks shared by the encoder families: every `(name, size, bound)` between 1 and its bound
+/// (the [`crate::limits`] bounds, so the parameter table is small and its sizes cannot
+/// overflow), the width divisible by the heads, the dropouts in [0, 1).
+pub(crate) fn check_sizes(sizes: &[(&str, usize, usize)], width: usize, heads: usize, dropouts: &[(&str, f64)]) -> Result<(), ModelError> {
     let bad = |m: String| Err(ModelError::Config(m));
-    if let Some((name, _)) = sizes.iter().find(|(_, v)| *v == 0) {
-        return bad(format!("{name} must be positive"));
+    for &(name, value, max) in sizes {
+        check_size(name, value, max)?;
     }
     if !width.is_multiple_of(heads) {
         return bad(format!("the width {width} is not divisible by the {heads} heads"));
@@ -110,17 +113,21 @@ impl BertConfig {
         }
         check_sizes(
             &[
-                ("vocab_size", self.vocab_size),
-                ("hidden_size", self.hidden_size),
-                ("num_hidden_layers", self.num_hidden_layers),
-                ("num_attention_heads", self.num_attention_heads),
-                ("intermediate_size", self.intermediate_size),
-                ("max_position_embeddings", self.max_position_embeddings),
+                ("vocab_size", self.vocab_size, MAX_VOCAB),
+                ("hidden_size", self.hidden_size, MAX_WIDTH),
+                ("num_hidden_layers", self.num_hidden_layers, MAX_LAYERS),
+                ("num_attention_heads", self.num_attention_heads, MAX_HEADS),
+                ("intermediate_size", self.intermediate_size, MAX_INNER),
+                ("max_position_embeddings", self.max_position_embeddings, MAX_POSITIONS),
             ],
             self.hidden_size,
             self.num_attention_heads,
             &[("hidden_dropout_prob", self.hidden_dropout_prob), ("attention_probs_dropout_prob", self.attention_probs_dropout_prob)],
         )?;
+        if self.type_vocab_size > MAX_TYPE_VOCAB {
+            // 0 is allowed: no token-type embeddings
+            return bad(format!("type_vocab_size {} is too large: allowed 0 to {MAX_TYPE_VOCAB}", self.type_vocab_size));
+        }
         if let Some(p) = self.position_embedding_type.as_deref().filter(|p| *p != "absolute") {
             return bad(format!("position_embedding_type {p:?} is not supported (absolute)"));
         }

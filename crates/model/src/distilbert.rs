@@ -11,6 +11,7 @@ use lmtrain_backend::PaddingIdx;
 
 use crate::bert::check_sizes;
 use crate::encoder::{EncoderConfig, EncoderLayers, MaskedLm};
+use crate::limits::{MAX_HEADS, MAX_INNER, MAX_LAYERS, MAX_POSITIONS, MAX_VOCAB, MAX_WIDTH};
 use crate::nn::mlp::gelu_of;
 use crate::nn::{Block, Embeddings, LayerNorm, Linear, MlmHead, Mlp, Order, SelfAttention, TiedLmHead};
 use crate::params::{Init, ParamBuilder, ParamInfo};
@@ -89,12 +90,12 @@ impl ModelConfig for DistilBertConfig {
         }
         check_sizes(
             &[
-                ("vocab_size", self.vocab_size),
-                ("dim", self.dim),
-                ("n_layers", self.n_layers),
-                ("n_heads", self.n_heads),
-                ("hidden_dim", self.hidden_dim),
-                ("max_position_embeddings", self.max_position_embeddings),
+                ("vocab_size", self.vocab_size, MAX_VOCAB),
+                ("dim", self.dim, MAX_WIDTH),
+                ("n_layers", self.n_layers, MAX_LAYERS),
+                ("n_heads", self.n_heads, MAX_HEADS),
+                ("hidden_dim", self.hidden_dim, MAX_INNER),
+                ("max_position_embeddings", self.max_position_embeddings, MAX_POSITIONS),
             ],
             self.dim,
             self.n_heads,

@@ -15,6 +15,7 @@ pub mod bert;
 pub mod distilbert;
 pub mod encoder;
 pub mod gpt2;
+pub mod limits;
 pub mod nn;
 pub mod params;
 
@@ -22,6 +23,7 @@ use lmtrain_backend::{Backend, BackendError, StepStats};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+pub use limits::Footprint;
 pub use lmtrain_backend::IGNORE_INDEX;
 pub use params::{Init, ParamInfo, ParamRef, ParamStore};
 
@@ -34,6 +36,9 @@ pub enum ModelError {
     /// A batch the model cannot take (a token id beyond the vocabulary, a sequence too long).
     #[error("{0}")]
     Input(String),
+    /// The model does not fit the machine's memory.
+    #[error("{0}")]
+    Memory(String),
     /// The backend failed.
     #[error(transparent)]
     Backend(#[from] BackendError),
@@ -139,9 +144,17 @@ pub trait LanguageModel<B: Backend>: Sized + Send {
     /// Logits `[b, t, vocab]` at every position (eval mode; labels unused), copied to the host.
     fn logits(&mut self, input: &Input<'_>) -> Result<Vec<f32>, ModelError>;
 
+    /// Refuses, before anything is allocated, a configuration with more parameters than
+    /// [`limits::MAX_PARAMS`] or whose `footprint` does not fit the machine's memory
+    /// ([`limits::check_params`]).
+    fn check_memory(config: &Self::Config, footprint: Footprint) -> Result<(), ModelError> {
+        let table = Self::param_table(config)?;
+        limits::check_params(table.last().map_or(0, |p| p.offset + p.len), footprint)
+    }
     /// A randomly initialised model (Hugging Face's initialisation, seeded).
     fn new(backend: B, config: Self::Config, seed: u64) -> Result<Self, ModelError> {
         config.validate()?;
+        Self::check_memory(&config, Footprint::Inference)?;
         let table = Self::param_table(&config)?;
         let host = params::init_params(&table, seed);
         Self::from_params(backend, config, host)

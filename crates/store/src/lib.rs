@@ -22,7 +22,7 @@ mod writer;
 
 use std::path::PathBuf;
 
-pub use atomic::{sync_parent, write_atomic};
+pub use atomic::{parse_pid, remove_dead_temps, remove_stale_atomic_temps, sync_parent, write_atomic};
 pub use epoch::EpochOrder;
 pub use format::{
     HEADER_LEN, Header, Layout, MAGIC, MAX_BLOCK_SIZE, MAX_BLOCKS, MAX_VOCAB_SIZE, MIN_VERSION, SpecialTokens, TokenDtype, VERSION,

@@ -40,36 +40,9 @@ pub fn remove_stale_temp_files(target: &Path) -> Result<Vec<PathBuf>, StoreError
     let Some(name) = target.file_name().map(|n| n.to_string_lossy().into_owned()) else {
         return Ok(Vec::new());
     };
-    let dir = match target.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    if !Path::new("/proc/self").exists() {
-        return Ok(Vec::new());
-    }
-    let entries = match std::fs::read_dir(&dir) {
-        Ok(e) => e,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(StoreError::Io { path: dir, error: e }),
-    };
-    let mut removed = Vec::new();
-    for entry in entries {
-        let entry = entry.map_err(StoreError::io(&dir))?;
-        let file_name = entry.file_name().to_string_lossy().into_owned();
-        let Some(pid) = stale_temp_pid(&file_name, &name) else { continue };
-        if Path::new("/proc").join(pid.to_string()).exists() {
-            continue; // that writer may still be running
-        }
-        let path = entry.path();
-        if entry.file_type().map_err(StoreError::io(&path))?.is_file() {
-            match std::fs::remove_file(&path) {
-                Ok(()) => removed.push(path),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(StoreError::Io { path, error: e }),
-            }
-        }
-    }
-    Ok(removed)
+    let dir = crate::atomic::parent_dir(target);
+    crate::atomic::remove_dead_temps(dir, false, |file| stale_temp_pid(file, &name))
+        .map_err(|error| StoreError::Io { path: dir.to_path_buf(), error })
 }
 
 /// The process id in `file_name` when it is one of our temporary names for `target_name`.
@@ -80,11 +53,8 @@ fn stale_temp_pid(file_name: &str, target_name: &str) -> Option<u32> {
         return None;
     }
     let (pid, n) = rest.strip_suffix(".tmp")?.split_once('-')?;
-    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
-    if !digits(pid) || !digits(n) {
-        return None;
-    }
-    pid.parse().ok()
+    crate::atomic::parse_pid(n)?;
+    crate::atomic::parse_pid(pid)
 }
 
 /// A temporary file that is deleted when dropped unless it was renamed into place.

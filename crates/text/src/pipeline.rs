@@ -231,7 +231,7 @@ pub fn prepare_with_progress(opts: &PrepareOptions, progress: &(dyn Fn(&Progress
     for path in [&train_path, &val_path] {
         removed_temp_files.extend(lmtrain_store::remove_stale_temp_files(path)?);
     }
-    removed_temp_files.extend(remove_stale_tokenizer_temps(&tok_path)?);
+    removed_temp_files.extend(lmtrain_store::remove_stale_atomic_temps(&tok_path).map_err(TextError::io(&opts.output_dir))?);
     let existing = |fp: Option<u64>| -> Result<(), TextError> {
         if opts.overwrite {
             return Ok(());
@@ -426,37 +426,6 @@ fn check_existing_store(path: &Path, block_size: usize, fingerprint: Option<u64>
         return Err(incompatible("holds a store made with a different tokenizer".into()));
     }
     Ok(())
-}
-
-/// Removes `.tokenizer.json.<pid>.tmp` files (the naming of [`lmtrain_store::write_atomic`]) whose
-/// process is gone (see [`lmtrain_store::remove_stale_temp_files`] for the rule).
-fn remove_stale_tokenizer_temps(path: &Path) -> Result<Vec<PathBuf>, TextError> {
-    let (Some(dir), Some(name)) = (path.parent(), path.file_name().map(|n| n.to_string_lossy().into_owned())) else {
-        return Ok(Vec::new());
-    };
-    if !Path::new("/proc/self").exists() {
-        return Ok(Vec::new());
-    }
-    let Ok(entries) = std::fs::read_dir(dir) else { return Ok(Vec::new()) };
-    let mut removed = Vec::new();
-    for entry in entries {
-        let entry = entry.map_err(TextError::io(dir))?;
-        let file = entry.file_name().to_string_lossy().into_owned();
-        let pid = file
-            .strip_prefix('.')
-            .and_then(|r| r.strip_prefix(name.as_str()))
-            .and_then(|r| r.strip_prefix('.'))
-            .and_then(|r| r.strip_suffix(".tmp"))
-            .filter(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()));
-        let Some(pid) = pid else { continue };
-        if Path::new("/proc").join(pid).exists() || !entry.file_type().is_ok_and(|t| t.is_file()) {
-            continue;
-        }
-        let p = entry.path();
-        std::fs::remove_file(&p).map_err(TextError::io(&p))?;
-        removed.push(p);
-    }
-    Ok(removed)
 }
 
 /// Checks that a store and the tokenizer next to it belong together: the store's header

@@ -3,6 +3,9 @@
 //!
 //! A checkpoint is written into a hidden temporary directory and renamed into place, so a
 //! crash leaves either the previous set of checkpoints or the new one, never half a directory.
+//! Every file is fsynced before the rename, and the directory after it, so a power cut cannot
+//! leave a renamed but empty checkpoint either; `checksums.json` (written last) records the size
+//! and CRC-32 of every file, and reading a checkpoint names a file that no longer matches.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -47,6 +50,30 @@ pub struct TrainerState {
     pub best_model_checkpoint: Option<PathBuf>,
     /// The arguments of the run, for the record.
     pub args: TrainingArgs,
+}
+
+/// The files of a checkpoint (besides the manifest), all listed in its `checksums.json`.
+pub const FILES: [&str; 5] = [lmtrain_hf::CONFIG_FILE, lmtrain_hf::WEIGHTS_FILE, TOKENIZER_FILE, OPTIMIZER_FILE, STATE_FILE];
+
+/// Files the trainer replaces in the output directory with [`lmtrain_store::write_atomic`].
+const OUTPUT_FILES: [&str; 4] = [lmtrain_hf::CONFIG_FILE, lmtrain_hf::WEIGHTS_FILE, TOKENIZER_FILE, crate::metrics::METRICS_FILE];
+
+/// Removes what an interrupted run left in `output_dir` when its process is gone: half-written
+/// checkpoint directories (`.checkpoint-STEP.PID.tmp`) and the temporary files of the final
+/// model save or a metrics rewrite (`.NAME.PID.tmp`, see
+/// [`lmtrain_store::remove_stale_atomic_temps`]). Returns their paths.
+pub fn remove_stale_temps(output_dir: &Path) -> Result<Vec<PathBuf>, TrainerError> {
+    let io = |e| TrainerError::io(output_dir, e);
+    let mut removed = lmtrain_store::remove_dead_temps(output_dir, true, |name| {
+        let (step, pid) = name.strip_prefix(".checkpoint-")?.strip_suffix(".tmp")?.split_once('.')?;
+        step.parse::<u64>().ok()?;
+        lmtrain_store::parse_pid(pid)
+    })
+    .map_err(io)?;
+    for name in OUTPUT_FILES {
+        removed.extend(lmtrain_store::remove_stale_atomic_temps(&output_dir.join(name)).map_err(io)?);
+    }
+    Ok(removed)
 }
 
 /// Name of the checkpoint directory for `step`.
@@ -97,16 +124,16 @@ pub fn save<B: Backend, M: LanguageModel<B>>(
 ) -> Result<PathBuf, TrainerError> {
     let name = checkpoint_name(state.global_step);
     let final_dir = output_dir.join(&name);
-    let tmp = output_dir.join(format!(".{name}.tmp"));
-    if tmp.exists() {
-        fs::remove_dir_all(&tmp).map_err(|e| TrainerError::io(&tmp, e))?;
-    }
+    // the process id marks it as this run's: a rerun removes it once this process is gone
+    let tmp = output_dir.join(format!(".{name}.{}.tmp", std::process::id()));
     fs::create_dir_all(&tmp).map_err(|e| TrainerError::io(&tmp, e))?;
+    // every file durable (fsynced) before the manifest, the manifest before the rename
     lmtrain_hf::save_params::<B, M>(model.config(), model.param_infos(), tensors.params, &tmp)?;
-    fs::write(tmp.join(TOKENIZER_FILE), tokenizer_json).map_err(|e| TrainerError::io(&tmp, e))?;
+    lmtrain_hf::write_atomic(&tmp.join(TOKENIZER_FILE), tokenizer_json)?;
     write_moments(&tmp.join(OPTIMIZER_FILE), tensors.exp_avg, tensors.exp_avg_sq)?;
     let json = serde_json::to_vec_pretty(state).expect("trainer state serializes");
-    fs::write(tmp.join(STATE_FILE), json).map_err(|e| TrainerError::io(&tmp, e))?;
+    lmtrain_hf::write_atomic(&tmp.join(STATE_FILE), &json)?;
+    lmtrain_hf::write_checksums(&tmp, &FILES)?;
     sync_dir(&tmp);
     replace_dir(&tmp, &final_dir)?;
     sync_dir(output_dir);
@@ -144,7 +171,10 @@ fn write_moments(path: &Path, exp_avg: &[f32], exp_avg_sq: &[f32]) -> Result<(),
         ("exp_avg", TensorView::new(Dtype::F32, vec![exp_avg.len()], m).expect("valid view")),
         ("exp_avg_sq", TensorView::new(Dtype::F32, vec![exp_avg_sq.len()], v).expect("valid view")),
     ];
-    safetensors::serialize_to_file(views, None, path).map_err(|e| TrainerError::Checkpoint { path: path.to_path_buf(), msg: e.to_string() })
+    safetensors::serialize_to_file(views, None, path)
+        .map_err(|e| TrainerError::Checkpoint { path: path.to_path_buf(), msg: e.to_string() })?;
+    // streamed to the file (no second copy of the moments in memory), then flushed to the disk
+    fs::OpenOptions::new().write(true).open(path).and_then(|f| f.sync_all()).map_err(|e| TrainerError::io(path, e))
 }
 
 /// Everything a checkpoint restores besides the weights.
@@ -160,11 +190,11 @@ pub struct Restored {
 /// Reads the trainer state and optimizer moments of a checkpoint directory.
 pub fn load_state(dir: &Path) -> Result<Restored, TrainerError> {
     let state_path = dir.join(STATE_FILE);
-    let bytes = fs::read(&state_path).map_err(|e| TrainerError::io(&state_path, e))?;
+    let bytes = lmtrain_hf::read_checked(dir, STATE_FILE)?;
     let state: TrainerState =
         serde_json::from_slice(&bytes).map_err(|e| TrainerError::Checkpoint { path: state_path.clone(), msg: e.to_string() })?;
     let opt_path = dir.join(OPTIMIZER_FILE);
-    let bytes = fs::read(&opt_path).map_err(|e| TrainerError::io(&opt_path, e))?;
+    let bytes = lmtrain_hf::read_checked(dir, OPTIMIZER_FILE)?;
     let bad = |msg: String| TrainerError::Checkpoint { path: opt_path.clone(), msg };
     let st = SafeTensors::deserialize(&bytes).map_err(|e| bad(e.to_string()))?;
     let read = |name: &str| -> Result<Vec<f32>, TrainerError> {
@@ -220,7 +250,7 @@ mod tests {
             fake_checkpoint(tmp.path(), s);
         }
         fs::create_dir_all(tmp.path().join("checkpoint-7")).unwrap(); // no state file: not a checkpoint
-        fs::create_dir_all(tmp.path().join(".checkpoint-8.tmp")).unwrap();
+        fs::create_dir_all(tmp.path().join(".checkpoint-8.12.tmp")).unwrap();
         assert_eq!(steps(tmp.path()), vec![3, 20, 100]);
     }
 

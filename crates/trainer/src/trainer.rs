@@ -1,6 +1,8 @@
 //! [`Trainer`]: the loop over optimizer steps, in small parts that read top to bottom.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -34,6 +36,9 @@ pub struct TrainOutcome {
     pub last_checkpoint: Option<PathBuf>,
     /// Best checkpoint (lowest eval loss), if tracked.
     pub best_checkpoint: Option<PathBuf>,
+    /// The stop flag ended the run before its last step (see [`Trainer::set_stop_flag`]): the
+    /// final model was not saved; `last_checkpoint` is where to resume, when saving is on.
+    pub stopped: bool,
 }
 
 /// One optimizer step's result, read from the backend once.
@@ -76,6 +81,7 @@ pub struct Trainer<B: Backend, M: LanguageModel<B>> {
     state: TrainerState,
     steps_per_epoch: u64,
     show_progress: bool,
+    stop: Option<Arc<AtomicBool>>,
 }
 
 impl<B: Backend, M: LanguageModel<B>> Trainer<B, M> {
@@ -133,13 +139,34 @@ impl<B: Backend, M: LanguageModel<B>> Trainer<B, M> {
             best_model_checkpoint: None,
             args: args.clone(),
         };
-        Ok(Self { args, model, optimizer, schedule, collator, train, eval, tokenizer_json, state, steps_per_epoch, show_progress: true })
+        Ok(Self {
+            args,
+            model,
+            optimizer,
+            schedule,
+            collator,
+            train,
+            eval,
+            tokenizer_json,
+            state,
+            steps_per_epoch,
+            show_progress: true,
+            stop: None,
+        })
     }
 
     /// Turns the progress bar off (tests, scripted use). It is also hidden when stderr is not
     /// a terminal.
     pub fn set_progress(&mut self, show: bool) {
         self.show_progress = show;
+    }
+
+    /// Lets `flag` stop the run (e.g. set by a signal handler): once it is set, [`Trainer::train`]
+    /// finishes the optimizer step under way (and its logging, evaluation and checkpoint), writes
+    /// a checkpoint of that step unless saving is off (`--save-strategy no`) or it just did, and
+    /// returns with [`TrainOutcome::stopped`] set, without saving the final model.
+    pub fn set_stop_flag(&mut self, flag: Arc<AtomicBool>) {
+        self.stop = Some(flag);
     }
 
     /// The model being trained.
@@ -228,6 +255,10 @@ impl<B: Backend, M: LanguageModel<B>> Trainer<B, M> {
     pub fn train(&mut self) -> Result<TrainOutcome, TrainerError> {
         let out_dir = self.args.output_dir.clone();
         std::fs::create_dir_all(&out_dir).map_err(|e| TrainerError::io(&out_dir, e))?;
+        let removed = checkpoint::remove_stale_temps(&out_dir)?;
+        if !removed.is_empty() {
+            eprintln!("note: removed {} temporary files an interrupted run left in {}", removed.len(), out_dir.display());
+        }
         let mut log = MetricsLog::open(&out_dir, self.state.global_step)?;
         let bar = self.progress_bar();
         let mut outcome = TrainOutcome {
@@ -238,6 +269,7 @@ impl<B: Backend, M: LanguageModel<B>> Trainer<B, M> {
             last_eval: None,
             last_checkpoint: checkpoint::list_checkpoints(&out_dir)?.pop().map(|c| c.1),
             best_checkpoint: self.state.best_model_checkpoint.clone(),
+            stopped: false,
         };
         let start = Instant::now();
         let mut side_time = Duration::ZERO; // evaluation + checkpoints
@@ -284,16 +316,31 @@ impl<B: Backend, M: LanguageModel<B>> Trainer<B, M> {
                 bar.suspend(|| eprintln!("step {gs}: eval loss {:.4}, perplexity {:.2}", r.loss, r.perplexity));
                 outcome.last_eval = Some(r);
             }
-            if self.save_now(gs, step.end_of_epoch, is_last) {
+            let saved = self.save_now(gs, step.end_of_epoch, is_last);
+            if saved {
+                log.sync()?;
                 outcome.last_checkpoint = Some(self.save_checkpoint(&out_dir, eval_result)?);
+            }
+            if !is_last && self.stop.as_ref().is_some_and(|f| f.load(Ordering::SeqCst)) {
+                if !saved && self.args.save_strategy != IntervalStrategy::No {
+                    log.sync()?;
+                    outcome.last_checkpoint = Some(self.save_checkpoint(&out_dir, None)?);
+                }
+                outcome.stopped = true;
             }
             // Evaluation and checkpoint time stay out of tokens/s.
             side_time += side_start.elapsed();
             window.side += side_start.elapsed();
+            if outcome.stopped {
+                break;
+            }
         }
         bar.finish_and_clear();
         outcome.seconds = (start.elapsed() - side_time).as_secs_f64();
         outcome.global_step = self.state.global_step;
+        if outcome.stopped {
+            return Ok(outcome);
+        }
         self.load_best_at_end(&out_dir)?;
         outcome.best_checkpoint = self.state.best_model_checkpoint.clone();
         self.save_final_model()?;

@@ -3,6 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::ModelError;
+use crate::limits::{MAX_HEADS, MAX_INNER, MAX_LAYERS, MAX_PARAMS, MAX_POSITIONS, MAX_VOCAB, MAX_WIDTH, check_size};
 use lmtrain_backend::GeluKind;
 
 /// GPT-2 configuration with Hugging Face `config.json` field names. Fields lmtrain does not
@@ -107,7 +108,6 @@ impl Gpt2Config {
     /// f32 weights). Bounds: vocab_size up to 16,777,216, n_positions up to 1,048,576,
     /// n_embd up to 65,536, n_inner up to 262,144, n_layer up to 4,096.
     pub fn validate(&self) -> Result<(), ModelError> {
-        const MAX_PARAMS: u128 = 1 << 36;
         let bad = |m: String| Err(ModelError::Config(m));
         if self.model_type != "gpt2" {
             return bad(format!("model_type is {:?}, expected \"gpt2\"", self.model_type));
@@ -117,23 +117,18 @@ impl Gpt2Config {
             Some(v) => v,
             None => match self.n_embd.checked_mul(4) {
                 Some(v) => v,
-                None => return bad(format!("n_embd {} is too large: allowed 1 to 65536", self.n_embd)),
+                None => return bad(format!("n_embd {} is too large: allowed 1 to {MAX_WIDTH}", self.n_embd)),
             },
         };
         for (name, v, max) in [
-            ("vocab_size", self.vocab_size, 1usize << 24),
-            ("n_positions", self.n_positions, 1 << 20),
-            ("n_embd", self.n_embd, 1 << 16),
-            ("n_layer", self.n_layer, 1 << 12),
-            ("n_head", self.n_head, 1 << 16),
-            ("n_inner", n_inner, 1 << 18),
+            ("vocab_size", self.vocab_size, MAX_VOCAB),
+            ("n_positions", self.n_positions, MAX_POSITIONS),
+            ("n_embd", self.n_embd, MAX_WIDTH),
+            ("n_layer", self.n_layer, MAX_LAYERS),
+            ("n_head", self.n_head, MAX_HEADS),
+            ("n_inner", n_inner, MAX_INNER),
         ] {
-            if v == 0 {
-                return bad(format!("{name} must be positive"));
-            }
-            if v > max {
-                return bad(format!("{name} {v} is too large: allowed 1 to {max}"));
-            }
+            check_size(name, v, max)?;
         }
         // Parameters: wte + wpe + per layer (2 LayerNorms, c_attn, attn c_proj, c_fc, mlp
         // c_proj) + ln_f. u128 cannot overflow with the bounds above; checked anyway.
