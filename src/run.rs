@@ -535,7 +535,8 @@ fn train_model<M: LanguageModel<Cpu>>(
         match outcome.last_checkpoint.as_deref().filter(|_| saving) {
             Some(dir) => {
                 eprintln!("checkpoint written to {}", dir.display());
-                eprintln!("resume with: {}", resume_command(dir));
+                let argv = std::env::args_os().map(|a| a.to_string_lossy().into_owned());
+                eprintln!("resume with: {}", resume_command(argv, dir));
             }
             None => eprintln!("nothing was saved (--save-strategy no), so this run cannot be resumed"),
         }
@@ -555,20 +556,16 @@ fn train_model<M: LanguageModel<Cpu>>(
     Ok(())
 }
 
-/// This process's command line with `--resume-from-checkpoint DIR` in place of any it had,
-/// quoted for a POSIX shell.
-fn resume_command(checkpoint: &Path) -> String {
-    let argv: Vec<String> = std::env::args_os().map(|a| a.to_string_lossy().into_owned()).collect();
-    let mut out: Vec<String> = Vec::with_capacity(argv.len() + 2);
-    let mut args = argv.into_iter();
+/// The command line `argv` with `--resume-from-checkpoint DIR` in place of any it had, quoted
+/// for a POSIX shell.
+fn resume_command(argv: impl IntoIterator<Item = String>, checkpoint: &Path) -> String {
+    let mut out: Vec<String> = Vec::new();
+    let mut args = argv.into_iter().peekable();
     out.extend(args.next());
     while let Some(arg) = args.next() {
         if arg == "--resume-from-checkpoint" {
             // its optional value: the next argument unless that is a flag
-            let mut rest = args.clone();
-            if rest.next().is_some_and(|v| !v.starts_with('-')) {
-                args.next();
-            }
+            args.next_if(|v| !v.starts_with('-'));
         } else if !arg.starts_with("--resume-from-checkpoint=") {
             out.push(arg);
         }
@@ -582,4 +579,38 @@ fn resume_command(checkpoint: &Path) -> String {
 fn shell_quote(arg: &str) -> String {
     let plain = !arg.is_empty() && arg.bytes().all(|b| b.is_ascii_alphanumeric() || b"@%+=:,./_-".contains(&b));
     if plain { arg.to_string() } else { format!("'{}'", arg.replace('\'', "'\\''")) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn resume(argv: &[&str]) -> String {
+        resume_command(argv.iter().map(|a| a.to_string()), Path::new("out/checkpoint-7"))
+    }
+
+    #[test]
+    fn the_resume_command_replaces_an_earlier_resume_flag_and_quotes_for_the_shell() {
+        assert_eq!(
+            resume(&["train", "--data", "d", "--max-steps", "9"]),
+            "train --data d --max-steps 9 --resume-from-checkpoint out/checkpoint-7"
+        );
+        assert_eq!(
+            resume(&["train", "--resume-from-checkpoint", "out/checkpoint-3", "--seed", "1"]),
+            "train --seed 1 --resume-from-checkpoint out/checkpoint-7"
+        );
+        assert_eq!(
+            resume(&["train", "--resume-from-checkpoint", "--seed", "1"]),
+            "train --seed 1 --resume-from-checkpoint out/checkpoint-7"
+        );
+        assert_eq!(
+            resume(&["train", "--resume-from-checkpoint=x", "--data", "d"]),
+            "train --data d --resume-from-checkpoint out/checkpoint-7"
+        );
+        assert_eq!(
+            resume(&["./train", "--data", "my data", "--output-dir", "it's"]),
+            "./train --data 'my data' --output-dir 'it'\\''s' --resume-from-checkpoint out/checkpoint-7"
+        );
+        assert_eq!(shell_quote(""), "''");
+    }
 }

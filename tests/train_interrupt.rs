@@ -125,7 +125,7 @@ fn setup(tmp: &Path, n_embd: usize) -> (PathBuf, PathBuf) {
 fn sigterm_stops_after_the_step_with_a_checkpoint_and_the_printed_resume_finishes_the_same_run() {
     let tmp = tempfile::tempdir().unwrap();
     let (data, cfg) = setup(tmp.path(), 16);
-    let steps = 400;
+    let steps = 1500; // well over what runs before the signal lands, even on a loaded machine
     let reference = tmp.path().join("reference");
     train_ok(&args(&data, &cfg, &reference, steps, 1000).iter().map(String::as_str).collect::<Vec<_>>());
 

@@ -97,7 +97,7 @@ pub fn read_checked(dir: &Path, name: &str) -> Result<Vec<u8>, HfError> {
 }
 
 /// Checks bytes read from `dir/name` against the manifest (see [`read_checked`]).
-pub fn verify(dir: &Path, name: &str, data: &[u8]) -> Result<(), HfError> {
+fn verify(dir: &Path, name: &str, data: &[u8]) -> Result<(), HfError> {
     let Some(want) = recorded(dir, name)? else { return Ok(()) };
     let got = entry_of(data);
     if got != want {

@@ -18,7 +18,7 @@ use lmtrain_backend::Backend;
 use lmtrain_model::{Footprint, HfSpec, LanguageModel, ModelConfig, ModelError, ParamInfo};
 use safetensors::{Dtype, SafeTensors, tensor::TensorView};
 
-pub use checksums::{CHECKSUMS_FILE, read_checked, verify, write_checksums};
+pub use checksums::{CHECKSUMS_FILE, read_checked, write_checksums};
 
 /// File name of the weights.
 pub const WEIGHTS_FILE: &str = "model.safetensors";
