@@ -141,7 +141,11 @@ fn deberta_saves_loads_back_and_adapts_a_discriminator_checkpoint() {
         // discriminator's tensors as unused and initialises the head
         let head = if model.config().legacy { "cls." } else { "lm_predictions." };
         let h = model.config().hidden_size;
-        let disc = edited_deberta_dir(name, |n| !n.starts_with(head), &[("mask_predictions.dense.weight", h, h), ("mask_predictions.classifier.weight", 1, h)]);
+        let disc = edited_deberta_dir(
+            name,
+            |n| !n.starts_with(head),
+            &[("mask_predictions.dense.weight", h, h), ("mask_predictions.classifier.weight", 1, h)],
+        );
         let err = lmtrain_hf::load_model::<Cpu, Deberta<Cpu>>(Cpu, disc.path()).err().expect("an exact load needs the head");
         assert!(err.to_string().contains(head), "{name}: {err}");
         let l = load_params::<Cpu, Deberta<Cpu>>(disc.path(), LoadMode::Adapt { seed: 3 }).unwrap();
@@ -166,7 +170,8 @@ fn deberta_saves_loads_back_and_adapts_a_discriminator_checkpoint() {
 fn deberta_config_errors_name_the_key_and_value() {
     use lmtrain_model::ModelConfig;
     use lmtrain_model::deberta::DebertaV2Config;
-    let base: serde_json::Value = serde_json::from_slice(&std::fs::read(fixture_dir("deberta_v2_odd").join("config.json")).unwrap()).unwrap();
+    let base: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(fixture_dir("deberta_v2_odd").join("config.json")).unwrap()).unwrap();
     for (key, value, says) in [
         ("pos_att_type", serde_json::json!(["c2p", "p2p"]), "pos_att_type \"p2p\""),
         ("pos_att_type", serde_json::json!("c2p|x2y"), "pos_att_type \"x2y\""),
@@ -182,7 +187,8 @@ fn deberta_config_errors_name_the_key_and_value() {
         let mut v = base.clone();
         v[key] = value;
         if key.starts_with("conv_") {
-            v["conv_kernel_size"] = v.get("conv_kernel_size").cloned().filter(|_| key == "conv_kernel_size").unwrap_or(serde_json::json!(3));
+            v["conv_kernel_size"] =
+                v.get("conv_kernel_size").cloned().filter(|_| key == "conv_kernel_size").unwrap_or(serde_json::json!(3));
             v["conv_act"] = serde_json::json!("gelu");
         }
         let cfg: DebertaV2Config = serde_json::from_value(v).unwrap();
