@@ -283,6 +283,12 @@ impl Backend for Timed {
             self.inner.disentangled_attention_backward(dqkv, dpos_key, dpos_query, dout, qkv, pos_key, pos_query, state, s, batch, d)
         })
     }
+    fn tanh_forward(&self, out: &mut [f32], inp: &[f32]) -> Result<()> {
+        timed("gelu", || self.inner.tanh_forward(out, inp))
+    }
+    fn tanh_backward(&self, dinp: &mut [f32], out: &[f32], dout: &[f32]) -> Result<()> {
+        timed("gelu", || self.inner.tanh_backward(dinp, out, dout))
+    }
     fn zero_padded_rows(&self, x: &mut [f32], batch: &Inputs, cols: usize) -> Result<()> {
         timed("elementwise", || self.inner.zero_padded_rows(x, batch, cols))
     }

@@ -126,6 +126,18 @@ CONFIGS = {
                     position_biased_input=True, conv_kernel_size=3, conv_act="gelu", layer_norm_eps=1e-7,
                     pad_token_id=0, legacy=True),
         special=dict(pad=0, cls=1, sep=2, mask=3), rows=[10, 7], pad_side="right", label_p=0.3, pairs=True),
+    # DeBERTa-v2, the convolution layer with its default activation (conv_act tanh), c2p + p2c
+    # with shared attention keys and embed_proj, 4 log buckets (< T) over max_position_embeddings
+    # (max_relative_positions -1), no LayerNorm on the relative embeddings
+    "deberta_v2_tanh_conv": dict(
+        family="deberta-v2",
+        config=dict(vocab_size=150, hidden_size=24, embedding_size=16, num_hidden_layers=2,
+                    num_attention_heads=2, intermediate_size=40, max_position_embeddings=16, type_vocab_size=2,
+                    hidden_act="gelu", relative_attention=True, pos_att_type=["c2p", "p2c"], position_buckets=4,
+                    max_relative_positions=-1, share_att_key=True, norm_rel_ebd="none",
+                    position_biased_input=True, conv_kernel_size=3, conv_act="tanh", layer_norm_eps=1e-7,
+                    pad_token_id=0, legacy=True),
+        special=dict(pad=0, cls=1, sep=2, mask=3), rows=[10, 7], pad_side="right", label_p=0.3, pairs=True),
 }
 
 # attention weights scaled up after init (see build)

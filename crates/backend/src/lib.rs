@@ -497,6 +497,10 @@ pub trait Backend: Send + Sync + Sized + 'static {
     fn gelu_forward(&self, out: Self::ViewMut<'_>, inp: Self::View<'_>, kind: GeluKind) -> Result<()>;
     /// `dinp += gelu'(inp) * dout`.
     fn gelu_backward(&self, dinp: Self::ViewMut<'_>, inp: Self::View<'_>, dout: Self::View<'_>, kind: GeluKind) -> Result<()>;
+    /// `out = tanh(inp)` (DeBERTa's default convolution activation).
+    fn tanh_forward(&self, out: Self::ViewMut<'_>, inp: Self::View<'_>) -> Result<()>;
+    /// `dinp += (1 - out^2) * dout`, from the forward's output.
+    fn tanh_backward(&self, dinp: Self::ViewMut<'_>, out: Self::View<'_>, dout: Self::View<'_>) -> Result<()>;
     /// `out[b, t] = word[ids] + position[pos] + token_type[types]` with the batch's position ids
     /// (or `t` itself when it has none); absent tables add nothing.
     fn embedding_forward(

@@ -186,6 +186,14 @@ impl Backend for Cpu {
         ops::gelu_backward(dinp, inp, dout, kind);
         Ok(())
     }
+    fn tanh_forward(&self, out: &mut [f32], inp: &[f32]) -> Result<()> {
+        ops::tanh_forward(out, inp);
+        Ok(())
+    }
+    fn tanh_backward(&self, dinp: &mut [f32], out: &[f32], dout: &[f32]) -> Result<()> {
+        ops::tanh_backward(dinp, out, dout);
+        Ok(())
+    }
     fn embedding_forward(&self, out: &mut [f32], tables: EmbeddingTables<&[f32]>, batch: &Inputs, c: usize) -> Result<()> {
         ops::embedding_forward(out, tables, batch, c);
         Ok(())

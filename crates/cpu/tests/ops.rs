@@ -870,3 +870,16 @@ fn conv1d_unfold_and_fold_are_adjoint_and_padded_rows_are_zeroed() {
         assert_eq!(row, if keep[r] { &x[r * c..(r + 1) * c] } else { &[0.0; 3][..] }, "row {r}");
     }
 }
+
+#[test]
+fn tanh_forward_and_backward() {
+    let x: Vec<f32> = rand_vec(1000, 49, 4.0);
+    let mut y = vec![0f32; x.len()];
+    ops::tanh_forward(&mut y, &x);
+    assert_close(&y, &x.iter().map(|&v| (v as f64).tanh()).collect::<Vec<_>>(), 1e-6, "tanh");
+    let g = rand_vec(x.len(), 50, 1.0);
+    let mut d = vec![0.25f32; x.len()];
+    ops::tanh_backward(&mut d, &y, &g);
+    let want: Vec<f64> = x.iter().zip(&g).map(|(&v, &g)| 0.25 + (1.0 - (v as f64).tanh().powi(2)) * g as f64).collect();
+    assert_close(&d, &want, 1e-6, "tanh backward (accumulated)");
+}

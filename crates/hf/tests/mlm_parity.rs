@@ -199,7 +199,7 @@ fn roberta_matches_transformers() {
     adamw_replay::<Roberta<Cpu>>(name, lmtrain_hf::load_model(Cpu, &fixture_dir(name)).unwrap());
 }
 
-const DEBERTA: [&str; 3] = ["deberta_v2_odd", "deberta_v2_c2p_new_head", "deberta_v2_p2c_conv"];
+const DEBERTA: [&str; 4] = ["deberta_v2_odd", "deberta_v2_c2p_new_head", "deberta_v2_p2c_conv", "deberta_v2_tanh_conv"];
 
 #[test]
 fn deberta_matches_transformers() {
@@ -234,7 +234,7 @@ fn deberta_relative_positions_are_transformers_buckets() {
 
 #[test]
 fn saved_mlm_models_hold_exactly_what_transformers_wrote() {
-    for name in ["bert_odd", "distilbert_sinusoidal", "roberta_odd", "deberta_v2_odd", "deberta_v2_c2p_new_head", "deberta_v2_p2c_conv"] {
+    for name in ["bert_odd", "distilbert_sinusoidal", "roberta_odd"].into_iter().chain(DEBERTA) {
         let src = fixture_dir(name);
         let out = tempfile::tempdir().unwrap();
         match name {

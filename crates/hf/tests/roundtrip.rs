@@ -128,7 +128,7 @@ fn edited_deberta_dir(name: &str, keep: impl Fn(&str) -> bool, extra: &[(&str, u
 fn deberta_saves_loads_back_and_adapts_a_discriminator_checkpoint() {
     use lmtrain_hf::{LoadMode, load_params};
     use lmtrain_model::deberta::Deberta;
-    for name in ["deberta_v2_odd", "deberta_v2_c2p_new_head", "deberta_v2_p2c_conv"] {
+    for name in ["deberta_v2_odd", "deberta_v2_c2p_new_head", "deberta_v2_p2c_conv", "deberta_v2_tanh_conv"] {
         let src = fixture_dir(name);
         let model: Deberta<Cpu> = lmtrain_hf::load_model(Cpu, &src).unwrap();
         let out = tempfile::tempdir().unwrap();
@@ -183,13 +183,16 @@ fn deberta_config_errors_name_the_key_and_value() {
         ("position_buckets", serde_json::json!(64), "position_buckets 64"),
         ("hidden_act", serde_json::json!("relu"), "hidden_act \"relu\""),
         ("z_steps", serde_json::json!(2), "z_steps 2"),
+        ("conv_act", serde_json::json!("relu"), "conv_act \"relu\""),
     ] {
         let mut v = base.clone();
         v[key] = value;
         if key.starts_with("conv_") {
             v["conv_kernel_size"] =
                 v.get("conv_kernel_size").cloned().filter(|_| key == "conv_kernel_size").unwrap_or(serde_json::json!(3));
-            v["conv_act"] = serde_json::json!("gelu");
+            if key != "conv_act" {
+                v["conv_act"] = serde_json::json!("tanh");
+            }
         }
         let cfg: DebertaV2Config = serde_json::from_value(v).unwrap();
         let err = cfg.validate().expect_err(key).to_string();

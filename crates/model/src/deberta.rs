@@ -208,8 +208,13 @@ impl DebertaV2Config {
         })
     }
 
-    fn conv_gelu(&self) -> Result<GeluKind, ModelError> {
-        gelu_of(&self.conv_act, "conv_act")
+    fn conv_activation(&self) -> Result<ConvAct, ModelError> {
+        match self.conv_act.as_str() {
+            "tanh" => Ok(ConvAct::Tanh),
+            other => gelu_of(other, "conv_act").map(ConvAct::Gelu).map_err(|_| {
+                ModelError::Config(format!("conv_act {other:?} is not supported (tanh, gelu, gelu_new or gelu_pytorch_tanh)"))
+            }),
+        }
     }
 
     /// Declares the parameters (Hugging Face names) and composes the layers.
@@ -296,7 +301,7 @@ impl DebertaV2Config {
                 let w = p.pp("conv").weight("weight", &[h, h, k], normal);
                 let b = p.pp("conv").bias("bias", h);
                 let lin = Linear { w, b: Some(b), n_in: h * k, n_out: h, layout: crate::nn::Layout::Linear };
-                Ok(Conv { lin, k, gelu: self.conv_gelu()?, ln: LayerNorm::new(&p.pp("LayerNorm"), h, eps), site: 1 + 4 * n })
+                Ok(Conv { lin, k, act: self.conv_activation()?, ln: LayerNorm::new(&p.pp("LayerNorm"), h, eps), site: 1 + 4 * n })
             })
             .transpose()?;
         let head = if self.legacy {
@@ -377,7 +382,7 @@ impl ModelConfig for DebertaV2Config {
             if self.conv_groups != 1 {
                 return bad(format!("conv_groups {} is not supported (only 1)", self.conv_groups));
             }
-            self.conv_gelu()?;
+            self.conv_activation()?;
         }
         Ok(())
     }
@@ -401,13 +406,20 @@ struct RelTable {
     ln: Option<LayerNorm>,
 }
 
+/// The convolution layer's activation (`conv_act`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ConvAct {
+    Gelu(GeluKind),
+    Tanh,
+}
+
 /// `encoder.conv`: `LayerNorm(layer0_out + act(dropout(mask(conv(e)))))`, masked.
 #[derive(Clone, Copy, Debug)]
 struct Conv {
     /// The convolution as a product with the unfolded input.
     lin: Linear,
     k: usize,
-    gelu: GeluKind,
+    act: ConvAct,
     ln: LayerNorm,
     /// Dropout site.
     site: u64,
@@ -643,7 +655,10 @@ impl<B: Backend> Deberta<B> {
                 c.lin.forward(be, &w, B::view_mut(&mut cs.pre), B::view(&cs.col), bt)?;
                 be.zero_padded_rows(B::view_mut(&mut cs.pre), batch, h)?;
                 be.dropout_inplace(B::view_mut(&mut cs.pre), drop.site(c.site, l.hidden_p))?;
-                be.gelu_forward(B::view_mut(&mut cs.act), B::view(&cs.pre), c.gelu)?;
+                match c.act {
+                    ConvAct::Gelu(kind) => be.gelu_forward(B::view_mut(&mut cs.act), B::view(&cs.pre), kind)?,
+                    ConvAct::Tanh => be.tanh_forward(B::view_mut(&mut cs.act), B::view(&cs.pre))?,
+                }
                 be.residual_forward(B::view_mut(&mut cs.sum), blk.output(&rest[0]), B::view(&cs.act))?;
                 c.ln.forward(be, &w, &mut cs.ln, B::view(&cs.sum), bt)?;
                 be.zero_padded_rows(B::view_mut(&mut cs.ln.out), batch, h)?;
@@ -685,7 +700,10 @@ impl<B: Backend> Deberta<B> {
                 be.fill_zero(B::view_mut(&mut cs.dsum))?;
                 c.ln.backward(be, &w, &mut g, B::view_mut(&mut cs.dsum), B::view(dres), B::view(&cs.sum), &cs.ln, bt)?;
                 be.fill_zero(B::view_mut(&mut cs.dpre))?;
-                be.gelu_backward(B::view_mut(&mut cs.dpre), B::view(&cs.pre), B::view(&cs.dsum), c.gelu)?;
+                match c.act {
+                    ConvAct::Gelu(kind) => be.gelu_backward(B::view_mut(&mut cs.dpre), B::view(&cs.pre), B::view(&cs.dsum), kind)?,
+                    ConvAct::Tanh => be.tanh_backward(B::view_mut(&mut cs.dpre), B::view(&cs.act), B::view(&cs.dsum))?,
+                }
                 be.dropout_inplace(B::view_mut(&mut cs.dpre), drop.site(c.site, l.hidden_p))?;
                 be.zero_padded_rows(B::view_mut(&mut cs.dpre), batch, h)?;
                 c.lin.backward(be, &w, &mut g, Some(B::view_mut(&mut cs.dcol)), B::view(&cs.col), B::view(&cs.dpre), bt)?;
