@@ -30,6 +30,8 @@ def act(kind):
         return lambda x: 0.5 * x * (1.0 + torch.erf(x / math.sqrt(2.0)))
     if kind == "gelu_new":
         return lambda x: 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
+    if kind == "tanh":
+        return torch.tanh
     raise ValueError(kind)
 
 
