@@ -128,7 +128,7 @@ fn edited_deberta_dir(name: &str, keep: impl Fn(&str) -> bool, extra: &[(&str, u
 fn deberta_saves_loads_back_and_adapts_a_discriminator_checkpoint() {
     use lmtrain_hf::{LoadMode, load_params};
     use lmtrain_model::deberta::Deberta;
-    for name in ["deberta_v2_odd", "deberta_v2_c2p_new_head", "deberta_v2_p2c_conv", "deberta_v2_tanh_conv"] {
+    for name in ["deberta_v2_odd", "deberta_v2_c2p_new_head", "deberta_v2_p2c_conv", "deberta_v2_tanh_conv", "deberta_v2_absolute"] {
         let src = fixture_dir(name);
         let model: Deberta<Cpu> = lmtrain_hf::load_model(Cpu, &src).unwrap();
         let out = tempfile::tempdir().unwrap();

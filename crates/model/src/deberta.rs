@@ -284,14 +284,11 @@ impl DebertaV2Config {
             })
             .collect();
         let enc = base.pp("encoder");
-        let rel = rel
-            .map(|r| -> Result<RelTable, ModelError> {
-                let rows = 2 * r.span;
-                let table = enc.pp("rel_embeddings").weight("weight", &[rows, h], normal);
-                let ln = self.norm_rel()?.then(|| LayerNorm::new(&enc.pp("LayerNorm"), h, eps));
-                Ok(RelTable { table, rows, ln })
-            })
-            .transpose()?;
+        let table = rel.map(|r| (enc.pp("rel_embeddings").weight("weight", &[2 * r.span, h], normal), 2 * r.span));
+        // Hugging Face declares the LayerNorm whenever norm_rel_ebd names it, relative attention
+        // or not (without it the tensor is unused: its gradient stays 0)
+        let rel_ln = self.norm_rel()?.then(|| LayerNorm::new(&enc.pp("LayerNorm"), h, eps));
+        let rel = table.map(|(table, rows)| RelTable { table, rows, ln: rel_ln });
         let conv = (self.conv_kernel_size > 0)
             .then(|| -> Result<Conv, ModelError> {
                 let k = self.conv_kernel_size;

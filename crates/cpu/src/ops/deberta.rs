@@ -11,9 +11,12 @@ use super::rows_per_task;
 use super::softmax::max_exp_in_place;
 use crate::gemm::{SendPtr, matmul_strided};
 
-/// The `[t, t]` table of relative-embedding rows `rel(i, j)`.
-fn rel_table(s: &DisentangledShape) -> Vec<u32> {
+/// The `[t, t]` table of relative-embedding rows `rel(i, j)` (empty without position terms).
+fn rel_table(s: &DisentangledShape, relative: bool) -> Vec<u32> {
     let t = s.attn.t;
+    if !relative {
+        return Vec::new();
+    }
     (0..t * t).map(|ij| s.rel.index(ij / t, ij % t) as u32).collect()
 }
 
@@ -53,7 +56,7 @@ pub fn disentangled_attention_forward(
     check_shapes(&s, qkv.len(), pos_key, pos_query, key_padding, "disentangled_attention_forward");
     assert!(out.len() == a.b * t * c && probs.len() == a.probs_len(), "disentangled_attention_forward: shape");
     let (rows, sc) = (s.rel_rows(), s.scale());
-    let rel = rel_table(&s);
+    let rel = rel_table(&s, pos_key.is_some() || pos_query.is_some());
     let c3 = 3 * c as isize;
     let out_ptr = SendPtr(out.as_mut_ptr());
     probs.par_chunks_mut(t * t).enumerate().for_each(|(bh, p)| {
@@ -144,7 +147,7 @@ pub fn disentangled_attention_backward(
         "disentangled_attention_backward: gradients"
     );
     let (rows, sc) = (s.rel_rows(), s.scale());
-    let rel = rel_table(&s);
+    let rel = rel_table(&s, pos_key.is_some() || pos_query.is_some());
     let c3 = 3 * c as isize;
     let dptr = SendPtr(dqkv.as_mut_ptr());
     // per-(batch, head) partial gradients of the relative embeddings' head slice, [rows, hs]
