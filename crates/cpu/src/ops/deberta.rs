@@ -11,13 +11,18 @@ use super::rows_per_task;
 use super::softmax::max_exp_in_place;
 use crate::gemm::{SendPtr, matmul_strided};
 
-/// The `[t, t]` table of relative-embedding rows `rel(i, j)` (empty without position terms).
-fn rel_table(s: &DisentangledShape, relative: bool) -> Vec<u32> {
+/// The `[t, t]` table of relative-embedding rows `rel(i, j) - lo`, with `lo` and the number of
+/// rows from `lo` the table reaches (a sequence shorter than the span reads only those, so the
+/// products skip the rest); empty without position terms.
+fn rel_table(s: &DisentangledShape, relative: bool) -> (Vec<u32>, usize, usize) {
     let t = s.attn.t;
     if !relative {
-        return Vec::new();
+        return (Vec::new(), 0, 0);
     }
-    (0..t * t).map(|ij| s.rel.index(ij / t, ij % t) as u32).collect()
+    let idx: Vec<usize> = (0..t * t).map(|ij| s.rel.index(ij / t, ij % t)).collect();
+    let lo = idx.iter().copied().min().unwrap_or(0);
+    let hi = idx.iter().copied().max().unwrap_or(0);
+    (idx.into_iter().map(|x| (x - lo) as u32).collect(), lo, hi + 1 - lo)
 }
 
 /// Whether query `i` may attend to key `j` of a row with mask `m` (both real tokens).
@@ -55,8 +60,8 @@ pub fn disentangled_attention_forward(
     let (t, n_head, hs, c) = (a.t, a.n_head, a.head_size, a.channels());
     check_shapes(&s, qkv.len(), pos_key, pos_query, key_padding, "disentangled_attention_forward");
     assert!(out.len() == a.b * t * c && probs.len() == a.probs_len(), "disentangled_attention_forward: shape");
-    let (rows, sc) = (s.rel_rows(), s.scale());
-    let rel = rel_table(&s, pos_key.is_some() || pos_query.is_some());
+    let sc = s.scale();
+    let (rel, lo, used) = rel_table(&s, pos_key.is_some() || pos_query.is_some());
     let c3 = 3 * c as isize;
     let out_ptr = SendPtr(out.as_mut_ptr());
     probs.par_chunks_mut(t * t).enumerate().for_each(|(bh, p)| {
@@ -65,7 +70,7 @@ pub fn disentangled_attention_forward(
         let (q, k, v) = (qkv[base..].as_ptr(), qkv[base + c..].as_ptr(), qkv[base + 2 * c..].as_ptr());
         let mask = key_padding.map(|m| &m[bi * t..(bi + 1) * t]);
         let relative = pos_key.is_some() || pos_query.is_some();
-        let mut pos = vec![0f32; if relative { t * rows } else { 0 }];
+        let mut pos = vec![0f32; if relative { t * used } else { 0 }];
         let mut bias = vec![0f32; if relative { t * t } else { 0 }];
         // SAFETY (all products): q/k/v rows of batch bi, head h, row stride 3c; the relative
         // embeddings' head-h columns of [rows, c]; task-local buffers.
@@ -74,16 +79,16 @@ pub fn disentangled_attention_forward(
             matmul_strided(t, t, hs, p.as_mut_ptr(), t, q, c3, 1, k, 1, c3, false, 1.0 / sc);
             if let Some(kr) = pos_key {
                 // c2p[i, j] = (q_i · kr[rel(i, j)]) / sc
-                matmul_strided(t, rows, hs, pos.as_mut_ptr(), rows, q, c3, 1, kr[h * hs..].as_ptr(), 1, c as isize, false, 1.0);
+                matmul_strided(t, used, hs, pos.as_mut_ptr(), used, q, c3, 1, kr[lo * c + h * hs..].as_ptr(), 1, c as isize, false, 1.0);
                 for (ij, b) in bias.iter_mut().enumerate() {
-                    *b = pos[(ij / t) * rows + rel[ij] as usize] / sc;
+                    *b = pos[(ij / t) * used + rel[ij] as usize] / sc;
                 }
             }
             if let Some(qr) = pos_query {
                 // p2c[i, j] = (k_j · qr[rel(i, j)]) / sc
-                matmul_strided(t, rows, hs, pos.as_mut_ptr(), rows, k, c3, 1, qr[h * hs..].as_ptr(), 1, c as isize, false, 1.0);
+                matmul_strided(t, used, hs, pos.as_mut_ptr(), used, k, c3, 1, qr[lo * c + h * hs..].as_ptr(), 1, c as isize, false, 1.0);
                 for (ij, b) in bias.iter_mut().enumerate() {
-                    *b += pos[(ij % t) * rows + rel[ij] as usize] / sc;
+                    *b += pos[(ij % t) * used + rel[ij] as usize] / sc;
                 }
             }
         }
@@ -147,7 +152,7 @@ pub fn disentangled_attention_backward(
         "disentangled_attention_backward: gradients"
     );
     let (rows, sc) = (s.rel_rows(), s.scale());
-    let rel = rel_table(&s, pos_key.is_some() || pos_query.is_some());
+    let (rel, lo, used) = rel_table(&s, pos_key.is_some() || pos_query.is_some());
     let c3 = 3 * c as isize;
     let dptr = SendPtr(dqkv.as_mut_ptr());
     // per-(batch, head) partial gradients of the relative embeddings' head slice, [rows, hs]
@@ -198,7 +203,7 @@ pub fn disentangled_attention_backward(
                 }
             }
         }
-        let mut dpos = vec![0f32; if pos_key.is_some() || pos_query.is_some() { t * rows } else { 0 }];
+        let mut dpos = vec![0f32; if pos_key.is_some() || pos_query.is_some() { t * used } else { 0 }];
         unsafe {
             // dQ += dS K / sc ; dK += dS^T Q / sc
             matmul_strided(t, hs, t, dq, 3 * c, ds.as_ptr(), t as isize, 1, k, c3, 1, true, 1.0 / sc);
@@ -207,21 +212,49 @@ pub fn disentangled_attention_backward(
                 // dA[i, rel(i, j)] += dS[i, j] / sc ; dQ += dA Kr ; dKr = dA^T Q
                 dpos.fill(0.0);
                 for (ij, &d) in ds.iter().enumerate() {
-                    dpos[(ij / t) * rows + rel[ij] as usize] += d / sc;
+                    dpos[(ij / t) * used + rel[ij] as usize] += d / sc;
                 }
-                matmul_strided(t, hs, rows, dq, 3 * c, dpos.as_ptr(), rows as isize, 1, kr[h * hs..].as_ptr(), c as isize, 1, true, 1.0);
-                let dst = kr_ptr.get().add(bh * part);
-                matmul_strided(rows, hs, t, dst, hs, dpos.as_ptr(), 1, rows as isize, q, c3, 1, false, 1.0);
+                matmul_strided(
+                    t,
+                    hs,
+                    used,
+                    dq,
+                    3 * c,
+                    dpos.as_ptr(),
+                    used as isize,
+                    1,
+                    kr[lo * c + h * hs..].as_ptr(),
+                    c as isize,
+                    1,
+                    true,
+                    1.0,
+                );
+                let dst = kr_ptr.get().add(bh * part + lo * hs);
+                matmul_strided(used, hs, t, dst, hs, dpos.as_ptr(), 1, used as isize, q, c3, 1, false, 1.0);
             }
             if let Some(qr) = pos_query {
                 // dB[j, rel(i, j)] += dS[i, j] / sc ; dK += dB Qr ; dQr = dB^T K
                 dpos.fill(0.0);
                 for (ij, &d) in ds.iter().enumerate() {
-                    dpos[(ij % t) * rows + rel[ij] as usize] += d / sc;
+                    dpos[(ij % t) * used + rel[ij] as usize] += d / sc;
                 }
-                matmul_strided(t, hs, rows, dk, 3 * c, dpos.as_ptr(), rows as isize, 1, qr[h * hs..].as_ptr(), c as isize, 1, true, 1.0);
-                let dst = qr_ptr.get().add(bh * part);
-                matmul_strided(rows, hs, t, dst, hs, dpos.as_ptr(), 1, rows as isize, k, c3, 1, false, 1.0);
+                matmul_strided(
+                    t,
+                    hs,
+                    used,
+                    dk,
+                    3 * c,
+                    dpos.as_ptr(),
+                    used as isize,
+                    1,
+                    qr[lo * c + h * hs..].as_ptr(),
+                    c as isize,
+                    1,
+                    true,
+                    1.0,
+                );
+                let dst = qr_ptr.get().add(bh * part + lo * hs);
+                matmul_strided(used, hs, t, dst, hs, dpos.as_ptr(), 1, used as isize, k, c3, 1, false, 1.0);
             }
         }
     });
