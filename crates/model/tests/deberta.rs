@@ -92,3 +92,14 @@ fn gradients_with_dropout_match_finite_differences() {
         assert!(checked > 2 * infos.len(), "{checked} entries checked");
     }
 }
+
+#[test]
+fn deberta_v3_base_has_the_parameter_count_of_transformers() {
+    // DebertaV2ForMaskedLM(deberta-v3-base's config) in transformers 5.24: 184,551,780
+    // parameters (the tied decoder counted once), with either head layout
+    for legacy in [true, false] {
+        let cfg = DebertaV2Config { legacy, ..DebertaV2Config::v3() };
+        let n: usize = <Deberta<Cpu> as LanguageModel<Cpu>>::param_table(&cfg).unwrap().iter().map(|p| p.len).sum();
+        assert_eq!(n, 184_551_780, "legacy {legacy}");
+    }
+}

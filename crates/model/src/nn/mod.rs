@@ -9,7 +9,7 @@
 //! | [`SelfAttention`] (fused q/k/v, causal and/or key-padding mask) | `attention.rs` |
 //! | [`DisentangledAttention`] (DeBERTa: c2c + c2p + p2c over relative positions) | `disentangled.rs` |
 //! | [`Mlp`] | `mlp.rs` |
-//! | [`Block`] in pre-LN or post-LN [`Order`] | `block.rs` |
+//! | [`Block`] (over any [`Attention`]) in pre-LN or post-LN [`Order`] | `block.rs` |
 //! | [`TiedLmHead`] and [`MlmHead`] | `head.rs` |
 //!
 //! Parameters are declared by each layer's constructor through a
