@@ -2,7 +2,7 @@
 //!
 //! The benchmark config: n_layer 4, n_head 4, n_embd 256, vocab 50257, batch 8,
 //! block 128, HF default dropout 0.1, one optimizer step (AdamW, clipping 1.0) per batch.
-//! `benches/train_gpt2_pytorch.py` runs the same step in PyTorch; `benches/train_gpt2_compare.py`
+//! `benches/train_gpt2_pytorch.py` runs the same step in PyTorch; `benches/train_compare.py`
 //! runs both and prints the table.
 //!
 //!     cargo bench --bench train_gpt2 -- [--steps N] [--warmup N] [--json]
@@ -10,373 +10,16 @@
 //! The breakdown runs the same model on a backend that wraps the CPU backend and times every
 //! op call (so it includes the per-call overhead of timing, a few µs per op).
 
-use std::cell::RefCell;
-use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
+#[path = "support/mod.rs"]
+mod support;
 
-use lmtrain_backend::{
-    AdamWStep, AttnShape, Backend, DecaySegment, DisentangledShape, Dropout, EmbeddingTables, Epilogue, GeluKind, GemmDesc, HeadGrads,
-    HostBatch, Inputs, PaddingIdx, Result, Rows, StepStats,
-};
 use lmtrain_cpu::Cpu;
-use lmtrain_model::LanguageModel;
 use lmtrain_model::gpt2::{Gpt2, Gpt2Config};
-use lmtrain_optim::{AdamW, AdamWConfig, decay_segments};
-
-thread_local! {
-    static TIMES: RefCell<BTreeMap<&'static str, (Duration, u64)>> = const { RefCell::new(BTreeMap::new()) };
-}
-
-fn timed<R>(name: &'static str, f: impl FnOnce() -> R) -> R {
-    let t0 = Instant::now();
-    let r = f();
-    let dt = t0.elapsed();
-    TIMES.with(|t| {
-        let mut t = t.borrow_mut();
-        let e = t.entry(name).or_default();
-        e.0 += dt;
-        e.1 += 1;
-    });
-    r
-}
-
-/// The CPU backend with every op timed (the model only sees a `Backend`).
-struct Timed {
-    inner: Cpu,
-    vocab: usize,
-}
-
-impl Backend for Timed {
-    type Buf = Vec<f32>;
-    type View<'a> = &'a [f32];
-    type ViewMut<'a> = &'a mut [f32];
-    type Master = Vec<f32>;
-    type Batch = Inputs;
-    type Stats = StepStats;
-    type AttnState = Vec<f32>;
-    const F32_COMPUTE: bool = true;
-
-    fn alloc(&self, len: usize) -> Result<Vec<f32>> {
-        self.inner.alloc(len)
-    }
-    fn from_host(&self, data: Vec<f32>) -> Result<Vec<f32>> {
-        Ok(data)
-    }
-    fn to_host(&self, v: &[f32]) -> Result<Vec<f32>> {
-        Ok(v.to_vec())
-    }
-    fn buf_len(buf: &Vec<f32>) -> usize {
-        buf.len()
-    }
-    fn view(buf: &Vec<f32>) -> &[f32] {
-        buf
-    }
-    fn view_mut(buf: &mut Vec<f32>) -> &mut [f32] {
-        buf
-    }
-    fn slice<'a>(v: &'a [f32], offset: usize, len: usize) -> &'a [f32]
-    where
-        Self: 'a,
-    {
-        &v[offset..offset + len]
-    }
-    fn slice_mut<'a>(v: &'a mut [f32], offset: usize, len: usize) -> &'a mut [f32]
-    where
-        Self: 'a,
-    {
-        &mut v[offset..offset + len]
-    }
-    fn split_at_mut<'a>(v: &'a mut [f32], mid: usize) -> (&'a mut [f32], &'a mut [f32])
-    where
-        Self: 'a,
-    {
-        v.split_at_mut(mid)
-    }
-    fn reborrow<'s>(v: &'s mut &mut [f32]) -> &'s mut [f32] {
-        v
-    }
-    fn as_view<'s>(v: &'s &mut [f32]) -> &'s [f32] {
-        v
-    }
-    fn master_from_host(&self, data: Vec<f32>) -> Result<Vec<f32>> {
-        Ok(data)
-    }
-    fn master_to_host(&self, m: &Vec<f32>) -> Result<Vec<f32>> {
-        Ok(m.clone())
-    }
-    fn master_len(m: &Vec<f32>) -> usize {
-        m.len()
-    }
-    fn upload_batch(&self, batch: &HostBatch<'_>) -> Result<Inputs> {
-        timed("upload", || self.inner.upload_batch(batch))
-    }
-    fn new_stats(&self) -> Result<StepStats> {
-        self.inner.new_stats()
-    }
-    fn reset_stats(&self, stats: &mut StepStats) -> Result<()> {
-        self.inner.reset_stats(stats)
-    }
-    fn read_stats(&self, stats: &StepStats) -> Result<StepStats> {
-        self.inner.read_stats(stats)
-    }
-    fn alloc_attn_state(&self, s: AttnShape) -> Result<Vec<f32>> {
-        self.inner.alloc_attn_state(s)
-    }
-    fn fill_zero(&self, x: &mut [f32]) -> Result<()> {
-        timed("fill_zero", || self.inner.fill_zero(x))
-    }
-    fn copy(&self, dst: &mut [f32], src: &[f32]) -> Result<()> {
-        timed("copy", || self.inner.copy(dst, src))
-    }
-    fn residual_forward(&self, out: &mut [f32], a: &[f32], b: &[f32]) -> Result<()> {
-        timed("residual", || self.inner.residual_forward(out, a, b))
-    }
-    fn add_inplace(&self, dst: &mut [f32], src: &[f32]) -> Result<()> {
-        timed("residual", || self.inner.add_inplace(dst, src))
-    }
-    fn dropout_inplace(&self, x: &mut [f32], d: Dropout) -> Result<()> {
-        timed("dropout", || self.inner.dropout_inplace(x, d))
-    }
-    fn gemm(&self, c: &mut [f32], a: &[f32], b: &[f32], d: &GemmDesc, epi: Epilogue<'_, '_, Self>) -> Result<()> {
-        let s = d.shape;
-        let name = if s.n == self.vocab || s.m == self.vocab || s.k == self.vocab {
-            "gemm (tied lm_head)"
-        } else {
-            match epi {
-                Epilogue::None => "gemm (layers)",
-                Epilogue::Bias(_) => "gemm + bias (layers)",
-                Epilogue::BiasGelu { .. } => "gemm + bias + gelu (layers)",
-            }
-        };
-        let epi = match epi {
-            Epilogue::None => Epilogue::None,
-            Epilogue::Bias(b) => Epilogue::Bias(b),
-            Epilogue::BiasGelu { bias, kind, pre } => Epilogue::BiasGelu { bias, kind, pre },
-        };
-        timed(name, || self.inner.gemm(c, a, b, d, epi))
-    }
-    fn bias_backward(&self, dbias: &mut [f32], dout: &[f32], rows: usize, cols: usize) -> Result<()> {
-        timed("bias", || self.inner.bias_backward(dbias, dout, rows, cols))
-    }
-    #[allow(clippy::too_many_arguments)]
-    fn layernorm_forward(
-        &self,
-        out: &mut [f32],
-        mean: &mut [f32],
-        rstd: &mut [f32],
-        inp: &[f32],
-        weight: &[f32],
-        bias: &[f32],
-        rows: usize,
-        cols: usize,
-        eps: f32,
-    ) -> Result<()> {
-        timed("layernorm", || self.inner.layernorm_forward(out, mean, rstd, inp, weight, bias, rows, cols, eps))
-    }
-    #[allow(clippy::too_many_arguments)]
-    fn layernorm_backward(
-        &self,
-        dinp: &mut [f32],
-        dweight: &mut [f32],
-        dbias: &mut [f32],
-        dout: &[f32],
-        inp: &[f32],
-        weight: &[f32],
-        mean: &[f32],
-        rstd: &[f32],
-        rows: usize,
-        cols: usize,
-    ) -> Result<()> {
-        timed("layernorm", || self.inner.layernorm_backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd, rows, cols))
-    }
-    fn gelu_forward(&self, out: &mut [f32], inp: &[f32], kind: GeluKind) -> Result<()> {
-        timed("gelu", || self.inner.gelu_forward(out, inp, kind))
-    }
-    fn gelu_backward(&self, dinp: &mut [f32], inp: &[f32], dout: &[f32], kind: GeluKind) -> Result<()> {
-        timed("gelu", || self.inner.gelu_backward(dinp, inp, dout, kind))
-    }
-    fn embedding_forward(&self, out: &mut [f32], tables: EmbeddingTables<&[f32]>, batch: &Inputs, c: usize) -> Result<()> {
-        timed("embedding", || self.inner.embedding_forward(out, tables, batch, c))
-    }
-    fn embedding_backward(
-        &self,
-        grads: EmbeddingTables<&mut [f32]>,
-        dout: &[f32],
-        batch: &Inputs,
-        c: usize,
-        pad: PaddingIdx,
-    ) -> Result<()> {
-        timed("embedding", || self.inner.embedding_backward(grads, dout, batch, c, pad))
-    }
-    #[allow(clippy::too_many_arguments)]
-    fn attention_forward(
-        &self,
-        out: &mut [f32],
-        st: &mut Vec<f32>,
-        qkv: &[f32],
-        s: AttnShape,
-        causal: bool,
-        batch: &Inputs,
-        d: Dropout,
-    ) -> Result<()> {
-        timed("attention", || self.inner.attention_forward(out, st, qkv, s, causal, batch, d))
-    }
-    #[allow(clippy::too_many_arguments)]
-    fn attention_backward(
-        &self,
-        dqkv: &mut [f32],
-        dout: &[f32],
-        qkv: &[f32],
-        out: &[f32],
-        st: &Vec<f32>,
-        s: AttnShape,
-        causal: bool,
-        batch: &Inputs,
-        d: Dropout,
-    ) -> Result<()> {
-        timed("attention", || self.inner.attention_backward(dqkv, dout, qkv, out, st, s, causal, batch, d))
-    }
-    #[allow(clippy::too_many_arguments)]
-    fn attention_cached(
-        &self,
-        out: &mut [f32],
-        q: &[f32],
-        k: &[f32],
-        v: &[f32],
-        start: usize,
-        n: usize,
-        h: usize,
-        hs: usize,
-    ) -> Result<()> {
-        timed("attention", || self.inner.attention_cached(out, q, k, v, start, n, h, hs))
-    }
-    #[allow(clippy::too_many_arguments)]
-    fn disentangled_attention_forward(
-        &self,
-        out: &mut [f32],
-        state: &mut Vec<f32>,
-        qkv: &[f32],
-        pos_key: Option<&[f32]>,
-        pos_query: Option<&[f32]>,
-        s: DisentangledShape,
-        batch: &Inputs,
-        d: Dropout,
-    ) -> Result<()> {
-        timed("attention", || self.inner.disentangled_attention_forward(out, state, qkv, pos_key, pos_query, s, batch, d))
-    }
-    #[allow(clippy::too_many_arguments)]
-    fn disentangled_attention_backward(
-        &self,
-        dqkv: &mut [f32],
-        dpos_key: Option<&mut [f32]>,
-        dpos_query: Option<&mut [f32]>,
-        dout: &[f32],
-        qkv: &[f32],
-        pos_key: Option<&[f32]>,
-        pos_query: Option<&[f32]>,
-        state: &Vec<f32>,
-        s: DisentangledShape,
-        batch: &Inputs,
-        d: Dropout,
-    ) -> Result<()> {
-        timed("attention", || {
-            self.inner.disentangled_attention_backward(dqkv, dpos_key, dpos_query, dout, qkv, pos_key, pos_query, state, s, batch, d)
-        })
-    }
-    fn tanh_forward(&self, out: &mut [f32], inp: &[f32]) -> Result<()> {
-        timed("gelu", || self.inner.tanh_forward(out, inp))
-    }
-    fn tanh_backward(&self, dinp: &mut [f32], out: &[f32], dout: &[f32]) -> Result<()> {
-        timed("gelu", || self.inner.tanh_backward(dinp, out, dout))
-    }
-    fn zero_padded_rows(&self, x: &mut [f32], batch: &Inputs, cols: usize) -> Result<()> {
-        timed("elementwise", || self.inner.zero_padded_rows(x, batch, cols))
-    }
-    fn conv1d_unfold(&self, out: &mut [f32], x: &[f32], b: usize, t: usize, c: usize, k: usize) -> Result<()> {
-        timed("rows", || self.inner.conv1d_unfold(out, x, b, t, c, k))
-    }
-    fn conv1d_fold(&self, dx: &mut [f32], dcol: &[f32], b: usize, t: usize, c: usize, k: usize) -> Result<()> {
-        timed("rows", || self.inner.conv1d_fold(dx, dcol, b, t, c, k))
-    }
-    fn gather_rows(&self, out: &mut [f32], x: &[f32], batch: &Inputs, cols: usize) -> Result<()> {
-        timed("rows", || self.inner.gather_rows(out, x, batch, cols))
-    }
-    fn scatter_add_rows(&self, dx: &mut [f32], dsel: &[f32], batch: &Inputs, cols: usize) -> Result<()> {
-        timed("rows", || self.inner.scatter_add_rows(dx, dsel, batch, cols))
-    }
-    #[allow(clippy::too_many_arguments)]
-    fn lm_head_loss(
-        &self,
-        scratch: &mut [f32],
-        x: &[f32],
-        wte: &[f32],
-        bias: Option<&[f32]>,
-        batch: &Inputs,
-        rows: Rows,
-        c: usize,
-        grad: Option<HeadGrads<&mut [f32]>>,
-        stats: &mut StepStats,
-        weight: f64,
-    ) -> Result<()> {
-        timed("lm_head_loss (fused)", || self.inner.lm_head_loss(scratch, x, wte, bias, batch, rows, c, grad, stats, weight))
-    }
-    #[allow(clippy::too_many_arguments)]
-    fn adamw_update(
-        &self,
-        params: &mut [f32],
-        master: Option<&mut Vec<f32>>,
-        grads: &[f32],
-        m: &mut Vec<f32>,
-        v: &mut Vec<f32>,
-        segments: &[DecaySegment],
-        step: &AdamWStep,
-        stats: &StepStats,
-    ) -> Result<()> {
-        timed("adamw", || self.inner.adamw_update(params, master, grads, m, v, segments, step, stats))
-    }
-    fn global_norm(&self, grads: &[f32], stats: &mut StepStats) -> Result<()> {
-        timed("global_norm", || self.inner.global_norm(grads, stats))
-    }
-}
-
-struct Opts {
-    steps: usize,
-    warmup: usize,
-    json: bool,
-    breakdown_steps: usize,
-}
-
-fn parse_opts() -> Opts {
-    let mut o = Opts { steps: 10, warmup: 2, json: false, breakdown_steps: 3 };
-    let mut it = std::env::args().skip(1);
-    while let Some(a) = it.next() {
-        let mut num = |name: &str| -> usize { it.next().and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("{name} needs a number")) };
-        match a.as_str() {
-            "--steps" => o.steps = num("--steps"),
-            "--warmup" => o.warmup = num("--warmup"),
-            "--breakdown-steps" => o.breakdown_steps = num("--breakdown-steps"),
-            "--json" => o.json = true,
-            "--bench" => {} // passed by `cargo bench`
-            other => panic!("unknown option {other} (use --steps N, --warmup N, --breakdown-steps N, --json)"),
-        }
-    }
-    o
-}
+use lmtrain_model::{Input, LanguageModel};
+use support::{Timed, breakdown, median, new_opt, ops_json, parse_opts, print_breakdown, time_steps, train_step};
 
 fn bench_config() -> Gpt2Config {
     Gpt2Config { vocab_size: 50257, n_positions: 128, n_layer: 4, n_head: 4, n_embd: 256, ..Gpt2Config::default() }
-}
-
-/// One training step as the trainer does it: zero grads, forward+backward, clip + AdamW.
-fn train_step<B: Backend>(model: &mut Gpt2<B>, opt: &mut AdamW<B>, ids: &[u32], labels: &[i32], b: usize, t: usize, step: u64) -> f32 {
-    let input = lmtrain_model::Input { b, t, input_ids: ids, labels: Some(labels), attention_mask: None, token_type_ids: None };
-    let mut stats = model.backend().new_stats().unwrap();
-    model.zero_grad().unwrap();
-    model.accumulate_gradients(&input, Some(step), &mut stats).unwrap();
-    let (backend, store) = model.parts_mut();
-    let (params, grads) = store.params_and_grads_mut();
-    opt.step(backend, B::view_mut(params), B::view(grads), 5e-5, 1.0, 1, &mut stats).unwrap();
-    backend.read_stats(&stats).unwrap().loss as f32
 }
 
 fn main() {
@@ -393,70 +36,40 @@ fn bench() {
     // Deterministic pseudo-random tokens.
     let ids: Vec<u32> = (0..b * t).map(|i| (lmtrain_backend::mix64(i as u64) % cfg.vocab_size as u64) as u32).collect();
     let labels: Vec<i32> = ids.iter().map(|&x| x as i32).collect();
+    let input = Input { b, t, input_ids: &ids, labels: Some(&labels), attention_mask: None, token_type_ids: None };
     let threads = rayon::current_num_threads();
-
-    fn new_opt<B: Backend>(model: &Gpt2<B>) -> AdamW<B> {
-        let segs = decay_segments(model.param_infos().iter().map(|p| (p.offset, p.len, p.decay)), 0.01);
-        AdamW::new(model.backend(), AdamWConfig { weight_decay: 0.01, ..AdamWConfig::default() }, &model.params_to_host().unwrap(), segs)
-            .unwrap()
-    }
 
     // Throughput on the plain CPU backend.
     let mut model = Gpt2::new(Cpu, cfg.clone(), 0).unwrap();
     let mut opt = new_opt(&model);
-    for s in 0..o.warmup {
-        train_step(&mut model, &mut opt, &ids, &labels, b, t, s as u64);
-    }
-    let mut times = Vec::with_capacity(o.steps);
-    for s in 0..o.steps {
-        let t0 = Instant::now();
-        let loss = train_step(&mut model, &mut opt, &ids, &labels, b, t, (o.warmup + s) as u64);
-        times.push(t0.elapsed().as_secs_f64());
-        assert!(loss.is_finite(), "loss {loss} at step {s}");
-    }
-    let mut sorted = times.clone();
-    sorted.sort_by(f64::total_cmp);
-    let median = sorted[sorted.len() / 2];
-    let tok_s = (b * t) as f64 / median;
+    let times = time_steps(o.warmup, o.steps, |s| {
+        train_step(&mut model, &mut opt, &input, s);
+    });
+    let med = median(&times);
+    let tok_s = (b * t) as f64 / med;
     let tok_s_mean = (b * t * times.len()) as f64 / times.iter().sum::<f64>();
     eprintln!(
         "lmtrain (CPU backend, {threads} threads): {tok_s:.0} tokens/s (median step {:.1} ms over {} steps; mean {tok_s_mean:.0} tokens/s), {:.2}M parameters",
-        median * 1e3,
+        med * 1e3,
         times.len(),
         model.num_params() as f64 / 1e6
     );
 
     // Per-op breakdown on the timed backend.
-    TIMES.with(|t| t.borrow_mut().clear());
     let mut timed_model = Gpt2::new(Timed { inner: Cpu, vocab: cfg.vocab_size }, cfg.clone(), 0).unwrap();
     let mut opt = new_opt(&timed_model);
-    train_step(&mut timed_model, &mut opt, &ids, &labels, b, t, 0);
-    TIMES.with(|t| t.borrow_mut().clear());
-    let t0 = Instant::now();
-    for s in 0..o.breakdown_steps {
-        train_step(&mut timed_model, &mut opt, &ids, &labels, b, t, 1 + s as u64);
-    }
-    let total = t0.elapsed().as_secs_f64() / o.breakdown_steps as f64;
-    let mut rows: Vec<(&'static str, f64, u64)> = TIMES.with(|t| {
-        t.borrow().iter().map(|(k, (d, n))| (*k, d.as_secs_f64() / o.breakdown_steps as f64, n / o.breakdown_steps as u64)).collect()
+    let (total, rows) = breakdown(o.breakdown_steps, |s| {
+        train_step(&mut timed_model, &mut opt, &input, s);
     });
-    rows.sort_by(|a, b| b.1.total_cmp(&a.1));
-    let accounted: f64 = rows.iter().map(|r| r.1).sum();
-    eprintln!("\nper-op time per training step ({} steps, timed backend; step {:.1} ms):", o.breakdown_steps, total * 1e3);
-    eprintln!("{:<28} {:>10} {:>7} {:>8}", "op", "ms/step", "share", "calls");
-    for (name, secs, calls) in &rows {
-        eprintln!("{name:<28} {:>10.2} {:>6.1}% {calls:>8}", secs * 1e3, 100.0 * secs / total);
-    }
-    eprintln!("{:<28} {:>10.2} {:>6.1}%", "(outside ops)", (total - accounted) * 1e3, 100.0 * (total - accounted) / total);
+    print_breakdown(total, &rows, o.breakdown_steps);
 
     if o.json {
-        let ops: Vec<String> = rows.iter().map(|(n, s, _)| format!("{{\"op\":\"{n}\",\"ms_per_step\":{:.3}}}", s * 1e3)).collect();
         println!(
-            "{{\"impl\":\"lmtrain-cpu\",\"threads\":{threads},\"steps\":{},\"step_ms_median\":{:.3},\"tokens_per_s\":{tok_s:.1},\"tokens_per_s_mean\":{tok_s_mean:.1},\"params\":{},\"ops\":[{}]}}",
+            "{{\"impl\":\"lmtrain-cpu\",\"threads\":{threads},\"steps\":{},\"step_ms_median\":{:.3},\"tokens_per_s\":{tok_s:.1},\"tokens_per_s_mean\":{tok_s_mean:.1},\"params\":{},\"ops\":{}}}",
             times.len(),
-            median * 1e3,
+            med * 1e3,
             model.num_params(),
-            ops.join(",")
+            ops_json(&rows)
         );
     }
 }

@@ -3,6 +3,8 @@
 
 mod demo;
 mod eval;
+mod family;
+mod fill_mask;
 mod generate;
 mod plot;
 mod prepare;
@@ -10,11 +12,13 @@ mod run;
 mod sample;
 
 use clap::{CommandFactory, FromArgMatches, Subcommand};
+use lmtrain_model::Objective;
 
 /// lmtrain: train GPT-2 (causal LM) and BERT-family (masked LM) models from one binary.
 ///
 /// With no subcommand, `train` trains a model. With no arguments at all it trains a
-/// small GPT-2 on the corpus embedded in the binary, as a demonstration.
+/// small GPT-2 on the corpus embedded in the binary, as a demonstration (`train --objective mlm`:
+/// a small BERT with masked language modeling).
 #[derive(clap::Parser)]
 #[command(name = "train", version, args_conflicts_with_subcommands = true, args_override_self = true)]
 struct Cli {
@@ -33,6 +37,8 @@ enum Command {
     Eval(eval::EvalArgs),
     /// Continue a prompt with a checkpoint (greedy or sampled, with a KV cache).
     Generate(generate::GenerateArgs),
+    /// Fill in the mask tokens of a prompt with a masked-LM checkpoint (top-k with scores).
+    FillMask(fill_mask::FillMaskArgs),
 }
 
 /// Parses the command line; a `--config FILE` of `train` becomes flags placed before the
@@ -59,8 +65,6 @@ fn parse() -> anyhow::Result<(Cli, clap::ArgMatches)> {
 }
 
 fn main() {
-    // No arguments at all: the embedded demonstration.
-    let demo = std::env::args_os().len() == 1;
     let (cli, matches) = match parse() {
         Ok(p) => p,
         Err(err) => {
@@ -69,6 +73,9 @@ fn main() {
         }
     };
     let given = |id: &str| matches.value_source(id) == Some(clap::parser::ValueSource::CommandLine);
+    // No arguments at all, or only `--objective`: the embedded demonstration.
+    let demo = (cli.command.is_none() && cli.train.config.is_none() && matches.ids().all(|id| id == "objective" || !given(id.as_str())))
+        .then(|| if cli.train.objective.as_deref() == Some("mlm") { Objective::MaskedLm } else { Objective::CausalLm });
     // The command runs on a worker of the rayon pool, so each parallel op starts from inside the
     // pool rather than waking it from outside (measured on 2 cores: GPT-2 training steps ~3%
     // faster). RAYON_NUM_THREADS sets the thread count as usual.
@@ -79,7 +86,8 @@ fn main() {
             Some(Command::Prepare(args)) => prepare::run(args),
             Some(Command::Eval(args)) => eval::run(args),
             Some(Command::Generate(args)) => generate::run(args),
-            None if demo => demo::run(),
+            Some(Command::FillMask(args)) => fill_mask::run(args),
+            None if demo.is_some() => demo::run(demo.expect("checked")),
             None => run::run(cli.train, &given),
         }),
     };

@@ -11,12 +11,14 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 use lmtrain_cpu::Cpu;
-use lmtrain_model::bert::{Bert, BertConfig, Roberta, RobertaConfig};
-use lmtrain_model::deberta::{Deberta, DebertaV2Config};
-use lmtrain_model::distilbert::{DistilBert, DistilBertConfig};
-use lmtrain_model::gpt2::{Gpt2, Gpt2Config};
+use lmtrain_model::bert::{BertConfig, RobertaConfig};
+use lmtrain_model::deberta::DebertaV2Config;
+use lmtrain_model::distilbert::DistilBertConfig;
+use lmtrain_model::gpt2::Gpt2Config;
 use lmtrain_model::{LanguageModel, ModelConfig, Objective};
-use lmtrain_store::BlockStore;
+use lmtrain_store::{BlockStore, Layout};
+
+use crate::family::{Family, ForFamily};
 use lmtrain_trainer::checkpoint::{TOKENIZER_FILE, list_checkpoints};
 use lmtrain_trainer::masking::{MaskVocab, MaskingConfig};
 use lmtrain_trainer::{CausalCollator, Collator, MaskingCollator, Trainer, TrainingArgs};
@@ -47,10 +49,14 @@ pub struct TrainArgs {
     #[arg(long, value_name = "DIR")]
     pub init_from: Option<PathBuf>,
     /// The family to train from scratch: gpt2 (causal LM), bert, distilbert, roberta or
-    /// deberta-v2 (masked LM; DeBERTa-v3's shape) [default: gpt2, or the model_type of
-    /// --model-config].
+    /// deberta-v2 (masked LM; DeBERTa-v3's shape) [default: gpt2, bert with --objective mlm, or
+    /// the model_type of --model-config].
     #[arg(long, value_name = "TYPE")]
     pub model_type: Option<String>,
+    /// causal or mlm: checked against the family (which decides it). Without --data, `train
+    /// --objective mlm` runs the masked-LM demonstration on the embedded corpus.
+    #[arg(long, value_name = "OBJECTIVE", value_parser = ["causal", "mlm"])]
+    pub objective: Option<String>,
     /// config.json of the model to train from scratch (the family's HF config fields).
     #[arg(long, value_name = "FILE")]
     pub model_config: Option<PathBuf>,
@@ -66,6 +72,20 @@ pub struct TrainArgs {
     /// From scratch: context length [default: the store's block size].
     #[arg(long)]
     pub n_positions: Option<usize>,
+    /// Masked-LM masking.
+    #[command(flatten)]
+    pub masking: MaskingArgs,
+    /// cpu or cuda [default: cpu].
+    #[arg(long)]
+    pub device: Option<String>,
+    /// Hide the progress bar.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", default_value_t = false, value_name = "BOOL", action = clap::ArgAction::Set)]
+    pub no_progress: bool,
+}
+
+/// How a masked LM's batches are masked (training, and the fixed masks of evaluation).
+#[derive(clap::Args, Debug, Clone)]
+pub struct MaskingArgs {
     /// Masked LM: probability that a token is chosen.
     #[arg(long, default_value_t = 0.15)]
     pub mlm_probability: f64,
@@ -79,12 +99,13 @@ pub struct TrainArgs {
     /// word-start flags.
     #[arg(long, num_args = 0..=1, default_missing_value = "true", default_value_t = false, value_name = "BOOL", action = clap::ArgAction::Set)]
     pub whole_word_masking: bool,
-    /// cpu or cuda [default: cpu].
-    #[arg(long)]
-    pub device: Option<String>,
-    /// Hide the progress bar.
-    #[arg(long, num_args = 0..=1, default_missing_value = "true", default_value_t = false, value_name = "BOOL", action = clap::ArgAction::Set)]
-    pub no_progress: bool,
+}
+
+impl Default for MaskingArgs {
+    /// `DataCollatorForLanguageModeling`'s defaults (15%; 80% mask, 10% random, 10% kept).
+    fn default() -> Self {
+        MaskingArgs { mlm_probability: 0.15, mask_replace_prob: 0.8, random_replace_prob: 0.1, whole_word_masking: false }
+    }
 }
 
 /// A config file as `--key=value` flags (keys may use `-` or `_`; HF JSON files use `_`).
@@ -169,7 +190,7 @@ pub fn check_device(device: Option<&str>) -> anyhow::Result<()> {
 
 /// A family's config for training from scratch: `--model-config`, else the size flags on top of
 /// Hugging Face's defaults, with the store's vocabulary and special tokens.
-trait ScratchConfig: ModelConfig + Default {
+pub trait ScratchConfig: ModelConfig + Default {
     /// Applies `--n-layer/--n-head/--n-embd/--n-positions` and the store's facts.
     fn from_flags(a: &TrainArgs, store: &BlockStore) -> Self;
 }
@@ -280,6 +301,9 @@ fn family(a: &TrainArgs, resume: Option<&Path>) -> anyhow::Result<String> {
     if let Some(t) = &a.model_type {
         return Ok(t.clone());
     }
+    if a.objective.as_deref() == Some("mlm") && a.model_config.is_none() {
+        return Ok("bert".into());
+    }
     if let Some(path) = &a.model_config {
         let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
         let v: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", path.display()))?;
@@ -343,14 +367,7 @@ pub fn run(a: TrainArgs, given: &dyn Fn(&str) -> bool) -> anyhow::Result<()> {
     let (train, eval, data_tokenizer) = open_data(&data)?;
     let family = family(&a, resume.as_deref())?;
     let run = Run { a: &a, args, train, eval, data_tokenizer, resume: resume.as_deref() };
-    match family.as_str() {
-        "gpt2" => run.go::<Gpt2<Cpu>>(),
-        "bert" => run.go::<Bert<Cpu>>(),
-        "distilbert" => run.go::<DistilBert<Cpu>>(),
-        "roberta" => run.go::<Roberta<Cpu>>(),
-        "deberta-v2" => run.go::<Deberta<Cpu>>(),
-        other => bail!("model type {other:?} is not supported (gpt2, bert, distilbert, roberta or deberta-v2)"),
-    }
+    crate::family::dispatch(&family, run)
 }
 
 /// Everything a run needs before the family is known.
@@ -363,14 +380,26 @@ struct Run<'a> {
     resume: Option<&'a Path>,
 }
 
-impl Run<'_> {
+impl ForFamily for Run<'_> {
+    type Output = ();
+
     /// Builds the model of family `M` (from the checkpoint, `--init-from` or scratch) and its
     /// collator, then trains.
-    fn go<M: LanguageModel<Cpu>>(self) -> anyhow::Result<()>
-    where
-        M::Config: ScratchConfig,
-    {
+    fn run<M: Family>(self) -> anyhow::Result<()> {
         let Run { a, args, train, eval, data_tokenizer, resume } = self;
+        if let Some(o) = &a.objective {
+            let wanted = if o == "mlm" { Objective::MaskedLm } else { Objective::CausalLm };
+            if wanted != M::OBJECTIVE {
+                bail!(
+                    "--objective {o} does not fit {}, a {} model; drop --objective or pick another --model-type",
+                    M::HF.architecture,
+                    objective_name(M::OBJECTIVE)
+                );
+            }
+        }
+        for store in std::iter::once(&train).chain(&eval) {
+            check_layout(store, M::OBJECTIVE)?;
+        }
         let (model, tokenizer): (M, Vec<u8>) = if let Some(dir) = resume {
             // The model comes from the checkpoint (the same command line with
             // --resume-from-checkpoint added resumes; its model-shape flags are not used).
@@ -387,15 +416,39 @@ impl Run<'_> {
         };
         let collator: Box<dyn Collator> = match M::OBJECTIVE {
             Objective::CausalLm => Box::new(CausalCollator),
-            Objective::MaskedLm => Box::new(masking_collator(a, &train, args.seed)?),
+            Objective::MaskedLm => Box::new(masking_collator(&a.masking, &train, args.seed)?),
         };
         train_model(args, model, collator, train, eval, tokenizer, resume, !a.no_progress)
     }
 }
 
+/// `causal LM` or `masked LM`, for messages.
+pub fn objective_name(o: Objective) -> &'static str {
+    match o {
+        Objective::CausalLm => "causal LM",
+        Objective::MaskedLm => "masked LM",
+    }
+}
+
+/// Refuses a store prepared for the other objective: a causal store has no `[CLS] ... [SEP]`
+/// around its documents, a masked one no end-of-text between them. (Stores written before the
+/// layout was recorded are taken as they are.)
+pub fn check_layout(store: &BlockStore, objective: Objective) -> anyhow::Result<()> {
+    let (found, flag) = match (store.header().layout, objective) {
+        (Layout::Causal, Objective::MaskedLm) => ("causal", "masked"),
+        (Layout::Masked, Objective::CausalLm) => ("masked", "causal"),
+        _ => return Ok(()),
+    };
+    bail!(
+        "{} was prepared for {found} LM, but this model is a {}; re-run `train prepare --model-type {flag}` for it",
+        store.path().display(),
+        objective_name(objective)
+    )
+}
+
 /// The masking collator of a masked-LM run: the flags' setting, the store's special and mask
 /// tokens.
-fn masking_collator(a: &TrainArgs, store: &BlockStore, seed: u64) -> anyhow::Result<MaskingCollator> {
+pub fn masking_collator(a: &MaskingArgs, store: &BlockStore, seed: u64) -> anyhow::Result<MaskingCollator> {
     let h = store.header();
     let sp = h.special_tokens();
     let Some(mask) = sp.mask else {

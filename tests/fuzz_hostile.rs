@@ -474,6 +474,7 @@ fn hostile_inputs_give_one_clean_error_line_and_never_crash() {
             tokenizer_fingerprint: 0,
             special: SpecialTokens { eos: Some(0), pad: Some(0), ..Default::default() },
             word_starts: false,
+            layout: Default::default(),
         };
         let mut w = BlockWriter::create_padded(&root.path().join("padded.bin"), spec).unwrap();
         w.push_padded_block(&[1, 2, 3], None).unwrap();

@@ -41,6 +41,7 @@ pub fn make_data_tagged(dir: &Path, vocab: usize, block: usize, n_train: usize, 
             tokenizer_fingerprint: fp,
             special: SpecialTokens { eos: Some(0), ..Default::default() },
             word_starts: false,
+            layout: Default::default(),
         };
         let mut w = BlockWriter::create(&dir.join(name), spec).unwrap();
         for i in 0..n as u64 {

@@ -8,8 +8,8 @@
 use std::path::{Path, PathBuf};
 
 use lmtrain_cpu::Cpu;
-use lmtrain_model::LanguageModel;
 use lmtrain_model::gpt2::Gpt2;
+use lmtrain_model::{Input, LanguageModel};
 use safetensors::{Dtype, SafeTensors};
 
 const FIXTURES: [&str; 3] = ["gpt2_tiny", "gpt2_odd", "gpt2_wide_vocab_erf"];
@@ -76,7 +76,8 @@ fn loss_logits_and_every_gradient_match_transformers() {
         let cfg = model.config().clone();
         assert!(g.labels.contains(&-100), "{name}: the fixture exercises ignored labels");
 
-        let logits = model.logits(&g.ids, g.b, g.t).unwrap();
+        let input = Input { b: g.b, t: g.t, input_ids: &g.ids, labels: None, attention_mask: None, token_type_ids: None };
+        let logits = model.logits(&input).unwrap();
         let e_logits = rel_err(&logits, &g.logits);
         let loss = model.forward_loss(&g.ids, &g.labels, g.b, g.t).unwrap();
         let e_loss = ((loss - g.loss) / g.loss).abs() as f64;

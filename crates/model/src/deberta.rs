@@ -10,7 +10,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use lmtrain_backend::{Backend, Dropout, GeluKind, PaddingIdx, RelPositions};
+use lmtrain_backend::{Backend, Dropout, GeluKind, PaddingIdx, RelPositions, Rows};
 
 use crate::bert::check_sizes;
 use crate::encoder::{TableSizes, upload_masked};
@@ -485,6 +485,7 @@ pub struct Deberta<B: Backend> {
     backend: B,
     store: ParamStore<B>,
     acts: Option<Acts<B>>,
+    head_rows: Rows,
 }
 
 impl<B: Backend> LanguageModel<B> for Deberta<B> {
@@ -507,7 +508,7 @@ impl<B: Backend> LanguageModel<B> for Deberta<B> {
         config.validate()?;
         let (layers, infos) = config.declare()?;
         let store = ParamStore::new(&backend, infos, params)?;
-        Ok(Deberta { config, layers, backend, store, acts: None })
+        Ok(Deberta { config, layers, backend, store, acts: None, head_rows: Rows::Labelled })
     }
 
     fn config(&self) -> &DebertaV2Config {
@@ -538,6 +539,17 @@ impl<B: Backend> LanguageModel<B> for Deberta<B> {
         let (batch, n_labels) = self.upload(input, true)?;
         self.forward(&batch, input.b, input.t, &Dropouts(None))?;
         self.head_loss(&batch, n_labels, stats, weight)
+    }
+
+    fn logits(&mut self, input: &Input<'_>) -> Result<Vec<f32>, ModelError> {
+        let (batch, _) = self.upload(input, false)?;
+        let (b, t) = (input.b, input.t);
+        self.forward(&batch, b, t, &Dropouts(None))?;
+        let (be, l, w) = (&self.backend, &self.layers, self.store.weights());
+        let a = self.acts.as_mut().expect("forward allocates");
+        let last = layer_input(l, &a.ln, &a.blocks, &a.conv, l.blocks.len());
+        l.head.logits(be, &w, &mut a.head, last, b * t)?;
+        Ok(be.to_host(B::slice(B::view(a.head.logits()), 0, b * t * self.config.vocab_size))?)
     }
 }
 
@@ -668,7 +680,8 @@ impl<B: Backend> Deberta<B> {
         let (be, l, w) = (&self.backend, &self.layers, self.store.weights());
         let a = self.acts.as_mut().expect("forward ran");
         let last = layer_input(l, &a.ln, &a.blocks, &a.conv, l.blocks.len());
-        l.head.loss(be, &w, None, &mut a.head, last, batch, n_labels, None, stats, weight)?;
+        let n = if self.head_rows == Rows::All { a.b * a.t } else { n_labels };
+        l.head.loss(be, &w, None, &mut a.head, last, batch, self.head_rows, n, None, stats, weight)?;
         Ok(())
     }
 
@@ -688,7 +701,8 @@ impl<B: Backend> Deberta<B> {
         let (bt, h) = (b * t, l.emb_ln.c);
         be.fill_zero(B::view_mut(dres))?;
         let last = layer_input(l, ln, blocks, conv, l.blocks.len());
-        l.head.loss(be, &w, Some(&mut g), head, last, batch, n_labels, Some((B::view_mut(dres), 1.0 / n_labels as f32)), stats, 1.0)?;
+        let (rows, n) = if self.head_rows == Rows::All { (Rows::All, bt) } else { (Rows::Labelled, n_labels) };
+        l.head.loss(be, &w, Some(&mut g), head, last, batch, rows, n, Some((B::view_mut(dres), 1.0 / n_labels as f32)), stats, 1.0)?;
         be.fill_zero(B::view_mut(drel))?;
         for i in (0..l.blocks.len()).rev() {
             if let (0, Some(c), Some(cs)) = (i, &l.conv, conv.as_mut()) {
@@ -749,16 +763,11 @@ impl<B: Backend> Deberta<B> {
         Ok(())
     }
 
-    /// Logits `[b, t, vocab]` at every position (eval mode), copied to the host.
-    pub fn logits(&mut self, input: &Input<'_>) -> Result<Vec<f32>, ModelError> {
-        let (batch, _) = self.upload(input, false)?;
-        let (b, t) = (input.b, input.t);
-        self.forward(&batch, b, t, &Dropouts(None))?;
-        let (be, l, w) = (&self.backend, &self.layers, self.store.weights());
-        let a = self.acts.as_mut().expect("forward allocates");
-        let last = layer_input(l, &a.ln, &a.blocks, &a.conv, l.blocks.len());
-        l.head.logits(be, &w, &mut a.head, last, b * t)?;
-        Ok(be.to_host(B::slice(B::view(a.head.logits()), 0, b * t * self.config.vocab_size))?)
+    /// Where the MLM head runs: [`Rows::Labelled`] (the default) or every position as Hugging
+    /// Face does ([`Rows::All`]: the same loss and gradients at more cost; for tests and
+    /// benchmarks).
+    pub fn set_head_rows(&mut self, rows: Rows) {
+        self.head_rows = rows;
     }
 }
 

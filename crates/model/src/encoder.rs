@@ -4,7 +4,7 @@
 //! [`distilbert`](crate::distilbert)) is its config: names, sizes and quirks declared through an
 //! [`EncoderConfig`].
 
-use lmtrain_backend::{Backend, HostBatch};
+use lmtrain_backend::{Backend, HostBatch, Rows};
 
 use crate::nn::block::{BlockSaved, BlockScratch};
 use crate::nn::embedding::EmbSaved;
@@ -99,6 +99,7 @@ pub struct MaskedLm<B: Backend, C: EncoderConfig> {
     backend: B,
     store: ParamStore<B>,
     acts: Option<Acts<B>>,
+    head_rows: Rows,
 }
 
 impl<B: Backend, C: EncoderConfig> LanguageModel<B> for MaskedLm<B, C> {
@@ -114,7 +115,7 @@ impl<B: Backend, C: EncoderConfig> LanguageModel<B> for MaskedLm<B, C> {
         config.validate()?;
         let (layers, infos) = config.declare()?;
         let store = ParamStore::new(&backend, infos, params)?;
-        Ok(MaskedLm { config, layers, backend, store, acts: None })
+        Ok(MaskedLm { config, layers, backend, store, acts: None, head_rows: Rows::Labelled })
     }
 
     fn config(&self) -> &C {
@@ -145,6 +146,17 @@ impl<B: Backend, C: EncoderConfig> LanguageModel<B> for MaskedLm<B, C> {
         let (batch, n_labels) = self.upload(input, true)?;
         self.forward(&batch, input.b, input.t, &Dropouts(None))?;
         self.head_loss(&batch, n_labels, stats, weight)
+    }
+
+    fn logits(&mut self, input: &Input<'_>) -> Result<Vec<f32>, ModelError> {
+        let (batch, _) = self.upload(input, false)?;
+        let (b, t) = (input.b, input.t);
+        self.forward(&batch, b, t, &Dropouts(None))?;
+        let (be, l, w) = (&self.backend, &self.layers, self.store.weights());
+        let a = self.acts.as_mut().expect("forward allocates");
+        let last = l.blocks.last().expect("at least one layer").output(a.blocks.last().expect("at least one layer"));
+        l.head.logits(be, &w, &mut a.head, last, b * t)?;
+        Ok(be.to_host(B::slice(B::view(a.head.logits()), 0, b * t * self.config.vocab_size()))?)
     }
 }
 
@@ -196,7 +208,8 @@ impl<B: Backend, C: EncoderConfig> MaskedLm<B, C> {
         let (be, l, w) = (&self.backend, &self.layers, self.store.weights());
         let a = self.acts.as_mut().expect("forward ran");
         let last = l.blocks.last().expect("at least one layer").output(a.blocks.last().expect("at least one layer"));
-        l.head.loss(be, &w, None, &mut a.head, last, batch, n_labels, None, stats, weight)?;
+        let n = if self.head_rows == Rows::All { a.b * a.t } else { n_labels };
+        l.head.loss(be, &w, None, &mut a.head, last, batch, self.head_rows, n, None, stats, weight)?;
         Ok(())
     }
 
@@ -215,7 +228,8 @@ impl<B: Backend, C: EncoderConfig> MaskedLm<B, C> {
         be.fill_zero(B::view_mut(&mut a.dres))?;
         let last = l.blocks.last().expect("at least one layer").output(a.blocks.last().expect("at least one layer"));
         let grad = Some((B::view_mut(&mut a.dres), 1.0 / n_labels as f32));
-        l.head.loss(be, &w, Some(&mut g), &mut a.head, last, batch, n_labels, grad, stats, 1.0)?;
+        let n = if self.head_rows == Rows::All { b * t } else { n_labels };
+        l.head.loss(be, &w, Some(&mut g), &mut a.head, last, batch, self.head_rows, n, grad, stats, 1.0)?;
         for i in (0..l.blocks.len()).rev() {
             let x = if i == 0 { a.emb.out() } else { l.blocks[i - 1].output(&a.blocks[i - 1]) };
             l.blocks[i].backward(be, &w, &mut g, &a.blocks[i], &mut a.scratch, B::view_mut(&mut a.dres), x, batch, (b, t), drop)?;
@@ -225,16 +239,11 @@ impl<B: Backend, C: EncoderConfig> MaskedLm<B, C> {
         Ok(())
     }
 
-    /// Logits `[b, t, vocab]` at every position (eval mode), copied to the host.
-    pub fn logits(&mut self, input: &Input<'_>) -> Result<Vec<f32>, ModelError> {
-        let (batch, _) = self.upload(input, false)?;
-        let (b, t) = (input.b, input.t);
-        self.forward(&batch, b, t, &Dropouts(None))?;
-        let (be, l, w) = (&self.backend, &self.layers, self.store.weights());
-        let a = self.acts.as_mut().expect("forward allocates");
-        let last = l.blocks.last().expect("at least one layer").output(a.blocks.last().expect("at least one layer"));
-        l.head.logits(be, &w, &mut a.head, last, b * t)?;
-        Ok(be.to_host(B::slice(B::view(a.head.logits()), 0, b * t * self.config.vocab_size()))?)
+    /// Where the MLM head runs: [`Rows::Labelled`] (the default) or every position as Hugging
+    /// Face does ([`Rows::All`]: the same loss and gradients at more cost; for tests and
+    /// benchmarks).
+    pub fn set_head_rows(&mut self, rows: Rows) {
+        self.head_rows = rows;
     }
 }
 

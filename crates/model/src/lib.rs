@@ -124,6 +124,8 @@ pub trait LanguageModel<B: Backend>: Sized + Send {
     fn accumulate_gradients(&mut self, input: &Input<'_>, dropout_seed: Option<u64>, stats: &mut B::Stats) -> Result<(), ModelError>;
     /// Forward only (eval mode): adds `weight` times the mean loss over the labels to `stats`.
     fn accumulate_loss(&mut self, input: &Input<'_>, stats: &mut B::Stats, weight: f64) -> Result<(), ModelError>;
+    /// Logits `[b, t, vocab]` at every position (eval mode; labels unused), copied to the host.
+    fn logits(&mut self, input: &Input<'_>) -> Result<Vec<f32>, ModelError>;
 
     /// A randomly initialised model (Hugging Face's initialisation, seeded).
     fn new(backend: B, config: Self::Config, seed: u64) -> Result<Self, ModelError> {

@@ -14,7 +14,8 @@
 //!     48     8  tokenizer fingerprint
 //!     56    28  special-token ids: eos, bos, pad, unk, cls, sep, mask (u32, 0xFFFF_FFFF = none)
 //!     84     4  CRC-32 of the payload
-//!     88    36  reserved, zero
+//!     88     1  document layout: 0 unknown (older stores), 1 causal, 2 masked (see [`Layout`])
+//!     89    35  reserved, zero
 //!    124     4  CRC-32 of bytes 0..124
 //!    128        payload: tokens (n_tokens * width bytes, little-endian), then the
 //!               word-start bits, ceil(block_size / 8) bytes per block, LSB first,
@@ -114,6 +115,30 @@ pub struct SpecialTokens {
     pub mask: Option<u32>,
 }
 
+/// How `train prepare` joined the documents, which decides the objective a store suits. Older
+/// stores say [`Layout::Unknown`] (byte 88 was reserved, zero; older builds ignore it).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Layout {
+    /// Written before the layout was recorded.
+    #[default]
+    Unknown,
+    /// Causal LM: documents joined by the end-of-text token (`--model-type causal`).
+    Causal,
+    /// Masked LM: every document wrapped in the tokenizer's `[CLS] ... [SEP]`
+    /// (`--model-type masked`).
+    Masked,
+}
+
+impl Layout {
+    fn code(self) -> u8 {
+        match self {
+            Layout::Unknown => 0,
+            Layout::Causal => 1,
+            Layout::Masked => 2,
+        }
+    }
+}
+
 /// The header of a block store.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Header {
@@ -151,6 +176,8 @@ pub struct Header {
     pub sep: Option<u32>,
     /// `[MASK]` token id.
     pub mask: Option<u32>,
+    /// How the documents were joined.
+    pub layout: Layout,
 }
 
 impl Header {
@@ -206,6 +233,7 @@ impl Header {
             b[at..at + 4].copy_from_slice(&id.unwrap_or(NONE_ID).to_le_bytes());
         }
         b[84..88].copy_from_slice(&self.payload_crc32.to_le_bytes());
+        b[88] = self.layout.code();
         let crc = crc32fast::hash(&b[..124]);
         b[124..128].copy_from_slice(&crc.to_le_bytes());
         b
@@ -263,6 +291,12 @@ impl Header {
         if flags & !known != 0 {
             return corrupt(format!("unknown flags {flags:#x} for version {version}"));
         }
+        let layout = match b[88] {
+            0 => Layout::Unknown,
+            1 => Layout::Causal,
+            2 => Layout::Masked,
+            other => return corrupt(format!("unknown document layout {other}")),
+        };
         let special = |k: usize| Some(u32_at(56 + 4 * k)).filter(|&id| id != NONE_ID);
         for (k, name) in ["eos", "bos", "pad", "unk", "cls", "sep", "mask"].iter().enumerate() {
             if let Some(id) = special(k)
@@ -289,6 +323,7 @@ impl Header {
             sep: special(5),
             mask: special(6),
             payload_crc32: u32_at(84),
+            layout,
         };
         if header.has_block_lengths && header.pad.is_none() {
             return corrupt("padded blocks but no pad token id".into());

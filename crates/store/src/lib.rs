@@ -24,7 +24,9 @@ use std::path::PathBuf;
 
 pub use atomic::{sync_parent, write_atomic};
 pub use epoch::EpochOrder;
-pub use format::{HEADER_LEN, Header, MAGIC, MAX_BLOCK_SIZE, MAX_BLOCKS, MAX_VOCAB_SIZE, MIN_VERSION, SpecialTokens, TokenDtype, VERSION};
+pub use format::{
+    HEADER_LEN, Header, Layout, MAGIC, MAX_BLOCK_SIZE, MAX_BLOCKS, MAX_VOCAB_SIZE, MIN_VERSION, SpecialTokens, TokenDtype, VERSION,
+};
 pub use reader::BlockStore;
 pub use writer::{BlockWriter, FinishedStore, StoreSpec, remove_stale_temp_files};
 

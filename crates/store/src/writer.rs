@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::StoreError;
-use crate::format::{HEADER_LEN, Header, MAX_BLOCK_SIZE, MAX_BLOCKS, MAX_VOCAB_SIZE, SpecialTokens, TokenDtype};
+use crate::format::{HEADER_LEN, Header, Layout, MAX_BLOCK_SIZE, MAX_BLOCKS, MAX_VOCAB_SIZE, SpecialTokens, TokenDtype};
 
 /// What a new store describes: everything in the header except the counts and checksum.
 #[derive(Clone, Debug)]
@@ -22,6 +22,8 @@ pub struct StoreSpec {
     pub special: SpecialTokens,
     /// Whether word-start bits are written (then every `push_block` must give them).
     pub word_starts: bool,
+    /// How the documents were joined (recorded in the header).
+    pub layout: Layout,
 }
 
 /// The kinds of temporary files a writer creates next to its target, as in
@@ -326,6 +328,7 @@ impl BlockWriter {
             cls: spec.special.cls,
             sep: spec.special.sep,
             mask: spec.special.mask,
+            layout: spec.layout,
         };
         main.seek(SeekFrom::Start(0)).map_err(io_main())?;
         main.write_all(&header.encode()).map_err(io_main())?;

@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use lmtrain_store::{
-    BlockStore, BlockWriter, EpochOrder, HEADER_LEN, MAX_BLOCK_SIZE, MAX_VOCAB_SIZE, SpecialTokens, StoreError, StoreSpec,
+    BlockStore, BlockWriter, EpochOrder, HEADER_LEN, Layout, MAX_BLOCK_SIZE, MAX_VOCAB_SIZE, SpecialTokens, StoreError, StoreSpec,
     remove_stale_temp_files,
 };
 
@@ -16,6 +16,7 @@ fn spec(block_size: u32, vocab_size: u32) -> StoreSpec {
         tokenizer_fingerprint: 7,
         special: SpecialTokens { eos: Some(vocab_size - 1), pad: Some(0), ..Default::default() },
         word_starts: true,
+        layout: Default::default(),
     }
 }
 
@@ -383,4 +384,22 @@ fn open_cost_on_100mb() {
             mb / 1e3 / full
         );
     }
+}
+
+#[test]
+fn document_layout_round_trips_and_an_unknown_one_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    for layout in [Layout::Unknown, Layout::Causal, Layout::Masked] {
+        let path = dir.path().join(format!("{layout:?}.bin"));
+        let mut w = BlockWriter::create(&path, StoreSpec { layout, ..spec(4, 100) }).unwrap();
+        w.push_block(&[1, 2, 3, 4], Some(&[true; 4])).unwrap();
+        w.finish().unwrap().persist().unwrap();
+        assert_eq!(BlockStore::open(&path).unwrap().header().layout, layout);
+    }
+    // byte 88 was reserved (zero) before: older stores read as Unknown, a value from nowhere is refused
+    let (path, mut bytes) = valid_store(dir.path());
+    bytes[88] = 3;
+    reseal_header(&mut bytes);
+    let err = open_err(&path, &bytes);
+    assert!(err.contains("unknown document layout 3"), "{err}");
 }

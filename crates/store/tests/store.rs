@@ -13,6 +13,7 @@ fn spec(block_size: u32, vocab_size: u32) -> StoreSpec {
         tokenizer_fingerprint: 0x0123_4567_89ab_cdef,
         special: SpecialTokens { eos: Some(vocab_size - 1), pad: Some(0), ..Default::default() },
         word_starts: true,
+        layout: Default::default(),
     }
 }
 

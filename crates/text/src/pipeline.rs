@@ -11,7 +11,7 @@ use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, sync_channel};
 use std::time::Instant;
 
-use lmtrain_store::{BlockStore, BlockWriter, FinishedStore, MAX_BLOCK_SIZE, SpecialTokens, StoreSpec};
+use lmtrain_store::{BlockStore, BlockWriter, FinishedStore, Layout, MAX_BLOCK_SIZE, SpecialTokens, StoreSpec};
 use rayon::prelude::*;
 use tokenizers::Tokenizer;
 
@@ -275,7 +275,18 @@ pub fn prepare_with_progress(opts: &PrepareOptions, progress: &(dyn Fn(&Progress
         }
     }
     let vocab_size = tokenizer.get_vocab_size(true) as u32;
-    let spec = StoreSpec { block_size: opts.block_size as u32, vocab_size, tokenizer_fingerprint: fingerprint, special, word_starts: true };
+    let layout = match opts.model_type {
+        ModelType::Causal => Layout::Causal,
+        ModelType::Masked => Layout::Masked,
+    };
+    let spec = StoreSpec {
+        block_size: opts.block_size as u32,
+        vocab_size,
+        tokenizer_fingerprint: fingerprint,
+        special,
+        word_starts: true,
+        layout,
+    };
 
     let tokenize_started = Instant::now();
     let fast = match opts.model_type {

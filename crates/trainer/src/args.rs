@@ -77,7 +77,7 @@ pub struct TrainingArgs {
     #[arg(long, default_value_t = 0)]
     pub warmup_steps: u64,
     /// Learning-rate schedule: linear, cosine, constant or constant_with_warmup.
-    #[arg(long = "lr-scheduler", value_name = "KIND", default_value_t = SchedulerKind::Linear)]
+    #[arg(long = "lr-scheduler", visible_alias = "lr-scheduler-type", value_name = "KIND", default_value_t = SchedulerKind::Linear)]
     pub lr_scheduler: SchedulerKind,
     /// Epochs to train (fractional allowed) when --max-steps is not given.
     #[arg(long, default_value_t = 3.0)]

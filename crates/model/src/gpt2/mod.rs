@@ -161,6 +161,16 @@ impl<B: Backend> LanguageModel<B> for Gpt2<B> {
         self.forward(&batch, input.b, input.t, &Dropouts(None))?;
         self.head_loss(&batch, stats, weight)
     }
+
+    fn logits(&mut self, input: &Input<'_>) -> Result<Vec<f32>, ModelError> {
+        let (b, t) = (input.b, input.t);
+        let batch = self.check_and_upload(&self.host_batch(&Input { labels: None, ..*input }))?;
+        self.forward(&batch, b, t, &Dropouts(None))?;
+        let (be, l, w) = (&self.backend, &self.layers, self.store.weights());
+        let a = self.acts.as_mut().expect("forward allocates");
+        l.head.logits(be, &w, B::view_mut(&mut a.logits), B::view(&a.lnf.out), b * t)?;
+        Ok(be.to_host(B::view(&a.logits))?)
+    }
 }
 
 impl<B: Backend> Gpt2<B> {
@@ -295,17 +305,6 @@ impl<B: Backend> Gpt2<B> {
     pub fn forward_loss(&mut self, input_ids: &[u32], labels: &[i32], b: usize, t: usize) -> Result<f32, ModelError> {
         let input = Input { b, t, input_ids, labels: Some(labels), attention_mask: None, token_type_ids: None };
         self.eval_loss(&input)
-    }
-
-    /// Logits `[b, t, vocab]` for a batch (eval mode, no dropout), copied to the host.
-    pub fn logits(&mut self, input_ids: &[u32], b: usize, t: usize) -> Result<Vec<f32>, ModelError> {
-        let input = Input { b, t, input_ids, labels: None, attention_mask: None, token_type_ids: None };
-        let batch = self.check_and_upload(&self.host_batch(&input))?;
-        self.forward(&batch, b, t, &Dropouts(None))?;
-        let (be, l, w) = (&self.backend, &self.layers, self.store.weights());
-        let a = self.acts.as_mut().expect("forward allocates");
-        l.head.logits(be, &w, B::view_mut(&mut a.logits), B::view(&a.lnf.out), b * t)?;
-        Ok(be.to_host(B::view(&a.logits))?)
     }
 
     /// An empty key/value cache for up to `max_len` positions (at most `n_positions`).

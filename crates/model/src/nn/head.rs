@@ -144,35 +144,44 @@ impl MlmHead {
         self.decoder.logits(be, w, B::view_mut(&mut s.t.logits), h, rows)
     }
 
-    /// Adds the mean loss over the labelled rows (times `weight`) to `stats`; with
-    /// `grad = Some((dx, dloss))` also accumulates `dx += d loss / d x` on the labelled rows and
-    /// the head's parameter gradients.
+    /// Adds the mean loss over the batch's labels (times `weight`) to `stats`; with
+    /// `grad = Some((dx, dloss))` also accumulates `dx += d loss / d x` and the head's parameter
+    /// gradients. `rows` says where the head runs: [`Rows::Labelled`] (the default of every
+    /// model: `n` = the batch's label count, those rows gathered from `x`) or [`Rows::All`]
+    /// (Hugging Face's way, `n` = every position; equal results, the reference for tests and
+    /// benchmarks).
     #[allow(clippy::too_many_arguments)]
-    pub fn loss<B: Backend>(
+    pub fn loss<'a, B: Backend>(
         &self,
         be: &B,
         w: &Weights<'_, B>,
         g: Option<&mut Grads<'_, B>>,
-        s: &mut MlmSaved<B>,
-        x: B::View<'_>,
+        s: &'a mut MlmSaved<B>,
+        x: B::View<'a>,
         batch: &B::Batch,
-        n_labels: usize,
+        rows: Rows,
+        n: usize,
         grad: Option<(B::ViewMut<'_>, f32)>,
         stats: &mut B::Stats,
         weight: f64,
     ) -> Result<()> {
         // c: the model's width; e: the transform's (DeBERTa's embedding size)
-        let (c, e, n) = (self.dense.n_in, self.dense.n_out, n_labels);
+        let (c, e) = (self.dense.n_in, self.dense.n_out);
         let MlmSaved { sel, dsel, t } = s;
-        be.gather_rows(B::slice_mut(B::view_mut(sel), 0, n * c), x, batch, c)?;
-        let sel = B::slice(B::view(sel), 0, n * c);
+        let sel = match rows {
+            Rows::Labelled => {
+                be.gather_rows(B::slice_mut(B::view_mut(sel), 0, n * c), x, batch, c)?;
+                B::slice(B::view(sel), 0, n * c)
+            }
+            Rows::All => x,
+        };
         self.transform(be, w, t, sel, n)?;
         let h = B::slice(B::view(&t.ln.out), 0, n * e);
-        let (Some(g), Some((dx, dloss))) = (g, grad) else {
-            return self.decoder.loss(be, w, None, &mut t.logits, h, batch, Rows::Labelled, None, stats, weight);
+        let (Some(g), Some((mut dx, dloss))) = (g, grad) else {
+            return self.decoder.loss(be, w, None, &mut t.logits, h, batch, rows, None, stats, weight);
         };
         let dln = B::slice_mut(B::view_mut(&mut t.dln), 0, n * e);
-        self.decoder.loss(be, w, Some(&mut *g), &mut t.logits, h, batch, Rows::Labelled, Some((dln, dloss)), stats, weight)?;
+        self.decoder.loss(be, w, Some(&mut *g), &mut t.logits, h, batch, rows, Some((dln, dloss)), stats, weight)?;
         be.fill_zero(B::slice_mut(B::view_mut(&mut t.dact), 0, n * e))?;
         let (act, dln) = (B::slice(B::view(&t.act), 0, n * e), B::slice(B::view(&t.dln), 0, n * e));
         self.ln.backward(be, w, g, B::slice_mut(B::view_mut(&mut t.dact), 0, n * e), dln, act, &t.ln, n)?;
@@ -181,6 +190,10 @@ impl MlmHead {
         be.gelu_backward(B::slice_mut(B::view_mut(&mut t.dpre), 0, n * e), pre, B::slice(B::view(&t.dact), 0, n * e), self.gelu)?;
         let dsel_v = B::slice_mut(B::view_mut(dsel), 0, n * c);
         self.dense.backward(be, w, g, Some(dsel_v), sel, B::slice(B::view(&t.dpre), 0, n * e), n)?;
-        be.scatter_add_rows(dx, B::slice(B::view(dsel), 0, n * c), batch, c)
+        let dsel = B::slice(B::view(dsel), 0, n * c);
+        match rows {
+            Rows::Labelled => be.scatter_add_rows(dx, dsel, batch, c),
+            Rows::All => be.add_inplace(B::reborrow(&mut dx), dsel),
+        }
     }
 }

@@ -1,10 +1,13 @@
 #!/usr/bin/env python3
-"""Runs the GPT-2 training benchmark side by side: lmtrain's CPU backend
-(`cargo bench --bench train_gpt2`) and PyTorch eager float32 (benches/train_gpt2_pytorch.py, Hugging
-Face GPT2LMHeadModel + torch.optim.AdamW), same config (n_layer 4, n_head 4, n_embd 256, vocab
-50257, batch 8, block 128), same thread count; prints a Markdown table and the ratio.
+"""Runs a training benchmark side by side: lmtrain's CPU backend (`cargo bench --bench train_MODEL`)
+and PyTorch eager float32 (benches/train_MODEL_pytorch.py, Hugging Face + torch.optim.AdamW), same
+config, same thread count; prints a Markdown table and the ratio.
 
-    python3 benches/train_gpt2_compare.py [--threads 2] [--steps 10] [--compile] [--repeat N]
+  --model gpt2: GPT2LMHeadModel, n_layer 4, n_head 4, n_embd 256, vocab 50257, batch 8 x 128
+  --model bert: BertForMaskedLM, 4 layers, hidden 256, 4 heads, intermediate 1024, vocab 30522,
+                batch 8 x 128, 15% masking (lmtrain also reports its MLM head on every position)
+
+    python3 benches/train_compare.py [--model gpt2|bert] [--threads 2] [--steps 10] [--compile] [--repeat N]
 
 Run it on a quiet machine: both sides are timed by their median step.
 """
@@ -28,6 +31,7 @@ def last_json(text):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="gpt2", choices=["gpt2", "bert"])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--compile", action="store_true", help="also time torch.compile")
@@ -37,11 +41,12 @@ def main():
     args = ap.parse_args()
 
     env = dict(os.environ, RAYON_NUM_THREADS=str(args.threads))
+    bench = f"train_{args.model}"
 
     def ours():
-        print(f"== lmtrain (cargo bench --bench train_gpt2, RAYON_NUM_THREADS={args.threads})", file=sys.stderr)
+        print(f"== lmtrain (cargo bench --bench {bench}, RAYON_NUM_THREADS={args.threads})", file=sys.stderr)
         out = subprocess.run(
-            ["cargo", "bench", "-q", "--bench", "train_gpt2", "--", "--json", "--steps", str(args.steps)],
+            ["cargo", "bench", "-q", "--bench", bench, "--", "--json", "--steps", str(args.steps)],
             cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True, check=True,
         )
         return last_json(out.stdout)
@@ -50,7 +55,7 @@ def main():
         print(f"== PyTorch {' '.join(extra) or 'eager'}", file=sys.stderr)
         try:
             out = subprocess.run(
-                [sys.executable, str(ROOT / "benches" / "train_gpt2_pytorch.py"), "--threads", str(args.threads),
+                [sys.executable, str(ROOT / "benches" / f"{bench}_pytorch.py"), "--threads", str(args.threads),
                  "--steps", str(max(args.steps, 5))] + extra,
                 cwd=ROOT, stdout=subprocess.PIPE, text=True, check=True,
             )
@@ -69,13 +74,21 @@ def main():
             rows.append(compiled)
     eager = next((r for r in rows if r["impl"] == "pytorch-eager"), None)
     print()
-    print(f"GPT-2 training step, n_layer 4, n_head 4, n_embd 256, vocab 50257, batch 8 x 128, {args.threads} threads")
+    if args.model == "gpt2":
+        print(f"GPT-2 training step, n_layer 4, n_head 4, n_embd 256, vocab 50257, batch 8 x 128, {args.threads} threads")
+    else:
+        print(f"BERT masked-LM training step, 4 layers x 256, intermediate 1024, vocab 30522, batch 8 x 128, "
+              f"15% masked, {args.threads} threads")
     print()
     print("| implementation | tokens/s (median step) | step ms | vs PyTorch eager |")
     print("| --- | ---: | ---: | ---: |")
     for r in rows:
         ratio = f"{r['tokens_per_s'] / eager['tokens_per_s']:.2f}x" if eager else "n/a"
         print(f"| {r['impl']} | {r['tokens_per_s']:.0f} | {r['step_ms_median']:.1f} | {ratio} |")
+        if "all_rows_tokens_per_s" in r:
+            ratio = f"{r['all_rows_tokens_per_s'] / eager['tokens_per_s']:.2f}x" if eager else "n/a"
+            print(f"| {r['impl']}, MLM head on every position | {r['all_rows_tokens_per_s']:.0f} | "
+                  f"{r['all_rows_step_ms_median']:.1f} | {ratio} |")
     if args.repeat > 1 and all(t for _, t in pairs):
         ratios = sorted(o["tokens_per_s"] / t["tokens_per_s"] for o, t in pairs)
         print()
@@ -85,6 +98,10 @@ def main():
         print("| ---: | ---: | ---: | ---: |")
         for i, (o, t) in enumerate(pairs, 1):
             print(f"| {i} | {o['tokens_per_s']:.0f} | {t['tokens_per_s']:.0f} | {o['tokens_per_s'] / t['tokens_per_s']:.2f}x |")
+        if all("all_rows_tokens_per_s" in o for o, _ in pairs):
+            all_rows = sorted(o["all_rows_tokens_per_s"] / t["tokens_per_s"] for o, t in pairs)
+            print()
+            print(f"lmtrain with the MLM head on every position: median ratio {all_rows[len(all_rows) // 2]:.2f}x")
         print()
         print(f"median ratio {ratios[len(ratios) // 2]:.2f}x (range {ratios[0]:.2f}x - {ratios[-1]:.2f}x)")
     if "ops" in rows[0]:

@@ -1,0 +1,115 @@
+//! Training throughput of BERT masked-LM on the CPU backend, with a per-op time breakdown.
+//!
+//! The benchmark config: 4 layers, hidden 256, 4 heads, intermediate 1024, vocab 30522,
+//! batch 8, block 128, HF default dropout 0.1, 15% of the tokens chosen (80% `[MASK]`, 10%
+//! random, 10% kept), one optimizer step (AdamW, clipping 1.0) per batch. It times the MLM head
+//! on the labelled rows only (lmtrain's way), then the same step with the head's transform and
+//! vocabulary products on all 1,024 positions, which is what Hugging Face computes (there every
+//! position is given a label so that no row can be skipped: the FLOPs of HF's step), to show the
+//! saving. `benches/train_bert_pytorch.py` runs the same
+//! step in PyTorch; `benches/train_compare.py --model bert` runs both and prints the table.
+//!
+//!     cargo bench --bench train_bert -- [--steps N] [--warmup N] [--json]
+
+#[path = "support/mod.rs"]
+mod support;
+
+use lmtrain_backend::{Rows, mix64};
+use lmtrain_cpu::Cpu;
+use lmtrain_model::bert::{Bert, BertConfig};
+use lmtrain_model::{IGNORE_INDEX, Input, LanguageModel};
+use support::{Timed, breakdown, median, new_opt, ops_json, parse_opts, print_breakdown, time_steps, train_step};
+
+/// `[MASK]` of the bert-base-uncased vocabulary.
+const MASK_ID: u32 = 103;
+
+fn bench_config() -> BertConfig {
+    BertConfig {
+        vocab_size: 30522,
+        hidden_size: 256,
+        num_hidden_layers: 4,
+        num_attention_heads: 4,
+        intermediate_size: 1024,
+        max_position_embeddings: 128,
+        ..BertConfig::default()
+    }
+}
+
+/// Random tokens, masked as `DataCollatorForLanguageModeling` does (deterministically); also
+/// the labels of every position.
+fn masked_batch(b: usize, t: usize, vocab: u32) -> (Vec<u32>, Vec<i32>, Vec<i32>) {
+    let original: Vec<u32> = (0..b * t).map(|i| 1000 + (mix64(i as u64) % (vocab as u64 - 1000)) as u32).collect();
+    let mut ids = original.clone();
+    let mut labels = vec![IGNORE_INDEX; b * t];
+    for i in 0..b * t {
+        let r = mix64(0x6d61_736b ^ (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        if r % 1000 < 150 {
+            labels[i] = original[i] as i32;
+            ids[i] = match (r >> 20) % 10 {
+                0..=7 => MASK_ID,
+                8 => 1000 + ((r >> 40) % (vocab as u64 - 1000)) as u32,
+                _ => original[i],
+            };
+        }
+    }
+    let every = original.iter().map(|&x| x as i32).collect();
+    (ids, labels, every)
+}
+
+fn main() {
+    // Run on a worker of the rayon pool, as the `train` binary does.
+    let pool = rayon::ThreadPoolBuilder::new().build().expect("rayon pool");
+    pool.install(bench);
+}
+
+fn bench() {
+    let o = parse_opts();
+    let cfg = bench_config();
+    let (b, t) = (8usize, 128usize);
+    let (ids, labels, every) = masked_batch(b, t, cfg.vocab_size as u32);
+    let n_labels = labels.iter().filter(|&&y| y != IGNORE_INDEX).count();
+    let input = Input { b, t, input_ids: &ids, labels: Some(&labels), attention_mask: None, token_type_ids: None };
+    let all_positions = Input { labels: Some(&every), ..input };
+    let threads = rayon::current_num_threads();
+
+    // Throughput on the plain CPU backend, the head on the labelled rows, then on every row.
+    let mut results = Vec::new();
+    for (rows, input) in [(Rows::Labelled, &input), (Rows::All, &all_positions)] {
+        let mut model = Bert::new(Cpu, cfg.clone(), 0).unwrap();
+        model.set_head_rows(rows);
+        let mut opt = new_opt(&model);
+        let times = time_steps(o.warmup, o.steps, |s| {
+            train_step(&mut model, &mut opt, input, s);
+        });
+        let med = median(&times);
+        let tok_s = (b * t) as f64 / med;
+        eprintln!(
+            "lmtrain (CPU backend, {threads} threads, MLM head on {}): {tok_s:.0} tokens/s (median step {:.1} ms over {} steps), {:.2}M parameters",
+            if rows == Rows::Labelled { format!("the {n_labels} labelled rows") } else { format!("all {} rows, as Hugging Face", b * t) },
+            med * 1e3,
+            times.len(),
+            model.num_params() as f64 / 1e6
+        );
+        results.push((med, tok_s, model.num_params()));
+    }
+
+    // Per-op breakdown on the timed backend (labelled rows).
+    let mut timed_model = Bert::new(Timed { inner: Cpu, vocab: cfg.vocab_size }, cfg.clone(), 0).unwrap();
+    let mut opt = new_opt(&timed_model);
+    let (total, rows) = breakdown(o.breakdown_steps, |s| {
+        train_step(&mut timed_model, &mut opt, &input, s);
+    });
+    print_breakdown(total, &rows, o.breakdown_steps);
+
+    if o.json {
+        let (med, tok_s, params) = results[0];
+        let (all_med, all_tok_s, _) = results[1];
+        println!(
+            "{{\"impl\":\"lmtrain-cpu\",\"threads\":{threads},\"steps\":{},\"labels\":{n_labels},\"step_ms_median\":{:.3},\"tokens_per_s\":{tok_s:.1},\"all_rows_step_ms_median\":{:.3},\"all_rows_tokens_per_s\":{all_tok_s:.1},\"params\":{params},\"ops\":{}}}",
+            o.steps,
+            med * 1e3,
+            all_med * 1e3,
+            ops_json(&rows)
+        );
+    }
+}
