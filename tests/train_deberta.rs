@@ -1,5 +1,5 @@
-//! `train` with DeBERTa-v2 (`--model-type deberta-v2`): from scratch on a masked-LM store,
-//! `--init-from` an RTD discriminator checkpoint (its discriminator tensors listed, the missing
+//! `train` with DeBERTa-v2 (`--model-type deberta-v2`): from scratch on a masked-LM store, then
+//! `train eval` and `train fill-mask` on it, `--init-from` an RTD discriminator checkpoint (its discriminator tensors listed, the missing
 //! MLM head initialised), and the bad inputs of the family: an unsupported config option and a
 //! tokenizer that differs from the checkpoint's, each one `error:` line.
 
@@ -47,6 +47,11 @@ fn deberta_trains_from_scratch_and_starts_from_a_discriminator() {
     assert_eq!(cfg["model_type"], "deberta-v2");
     assert_eq!(cfg["architectures"][0], "DebertaV2ForMaskedLM");
     assert_eq!(cfg["relative_attention"], true);
+    // the masked-LM commands take the family from the checkpoint
+    let eval = train_ok(&["eval", "--checkpoint", &s(&out), "--data", &s(&bert)]);
+    assert!(eval.contains("eval loss"), "{eval}");
+    let fill = train_ok(&["fill-mask", "--checkpoint", &s(&out), "--top-k", "3", "the quick brown [MASK] jumps"]);
+    assert_eq!(fill.lines().count(), 3, "{fill}");
 
     // an RTD discriminator: no MLM head, a mask_predictions head instead
     let disc = tmp.path().join("disc");
