@@ -205,3 +205,25 @@ fn deberta_config_errors_name_the_key_and_value() {
     let err = serde_json::from_value::<DebertaV2Config>(v).unwrap().validate().unwrap_err().to_string();
     assert!(err.contains("embedding_size 12"), "{err}");
 }
+
+#[test]
+fn deberta_base_model_checkpoint_with_bare_names_gets_a_fresh_head() {
+    // `DebertaV2Model.save_pretrained` writes the encoder without the `deberta.` prefix and no head
+    use lmtrain_hf::{LoadMode, load_params};
+    use lmtrain_model::deberta::Deberta;
+    let src = fixture_dir("deberta_v2_odd");
+    let model: Deberta<Cpu> = lmtrain_hf::load_model(Cpu, &src).unwrap();
+    let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let tensors: Vec<(String, safetensors::tensor::TensorView<'_>)> =
+        st.iter().filter_map(|(n, v)| n.strip_prefix("deberta.").map(|bare| (bare.to_string(), v))).collect();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("model.safetensors"), safetensors::serialize(tensors, None).unwrap()).unwrap();
+    std::fs::copy(src.join("config.json"), dir.path().join("config.json")).unwrap();
+    let l = load_params::<Cpu, Deberta<Cpu>>(dir.path(), LoadMode::Adapt { seed: 1 }).unwrap();
+    assert!(l.unused.is_empty(), "{:?}", l.unused);
+    assert!(!l.initialised.is_empty() && l.initialised.iter().all(|n| n.starts_with("cls.")), "{:?}", l.initialised);
+    for p in model.param_infos().iter().filter(|p| p.name.starts_with("deberta.")) {
+        assert_eq!(&l.params[p.offset..p.offset + p.len], &model.params()[p.offset..p.offset + p.len], "{}", p.name);
+    }
+}
