@@ -6,13 +6,14 @@ use anyhow::bail;
 use lmtrain_cpu::Cpu;
 use lmtrain_model::LanguageModel;
 use lmtrain_model::bert::{Bert, Roberta};
+use lmtrain_model::deberta::Deberta;
 use lmtrain_model::distilbert::DistilBert;
 use lmtrain_model::gpt2::Gpt2;
 
 use crate::run::ScratchConfig;
 
 /// The `model_type`s [`dispatch`] accepts, for messages.
-pub const MODEL_TYPES: &str = "gpt2, bert, distilbert or roberta";
+pub const MODEL_TYPES: &str = "gpt2, bert, distilbert, roberta or deberta-v2";
 
 /// A model family on the CPU backend whose config can also be built from `train`'s flags.
 pub trait Family: LanguageModel<Cpu, Config: ScratchConfig> {}
@@ -34,6 +35,7 @@ pub fn dispatch<F: ForFamily>(model_type: &str, f: F) -> anyhow::Result<F::Outpu
         "bert" => f.run::<Bert<Cpu>>(),
         "distilbert" => f.run::<DistilBert<Cpu>>(),
         "roberta" => f.run::<Roberta<Cpu>>(),
+        "deberta-v2" => f.run::<Deberta<Cpu>>(),
         other => bail!("model type {other:?} is not supported ({MODEL_TYPES})"),
     }
 }

@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, bail};
 use lmtrain_cpu::Cpu;
 use lmtrain_model::bert::{BertConfig, RobertaConfig};
+use lmtrain_model::deberta::DebertaV2Config;
 use lmtrain_model::distilbert::DistilBertConfig;
 use lmtrain_model::gpt2::Gpt2Config;
 use lmtrain_model::{Footprint, LanguageModel, ModelConfig, Objective};
@@ -62,8 +63,9 @@ pub struct TrainArgs {
     /// family; a base-model checkpoint's missing head is initialised fresh.
     #[arg(long, value_name = "DIR")]
     pub init_from: Option<PathBuf>,
-    /// The family to train from scratch: gpt2 (causal LM), bert, distilbert or roberta (masked
-    /// LM) [default: gpt2, bert with --objective mlm, or the model_type of --model-config].
+    /// The family to train from scratch: gpt2 (causal LM), bert, distilbert, roberta or
+    /// deberta-v2 (masked LM; DeBERTa-v3's shape) [default: gpt2, bert with --objective mlm, or
+    /// the model_type of --model-config].
     #[arg(long, value_name = "TYPE")]
     pub model_type: Option<String>,
     /// causal or mlm: checked against the family (which decides it). Without --data, `train
@@ -266,6 +268,24 @@ impl ScratchConfig for DistilBertConfig {
         c.n_heads = a.n_head.unwrap_or(c.n_heads);
         c.dim = a.n_embd.unwrap_or(c.dim);
         c.hidden_dim = 4 * c.dim;
+        c.pad_token_id = h.pad.or(c.pad_token_id);
+        c
+    }
+}
+
+impl ScratchConfig for DebertaV2Config {
+    /// DeBERTa-v3's shape (relative attention, c2p + p2c, log buckets, shared keys) with the
+    /// flags' sizes; the buckets are 256 as v3, fewer for a shorter context.
+    fn from_flags(a: &TrainArgs, store: &BlockStore) -> Self {
+        let h = store.header();
+        let mut c = DebertaV2Config { vocab_size: h.vocab_size as usize, ..DebertaV2Config::v3() };
+        c.max_position_embeddings = a.n_positions.unwrap_or(store.block_size());
+        let buckets = (c.max_position_embeddings / 2).min(256);
+        c.position_buckets = if buckets >= 2 { buckets as i64 } else { -1 };
+        c.num_hidden_layers = a.n_layer.unwrap_or(c.num_hidden_layers);
+        c.num_attention_heads = a.n_head.unwrap_or(c.num_attention_heads);
+        c.hidden_size = a.n_embd.unwrap_or(c.hidden_size);
+        c.intermediate_size = 4 * c.hidden_size;
         c.pad_token_id = h.pad.or(c.pad_token_id);
         c
     }

@@ -8,8 +8,8 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use lmtrain_backend::{
-    AdamWStep, AttnShape, Backend, DecaySegment, Dropout, EmbeddingTables, Epilogue, GeluKind, GemmDesc, HeadGrads, HostBatch, Inputs,
-    PaddingIdx, Result, Rows, StepStats,
+    AdamWStep, AttnShape, Backend, DecaySegment, DisentangledShape, Dropout, EmbeddingTables, Epilogue, GeluKind, GemmDesc, HeadGrads,
+    HostBatch, Inputs, PaddingIdx, Result, Rows, StepStats,
 };
 use lmtrain_cpu::Cpu;
 
@@ -188,6 +188,12 @@ impl Backend for Timed {
     fn gelu_backward(&self, dinp: &mut [f32], inp: &[f32], dout: &[f32], kind: GeluKind) -> Result<()> {
         timed("gelu", || self.inner.gelu_backward(dinp, inp, dout, kind))
     }
+    fn tanh_forward(&self, out: &mut [f32], inp: &[f32]) -> Result<()> {
+        timed("gelu", || self.inner.tanh_forward(out, inp))
+    }
+    fn tanh_backward(&self, dinp: &mut [f32], out: &[f32], dout: &[f32]) -> Result<()> {
+        timed("gelu", || self.inner.tanh_backward(dinp, out, dout))
+    }
     fn embedding_forward(&self, out: &mut [f32], tables: EmbeddingTables<&[f32]>, batch: &Inputs, c: usize) -> Result<()> {
         timed("embedding", || self.inner.embedding_forward(out, tables, batch, c))
     }
@@ -242,6 +248,48 @@ impl Backend for Timed {
         hs: usize,
     ) -> Result<()> {
         timed("attention", || self.inner.attention_cached(out, q, k, v, start, n, h, hs))
+    }
+    #[allow(clippy::too_many_arguments)]
+    fn disentangled_attention_forward(
+        &self,
+        out: &mut [f32],
+        state: &mut Vec<f32>,
+        qkv: &[f32],
+        pos_key: Option<&[f32]>,
+        pos_query: Option<&[f32]>,
+        s: DisentangledShape,
+        batch: &Inputs,
+        d: Dropout,
+    ) -> Result<()> {
+        timed("attention", || self.inner.disentangled_attention_forward(out, state, qkv, pos_key, pos_query, s, batch, d))
+    }
+    #[allow(clippy::too_many_arguments)]
+    fn disentangled_attention_backward(
+        &self,
+        dqkv: &mut [f32],
+        dpos_key: Option<&mut [f32]>,
+        dpos_query: Option<&mut [f32]>,
+        dout: &[f32],
+        qkv: &[f32],
+        pos_key: Option<&[f32]>,
+        pos_query: Option<&[f32]>,
+        state: &Vec<f32>,
+        s: DisentangledShape,
+        batch: &Inputs,
+        d: Dropout,
+    ) -> Result<()> {
+        timed("attention", || {
+            self.inner.disentangled_attention_backward(dqkv, dpos_key, dpos_query, dout, qkv, pos_key, pos_query, state, s, batch, d)
+        })
+    }
+    fn zero_padded_rows(&self, x: &mut [f32], batch: &Inputs, cols: usize) -> Result<()> {
+        timed("elementwise", || self.inner.zero_padded_rows(x, batch, cols))
+    }
+    fn conv1d_unfold(&self, out: &mut [f32], x: &[f32], b: usize, t: usize, c: usize, k: usize) -> Result<()> {
+        timed("rows", || self.inner.conv1d_unfold(out, x, b, t, c, k))
+    }
+    fn conv1d_fold(&self, dx: &mut [f32], dcol: &[f32], b: usize, t: usize, c: usize, k: usize) -> Result<()> {
+        timed("rows", || self.inner.conv1d_fold(dx, dcol, b, t, c, k))
     }
     fn gather_rows(&self, out: &mut [f32], x: &[f32], batch: &Inputs, cols: usize) -> Result<()> {
         timed("rows", || self.inner.gather_rows(out, x, batch, cols))

@@ -8,7 +8,8 @@ For each configuration below, writes OUT/<name>/:
                                   weight / bias left out of the file, as Hugging Face does)
   golden.safetensors              input_ids, attention_mask, labels (int64), token_type_ids (BERT),
                                   position_ids (RoBERTa, as HF computes them from input_ids),
-                                  relative_pos (DeBERTa, the bucketed [T, T] relative positions),
+                                  relative_pos (DeBERTa with relative attention, the bucketed
+                                  [T, T] relative positions),
                                   loss (shape [1]), logits [B, T, V] (every position, padding too)
                                   and grad.<parameter name> for every parameter (float32); the
                                   gradient of a tied pair is stored once, under the name
@@ -126,6 +127,28 @@ CONFIGS = {
                     position_biased_input=True, conv_kernel_size=3, conv_act="gelu", layer_norm_eps=1e-7,
                     pad_token_id=0, legacy=True),
         special=dict(pad=0, cls=1, sep=2, mask=3), rows=[10, 7], pad_side="right", label_p=0.3, pairs=True),
+    # DeBERTa-v2, the convolution layer with its default activation (conv_act tanh), c2p + p2c
+    # with shared attention keys and embed_proj, 4 log buckets (< T) over max_position_embeddings
+    # (max_relative_positions -1), no LayerNorm on the relative embeddings
+    "deberta_v2_tanh_conv": dict(
+        family="deberta-v2",
+        config=dict(vocab_size=150, hidden_size=24, embedding_size=16, num_hidden_layers=2,
+                    num_attention_heads=2, intermediate_size=40, max_position_embeddings=16, type_vocab_size=2,
+                    hidden_act="gelu", relative_attention=True, pos_att_type=["c2p", "p2c"], position_buckets=4,
+                    max_relative_positions=-1, share_att_key=True, norm_rel_ebd="none",
+                    position_biased_input=True, conv_kernel_size=3, conv_act="tanh", layer_norm_eps=1e-7,
+                    pad_token_id=0, legacy=True),
+        special=dict(pad=0, cls=1, sep=2, mask=3), rows=[10, 7], pad_side="right", label_p=0.3, pairs=True),
+    # DeBERTa-v2 without relative attention: absolute positions only, but pos_att_type ["c2p"]
+    # still counts in the scale (sqrt(2 d)), and norm_rel_ebd "layer_norm" still declares the
+    # (then unused) encoder.LayerNorm
+    "deberta_v2_absolute": dict(
+        family="deberta-v2",
+        config=dict(vocab_size=203, hidden_size=36, num_hidden_layers=2, num_attention_heads=3,
+                    intermediate_size=60, max_position_embeddings=16, type_vocab_size=0, hidden_act="gelu",
+                    relative_attention=False, pos_att_type=["c2p"], norm_rel_ebd="layer_norm",
+                    position_biased_input=True, layer_norm_eps=1e-7, pad_token_id=0, legacy=True),
+        special=dict(pad=0, cls=1, sep=2, mask=3), rows=[13, 9, 11], pad_side="right", label_p=0.25),
 }
 
 # attention weights scaled up after init (see build)
@@ -267,7 +290,7 @@ def run(name):
     if spec["family"] == "roberta":
         golden["position_ids"] = model.roberta.embeddings.create_position_ids_from_input_ids(
             inputs, cfg.pad_token_id).contiguous()
-    if spec["family"] == "deberta-v2":
+    if spec["family"] == "deberta-v2" and cfg.relative_attention:
         enc = model.deberta.encoder
         h = torch.zeros(1, inputs.shape[1], cfg.hidden_size)
         golden["relative_pos"] = enc.get_rel_pos(h)[0].contiguous()

@@ -30,6 +30,8 @@ def act(kind):
         return lambda x: 0.5 * x * (1.0 + torch.erf(x / math.sqrt(2.0)))
     if kind == "gelu_new":
         return lambda x: 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
+    if kind == "tanh":
+        return torch.tanh
     raise ValueError(kind)
 
 
@@ -178,13 +180,16 @@ def deberta(cfg, p, g):
     mf = att.float()
     x = p.ln(e, f"{pre}.embeddings.LayerNorm", eps) * mf[..., None]
     enc_in = x
-    r = torch.arange(t)[:, None] - torch.arange(t)[None, :]
-    rel = bucket(r, buckets, max_rel)
-    assert torch.equal(rel, g["relative_pos"])
-    cidx = torch.clamp(rel + span, 0, 2 * span - 1)  # [T, T]
-    R = p[f"{pre}.encoder.rel_embeddings.weight"]
-    if "layer_norm" in [s.strip() for s in cfg.get("norm_rel_ebd", "none").lower().split("|")]:
-        R = p.ln(R, f"{pre}.encoder.LayerNorm", eps)
+    relative = cfg.get("relative_attention", False)
+    if relative:
+        r = torch.arange(t)[:, None] - torch.arange(t)[None, :]
+        rel = bucket(r, buckets, max_rel)
+        assert torch.equal(rel, g["relative_pos"])
+        cidx = torch.clamp(rel + span, 0, 2 * span - 1)  # [T, T]
+        R = p[f"{pre}.encoder.rel_embeddings.weight"]
+        if "layer_norm" in [s.strip() for s in cfg.get("norm_rel_ebd", "none").lower().split("|")]:
+            R = p.ln(R, f"{pre}.encoder.LayerNorm", eps)
+    # the scale counts the named terms even without relative attention (then none is added)
     f = 1 + ("c2p" in types) + ("p2c" in types)
     pair = (att[:, None, :, None] * att[:, None, None, :]).bool()  # [B, 1, Tq, Tk]
     for i in range(cfg["num_hidden_layers"]):
@@ -194,10 +199,10 @@ def deberta(cfg, p, g):
         sc = torch.sqrt(torch.tensor(d, dtype=torch.float) * f)
         s = qh @ (kh / sc).transpose(-1, -2)
         share = cfg.get("share_att_key", False)
-        if "c2p" in types:
+        if relative and "c2p" in types:
             Kr = heads(p.lin(R[None], f"{L}.key_proj" if share else f"{L}.pos_key_proj"), h)[0]  # [h, 2span, d]
             s = s + torch.einsum("bhid,hijd->bhij", qh, Kr[:, cidx]) / sc
-        if "p2c" in types:
+        if relative and "p2c" in types:
             Qr = heads(p.lin(R[None], f"{L}.query_proj" if share else f"{L}.pos_query_proj"), h)[0]
             s = s + torch.einsum("bhjd,hijd->bhij", kh, Qr[:, cidx]) / sc
         s = s.masked_fill(~pair, MIN)

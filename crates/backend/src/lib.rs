@@ -181,6 +181,66 @@ impl AttnShape {
     }
 }
 
+/// DeBERTa's relative positions between a query `i` and a key `j`: `r = i - j`, log-bucketed
+/// beyond half the bucket count (`position_buckets > 0`), then shifted by the span and clamped
+/// to a row of the `[2 * span, c]` relative-embedding table (Hugging Face
+/// `make_log_bucket_position` and the `clamp(rel + att_span, 0, 2 * att_span - 1)` of its
+/// disentangled attention).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RelPositions {
+    /// Half the rows of the relative-embedding table (`position_buckets` when bucketed, else
+    /// `max_relative_positions`).
+    pub span: usize,
+    /// `position_buckets` (0: no log buckets).
+    pub buckets: usize,
+    /// `max_relative_positions`: the distance the largest log bucket reaches.
+    pub max_position: usize,
+}
+
+impl RelPositions {
+    /// The (bucketed) relative position of `r = i - j`, in f32 as torch computes it.
+    pub fn bucket(&self, r: i64) -> i64 {
+        let mid = (self.buckets / 2) as i64;
+        if self.buckets == 0 || r.abs() <= mid {
+            return r;
+        }
+        let ratio = ((r.abs() as f32) / mid as f32).ln() / (((self.max_position as f64 - 1.0) / mid as f64) as f32).ln();
+        let log_pos = (ratio * (mid - 1) as f32).ceil() + mid as f32;
+        log_pos as i64 * r.signum()
+    }
+
+    /// The table row of query `i` and key `j`.
+    pub fn index(&self, i: usize, j: usize) -> usize {
+        let span = self.span as i64;
+        (self.bucket(i as i64 - j as i64) + span).clamp(0, 2 * span - 1) as usize
+    }
+}
+
+/// Shape of DeBERTa's disentangled self-attention: multi-head attention over a fused `qkv`
+/// (as [`AttnShape`]) plus the content-to-position (`c2p`) and position-to-content (`p2c`)
+/// terms over [`RelPositions`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DisentangledShape {
+    /// Batch, sequence and heads.
+    pub attn: AttnShape,
+    /// The relative positions.
+    pub rel: RelPositions,
+    /// Every term is divided by `sqrt(head_size * scale_factor)`: 1 plus the number of position
+    /// terms the config names.
+    pub scale_factor: usize,
+}
+
+impl DisentangledShape {
+    /// Rows of the projected relative embeddings (`2 * span`).
+    pub fn rel_rows(&self) -> usize {
+        2 * self.rel.span
+    }
+    /// The divisor of every score term.
+    pub fn scale(&self) -> f32 {
+        ((self.attn.head_size * self.scale_factor) as f32).sqrt()
+    }
+}
+
 /// Which keys a query may attend to.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct AttnMask<'a> {
@@ -437,6 +497,10 @@ pub trait Backend: Send + Sync + Sized + 'static {
     fn gelu_forward(&self, out: Self::ViewMut<'_>, inp: Self::View<'_>, kind: GeluKind) -> Result<()>;
     /// `dinp += gelu'(inp) * dout`.
     fn gelu_backward(&self, dinp: Self::ViewMut<'_>, inp: Self::View<'_>, dout: Self::View<'_>, kind: GeluKind) -> Result<()>;
+    /// `out = tanh(inp)` (DeBERTa's default convolution activation).
+    fn tanh_forward(&self, out: Self::ViewMut<'_>, inp: Self::View<'_>) -> Result<()>;
+    /// `dinp += (1 - out^2) * dout`, from the forward's output.
+    fn tanh_backward(&self, dinp: Self::ViewMut<'_>, out: Self::View<'_>, dout: Self::View<'_>) -> Result<()>;
     /// `out[b, t] = word[ids] + position[pos] + token_type[types]` with the batch's position ids
     /// (or `t` itself when it has none); absent tables add nothing.
     fn embedding_forward(
@@ -500,6 +564,53 @@ pub trait Backend: Send + Sync + Sized + 'static {
         n_head: usize,
         head_size: usize,
     ) -> Result<()>;
+    /// DeBERTa's disentangled self-attention over fused `qkv` (`[b, t, 3C]`) into `out`
+    /// (`[b, t, C]`): per head `s[i, j] = q_i · k_j / sc + c2p[i, j] + p2c[i, j]` with
+    /// `sc = s.scale()`, `c2p[i, j] = q_i · pos_key[rel(i, j)] / sc` when `pos_key` is given and
+    /// `p2c[i, j] = k_j · pos_query[rel(i, j)] / sc` when `pos_query` is given (both
+    /// `[2 * span, C]`, heads contiguous, `rel` = [`RelPositions::index`]). Pairs where the
+    /// query or the key is padding get `f32::MIN` (so a padded query attends uniformly to every
+    /// key, as Hugging Face's `masked_fill`); softmax, dropout, `· v`. Saves what the backward
+    /// needs in `state`.
+    #[allow(clippy::too_many_arguments)]
+    fn disentangled_attention_forward(
+        &self,
+        out: Self::ViewMut<'_>,
+        state: &mut Self::AttnState,
+        qkv: Self::View<'_>,
+        pos_key: Option<Self::View<'_>>,
+        pos_query: Option<Self::View<'_>>,
+        s: DisentangledShape,
+        batch: &Self::Batch,
+        dropout: Dropout,
+    ) -> Result<()>;
+    /// Backward of [`Backend::disentangled_attention_forward`]: `dqkv += ...`, and the
+    /// gradients of the projected relative embeddings `dpos_key += ...` / `dpos_query += ...`
+    /// (given exactly when the forward had `pos_key` / `pos_query`).
+    #[allow(clippy::too_many_arguments)]
+    fn disentangled_attention_backward(
+        &self,
+        dqkv: Self::ViewMut<'_>,
+        dpos_key: Option<Self::ViewMut<'_>>,
+        dpos_query: Option<Self::ViewMut<'_>>,
+        dout: Self::View<'_>,
+        qkv: Self::View<'_>,
+        pos_key: Option<Self::View<'_>>,
+        pos_query: Option<Self::View<'_>>,
+        state: &Self::AttnState,
+        s: DisentangledShape,
+        batch: &Self::Batch,
+        dropout: Dropout,
+    ) -> Result<()>;
+    /// `x[r] = 0` (`cols` wide) for every position `r` whose `attention_mask` is 0 (DeBERTa
+    /// multiplies its hidden states by the mask); also its own backward.
+    fn zero_padded_rows(&self, x: Self::ViewMut<'_>, batch: &Self::Batch, cols: usize) -> Result<()>;
+    /// The `im2col` of a 1-D convolution along each sequence of `x` (`[b, t, c]`), kernel `k`
+    /// (odd), zero padding `(k - 1) / 2`: `out[(b, t), i * k + kk] = x[(b, t + kk - (k - 1) / 2), i]`
+    /// (0 outside the sequence), so `Conv1d` is this times its weight `[c_out, c * k]`.
+    fn conv1d_unfold(&self, out: Self::ViewMut<'_>, x: Self::View<'_>, b: usize, t: usize, c: usize, k: usize) -> Result<()>;
+    /// Backward of [`Backend::conv1d_unfold`]: `dx += ` the columns folded back onto their rows.
+    fn conv1d_fold(&self, dx: Self::ViewMut<'_>, dcol: Self::View<'_>, b: usize, t: usize, c: usize, k: usize) -> Result<()>;
     /// `out[i] = x[labelled_rows[i]]` (`cols` wide): the rows a head on labelled rows reads.
     fn gather_rows(&self, out: Self::ViewMut<'_>, x: Self::View<'_>, batch: &Self::Batch, cols: usize) -> Result<()>;
     /// `dx[labelled_rows[i]] += dsel[i]`: the backward of [`Backend::gather_rows`].

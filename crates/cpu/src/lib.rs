@@ -13,8 +13,8 @@ pub mod ops;
 mod simd;
 
 use lmtrain_backend::{
-    AdamWStep, AttnMask, AttnShape, Backend, BackendError, DecaySegment, Dropout, EmbeddingTables, Epilogue, GeluKind, GemmDesc, HeadGrads,
-    HostBatch, Inputs, PaddingIdx, Result, Rows, StepStats,
+    AdamWStep, AttnMask, AttnShape, Backend, BackendError, DecaySegment, DisentangledShape, Dropout, EmbeddingTables, Epilogue, GeluKind,
+    GemmDesc, HeadGrads, HostBatch, Inputs, PaddingIdx, Result, Rows, StepStats,
 };
 
 /// The CPU backend (stateless; threads come from rayon's global pool).
@@ -186,6 +186,14 @@ impl Backend for Cpu {
         ops::gelu_backward(dinp, inp, dout, kind);
         Ok(())
     }
+    fn tanh_forward(&self, out: &mut [f32], inp: &[f32]) -> Result<()> {
+        ops::tanh_forward(out, inp);
+        Ok(())
+    }
+    fn tanh_backward(&self, dinp: &mut [f32], out: &[f32], dout: &[f32]) -> Result<()> {
+        ops::tanh_backward(dinp, out, dout);
+        Ok(())
+    }
     fn embedding_forward(&self, out: &mut [f32], tables: EmbeddingTables<&[f32]>, batch: &Inputs, c: usize) -> Result<()> {
         ops::embedding_forward(out, tables, batch, c);
         Ok(())
@@ -243,6 +251,50 @@ impl Backend for Cpu {
         head_size: usize,
     ) -> Result<()> {
         ops::attention_cached(out, q, k_cache, v_cache, start, n_new, n_head, head_size);
+        Ok(())
+    }
+    fn disentangled_attention_forward(
+        &self,
+        out: &mut [f32],
+        probs: &mut Vec<f32>,
+        qkv: &[f32],
+        pos_key: Option<&[f32]>,
+        pos_query: Option<&[f32]>,
+        s: DisentangledShape,
+        batch: &Inputs,
+        dropout: Dropout,
+    ) -> Result<()> {
+        ops::disentangled_attention_forward(out, probs, qkv, pos_key, pos_query, s, batch.key_padding.as_deref(), dropout);
+        Ok(())
+    }
+    fn disentangled_attention_backward(
+        &self,
+        dqkv: &mut [f32],
+        dpos_key: Option<&mut [f32]>,
+        dpos_query: Option<&mut [f32]>,
+        dout: &[f32],
+        qkv: &[f32],
+        pos_key: Option<&[f32]>,
+        pos_query: Option<&[f32]>,
+        probs: &Vec<f32>,
+        s: DisentangledShape,
+        batch: &Inputs,
+        dropout: Dropout,
+    ) -> Result<()> {
+        let pad = batch.key_padding.as_deref();
+        ops::disentangled_attention_backward(dqkv, dpos_key, dpos_query, dout, qkv, pos_key, pos_query, probs, s, pad, dropout);
+        Ok(())
+    }
+    fn zero_padded_rows(&self, x: &mut [f32], batch: &Inputs, cols: usize) -> Result<()> {
+        ops::zero_padded_rows(x, batch.key_padding.as_deref(), cols);
+        Ok(())
+    }
+    fn conv1d_unfold(&self, out: &mut [f32], x: &[f32], b: usize, t: usize, c: usize, k: usize) -> Result<()> {
+        ops::conv1d_unfold(out, x, b, t, c, k);
+        Ok(())
+    }
+    fn conv1d_fold(&self, dx: &mut [f32], dcol: &[f32], b: usize, t: usize, c: usize, k: usize) -> Result<()> {
+        ops::conv1d_fold(dx, dcol, b, t, c, k);
         Ok(())
     }
     fn gather_rows(&self, out: &mut [f32], x: &[f32], batch: &Inputs, cols: usize) -> Result<()> {

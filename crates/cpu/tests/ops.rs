@@ -1,6 +1,9 @@
 //! CPU ops against straightforward f64 references and finite differences.
 
-use lmtrain_backend::{AdamWHyper, AttnMask, AttnShape, DecaySegment, Dropout, EmbeddingTables, GeluKind, HeadGrads, HostBatch, Inputs};
+use lmtrain_backend::{
+    AdamWHyper, AttnMask, AttnShape, DecaySegment, DisentangledShape, Dropout, EmbeddingTables, GeluKind, HeadGrads, HostBatch, Inputs,
+    RelPositions,
+};
 use lmtrain_cpu::ops;
 
 fn rand_vec(n: usize, seed: u64, scale: f32) -> Vec<f32> {
@@ -699,4 +702,184 @@ fn attention_with_left_padding_zeroes_fully_masked_query_rows() {
     let got: Vec<f32> = live.iter().map(|&k| out[k]).collect();
     let want: Vec<f64> = live.iter().map(|&k| o[k]).collect();
     assert_close(&got, &want, 1e-5, "attention out");
+}
+
+/// Naive disentangled attention in f64 (pair mask; a fully masked query row is uniform).
+fn disentangled_ref(qkv: &[f32], kr: Option<&[f32]>, qr: Option<&[f32]>, s: DisentangledShape, pad: Option<&[bool]>) -> Vec<f64> {
+    let AttnShape { b, t, n_head, head_size: hs } = s.attn;
+    let c = n_head * hs;
+    let sc = ((hs * s.scale_factor) as f64).sqrt();
+    let at = |bi: usize, i: usize, part: usize, h: usize, d: usize| qkv[(bi * t + i) * 3 * c + part * c + h * hs + d] as f64;
+    let mut out = vec![0f64; b * t * c];
+    for bi in 0..b {
+        for h in 0..n_head {
+            for i in 0..t {
+                let ok = |j: usize| pad.is_none_or(|p| p[bi * t + i] && p[bi * t + j]);
+                let score = |j: usize| {
+                    let r = s.rel.index(i, j);
+                    let mut x: f64 = (0..hs).map(|d| at(bi, i, 0, h, d) * at(bi, j, 1, h, d)).sum();
+                    if let Some(kr) = kr {
+                        x += (0..hs).map(|d| at(bi, i, 0, h, d) * kr[r * c + h * hs + d] as f64).sum::<f64>();
+                    }
+                    if let Some(qr) = qr {
+                        x += (0..hs).map(|d| at(bi, j, 1, h, d) * qr[r * c + h * hs + d] as f64).sum::<f64>();
+                    }
+                    x / sc
+                };
+                let any = (0..t).any(ok);
+                let sc_row: Vec<f64> = (0..t)
+                    .map(|j| {
+                        if !any {
+                            0.0
+                        } else if ok(j) {
+                            score(j)
+                        } else {
+                            f64::NEG_INFINITY
+                        }
+                    })
+                    .collect();
+                let max = sc_row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let z: f64 = sc_row.iter().map(|&x| (x - max).exp()).sum();
+                for (j, &x) in sc_row.iter().enumerate() {
+                    let p = (x - max).exp() / z;
+                    for d in 0..hs {
+                        out[(bi * t + i) * c + h * hs + d] += p * at(bi, j, 2, h, d);
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn disentangled_attention_matches_reference_and_finite_differences() {
+    // t 9 over 6 log buckets (span 6, 12 rows): the rows are gathered, clamped and bucketed
+    let attn = AttnShape { b: 2, t: 9, n_head: 2, head_size: 4 };
+    let s = DisentangledShape { attn, rel: RelPositions { span: 3, buckets: 6, max_position: 8 }, scale_factor: 3 };
+    let c = attn.channels();
+    let qkv = rand_vec(attn.b * attn.t * 3 * c, 40, 1.5);
+    let kr = rand_vec(s.rel_rows() * c, 41, 1.5);
+    let qr = rand_vec(s.rel_rows() * c, 42, 1.5);
+    let g = rand_vec(attn.b * attn.t * c, 43, 1.0);
+    let mut pad = vec![true; attn.b * attn.t];
+    pad[attn.t + 6..].iter_mut().for_each(|p| *p = false);
+    for (with_k, with_q) in [(true, true), (true, false), (false, true)] {
+        let (kr, qr) = (with_k.then_some(&kr[..]), with_q.then_some(&qr[..]));
+        let mut out = vec![0f32; g.len()];
+        let mut probs = vec![0f32; attn.probs_len()];
+        ops::disentangled_attention_forward(&mut out, &mut probs, &qkv, kr, qr, s, Some(&pad), Dropout::NONE);
+        assert_close(&out, &disentangled_ref(&qkv, kr, qr, s, Some(&pad)), 1e-5, "disentangled out");
+        let mut dqkv = vec![0f32; qkv.len()];
+        let (mut dkr, mut dqr) = (vec![0f32; s.rel_rows() * c], vec![0f32; s.rel_rows() * c]);
+        let (dk, dq) = (with_k.then_some(&mut dkr[..]), with_q.then_some(&mut dqr[..]));
+        ops::disentangled_attention_backward(&mut dqkv, dk, dq, &g, &qkv, kr, qr, &probs, s, Some(&pad), Dropout::NONE);
+        let loss = |qkv: &[f32], kr: Option<&[f32]>, qr: Option<&[f32]>| -> f64 {
+            disentangled_ref(qkv, kr, qr, s, Some(&pad)).iter().zip(&g).map(|(o, g)| o * *g as f64).sum()
+        };
+        let h = 1e-3;
+        let fd = |f: &dyn Fn(f32) -> f64| (f(h) - f(-h)) / (2.0 * h as f64);
+        for i in (0..qkv.len()).step_by(5) {
+            let want = fd(&|e| {
+                let mut x = qkv.clone();
+                x[i] += e;
+                loss(&x, kr, qr)
+            });
+            assert!((dqkv[i] as f64 - want).abs() < 2e-3 * want.abs().max(0.1), "dqkv[{i}] {} vs {want}", dqkv[i]);
+        }
+        for i in 0..kr.map_or(0, <[f32]>::len) {
+            let want = fd(&|e| {
+                let mut x = kr.unwrap().to_vec();
+                x[i] += e;
+                loss(&qkv, Some(&x), qr)
+            });
+            assert!((dkr[i] as f64 - want).abs() < 2e-3 * want.abs().max(0.1), "dpos_key[{i}] {} vs {want}", dkr[i]);
+        }
+        for i in 0..qr.map_or(0, <[f32]>::len) {
+            let want = fd(&|e| {
+                let mut x = qr.unwrap().to_vec();
+                x[i] += e;
+                loss(&qkv, kr, Some(&x))
+            });
+            assert!((dqr[i] as f64 - want).abs() < 2e-3 * want.abs().max(0.1), "dpos_query[{i}] {} vs {want}", dqr[i]);
+        }
+    }
+}
+
+#[test]
+fn disentangled_attention_dropout_is_consistent_between_forward_and_backward() {
+    // out = dropout(P) V is linear in V: the v gradient must be the forward's difference quotient
+    let attn = AttnShape { b: 1, t: 7, n_head: 2, head_size: 4 };
+    let s = DisentangledShape { attn, rel: RelPositions { span: 8, buckets: 0, max_position: 8 }, scale_factor: 2 };
+    let c = attn.channels();
+    let qkv = rand_vec(attn.t * 3 * c, 44, 1.0);
+    let kr = rand_vec(s.rel_rows() * c, 45, 1.0);
+    let g = rand_vec(attn.t * c, 46, 1.0);
+    let d = Dropout { p: 0.3, seed: 5 };
+    let fwd = |qkv: &[f32]| -> (f64, Vec<f32>) {
+        let mut out = vec![0f32; g.len()];
+        let mut probs = vec![0f32; attn.probs_len()];
+        ops::disentangled_attention_forward(&mut out, &mut probs, qkv, Some(&kr), None, s, None, d);
+        (out.iter().zip(&g).map(|(o, g)| *o as f64 * *g as f64).sum(), probs)
+    };
+    let (_, probs) = fwd(&qkv);
+    let mut dqkv = vec![0f32; qkv.len()];
+    let mut dkr = vec![0f32; kr.len()];
+    ops::disentangled_attention_backward(&mut dqkv, Some(&mut dkr), None, &g, &qkv, Some(&kr), None, &probs, s, None, d);
+    for r in 0..attn.t {
+        for x in 2 * c..3 * c {
+            let i = r * 3 * c + x;
+            let (mut p, mut m) = (qkv.clone(), qkv.clone());
+            p[i] += 0.5;
+            m[i] -= 0.5;
+            let want = (fwd(&p).0 - fwd(&m).0) / 1.0;
+            assert!((dqkv[i] as f64 - want).abs() < 1e-4 * want.abs().max(1.0), "dv[{i}] {} vs {want}", dqkv[i]);
+        }
+    }
+}
+
+#[test]
+fn conv1d_unfold_and_fold_are_adjoint_and_padded_rows_are_zeroed() {
+    let (b, t, c, k) = (2, 5, 3, 3);
+    let x = rand_vec(b * t * c, 47, 1.0);
+    let mut col = vec![0f32; b * t * c * k];
+    ops::conv1d_unfold(&mut col, &x, b, t, c, k);
+    // tap kk of row ti reads row ti + kk - 1 of the same sequence, 0 outside it
+    for bi in 0..b {
+        for ti in 0..t {
+            for i in 0..c {
+                for kk in 0..k {
+                    let src = ti as i64 + kk as i64 - 1;
+                    let want = if (0..t as i64).contains(&src) { x[(bi * t + src as usize) * c + i] } else { 0.0 };
+                    assert_eq!(col[((bi * t + ti) * c + i) * k + kk], want, "col[{bi},{ti},{i},{kk}]");
+                }
+            }
+        }
+    }
+    // <unfold(x), y> = <x, fold(y)>
+    let y = rand_vec(col.len(), 48, 1.0);
+    let mut fy = vec![0.5f32; x.len()];
+    ops::conv1d_fold(&mut fy, &y, b, t, c, k);
+    let lhs: f64 = col.iter().zip(&y).map(|(a, b)| *a as f64 * *b as f64).sum();
+    let rhs: f64 = x.iter().zip(&fy).map(|(a, b)| *a as f64 * (*b as f64 - 0.5)).sum();
+    assert!((lhs - rhs).abs() < 1e-5 * lhs.abs().max(1.0), "{lhs} vs {rhs}");
+    let mut z = x.clone();
+    let keep: Vec<bool> = (0..b * t).map(|r| r % 4 != 3).collect();
+    ops::zero_padded_rows(&mut z, Some(&keep), c);
+    for (r, row) in z.chunks_exact(c).enumerate() {
+        assert_eq!(row, if keep[r] { &x[r * c..(r + 1) * c] } else { &[0.0; 3][..] }, "row {r}");
+    }
+}
+
+#[test]
+fn tanh_forward_and_backward() {
+    let x: Vec<f32> = rand_vec(1000, 49, 4.0);
+    let mut y = vec![0f32; x.len()];
+    ops::tanh_forward(&mut y, &x);
+    assert_close(&y, &x.iter().map(|&v| (v as f64).tanh()).collect::<Vec<_>>(), 1e-6, "tanh");
+    let g = rand_vec(x.len(), 50, 1.0);
+    let mut d = vec![0.25f32; x.len()];
+    ops::tanh_backward(&mut d, &y, &g);
+    let want: Vec<f64> = x.iter().zip(&g).map(|(&v, &g)| 0.25 + (1.0 - (v as f64).tanh().powi(2)) * g as f64).collect();
+    assert_close(&d, &want, 1e-6, "tanh backward (accumulated)");
 }

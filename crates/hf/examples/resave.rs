@@ -1,4 +1,4 @@
-//! Load a fixture (GPT-2 or a BERT-family masked LM), move its weights by one gradient step on
+//! Load a fixture (GPT-2, a BERT-family masked LM or DeBERTa-v2), move its weights by one gradient step on
 //! the fixture's batch, save it with lmtrain-hf, and print the new model's loss on that batch as
 //! JSON. Used by `scripts/golden/check_hf_load.py` (GPT-2) and by hand with
 //! `scripts/golden/check_mlm_load.py` (masked LM) to check that `transformers` loads what
@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 
 use lmtrain_cpu::Cpu;
 use lmtrain_model::bert::{Bert, Roberta};
+use lmtrain_model::deberta::Deberta;
 use lmtrain_model::distilbert::DistilBert;
 use lmtrain_model::gpt2::Gpt2;
 use lmtrain_model::{Input, LanguageModel};
@@ -53,6 +54,7 @@ fn main() -> Result<(), Error> {
         "bert" => step_and_save::<Bert<Cpu>>(fixture, out, &input),
         "distilbert" => step_and_save::<DistilBert<Cpu>>(fixture, out, &input),
         "roberta" => step_and_save::<Roberta<Cpu>>(fixture, out, &input),
+        "deberta-v2" => step_and_save::<Deberta<Cpu>>(fixture, out, &input),
         other => Err(format!("model type {other:?} is not supported").into()),
     }
 }

@@ -1,4 +1,5 @@
-//! Parity with Hugging Face `BertForMaskedLM`, `DistilBertForMaskedLM` and `RobertaForMaskedLM`
+//! Parity with Hugging Face `BertForMaskedLM`, `DistilBertForMaskedLM`, `RobertaForMaskedLM` and
+//! `DebertaV2ForMaskedLM`
 //! on the committed fixtures (`crates/model/tests/fixtures/*`, made by
 //! `scripts/golden/make_mlm_fixtures.py`; their semantics in `MLM_FIXTURES.md`): padding inside
 //! the batch, token types, most labels -100, odd sizes.
@@ -15,6 +16,7 @@ use std::path::{Path, PathBuf};
 use lmtrain_backend::Backend;
 use lmtrain_cpu::Cpu;
 use lmtrain_model::bert::{Bert, Roberta};
+use lmtrain_model::deberta::Deberta;
 use lmtrain_model::distilbert::DistilBert;
 use lmtrain_model::{Input, LanguageModel};
 use lmtrain_optim::{AdamW, AdamWConfig, Schedule, SchedulerKind, decay_segments};
@@ -197,12 +199,50 @@ fn roberta_matches_transformers() {
     adamw_replay::<Roberta<Cpu>>(name, lmtrain_hf::load_model(Cpu, &fixture_dir(name)).unwrap());
 }
 
+const DEBERTA: [&str; 5] =
+    ["deberta_v2_odd", "deberta_v2_c2p_new_head", "deberta_v2_p2c_conv", "deberta_v2_tanh_conv", "deberta_v2_absolute"];
+
+#[test]
+fn deberta_matches_transformers() {
+    for name in DEBERTA {
+        let model: Deberta<Cpu> = lmtrain_hf::load_model(Cpu, &fixture_dir(name)).unwrap();
+        check(name, model, |m, i| m.logits(i).unwrap(), |m| m.grads().to_vec());
+        adamw_replay::<Deberta<Cpu>>(name, lmtrain_hf::load_model(Cpu, &fixture_dir(name)).unwrap());
+    }
+}
+
+#[test]
+fn deberta_relative_positions_are_transformers_buckets() {
+    // every fixture with relative attention (deberta_v2_absolute has none)
+    for name in &DEBERTA[..4] {
+        let bytes = std::fs::read(fixture_dir(name).join("golden.safetensors")).unwrap();
+        let st = SafeTensors::deserialize(&bytes).unwrap();
+        let rel = st.tensor("relative_pos").unwrap();
+        let t = rel.shape()[0];
+        let want: Vec<i64> = rel.data().chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect();
+        let cfg: lmtrain_model::deberta::DebertaV2Config = lmtrain_hf::load_config(&fixture_dir(name)).unwrap();
+        let buckets = cfg.position_buckets.max(0) as usize;
+        let max_rel = if cfg.max_relative_positions < 1 { cfg.max_position_embeddings } else { cfg.max_relative_positions as usize };
+        let rp = lmtrain_backend::RelPositions { span: if buckets > 0 { buckets } else { max_rel }, buckets, max_position: max_rel };
+        let got: Vec<i64> = (0..t * t).map(|ij| rp.bucket((ij / t) as i64 - (ij % t) as i64)).collect();
+        assert_eq!(got, want, "{name}: relative positions");
+    }
+    // the DeBERTa-v3 setting (256 buckets over 512 positions): symmetric, monotone, within the span
+    let v3 = lmtrain_backend::RelPositions { span: 256, buckets: 256, max_position: 512 };
+    assert_eq!(v3.bucket(128), 128);
+    assert_eq!(v3.bucket(-511), -v3.bucket(511));
+    assert!((1..512).all(|r| v3.bucket(r) >= v3.bucket(r - 1) && v3.bucket(r) <= 256));
+}
+
 #[test]
 fn saved_mlm_models_hold_exactly_what_transformers_wrote() {
-    for name in ["bert_odd", "distilbert_sinusoidal", "roberta_odd"] {
+    for name in ["bert_odd", "distilbert_sinusoidal", "roberta_odd"].into_iter().chain(DEBERTA) {
         let src = fixture_dir(name);
         let out = tempfile::tempdir().unwrap();
         match name {
+            n if n.starts_with("deberta") => {
+                lmtrain_hf::save_model(&lmtrain_hf::load_model::<Cpu, Deberta<Cpu>>(Cpu, &src).unwrap(), out.path()).unwrap()
+            }
             "bert_odd" => lmtrain_hf::save_model(&lmtrain_hf::load_model::<Cpu, Bert<Cpu>>(Cpu, &src).unwrap(), out.path()).unwrap(),
             "roberta_odd" => lmtrain_hf::save_model(&lmtrain_hf::load_model::<Cpu, Roberta<Cpu>>(Cpu, &src).unwrap(), out.path()).unwrap(),
             _ => lmtrain_hf::save_model(&lmtrain_hf::load_model::<Cpu, DistilBert<Cpu>>(Cpu, &src).unwrap(), out.path()).unwrap(),

@@ -44,6 +44,42 @@ pub trait EncoderConfig: ModelConfig {
     }
 }
 
+/// The lookup tables a batch's ids must stay inside.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct TableSizes {
+    /// Rows of the word embeddings.
+    pub vocab: usize,
+    /// Rows of the position table (or the longest sequence).
+    pub positions: usize,
+    /// Rows of the token-type table (0: none).
+    pub token_types: usize,
+}
+
+/// Checks and uploads a masked-LM batch (labels are the targets: no shift), with the token
+/// types and position ids the model uses; returns it with its label count.
+pub(crate) fn upload_masked<B: Backend>(
+    be: &B,
+    input: &Input<'_>,
+    with_labels: bool,
+    token_type_ids: Option<&[u32]>,
+    position_ids: Option<&[u32]>,
+    sizes: TableSizes,
+) -> Result<(B::Batch, usize), ModelError> {
+    let labels = if with_labels { Some(input.labels.ok_or_else(|| ModelError::Input("a loss needs labels".into()))?) } else { None };
+    let host = HostBatch {
+        b: input.b,
+        t: input.t,
+        input_ids: input.input_ids,
+        targets: labels,
+        attention_mask: input.attention_mask,
+        token_type_ids,
+        position_ids,
+    };
+    host.validate(sizes.vocab, sizes.positions, sizes.token_types).map_err(|e| ModelError::Input(e.0))?;
+    let n_labels = labels.map_or(0, |l| l.iter().filter(|&&y| y != IGNORE_INDEX).count());
+    Ok((be.upload_batch(&host)?, n_labels))
+}
+
 /// Activations of one `(b, t)` shape.
 struct Acts<B: Backend> {
     b: usize,
@@ -128,21 +164,10 @@ impl<B: Backend, C: EncoderConfig> MaskedLm<B, C> {
     /// Checks and uploads a batch (labels are the targets: no shift); returns it with its label
     /// count.
     fn upload(&self, input: &Input<'_>, with_labels: bool) -> Result<(B::Batch, usize), ModelError> {
-        let labels = if with_labels { Some(input.labels.ok_or_else(|| ModelError::Input("a loss needs labels".into()))?) } else { None };
         let positions = self.config.position_ids(input.input_ids, input.b, input.t);
-        let host = HostBatch {
-            b: input.b,
-            t: input.t,
-            input_ids: input.input_ids,
-            targets: labels,
-            attention_mask: input.attention_mask,
-            token_type_ids: input.token_type_ids,
-            position_ids: positions.as_deref(),
-        };
         let cfg = &self.config;
-        host.validate(cfg.vocab_size(), cfg.position_rows(), cfg.type_vocab_size()).map_err(|e| ModelError::Input(e.0))?;
-        let n_labels = labels.map_or(0, |l| l.iter().filter(|&&y| y != IGNORE_INDEX).count());
-        Ok((self.backend.upload_batch(&host)?, n_labels))
+        let sizes = TableSizes { vocab: cfg.vocab_size(), positions: cfg.position_rows(), token_types: cfg.type_vocab_size() };
+        upload_masked(&self.backend, input, with_labels, input.token_type_ids, positions.as_deref(), sizes)
     }
 
     fn ensure_acts(&mut self, b: usize, t: usize) -> Result<(), ModelError> {

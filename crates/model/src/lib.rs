@@ -12,6 +12,7 @@
 //! Face import/export are generic over it.
 
 pub mod bert;
+pub mod deberta;
 pub mod distilbert;
 pub mod encoder;
 pub mod gpt2;

@@ -5,6 +5,7 @@
 use lmtrain_backend::Rows;
 use lmtrain_cpu::Cpu;
 use lmtrain_model::bert::{BertConfig, RobertaConfig};
+use lmtrain_model::deberta::{Deberta, DebertaV2Config, PosAttType};
 use lmtrain_model::distilbert::DistilBertConfig;
 use lmtrain_model::encoder::{EncoderConfig, MaskedLm};
 use lmtrain_model::{IGNORE_INDEX, Input, LanguageModel};
@@ -30,6 +31,19 @@ fn rel_err(a: &[f32], b: &[f32]) -> f64 {
 }
 
 fn check<C: EncoderConfig>(name: &str, config: C, token_types: bool) {
+    check_model(
+        name,
+        |rows| {
+            let mut m = MaskedLm::<Cpu, C>::new(Cpu, config.clone(), 11).unwrap();
+            m.set_head_rows(rows);
+            m
+        },
+        token_types,
+    );
+}
+
+/// [`check`] for any family: `make` builds the model with its head on `rows`.
+fn check_model<M: LanguageModel<Cpu>>(name: &str, make: impl Fn(Rows) -> M, token_types: bool) {
     let (ids, labels, mask, types) = batch();
     let labelled = labels.iter().filter(|&&y| y != IGNORE_INDEX).count();
     assert!(labelled > 2 && labelled < B * T / 4, "{name}: {labelled} labels");
@@ -42,11 +56,10 @@ fn check<C: EncoderConfig>(name: &str, config: C, token_types: bool) {
         token_type_ids: token_types.then_some(&types[..]),
     };
     let run = |rows: Rows| {
-        let mut m = MaskedLm::<Cpu, C>::new(Cpu, config.clone(), 11).unwrap();
-        m.set_head_rows(rows);
+        let mut m = make(rows);
         let loss = m.loss_and_gradients(&input, Some(3)).unwrap();
         let infos: Vec<_> = m.param_infos().to_vec();
-        let grads = m.grads().to_vec();
+        let grads = m.store().grads().to_vec();
         (loss, infos, grads)
     };
     let (loss_l, infos, grads_l) = run(Rows::Labelled);
@@ -60,7 +73,9 @@ fn check<C: EncoderConfig>(name: &str, config: C, token_types: bool) {
         assert!(a.iter().any(|&x| x != 0.0), "{name}: {} has no gradient", p.name);
         // A key bias adds a constant to a whole softmax row: its exact gradient is 0 and both
         // hold round-off, so it is measured against the model's largest gradient.
-        let key_bias = p.name.ends_with("key.bias") || p.name.ends_with("k_lin.bias");
+        // So does DeBERTa's c2p key bias (`q_i · b` is constant along row i); its content key
+        // bias keeps only the small p2c share on top of such a cancelling part.
+        let key_bias = ["key.bias", "k_lin.bias", "key_proj.bias"].iter().any(|n| p.name.ends_with(n));
         let max_abs = |x: &[f32]| x.iter().map(|v| v.abs() as f64).fold(0.0, f64::max);
         let e = if key_bias { max_abs(&l.iter().zip(a).map(|(x, y)| x - y).collect::<Vec<_>>()) / largest } else { rel_err(l, a) };
         if e > worst.0 {
@@ -113,4 +128,33 @@ fn distilbert_head_on_labelled_rows_equals_every_position() {
         ..DistilBertConfig::default()
     };
     check("distilbert", c, false);
+}
+
+#[test]
+fn deberta_head_on_labelled_rows_equals_every_position() {
+    // the legacy head narrowing to embedding_size, c2p + p2c, the conv layer, token types
+    let c = DebertaV2Config {
+        vocab_size: VOCAB,
+        hidden_size: 24,
+        embedding_size: Some(16),
+        num_hidden_layers: 2,
+        num_attention_heads: 2,
+        intermediate_size: 40,
+        max_position_embeddings: 16,
+        type_vocab_size: 2,
+        relative_attention: true,
+        position_buckets: 8,
+        pos_att_type: Some(PosAttType::List(vec!["c2p".into(), "p2c".into()])),
+        conv_kernel_size: 3,
+        ..DebertaV2Config::default()
+    };
+    check_model(
+        "deberta-v2",
+        |rows| {
+            let mut m = Deberta::<Cpu>::new(Cpu, c.clone(), 11).unwrap();
+            m.set_head_rows(rows);
+            m
+        },
+        true,
+    );
 }

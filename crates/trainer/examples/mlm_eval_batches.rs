@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use lmtrain_cpu::Cpu;
 use lmtrain_model::LanguageModel;
 use lmtrain_model::bert::{Bert, Roberta};
+use lmtrain_model::deberta::Deberta;
 use lmtrain_model::distilbert::DistilBert;
 use lmtrain_store::BlockStore;
 use lmtrain_trainer::collate::{Batch, BatchKey};
@@ -31,6 +32,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "bert" => write::<Bert<Cpu>>(&model_dir, &store, &out, seed, batches),
         "roberta" => write::<Roberta<Cpu>>(&model_dir, &store, &out, seed, batches),
         "distilbert" => write::<DistilBert<Cpu>>(&model_dir, &store, &out, seed, batches),
+        "deberta-v2" => write::<Deberta<Cpu>>(&model_dir, &store, &out, seed, batches),
         other => Err(format!("model type {other:?} is not a masked LM this example knows").into()),
     }
 }

@@ -287,7 +287,7 @@ unsafe fn nonzero_len_avx512(x: &[f32]) -> usize {
 }
 
 /// Softmax backward of one row in place: `d = p * (d - sum_j d_j p_j)`.
-fn softmax_backward_row(d: &mut [f32], p: &[f32]) {
+pub(super) fn softmax_backward_row(d: &mut [f32], p: &[f32]) {
     assert_eq!(d.len(), p.len(), "softmax_backward_row: length mismatch");
     dispatch!(
         avx512: softmax_backward_row_avx512(d, p),

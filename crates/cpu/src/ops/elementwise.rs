@@ -1,4 +1,4 @@
-//! Elementwise ops: fill, scale, residual add, in-place add, dropout.
+//! Elementwise ops: fill, scale, residual add, in-place add, dropout, tanh.
 
 use lmtrain_backend::Dropout;
 use rayon::prelude::*;
@@ -38,6 +38,26 @@ pub fn fill_zero(x: &mut [f32]) {
 /// stores: ordinary stores first read every line they overwrite. Smaller ones (activation
 /// gradients about to be accumulated into) keep ordinary stores, which leave them in cache.
 const NT_ZERO_MIN: usize = 1 << 22;
+
+/// `out = tanh(inp)`.
+pub fn tanh_forward(out: &mut [f32], inp: &[f32]) {
+    assert_eq!(out.len(), inp.len(), "tanh_forward: length mismatch");
+    out.par_chunks_mut(CHUNK).zip(inp.par_chunks(CHUNK)).for_each(|(o, x)| {
+        for (o, &x) in o.iter_mut().zip(x) {
+            *o = crate::math::tanh(x);
+        }
+    });
+}
+
+/// `dinp += (1 - out^2) * dout`.
+pub fn tanh_backward(dinp: &mut [f32], out: &[f32], dout: &[f32]) {
+    assert!(dinp.len() == out.len() && dout.len() == out.len(), "tanh_backward: length mismatch");
+    dinp.par_chunks_mut(CHUNK).zip(out.par_chunks(CHUNK)).zip(dout.par_chunks(CHUNK)).for_each(|((d, y), g)| {
+        for ((d, &y), &g) in d.iter_mut().zip(y).zip(g) {
+            *d += (1.0 - y * y) * g;
+        }
+    });
+}
 
 /// `x *= s`.
 pub fn scale(x: &mut [f32], s: f32) {

@@ -10,6 +10,7 @@
 mod adamw;
 mod attention;
 mod classifier;
+mod deberta;
 mod elementwise;
 mod embedding;
 mod gelu;
@@ -22,7 +23,8 @@ mod softmax;
 pub use adamw::{adamw_update, global_norm};
 pub use attention::{attention_backward, attention_cached, attention_forward};
 pub use classifier::cross_entropy;
-pub use elementwise::{add_inplace, dropout_inplace, fill_zero, residual_forward, scale};
+pub use deberta::{conv1d_fold, conv1d_unfold, disentangled_attention_backward, disentangled_attention_forward, zero_padded_rows};
+pub use elementwise::{add_inplace, dropout_inplace, fill_zero, residual_forward, scale, tanh_backward, tanh_forward};
 pub use embedding::{embedding_backward, embedding_forward};
 pub use gelu::{gelu_backward, gelu_forward};
 pub use head::{LM_HEAD_CHUNK, lm_head_loss};

@@ -2,7 +2,8 @@
 //! shared by the thread-count determinism test and the forced-SIMD-level test.
 
 use lmtrain_backend::{
-    AdamWHyper, AttnMask, AttnShape, DecaySegment, Dropout, EmbeddingTables, GeluKind, GemmShape, HeadGrads, HostBatch, Inputs,
+    AdamWHyper, AttnMask, AttnShape, DecaySegment, DisentangledShape, Dropout, EmbeddingTables, GeluKind, GemmShape, HeadGrads, HostBatch,
+    Inputs, RelPositions,
 };
 use lmtrain_cpu::ops;
 
@@ -146,6 +147,49 @@ pub fn run_ops() -> Vec<Output> {
     let mut co = vec![0f32; q.len()];
     ops::attention_cached(&mut co, &q, &kc, &vc, 31, 9, s.n_head, s.head_size);
     res.push(out("attention_cached", co));
+
+    // DeBERTa: disentangled attention (c2p + p2c over 16 log buckets, padding, dropout), the
+    // conv layer's unfold / fold, tanh, the padded-row mask
+    let ds = DisentangledShape { attn: s, rel: RelPositions { span: 16, buckets: 16, max_position: 128 }, scale_factor: 3 };
+    let (kr, qr) = (rand_vec(ds.rel_rows() * s.channels(), 21, 1.0), rand_vec(ds.rel_rows() * s.channels(), 22, 1.0));
+    let mut ao = vec![0f32; s.b * s.t * s.channels()];
+    let mut probs = vec![0f32; s.probs_len()];
+    let d = Dropout { p: 0.1, seed: 4 };
+    ops::disentangled_attention_forward(&mut ao, &mut probs, &qkv, Some(&kr), Some(&qr), ds, Some(&pad), d);
+    let ga = rand_vec(ao.len(), 23, 1.0);
+    let mut dqkv = rand_vec(qkv.len(), 24, 1.0);
+    let (mut dkr, mut dqr) = (vec![0f32; kr.len()], vec![0f32; qr.len()]);
+    ops::disentangled_attention_backward(
+        &mut dqkv,
+        Some(&mut dkr),
+        Some(&mut dqr),
+        &ga,
+        &qkv,
+        Some(&kr),
+        Some(&qr),
+        &probs,
+        ds,
+        Some(&pad),
+        d,
+    );
+    res.push(out("disentangled attention", ao));
+    res.push(out("disentangled attention", probs));
+    res.push(out("disentangled attention", dqkv));
+    res.push(out("disentangled attention dpos_key", dkr));
+    res.push(out("disentangled attention dpos_query", dqr));
+    let x = rand_vec(rows * c, 25, 1.0);
+    let mut col = vec![0f32; rows * c * 3];
+    ops::conv1d_unfold(&mut col, &x, 9, rows / 9, c, 3);
+    let mut dx = rand_vec(x.len(), 26, 1.0);
+    ops::conv1d_fold(&mut dx, &col, 9, rows / 9, c, 3);
+    let mut th = vec![0f32; x.len()];
+    ops::tanh_forward(&mut th, &x);
+    ops::tanh_backward(&mut dx, &th, &x);
+    let keep: Vec<bool> = (0..rows).map(|r| r % 5 != 0).collect();
+    ops::zero_padded_rows(&mut th, Some(&keep), c);
+    res.push(out("conv1d unfold", col));
+    res.push(out("conv1d fold, tanh backward", dx));
+    res.push(out("tanh, zero_padded_rows", th));
 
     // cross-entropy and the fused head (17 vocabulary chunks, the last partial: more chunks
     // than the head's 16 dx groups)

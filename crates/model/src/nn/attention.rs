@@ -7,6 +7,52 @@ use lmtrain_backend::{AttnShape, Backend, Dropout, Result};
 use crate::nn::linear::Linear;
 use crate::params::{Grads, Weights};
 
+/// An attention sub-layer a [`Block`](crate::nn::Block) holds: [`SelfAttention`], or DeBERTa's
+/// [`DisentangledAttention`](crate::nn::DisentangledAttention). `forward` maps the block's input
+/// `x` (`[bt, c]`) to the branch output before the residual dropout; `backward` overwrites `dx`
+/// and accumulates the parameter gradients.
+pub trait Attention: Copy + std::fmt::Debug + Send + Sync {
+    /// What the forward keeps for one layer.
+    type Saved<B: Backend>: Send + Sync;
+    /// Backward scratch (shared by the layers of a model).
+    type Scratch<B: Backend>: Send + Sync;
+    /// Width.
+    fn c(&self) -> usize;
+    /// Buffers for a `b x t` batch.
+    fn alloc<B: Backend>(&self, be: &B, b: usize, t: usize) -> Result<Self::Saved<B>>;
+    /// Backward scratch for `bt` rows.
+    fn alloc_scratch<B: Backend>(&self, be: &B, bt: usize) -> Result<Self::Scratch<B>>;
+    /// `out = attention(x)` (`out`: `[bt, c]`), dropout `d` on the probabilities.
+    #[allow(clippy::too_many_arguments)]
+    fn forward<B: Backend>(
+        &self,
+        be: &B,
+        w: &Weights<'_, B>,
+        s: &mut Self::Saved<B>,
+        out: B::ViewMut<'_>,
+        x: B::View<'_>,
+        batch: &B::Batch,
+        bt: (usize, usize),
+        d: Dropout,
+    ) -> Result<()>;
+    /// Backward from `dout` (the branch's gradient after the residual dropout).
+    #[allow(clippy::too_many_arguments)]
+    fn backward<B: Backend>(
+        &self,
+        be: &B,
+        w: &Weights<'_, B>,
+        g: &mut Grads<'_, B>,
+        sc: &mut Self::Scratch<B>,
+        dx: B::ViewMut<'_>,
+        dout: B::View<'_>,
+        x: B::View<'_>,
+        s: &Self::Saved<B>,
+        batch: &B::Batch,
+        bt: (usize, usize),
+        d: Dropout,
+    ) -> Result<()>;
+}
+
 /// The attention sub-layer.
 #[derive(Clone, Copy, Debug)]
 pub struct SelfAttention {
@@ -39,30 +85,31 @@ pub struct AttnScratch<B: Backend> {
 }
 
 impl SelfAttention {
-    /// Width.
-    pub fn c(&self) -> usize {
-        self.proj.n_out
-    }
-
     /// The op shape for a `b x t` batch.
     pub fn shape(&self, b: usize, t: usize) -> AttnShape {
         AttnShape { b, t, n_head: self.n_head, head_size: self.c() / self.n_head }
     }
+}
 
-    /// Buffers for a `b x t` batch.
-    pub fn alloc<B: Backend>(&self, be: &B, b: usize, t: usize) -> Result<AttnSaved<B>> {
+impl Attention for SelfAttention {
+    type Saved<B: Backend> = AttnSaved<B>;
+    type Scratch<B: Backend> = AttnScratch<B>;
+
+    fn c(&self) -> usize {
+        self.proj.n_out
+    }
+
+    fn alloc<B: Backend>(&self, be: &B, b: usize, t: usize) -> Result<AttnSaved<B>> {
         let bt = b * t;
         Ok(AttnSaved { qkv: be.alloc(bt * 3 * self.c())?, state: be.alloc_attn_state(self.shape(b, t))?, atty: be.alloc(bt * self.c())? })
     }
 
-    /// Backward scratch for a `b x t` batch.
-    pub fn alloc_scratch<B: Backend>(&self, be: &B, bt: usize) -> Result<AttnScratch<B>> {
+    fn alloc_scratch<B: Backend>(&self, be: &B, bt: usize) -> Result<AttnScratch<B>> {
         Ok(AttnScratch { datty: be.alloc(bt * self.c())?, dqkv: be.alloc(bt * 3 * self.c())? })
     }
 
     /// `out = proj(attention(qkv(x)))` (`out`: `[bt, c]`, before the residual dropout).
-    #[allow(clippy::too_many_arguments)]
-    pub fn forward<B: Backend>(
+    fn forward<B: Backend>(
         &self,
         be: &B,
         w: &Weights<'_, B>,
@@ -81,8 +128,7 @@ impl SelfAttention {
 
     /// Backward from `dout` (the branch's gradient after the residual dropout): parameter
     /// gradients accumulate, `dx` (the gradient at `x`) is overwritten.
-    #[allow(clippy::too_many_arguments)]
-    pub fn backward<B: Backend>(
+    fn backward<B: Backend>(
         &self,
         be: &B,
         w: &Weights<'_, B>,

@@ -4,7 +4,7 @@
 use lmtrain_backend::{Backend, Result};
 
 use crate::nn::Dropouts;
-use crate::nn::attention::{AttnSaved, AttnScratch, SelfAttention};
+use crate::nn::attention::{Attention, SelfAttention};
 use crate::nn::layernorm::{LayerNorm, LnSaved};
 use crate::nn::mlp::{Mlp, MlpSaved, MlpScratch};
 use crate::params::{Grads, Weights};
@@ -18,15 +18,15 @@ pub enum Order {
     PostLn,
 }
 
-/// One transformer block.
+/// One transformer block with attention `A`.
 #[derive(Clone, Copy, Debug)]
-pub struct Block {
+pub struct Block<A: Attention = SelfAttention> {
     /// LayerNorm order.
     pub order: Order,
     /// Pre-LN: before attention. Post-LN: after the attention residual.
     pub ln1: LayerNorm,
     /// Self-attention.
-    pub attn: SelfAttention,
+    pub attn: A,
     /// Pre-LN: before the MLP. Post-LN: after the MLP residual.
     pub ln2: LayerNorm,
     /// Feed-forward.
@@ -41,9 +41,9 @@ pub struct Block {
 }
 
 /// What the forward keeps for one block.
-pub struct BlockSaved<B: Backend> {
+pub struct BlockSaved<B: Backend, A: Attention = SelfAttention> {
     ln1: LnSaved<B>,
-    attn: AttnSaved<B>,
+    attn: A::Saved<B>,
     res_attn: B::Buf,
     ln2: LnSaved<B>,
     mlp: MlpSaved<B>,
@@ -51,24 +51,35 @@ pub struct BlockSaved<B: Backend> {
 }
 
 /// Scratch shared by every block of a model (forward branch outputs and backward gradients).
-pub struct BlockScratch<B: Backend> {
+pub struct BlockScratch<B: Backend, A: Attention = SelfAttention> {
     tmp: B::Buf,
     dln: B::Buf,
     dr: B::Buf,
-    attn: AttnScratch<B>,
+    attn: A::Scratch<B>,
     mlp: MlpScratch<B>,
 }
 
-impl<B: Backend> BlockScratch<B> {
+impl<B: Backend, A: Attention> BlockScratch<B, A> {
     /// The branch buffer `[bt, c]` (free between block calls).
     pub fn tmp(&mut self) -> &mut B::Buf {
         &mut self.tmp
     }
+    /// The attention's scratch (what its backward left there).
+    pub fn attn(&mut self) -> &mut A::Scratch<B> {
+        &mut self.attn
+    }
 }
 
-impl Block {
+impl<B: Backend, A: Attention> BlockSaved<B, A> {
+    /// What the attention keeps (a model may set inputs there before the forward).
+    pub fn attn_mut(&mut self) -> &mut A::Saved<B> {
+        &mut self.attn
+    }
+}
+
+impl<A: Attention> Block<A> {
     /// Buffers for a `b x t` batch.
-    pub fn alloc<B: Backend>(&self, be: &B, b: usize, t: usize) -> Result<BlockSaved<B>> {
+    pub fn alloc<B: Backend>(&self, be: &B, b: usize, t: usize) -> Result<BlockSaved<B, A>> {
         let (bt, c) = (b * t, self.attn.c());
         Ok(BlockSaved {
             ln1: LnSaved::new(be, bt, c)?,
@@ -81,7 +92,7 @@ impl Block {
     }
 
     /// Scratch for `bt` rows.
-    pub fn alloc_scratch<B: Backend>(&self, be: &B, bt: usize) -> Result<BlockScratch<B>> {
+    pub fn alloc_scratch<B: Backend>(&self, be: &B, bt: usize) -> Result<BlockScratch<B, A>> {
         let c = self.attn.c();
         Ok(BlockScratch {
             tmp: be.alloc(bt * c)?,
@@ -93,7 +104,7 @@ impl Block {
     }
 
     /// The block's output after [`Block::forward`].
-    pub fn output<'s, B: Backend>(&self, s: &'s BlockSaved<B>) -> B::View<'s> {
+    pub fn output<'s, B: Backend>(&self, s: &'s BlockSaved<B, A>) -> B::View<'s> {
         match self.order {
             Order::PreLn => B::view(&s.res_mlp),
             Order::PostLn => B::view(&s.ln2.out),
@@ -106,8 +117,8 @@ impl Block {
         &self,
         be: &B,
         w: &Weights<'_, B>,
-        s: &mut BlockSaved<B>,
-        sc: &mut BlockScratch<B>,
+        s: &mut BlockSaved<B, A>,
+        sc: &mut BlockScratch<B, A>,
         x: B::View<'_>,
         batch: &B::Batch,
         bt: (usize, usize),
@@ -149,8 +160,8 @@ impl Block {
         be: &B,
         w: &Weights<'_, B>,
         g: &mut Grads<'_, B>,
-        s: &BlockSaved<B>,
-        sc: &mut BlockScratch<B>,
+        s: &BlockSaved<B, A>,
+        sc: &mut BlockScratch<B, A>,
         mut dres: B::ViewMut<'_>,
         x: B::View<'_>,
         batch: &B::Batch,
@@ -207,7 +218,7 @@ pub struct CachedScratch<B: Backend> {
     mlp: MlpSaved<B>,
 }
 
-impl Block {
+impl Block<SelfAttention> {
     /// Buffers for [`Block::forward_cached`] over `n` positions.
     pub fn alloc_cached<B: Backend>(&self, be: &B, n: usize) -> Result<CachedScratch<B>> {
         let c = self.attn.c();

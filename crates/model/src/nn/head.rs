@@ -71,7 +71,8 @@ impl TiedLmHead {
 }
 
 /// The masked-LM head: `decoder(ln(gelu(dense(x))))` with the decoder tied to the word
-/// embeddings plus a bias. It runs on the labelled rows only (gathered first): on ~15% of the
+/// embeddings plus a bias (`dense` may narrow the width to the embeddings', as DeBERTa's legacy
+/// head with `embedding_size` does). It runs on the labelled rows only (gathered first): on ~15% of the
 /// positions, which is where nearly all of a BERT step's output-head FLOPs would go.
 #[derive(Clone, Copy, Debug)]
 pub struct MlmHead {
@@ -113,33 +114,33 @@ impl<B: Backend> MlmSaved<B> {
 impl MlmHead {
     /// Buffers for up to `rows` rows.
     pub fn alloc<B: Backend>(&self, be: &B, rows: usize) -> Result<MlmSaved<B>> {
-        let c = self.dense.n_in;
+        let (c, e) = (self.dense.n_in, self.dense.n_out);
         let buf = |n| be.alloc(n);
         let t = TransformSaved {
-            pre: buf(rows * c)?,
-            act: buf(rows * c)?,
-            ln: LnSaved::new(be, rows, c)?,
+            pre: buf(rows * e)?,
+            act: buf(rows * e)?,
+            ln: LnSaved::new(be, rows, e)?,
             logits: self.decoder.alloc(be, rows)?,
-            dact: buf(rows * c)?,
-            dpre: buf(rows * c)?,
-            dln: buf(rows * c)?,
+            dact: buf(rows * e)?,
+            dpre: buf(rows * e)?,
+            dln: buf(rows * e)?,
         };
         Ok(MlmSaved { sel: buf(rows * c)?, dsel: buf(rows * c)?, t })
     }
 
     /// `ln(gelu(dense(x)))` for the `n` rows of `x`, into `t.ln.out`.
     fn transform<B: Backend>(&self, be: &B, w: &Weights<'_, B>, t: &mut TransformSaved<B>, x: B::View<'_>, n: usize) -> Result<()> {
-        let c = self.dense.n_in;
-        let act = B::slice_mut(B::view_mut(&mut t.act), 0, n * c);
-        let pre = B::slice_mut(B::view_mut(&mut t.pre), 0, n * c);
+        let e = self.dense.n_out;
+        let act = B::slice_mut(B::view_mut(&mut t.act), 0, n * e);
+        let pre = B::slice_mut(B::view_mut(&mut t.pre), 0, n * e);
         self.dense.forward_gelu(be, w, act, pre, x, n, self.gelu)?;
-        self.ln.forward(be, w, &mut t.ln, B::slice(B::view(&t.act), 0, n * c), n)
+        self.ln.forward(be, w, &mut t.ln, B::slice(B::view(&t.act), 0, n * e), n)
     }
 
     /// Logits `[rows, vocab]` of every row of `x` into `s.logits()` (eval).
     pub fn logits<B: Backend>(&self, be: &B, w: &Weights<'_, B>, s: &mut MlmSaved<B>, x: B::View<'_>, rows: usize) -> Result<()> {
         self.transform(be, w, &mut s.t, x, rows)?;
-        let h = B::slice(B::view(&s.t.ln.out), 0, rows * self.dense.n_in);
+        let h = B::slice(B::view(&s.t.ln.out), 0, rows * self.dense.n_out);
         self.decoder.logits(be, w, B::view_mut(&mut s.t.logits), h, rows)
     }
 
@@ -164,7 +165,8 @@ impl MlmHead {
         stats: &mut B::Stats,
         weight: f64,
     ) -> Result<()> {
-        let c = self.dense.n_in;
+        // c: the model's width; e: the transform's (DeBERTa's embedding size)
+        let (c, e) = (self.dense.n_in, self.dense.n_out);
         let MlmSaved { sel, dsel, t } = s;
         let sel = match rows {
             Rows::Labelled => {
@@ -174,20 +176,20 @@ impl MlmHead {
             Rows::All => x,
         };
         self.transform(be, w, t, sel, n)?;
-        let h = B::slice(B::view(&t.ln.out), 0, n * c);
+        let h = B::slice(B::view(&t.ln.out), 0, n * e);
         let (Some(g), Some((mut dx, dloss))) = (g, grad) else {
             return self.decoder.loss(be, w, None, &mut t.logits, h, batch, rows, None, stats, weight);
         };
-        let dln = B::slice_mut(B::view_mut(&mut t.dln), 0, n * c);
+        let dln = B::slice_mut(B::view_mut(&mut t.dln), 0, n * e);
         self.decoder.loss(be, w, Some(&mut *g), &mut t.logits, h, batch, rows, Some((dln, dloss)), stats, weight)?;
-        be.fill_zero(B::slice_mut(B::view_mut(&mut t.dact), 0, n * c))?;
-        let (act, dln) = (B::slice(B::view(&t.act), 0, n * c), B::slice(B::view(&t.dln), 0, n * c));
-        self.ln.backward(be, w, g, B::slice_mut(B::view_mut(&mut t.dact), 0, n * c), dln, act, &t.ln, n)?;
-        be.fill_zero(B::slice_mut(B::view_mut(&mut t.dpre), 0, n * c))?;
-        let pre = B::slice(B::view(&t.pre), 0, n * c);
-        be.gelu_backward(B::slice_mut(B::view_mut(&mut t.dpre), 0, n * c), pre, B::slice(B::view(&t.dact), 0, n * c), self.gelu)?;
+        be.fill_zero(B::slice_mut(B::view_mut(&mut t.dact), 0, n * e))?;
+        let (act, dln) = (B::slice(B::view(&t.act), 0, n * e), B::slice(B::view(&t.dln), 0, n * e));
+        self.ln.backward(be, w, g, B::slice_mut(B::view_mut(&mut t.dact), 0, n * e), dln, act, &t.ln, n)?;
+        be.fill_zero(B::slice_mut(B::view_mut(&mut t.dpre), 0, n * e))?;
+        let pre = B::slice(B::view(&t.pre), 0, n * e);
+        be.gelu_backward(B::slice_mut(B::view_mut(&mut t.dpre), 0, n * e), pre, B::slice(B::view(&t.dact), 0, n * e), self.gelu)?;
         let dsel_v = B::slice_mut(B::view_mut(dsel), 0, n * c);
-        self.dense.backward(be, w, g, Some(dsel_v), sel, B::slice(B::view(&t.dpre), 0, n * c), n)?;
+        self.dense.backward(be, w, g, Some(dsel_v), sel, B::slice(B::view(&t.dpre), 0, n * e), n)?;
         let dsel = B::slice(B::view(dsel), 0, n * c);
         match rows {
             Rows::Labelled => be.scatter_add_rows(dx, dsel, batch, c),

@@ -7,8 +7,9 @@
 //! | [`LayerNorm`] | `layernorm.rs` |
 //! | [`Embeddings`] (word + positions + token types, optional LayerNorm) | `embedding.rs` |
 //! | [`SelfAttention`] (fused q/k/v, causal and/or key-padding mask) | `attention.rs` |
+//! | [`DisentangledAttention`] (DeBERTa: c2c + c2p + p2c over relative positions) | `disentangled.rs` |
 //! | [`Mlp`] | `mlp.rs` |
-//! | [`Block`] in pre-LN or post-LN [`Order`] | `block.rs` |
+//! | [`Block`] (over any [`Attention`]) in pre-LN or post-LN [`Order`] | `block.rs` |
 //! | [`TiedLmHead`] and [`MlmHead`] | `head.rs` |
 //!
 //! Parameters are declared by each layer's constructor through a
@@ -16,14 +17,16 @@
 
 pub mod attention;
 pub mod block;
+pub mod disentangled;
 pub mod embedding;
 pub mod head;
 pub mod layernorm;
 pub mod linear;
 pub mod mlp;
 
-pub use attention::SelfAttention;
+pub use attention::{Attention, SelfAttention};
 pub use block::{Block, Order};
+pub use disentangled::DisentangledAttention;
 pub use embedding::Embeddings;
 pub use head::{MlmHead, TiedLmHead};
 pub use layernorm::LayerNorm;
