@@ -14,6 +14,7 @@ use lmtrain_backend::{Backend, Dropout, GeluKind, PaddingIdx, RelPositions, Rows
 
 use crate::bert::check_sizes;
 use crate::encoder::{TableSizes, upload_masked};
+use crate::limits::{MAX_HEADS, MAX_INNER, MAX_LAYERS, MAX_POSITIONS, MAX_TYPE_VOCAB, MAX_VOCAB, MAX_WIDTH};
 use crate::nn::block::{BlockSaved, BlockScratch};
 use crate::nn::embedding::EmbSaved;
 use crate::nn::head::MlmSaved;
@@ -326,18 +327,29 @@ impl ModelConfig for DebertaV2Config {
         }
         check_sizes(
             &[
-                ("vocab_size", self.vocab_size),
-                ("hidden_size", self.hidden_size),
-                ("num_hidden_layers", self.num_hidden_layers),
-                ("num_attention_heads", self.num_attention_heads),
-                ("intermediate_size", self.intermediate_size),
-                ("max_position_embeddings", self.max_position_embeddings),
-                ("embedding_size", self.embedding_width()),
+                ("vocab_size", self.vocab_size, MAX_VOCAB),
+                ("hidden_size", self.hidden_size, MAX_WIDTH),
+                ("num_hidden_layers", self.num_hidden_layers, MAX_LAYERS),
+                ("num_attention_heads", self.num_attention_heads, MAX_HEADS),
+                ("intermediate_size", self.intermediate_size, MAX_INNER),
+                ("max_position_embeddings", self.max_position_embeddings, MAX_POSITIONS),
+                ("embedding_size", self.embedding_width(), MAX_WIDTH),
             ],
             self.hidden_size,
             self.num_attention_heads,
             &[("hidden_dropout_prob", self.hidden_dropout_prob), ("attention_probs_dropout_prob", self.attention_probs_dropout_prob)],
         )?;
+        // 0 is allowed for these: no token types, no conv layer; <= 0 for the relative spans: the
+        // defaults
+        let bounded = [
+            ("type_vocab_size", self.type_vocab_size as i64, MAX_TYPE_VOCAB),
+            ("conv_kernel_size", self.conv_kernel_size as i64, MAX_POSITIONS),
+            ("position_buckets", self.position_buckets, MAX_POSITIONS),
+            ("max_relative_positions", self.max_relative_positions, MAX_POSITIONS),
+        ];
+        if let Some((name, v, max)) = bounded.iter().find(|(_, v, max)| *v > *max as i64) {
+            return bad(format!("{name} {v} is too large: at most {max}"));
+        }
         if self.layer_norm_eps.is_nan() || self.layer_norm_eps <= 0.0 {
             return bad(format!("layer_norm_eps {} must be positive", self.layer_norm_eps));
         }
