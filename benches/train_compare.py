@@ -6,8 +6,9 @@ config, same thread count; prints a Markdown table and the ratio.
   --model gpt2: GPT2LMHeadModel, n_layer 4, n_head 4, n_embd 256, vocab 50257, batch 8 x 128
   --model bert: BertForMaskedLM, 4 layers, hidden 256, 4 heads, intermediate 1024, vocab 30522,
                 batch 8 x 128, 15% masking (lmtrain also reports its MLM head on every position)
+  --model deberta: DebertaV2ForMaskedLM with DeBERTa-v3's attention, the same sizes, vocab 128100
 
-    python3 benches/train_compare.py [--model gpt2|bert] [--threads 2] [--steps 10] [--compile] [--repeat N]
+    python3 benches/train_compare.py [--model gpt2|bert|deberta] [--threads 2] [--steps 10] [--compile] [--repeat N]
 
 Run it on a quiet machine: both sides are timed by their median step.
 """
@@ -31,7 +32,7 @@ def last_json(text):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="gpt2", choices=["gpt2", "bert"])
+    ap.add_argument("--model", default="gpt2", choices=["gpt2", "bert", "deberta"])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--compile", action="store_true", help="also time torch.compile")
@@ -41,13 +42,13 @@ def main():
     args = ap.parse_args()
 
     env = dict(os.environ, RAYON_NUM_THREADS=str(args.threads))
-    bench = f"train_{args.model}"
+    bench, bench_args = ("train_gpt2", []) if args.model == "gpt2" else ("train_mlm", ["--family", args.model])
     script, script_args = ("train_gpt2_pytorch.py", []) if args.model == "gpt2" else ("train_mlm_pytorch.py", ["--family", args.model])
 
     def ours():
         print(f"== lmtrain (cargo bench --bench {bench}, RAYON_NUM_THREADS={args.threads})", file=sys.stderr)
         out = subprocess.run(
-            ["cargo", "bench", "-q", "--bench", bench, "--", "--json", "--steps", str(args.steps)],
+            ["cargo", "bench", "-q", "--bench", bench, "--", *bench_args, "--json", "--steps", str(args.steps)],
             cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True, check=True,
         )
         return last_json(out.stdout)
@@ -78,7 +79,8 @@ def main():
     if args.model == "gpt2":
         print(f"GPT-2 training step, n_layer 4, n_head 4, n_embd 256, vocab 50257, batch 8 x 128, {args.threads} threads")
     else:
-        print(f"BERT masked-LM training step, 4 layers x 256, intermediate 1024, vocab 30522, batch 8 x 128, "
+        vocab = 30522 if args.model == "bert" else 128100
+        print(f"{args.model} masked-LM training step, 4 layers x 256, intermediate 1024, vocab {vocab}, batch 8 x 128, "
               f"15% masked, {args.threads} threads")
     print()
     print("| implementation | tokens/s (median step) | step ms | vs PyTorch eager |")

@@ -338,11 +338,13 @@ pub struct Opts {
     pub warmup: usize,
     pub json: bool,
     pub breakdown_steps: usize,
+    /// The model family (benchmarks with several).
+    pub family: String,
 }
 
-/// `--steps N --warmup N --breakdown-steps N --json`.
+/// `--steps N --warmup N --breakdown-steps N --json --family NAME`.
 pub fn parse_opts() -> Opts {
-    let mut o = Opts { steps: 10, warmup: 2, json: false, breakdown_steps: 3 };
+    let mut o = Opts { steps: 10, warmup: 2, json: false, breakdown_steps: 3, family: "bert".into() };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
         let mut num = |name: &str| -> usize { it.next().and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("{name} needs a number")) };
@@ -351,8 +353,9 @@ pub fn parse_opts() -> Opts {
             "--warmup" => o.warmup = num("--warmup"),
             "--breakdown-steps" => o.breakdown_steps = num("--breakdown-steps"),
             "--json" => o.json = true,
+            "--family" => o.family = it.next().unwrap_or_else(|| panic!("--family needs a name")),
             "--bench" => {} // passed by `cargo bench`
-            other => panic!("unknown option {other} (use --steps N, --warmup N, --breakdown-steps N, --json)"),
+            other => panic!("unknown option {other} (use --steps N, --warmup N, --breakdown-steps N, --json, --family NAME)"),
         }
     }
     o
