@@ -368,6 +368,13 @@ pub fn run(a: TrainArgs, given: &dyn Fn(&str) -> bool) -> anyhow::Result<()> {
     args.output_dir = output_dir.clone();
     args.validate()?;
 
+    let (restored, removed) = lmtrain_trainer::checkpoint::recover_replaced(&output_dir)?;
+    for dir in restored {
+        eprintln!("note: restored {} (a crash interrupted its re-save)", dir.display());
+    }
+    for dir in removed {
+        eprintln!("note: removed {} (left by a crash after its replacement was complete)", dir.display());
+    }
     let resume = match &a.resume_from_checkpoint {
         Some(arg) => Some(resolve_resume(arg, &output_dir)?),
         None => None,

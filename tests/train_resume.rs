@@ -232,6 +232,31 @@ fn temporary_files_a_killed_run_left_in_the_output_dir_are_removed_and_only_thos
     assert!(!dead_ckpt.exists() && live_ckpt.join("model.safetensors").is_file());
 }
 
+#[test]
+fn a_checkpoint_re_save_interrupted_between_its_renames_is_finished_on_the_next_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = make_data(&tmp.path().join("data"), VOCAB, 12, 10, 4);
+    let cfg = model_config(&tmp.path().join("cfg"), VOCAB, 16, 0.0);
+    let out = tmp.path().join("out");
+    run(&base_args(&data, &cfg, &out, &[]));
+    // the crash came after `checkpoint-6` was moved aside and before its replacement arrived
+    std::fs::rename(out.join("checkpoint-6"), out.join("checkpoint-6.old")).unwrap();
+    // and another after the replacement of `checkpoint-3` was complete
+    copy_dir(&out.join("checkpoint-3"), &out.join("checkpoint-3.old"));
+    let args = base_args(&data, &cfg, &out, &["--resume-from-checkpoint"]);
+    let o = train(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{stderr}");
+    assert!(stderr.contains("note: restored") && stderr.contains("checkpoint-6 (a crash interrupted its re-save)"), "{stderr}");
+    assert!(
+        stderr.contains("resuming from") && stderr.contains("checkpoint-6 at step 6"),
+        "the newest checkpoint is the one resumed: {stderr}"
+    );
+    assert!(stderr.contains("checkpoint-3.old (left by a crash after its replacement was complete)"), "{stderr}");
+    assert!(out.join("checkpoint-6/trainer_state.json").is_file());
+    assert!(!out.join("checkpoint-6.old").exists() && !out.join("checkpoint-3.old").exists());
+}
+
 fn copy_dir(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();
     for e in std::fs::read_dir(from).unwrap() {

@@ -76,6 +76,38 @@ pub fn remove_stale_temps(output_dir: &Path) -> Result<Vec<PathBuf>, TrainerErro
     Ok(removed)
 }
 
+/// Finishes a re-save of `checkpoint-N` that a crash interrupted between its two renames (see
+/// `replace_dir`): a `checkpoint-N.old` whose replacement is complete is removed; one whose
+/// replacement never arrived is put back as `checkpoint-N`. Returns what it restored and what
+/// it removed.
+pub fn recover_replaced(output_dir: &Path) -> Result<(Vec<PathBuf>, Vec<PathBuf>), TrainerError> {
+    let (mut restored, mut removed) = (Vec::new(), Vec::new());
+    let entries = match fs::read_dir(output_dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((restored, removed)),
+        Err(e) => return Err(TrainerError::io(output_dir, e)),
+    };
+    for entry in entries {
+        let entry = entry.map_err(|e| TrainerError::io(output_dir, e))?;
+        let name = entry.file_name();
+        let Some(step) = name.to_str().and_then(|n| n.strip_prefix("checkpoint-")?.strip_suffix(".old")?.parse::<u64>().ok()) else {
+            continue;
+        };
+        let (old, current) = (entry.path(), output_dir.join(checkpoint_name(step)));
+        if !old.join(STATE_FILE).is_file() {
+            continue; // not a checkpoint lmtrain wrote: left alone
+        }
+        if current.join(STATE_FILE).is_file() {
+            fs::remove_dir_all(&old).map_err(|e| TrainerError::io(&old, e))?;
+            removed.push(old);
+        } else if !current.exists() {
+            fs::rename(&old, &current).map_err(|e| TrainerError::io(&old, e))?;
+            restored.push(current);
+        }
+    }
+    Ok((restored, removed))
+}
+
 /// Name of the checkpoint directory for `step`.
 pub fn checkpoint_name(step: u64) -> String {
     format!("checkpoint-{step}")
