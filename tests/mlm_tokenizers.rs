@@ -1,8 +1,11 @@
-//! A DeBERTa-v3-style tokenizer (SentencePiece Unigram, `▁` metaspace, `[CLS] $A [SEP]`,
-//! `[PAD]`/`[CLS]`/`[SEP]`/`[UNK]` first and `[MASK]` added last), trained here with the
-//! `tokenizers` crate: `train prepare` finds its special tokens and marks word starts at the
-//! metaspace, whole-word masking never splits a word, and a masked LM trains and fills a
-//! `[MASK]` with it.
+//! Masked-LM tokenizers other than WordPiece, trained here with the `tokenizers` crate (no hub):
+//! - DeBERTa-v3 style (SentencePiece Unigram, `▁` metaspace, `[CLS] $A [SEP]`, `[PAD]`/`[CLS]`/
+//!   `[SEP]`/`[UNK]` first and `[MASK]` added last): `train prepare` finds its special tokens and
+//!   marks word starts at the metaspace, whole-word masking never splits a word, and a masked LM
+//!   trains and fills a `[MASK]` with it;
+//! - RoBERTa style (byte-level BPE, `<s> $A </s>`, `<mask>` with `lstrip`): a RoBERTa trains on
+//!   it with `<mask>`/`<pad>` from the tokenizer and `train fill-mask` takes `<mask>`, not
+//!   `[MASK]`.
 
 mod train_support;
 
@@ -12,10 +15,14 @@ use lmtrain_store::BlockStore;
 use lmtrain_trainer::collate::{Batch, BatchKey};
 use lmtrain_trainer::masking::{MaskVocab, MaskingConfig};
 use lmtrain_trainer::{Collator, MaskingCollator};
+use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
 use tokenizers::decoders::metaspace::Metaspace as MetaspaceDecoder;
 use tokenizers::models::TrainerWrapper;
+use tokenizers::models::bpe::{BPE, BpeTrainerBuilder};
 use tokenizers::models::unigram::{Unigram, UnigramTrainerBuilder};
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::metaspace::{Metaspace, PrependScheme};
+use tokenizers::processors::roberta::RobertaProcessing;
 use tokenizers::processors::template::TemplateProcessing;
 use tokenizers::{AddedToken, Tokenizer};
 use train_support::*;
@@ -190,4 +197,71 @@ fn a_unigram_metaspace_tokenizer_prepares_masks_whole_words_and_fills_masks() {
     let v: serde_json::Value = serde_json::from_str(&json).unwrap();
     assert_eq!(v.as_array().unwrap().len(), 2, "{json}");
     assert!(v[0]["sequence"].as_str().unwrap().starts_with("the lord said unto"), "{json}");
+}
+
+/// A RoBERTa-style tokenizer: byte-level BPE with `<s>`, `<pad>`, `</s>`, `<unk>` first and
+/// `<mask>` (which swallows the space before it, as roberta-base's) last.
+fn roberta_tokenizer(corpus: &Path, out: &Path) -> Tokenizer {
+    let mut tok = Tokenizer::new(BPE::default());
+    tok.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
+    tok.with_decoder(Some(ByteLevelDecoder::default()));
+    let specials: Vec<AddedToken> = ["<s>", "<pad>", "</s>", "<unk>"].iter().map(|t| AddedToken::from(*t, true)).collect();
+    let mut trainer: TrainerWrapper = BpeTrainerBuilder::new()
+        .vocab_size(300)
+        .show_progress(false)
+        .special_tokens(specials)
+        .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
+        .build()
+        .into();
+    tok.train_from_files(&mut trainer, vec![corpus.to_str().unwrap().to_string()]).unwrap();
+    let _ = tok.add_special_tokens([AddedToken::from("<mask>", true).lstrip(true)]);
+    tok.with_post_processor(Some(RobertaProcessing::new(("</s>".into(), 2), ("<s>".into(), 0)).add_prefix_space(false)));
+    tok.save(out, false).unwrap();
+    tok
+}
+
+#[test]
+fn a_roberta_tokenizer_trains_a_roberta_and_fill_mask_takes_its_mask_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = dir.path().join("corpus.txt");
+    corpus(&text);
+    let tok_path = dir.path().join("tokenizer.json");
+    let tok = roberta_tokenizer(&text, &tok_path);
+    let mask = tok.token_to_id("<mask>").unwrap();
+    let data = dir.path().join("data");
+    let out = train(&["prepare", &s(&text), "--tokenizer", &s(&tok_path), "--model-type", "masked", "--block-size", "32", "-o", &s(&data)]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let h = BlockStore::open(&data.join("train.bin")).unwrap().header().clone();
+    assert_eq!((h.cls, h.sep, h.pad, h.mask), (Some(0), Some(2), Some(1), Some(mask)), "RoBERTa's ids from the tokenizer");
+    let mut first = vec![0u32; 32];
+    BlockStore::open(&data.join("train.bin")).unwrap().read_block(0, &mut first);
+    assert_eq!(first[0], 0, "documents start with <s>");
+
+    let model = dir.path().join("model");
+    train_ok(&[
+        "--data",
+        &s(&data),
+        "--output-dir",
+        &s(&model),
+        "--model-type",
+        "roberta",
+        "--n-layer",
+        "1",
+        "--n-head",
+        "2",
+        "--n-embd",
+        "32",
+        "--max-steps",
+        "3",
+        "--no-progress",
+    ]);
+    let cfg: serde_json::Value = serde_json::from_slice(&std::fs::read(model.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["pad_token_id"], 1, "the padding index is the tokenizer's <pad>");
+    let json = train_ok(&["fill-mask", "--checkpoint", &s(&model), "--json", "--top-k", "2", "the lord said unto <mask>."]);
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(v.as_array().unwrap().len(), 2, "{json}");
+    assert!(v[0]["sequence"].as_str().unwrap().starts_with("the lord said unto"), "{json}");
+    // BERT's spelling is not this checkpoint's mask token
+    let e = train_err(&["fill-mask", "--checkpoint", &s(&model), "the lord said unto [MASK]."]);
+    assert!(e.contains("no <mask>"), "{e}");
 }
