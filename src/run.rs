@@ -422,6 +422,12 @@ impl ForFamily for Run<'_> {
         for store in std::iter::once(&train).chain(&eval) {
             check_layout(store, M::OBJECTIVE)?;
         }
+        // the data's fitness for the objective first: a store without a mask token fails before
+        // any model is built
+        let collator: Box<dyn Collator> = match M::OBJECTIVE {
+            Objective::CausalLm => Box::new(CausalCollator),
+            Objective::MaskedLm => Box::new(masking_collator(&a.masking, &train, args.seed)?),
+        };
         // Before anything is allocated, each way checks that the model, its gradients and AdamW's
         // moments fit the machine.
         let (model, tokenizer): (M, Vec<u8>) = if let Some(dir) = resume {
@@ -444,10 +450,6 @@ impl ForFamily for Run<'_> {
             let config = scratch_config::<M::Config>(a, &train)?;
             M::check_memory(&config, Footprint::Training)?;
             (M::new(Cpu, config, args.seed)?, data_tokenizer)
-        };
-        let collator: Box<dyn Collator> = match M::OBJECTIVE {
-            Objective::CausalLm => Box::new(CausalCollator),
-            Objective::MaskedLm => Box::new(masking_collator(&a.masking, &train, args.seed)?),
         };
         train_model(args, model, collator, train, eval, tokenizer, resume, !a.no_progress)
     }

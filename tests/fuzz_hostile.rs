@@ -586,6 +586,89 @@ fn case_train_flag(rng: &mut Rng64, dir: &Path, data: &Path) -> Vec<String> {
     args
 }
 
+/// The masked-LM paths: `fill-mask` with hostile prompts and `--top-k`, `train eval` and
+/// training with hostile masking flags (every family), and the objectives crossed (a causal
+/// model on the masked store, fill-mask on the causal checkpoint). `../mlmdata` is a WordPiece
+/// store of the word corpus and `../mlmrun` a BERT trained on it for one step.
+fn case_masked(rng: &mut Rng64, dir: &Path, data: &Path) -> Vec<String> {
+    let (mdata, mrun) = (data.join("../mlmdata"), data.join("../mlmrun"));
+    let out = s(&dir.join("run"));
+    match rng.next_u64() % 4 {
+        0 => {
+            let prompt = match rng.next_u64() % 5 {
+                0 => String::new(),
+                1 => "[MASK] ".repeat((rng.next_u64() % 100) as usize),
+                2 => {
+                    let lines = 1 + (rng.next_u64() % 300) as usize;
+                    word_corpus(rng, lines).replace('\n', " [MASK] ")
+                }
+                3 => "[CLS] [SEP] [PAD] [UNK] \u{7}\t\u{202e}".to_string(),
+                _ => format!(
+                    "w1 w2 [MASK] {}",
+                    (0..(rng.next_u64() % 50))
+                        .map(|_| char::from_u32(1 + rng.next_u64() as u32 % 0x10_FFFF).unwrap_or('?'))
+                        .collect::<String>()
+                ),
+            };
+            let mut args = vec!["fill-mask".to_string(), "--checkpoint".into(), s(&mrun), prompt];
+            if rng.next_u64().is_multiple_of(2) {
+                args.extend(["--top-k".to_string(), hostile_number(rng)]);
+            }
+            if rng.next_u64().is_multiple_of(2) {
+                args.push("--json".into());
+            }
+            args
+        }
+        1 => {
+            let flag = *pick(
+                rng,
+                &["--mlm-probability", "--mask-replace-prob", "--random-replace-prob", "--seed", "--per-device-eval-batch-size"],
+            );
+            vec!["eval".into(), "--checkpoint".into(), s(&mrun), "--data".into(), s(&mdata), flag.into(), hostile_number(rng)]
+        }
+        2 => {
+            let family = *pick(rng, &["bert", "roberta", "distilbert", "deberta-v2"]);
+            let mut args: Vec<String> = vec!["--data".into(), s(&mdata), "--output-dir".into(), out, "--model-type".into(), family.into()];
+            args.extend(
+                ["--max-steps", "1", "--n-layer", "1", "--n-head", "1", "--n-embd", "8", "--save-strategy", "no", "--no-progress"]
+                    .map(String::from),
+            );
+            let flag =
+                *pick(rng, &["--mlm-probability", "--mask-replace-prob", "--random-replace-prob", "--whole-word-masking", "--objective"]);
+            let value = match flag {
+                "--whole-word-masking" => pick(rng, &["true", "false", "maybe"]).to_string(),
+                "--objective" => pick(rng, &["mlm", "causal", "clm", ""]).to_string(),
+                _ => hostile_number(rng),
+            };
+            args.extend([flag.to_string(), value]);
+            args
+        }
+        _ => match rng.next_u64() % 3 {
+            0 => vec![
+                "--data".into(),
+                s(&mdata),
+                "--output-dir".into(),
+                out,
+                "--model-type".into(),
+                "gpt2".into(),
+                "--max-steps".into(),
+                "1".into(),
+            ],
+            1 => vec!["fill-mask".into(), "--checkpoint".into(), s(&data.join("../ckrun")), "w1 [MASK]".into()],
+            _ => vec![
+                "--data".into(),
+                s(data),
+                "--output-dir".into(),
+                out,
+                "--model-type".into(),
+                "bert".into(),
+                "--max-steps".into(),
+                "1".into(),
+            ],
+        },
+    }
+}
+
 #[test]
 fn hostile_inputs_give_one_clean_error_line_and_never_crash() {
     let seed = env_u64("FUZZ_SEED", 1);
@@ -611,14 +694,54 @@ fn hostile_inputs_give_one_clean_error_line_and_never_crash() {
     ckrun.extend(CHECKPOINT_RUN.map(String::from));
     let o = run_train(&ckrun, root.path());
     assert_eq!(o.code, Some(0), "the base checkpoint run failed: {}", o.stderr);
+    // The masked store and model `case_masked` uses.
+    let corpus = root.path().join("words.txt");
+    std::fs::write(&corpus, word_corpus(&mut Rng64::seed_from_u64(5), 400)).unwrap();
+    let mdata = s(&root.path().join("mlmdata"));
+    let prep = [
+        "prepare",
+        &s(&corpus),
+        "--model-type",
+        "masked",
+        "--vocab-size",
+        "300",
+        "--block-size",
+        "16",
+        "--validation-split",
+        "0.1",
+        "-o",
+        &mdata,
+    ];
+    let o = run_train(&prep.map(String::from), root.path());
+    assert_eq!(o.code, Some(0), "preparing the masked store failed: {}", o.stderr);
+    let mrun = [
+        "--data",
+        &mdata,
+        "--output-dir",
+        &s(&root.path().join("mlmrun")),
+        "--model-type",
+        "bert",
+        "--n-layer",
+        "1",
+        "--n-head",
+        "1",
+        "--n-embd",
+        "8",
+        "--max-steps",
+        "1",
+        "--no-progress",
+    ];
+    let o = run_train(&mrun.map(String::from), root.path());
+    assert_eq!(o.code, Some(0), "the masked-LM base run failed: {}", o.stderr);
     type Gen = fn(&mut Rng64, &Path, &Path) -> Vec<String>;
-    let gens: [(&str, Gen, u64); 6] = [
+    let gens: [(&str, Gen, u64); 7] = [
         ("prepare-flag", case_prepare_flag, 25),
         ("corpus", case_corpus, 25),
         ("tokenizer", case_tokenizer, 20),
         ("store", case_store, 20),
         ("train-flag", case_train_flag, 10),
         ("checkpoint", case_checkpoint, 20),
+        ("masked", case_masked, 10),
     ];
     let total_weight: u64 = gens.iter().map(|g| g.2).sum();
     let next = AtomicUsize::new(0);
