@@ -65,7 +65,19 @@ fn parse() -> anyhow::Result<(Cli, clap::ArgMatches)> {
     Ok((cli, matches))
 }
 
+/// Rust starts programs with SIGPIPE ignored, so `train ... | head` would make every later
+/// `println!` panic ("failed printing to stdout"); restoring the default makes `train` end quietly
+/// when its reader goes away, as other Unix tools do.
+fn default_sigpipe() {
+    #[cfg(unix)]
+    // SAFETY: called first in main, before any thread exists; SIG_DFL is a valid disposition.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 fn main() {
+    default_sigpipe();
     let (cli, matches) = match parse() {
         Ok(p) => p,
         Err(err) => {

@@ -135,6 +135,24 @@ fn fill_mask_prints_top_k_per_mask_and_json() {
 }
 
 #[test]
+fn output_into_a_closed_pipe_ends_quietly() {
+    use std::io::Read;
+    let (_, model) = trained();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_train"))
+        // ten masks x 600 completions: far more than a pipe buffer holds
+        .args(["fill-mask", "--checkpoint", &s(model), "--json", "--top-k", "600", &"[MASK] ".repeat(10)])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = [0u8; 16];
+    child.stdout.take().unwrap().read_exact(&mut first).unwrap(); // then the pipe closes
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "a closed stdout made train panic:\n{stderr}");
+}
+
+#[test]
 fn masked_lm_mismatches_stop_with_one_line() {
     let (data, model) = trained();
     let root = work("mismatch");
