@@ -1,0 +1,188 @@
+//! Whole training steps of real models on `lmtrain_cuda::CudaBackend` against the same models on
+//! the CPU backend, from the same parameters: a tiny GPT-2 (causal, dropout on) and a tiny BERT
+//! (padding inside the batch, token types, -100 labels, the masked-LM head on the labelled rows
+//! and on every row, dropout on). One forward + backward: the loss within 1e-5 relative and
+//! every parameter's gradient within 1e-4 (max-norm relative error, `max |got - want| /
+//! max |want|`); then a few AdamW steps (two accumulated micro-batches, weight decay, gradient
+//! clipping active) whose losses stay within 1e-4 relative. Runs on the CPU emulator (both
+//! thread orders) or, with LMTRAIN_CUDA_REAL=1, on a GPU; prints SKIP without nvcc.
+
+mod support;
+
+use lmtrain_backend::{Backend, Rows};
+use lmtrain_cpu::Cpu;
+use lmtrain_cuda::CudaBackend;
+use lmtrain_model::bert::BertConfig;
+use lmtrain_model::encoder::MaskedLm;
+use lmtrain_model::gpt2::{Gpt2, Gpt2Config};
+use lmtrain_model::{IGNORE_INDEX, Input, LanguageModel};
+use lmtrain_optim::{AdamW, AdamWConfig, decay_segments};
+use support::{on_device, rel_err};
+
+/// Loss tolerance of one step (f32 on both sides; only summation orders differ).
+const LOSS_TOL: f64 = 1e-5;
+/// Gradient tolerance (max-norm relative error per parameter tensor).
+const GRAD_TOL: f64 = 1e-4;
+/// Loss tolerance after a few AdamW steps.
+const TRAIN_TOL: f64 = 1e-4;
+const STEPS: usize = 3;
+
+/// An owned batch.
+struct Batch {
+    b: usize,
+    t: usize,
+    ids: Vec<u32>,
+    labels: Vec<i32>,
+    mask: Option<Vec<bool>>,
+    types: Option<Vec<u32>>,
+}
+
+impl Batch {
+    fn input(&self) -> Input<'_> {
+        Input {
+            b: self.b,
+            t: self.t,
+            input_ids: &self.ids,
+            labels: Some(&self.labels),
+            attention_mask: self.mask.as_deref(),
+            token_type_ids: self.types.as_deref(),
+        }
+    }
+}
+
+/// Loss and gradients of one forward + backward with dropout seed `seed`.
+fn one_step<B: Backend, M: LanguageModel<B>>(m: &mut M, batch: &Batch, seed: u64) -> (f32, Vec<f32>) {
+    let loss = m.loss_and_gradients(&batch.input(), Some(seed)).unwrap();
+    let grads = m.backend().to_host(B::view(m.store().grads())).unwrap();
+    (loss, grads)
+}
+
+/// `STEPS` AdamW steps of two accumulated micro-batches each (dropout seeds differ per
+/// micro-batch and step): the loss and gradient norm of each step as the trainer reads them.
+fn train<B: Backend, M: LanguageModel<B>>(m: &mut M, batch: &Batch) -> Vec<(f64, f32)> {
+    let infos = m.param_infos().to_vec();
+    let segments = decay_segments(infos.iter().map(|p| (p.offset, p.len, p.decay)), 0.01);
+    let params = m.params_to_host().unwrap();
+    let mut opt = AdamW::new(m.backend(), AdamWConfig { weight_decay: 0.01, ..AdamWConfig::default() }, &params, segments).unwrap();
+    let mut out = Vec::new();
+    for step in 0..STEPS as u64 {
+        let mut stats = m.backend().new_stats().unwrap();
+        m.zero_grad().unwrap();
+        for micro in 0..2 {
+            m.accumulate_gradients(&batch.input(), Some(100 + 10 * step + micro), &mut stats).unwrap();
+        }
+        let (be, store) = m.parts_mut();
+        let (p, g) = store.params_and_grads_mut();
+        opt.step(be, B::view_mut(p), B::view(g), 3e-3, 0.5, 2, &mut stats).unwrap();
+        let read = be.read_stats(&stats).unwrap();
+        out.push((read.loss / 2.0, opt.report(&read).grad_norm));
+    }
+    out
+}
+
+/// Compares one step and a short training run of the CPU model `cpu` and the CUDA model
+/// `cuda` (built from the same parameters).
+fn compare<C: LanguageModel<Cpu>, G: LanguageModel<CudaBackend>>(name: &str, mut cpu: C, mut cuda: G, batch: &Batch) {
+    let (loss_c, grads_c) = one_step(&mut cpu, batch, 7);
+    let (loss_g, grads_g) = one_step(&mut cuda, batch, 7);
+    let e = ((loss_g as f64 - loss_c as f64) / loss_c as f64).abs();
+    println!("{name}: loss cpu {loss_c} cuda {loss_g}, relative error {e:.2e} (tolerance {LOSS_TOL:.0e})");
+    assert!(loss_c.is_finite() && e <= LOSS_TOL, "{name}: loss {loss_g} on CUDA, {loss_c} on the CPU");
+    let largest = grads_c.iter().map(|x| x.abs() as f64).fold(0.0, f64::max);
+    let mut worst = (0.0f64, String::new());
+    for p in cpu.param_infos() {
+        let (g, c) = (&grads_g[p.offset..p.offset + p.len], &grads_c[p.offset..p.offset + p.len]);
+        assert!(c.iter().any(|&x| x != 0.0), "{name}: {} has no gradient on the CPU", p.name);
+        // A key bias adds a constant to a whole softmax row: its exact gradient is 0 and both
+        // backends hold round-off, so it is measured against the model's largest gradient.
+        let e = if p.name.ends_with("key.bias") {
+            g.iter().zip(c).map(|(x, y)| (x - y).abs() as f64).fold(0.0, f64::max) / largest
+        } else {
+            rel_err(g, c)
+        };
+        if e > worst.0 {
+            worst = (e, p.name.clone());
+        }
+        assert!(e <= GRAD_TOL, "{name}: gradient of {} differs by {e:.2e} (relative)", p.name);
+    }
+    println!("{name}: worst gradient {} {:.2e} (tolerance {GRAD_TOL:.0e})", worst.1, worst.0);
+    let (run_c, run_g) = (train(&mut cpu, batch), train(&mut cuda, batch));
+    for (i, ((lc, nc), (lg, ng))) in run_c.iter().zip(&run_g).enumerate() {
+        let (e, en) = (((lg - lc) / lc).abs(), ((ng - nc) / nc).abs());
+        println!("{name}: AdamW step {}: loss cpu {lc:.7} cuda {lg:.7} ({e:.2e}), grad norm cpu {nc:.5} cuda {ng:.5} ({en:.2e})", i + 1);
+        assert!(lc.is_finite() && e <= TRAIN_TOL, "{name}: step {} loss {lg} on CUDA, {lc} on the CPU", i + 1);
+        assert!(f64::from(en) <= TRAIN_TOL, "{name}: step {} gradient norm {ng} on CUDA, {nc} on the CPU", i + 1);
+    }
+    assert!(run_c[STEPS - 1].0 < run_c[0].0, "{name}: the loss does not fall ({run_c:?})");
+    let params_c = cpu.params_to_host().unwrap();
+    let params_g = cuda.params_to_host().unwrap();
+    let e = rel_err(&params_g, &params_c);
+    println!("{name}: parameters after {STEPS} steps, relative error {e:.2e}");
+    assert!(e <= TRAIN_TOL, "{name}: parameters differ by {e:.2e} after {STEPS} steps");
+}
+
+fn backend() -> CudaBackend {
+    CudaBackend::open(0).unwrap_or_else(|e| panic!("opening the CUDA backend: {e}"))
+}
+
+#[test]
+fn gpt2_step_matches_cpu() {
+    on_device("gpt2_step_matches_cpu", |_| {
+        let cfg = Gpt2Config {
+            vocab_size: 67,
+            n_positions: 16,
+            n_embd: 32,
+            n_layer: 2,
+            n_head: 2,
+            resid_pdrop: 0.1,
+            embd_pdrop: 0.1,
+            attn_pdrop: 0.1,
+            ..Gpt2Config::default()
+        };
+        let (b, t) = (2, 9);
+        let ids: Vec<u32> = (0..(b * t) as u32).map(|i| (i * 37 + 11) % 67).collect();
+        let mut labels: Vec<i32> = ids.iter().map(|&x| x as i32).collect();
+        labels[4] = IGNORE_INDEX;
+        let batch = Batch { b, t, ids, labels, mask: None, types: None };
+        let cpu = Gpt2::new(Cpu, cfg.clone(), 5).unwrap();
+        let cuda = Gpt2::from_params(backend(), cfg, cpu.params_to_host().unwrap()).unwrap();
+        compare("gpt2", cpu, cuda, &batch);
+    });
+}
+
+fn bert(rows: Rows, name: &str) {
+    let cfg = BertConfig {
+        vocab_size: 71,
+        hidden_size: 32,
+        num_hidden_layers: 2,
+        num_attention_heads: 2,
+        intermediate_size: 48,
+        max_position_embeddings: 16,
+        hidden_dropout_prob: 0.1,
+        attention_probs_dropout_prob: 0.1,
+        pad_token_id: Some(0),
+        ..BertConfig::default()
+    };
+    let (b, t) = (3, 11);
+    // the rows end in 0, 2 and 4 padding positions (id 0, the padding index); ~1/4 labelled
+    let mask: Vec<bool> = (0..b * t).map(|i| i % t < t - 2 * (i / t)).collect();
+    let ids: Vec<u32> = (0..b * t).map(|i| if mask[i] { 5 + (i as u32 * 53 + 7) % 66 } else { 0 }).collect();
+    let labels: Vec<i32> =
+        (0..b * t).map(|i| if mask[i] && (i * 7919) % 100 < 30 { ((i * 31) % 71) as i32 } else { IGNORE_INDEX }).collect();
+    let types: Vec<u32> = (0..b * t).map(|i| u32::from(i % t >= t / 2)).collect();
+    assert!(labels.iter().filter(|&&y| y != IGNORE_INDEX).count() >= 4);
+    let batch = Batch { b, t, ids, labels, mask: Some(mask), types: Some(types) };
+    let mut cpu = MaskedLm::<Cpu, BertConfig>::new(Cpu, cfg.clone(), 9).unwrap();
+    cpu.set_head_rows(rows);
+    let mut cuda = MaskedLm::<CudaBackend, BertConfig>::from_params(backend(), cfg, cpu.params_to_host().unwrap()).unwrap();
+    cuda.set_head_rows(rows);
+    compare(name, cpu, cuda, &batch);
+}
+
+#[test]
+fn bert_step_matches_cpu() {
+    on_device("bert_step_matches_cpu", |_| {
+        bert(Rows::Labelled, "bert (head on the labelled rows)");
+        bert(Rows::All, "bert (head on every row)");
+    });
+}
