@@ -5,7 +5,8 @@
 //! every parameter's gradient within 1e-4 (max-norm relative error, `max |got - want| /
 //! max |want|`); then a few AdamW steps (two accumulated micro-batches, weight decay, gradient
 //! clipping active) whose losses stay within 1e-4 relative. Runs on the CPU emulator (both
-//! thread orders) or, with LMTRAIN_CUDA_REAL=1, on a GPU; prints SKIP without nvcc.
+//! thread orders, and once under AddressSanitizer) or, with LMTRAIN_CUDA_REAL=1, on a GPU;
+//! prints SKIP without nvcc.
 
 mod support;
 
@@ -17,7 +18,7 @@ use lmtrain_model::encoder::MaskedLm;
 use lmtrain_model::gpt2::{Gpt2, Gpt2Config};
 use lmtrain_model::{IGNORE_INDEX, Input, LanguageModel};
 use lmtrain_optim::{AdamW, AdamWConfig, decay_segments};
-use support::{on_device, rel_err};
+use support::{Child, Mode, on_device, rel_err, run_children};
 
 /// Loss tolerance of one step (f32 on both sides; only summation orders differ).
 const LOSS_TOL: f64 = 1e-5;
@@ -187,4 +188,21 @@ fn bert_step_matches_cpu() {
         bert(Rows::Labelled, "bert (head on the labelled rows)");
         bert(Rows::All, "bert (head on every row)");
     });
+}
+
+/// Both device tests once more in one child whose fake libraries are built with
+/// AddressSanitizer.
+#[test]
+fn address_sanitizer_pass() {
+    match support::mode() {
+        Mode::Direct => {}
+        Mode::Skip(why) => support::skip("address_sanitizer_pass", why),
+        Mode::Emulate(_) => match (lmtrain_cuda_emu::ASAN_DIR, lmtrain_cuda_emu::ASAN_RUNTIME) {
+            (Some(dir), Some(rt)) => run_children(
+                &["gpt2_step_matches_cpu", "bert_step_matches_cpu"],
+                &Child { lib_dir: dir, order: "forward", asan_runtime: Some(rt), allow_emulator: true },
+            ),
+            _ => support::skip("address_sanitizer_pass", "the host compiler has no AddressSanitizer runtime"),
+        },
+    }
 }
