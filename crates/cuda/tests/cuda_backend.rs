@@ -10,7 +10,7 @@
 
 mod support;
 
-use lmtrain_backend::{Backend, Rows};
+use lmtrain_backend::{Backend, Epilogue, GemmDesc, GemmShape, HostBatch, Rows};
 use lmtrain_cpu::Cpu;
 use lmtrain_cuda::CudaBackend;
 use lmtrain_model::bert::BertConfig;
@@ -190,7 +190,65 @@ fn bert_step_matches_cpu() {
     });
 }
 
-/// Both device tests once more in one child whose fake libraries are built with
+/// The ops GPT-2 and BERT do not reach, through the trait on both backends: strided-batch
+/// products with leading dimensions (every transpose, overwrite and accumulate), tanh forward
+/// and backward, zero_padded_rows; and the ops without a CUDA kernel refuse with one line.
+#[test]
+fn other_ops_match_cpu() {
+    on_device("other_ops_match_cpu", |_| {
+        let be = backend();
+        let mut rng = support::Rng::new(17);
+        let up = |v: &[f32]| be.from_host(v.to_vec()).unwrap();
+        let down = |v: &lmtrain_cuda::CudaSlice<f32>| be.to_host(CudaBackend::view(v)).unwrap();
+        // C_i (+)= op(A_i) op(B_i), 3 products of 5 x 7 x 6 in padded rows at odd strides
+        for (trans_a, trans_b, accumulate) in [(false, false, false), (true, false, true), (false, true, false), (true, true, true)] {
+            let (m, n, k, batch) = (5, 7, 6, 3);
+            let shape = GemmShape { m, n, k, trans_a, trans_b, accumulate };
+            let (lda, ldb, ldc) = (if trans_a { m } else { k } + 2, if trans_b { k } else { n } + 1, n + 3);
+            let (ra, rb) = (if trans_a { k } else { m }, if trans_b { n } else { k });
+            let strides = [ra * lda + 4, rb * ldb + 1, m * ldc + 2];
+            let d = GemmDesc { shape, lda, ldb, ldc, batch, strides };
+            let a = rng.vec((batch - 1) * strides[0] + ra * lda, 1.0, 0.0);
+            let b = rng.vec((batch - 1) * strides[1] + rb * ldb, 1.0, 0.0);
+            let c0 = rng.vec((batch - 1) * strides[2] + m * ldc, 1.0, 0.0);
+            let mut want = c0.clone();
+            Cpu.gemm(&mut want, &a, &b, &d, Epilogue::None).unwrap();
+            let (da, db, mut dc) = (up(&a), up(&b), up(&c0));
+            be.gemm(CudaBackend::view_mut(&mut dc), CudaBackend::view(&da), CudaBackend::view(&db), &d, Epilogue::None).unwrap();
+            support::assert_close(&format!("gemm {shape:?}"), &down(&dc), &want, LOSS_TOL);
+        }
+        let x = rng.vec(1037, 3.0, 0.0);
+        let dout = rng.vec(1037, 1.0, 0.0);
+        let acc = rng.vec(1037, 1.0, 0.0);
+        let (mut y, mut dx) = (vec![0.0; 1037], acc.clone());
+        Cpu.tanh_forward(&mut y, &x).unwrap();
+        Cpu.tanh_backward(&mut dx, &y, &dout).unwrap();
+        let (gx, gdout, mut gy, mut gdx) = (up(&x), up(&dout), be.alloc(1037).unwrap(), up(&acc));
+        be.tanh_forward(CudaBackend::view_mut(&mut gy), CudaBackend::view(&gx)).unwrap();
+        be.tanh_backward(CudaBackend::view_mut(&mut gdx), CudaBackend::view(&gy), CudaBackend::view(&gdout)).unwrap();
+        support::assert_close("tanh_forward", &down(&gy), &y, LOSS_TOL);
+        support::assert_close("tanh_backward", &down(&gdx), &dx, LOSS_TOL);
+        // zero_padded_rows: 2 x 5 positions of 3 channels, 3 of them padding
+        let (b, t, cols) = (2, 5, 3);
+        let ids = vec![1u32; b * t];
+        let mask: Vec<bool> = (0..b * t).map(|i| i % t < t - 1 - i / t).collect();
+        let host =
+            HostBatch { b, t, input_ids: &ids, targets: None, attention_mask: Some(&mask), token_type_ids: None, position_ids: None };
+        let h = rng.vec(b * t * cols, 1.0, 0.0);
+        let mut want = h.clone();
+        Cpu.zero_padded_rows(&mut want, &Cpu.upload_batch(&host).unwrap(), cols).unwrap();
+        let mut gh = up(&h);
+        be.zero_padded_rows(CudaBackend::view_mut(&mut gh), &be.upload_batch(&host).unwrap(), cols).unwrap();
+        assert_eq!(down(&gh), want, "zero_padded_rows");
+        assert_eq!(want.iter().filter(|&&v| v == 0.0).count(), 3 * cols, "three rows zeroed");
+        // no CUDA kernel yet: one line naming the op
+        let mut out = be.alloc(b * t * cols * 3).unwrap();
+        let e = be.conv1d_unfold(CudaBackend::view_mut(&mut out), CudaBackend::view(&gh), b, t, cols, 3).unwrap_err();
+        assert_eq!(e.to_string(), "conv1d_unfold (DeBERTa) is not implemented on CUDA yet");
+    });
+}
+
+/// Every device test above once more in one child whose fake libraries are built with
 /// AddressSanitizer.
 #[test]
 fn address_sanitizer_pass() {
@@ -199,7 +257,7 @@ fn address_sanitizer_pass() {
         Mode::Skip(why) => support::skip("address_sanitizer_pass", why),
         Mode::Emulate(_) => match (lmtrain_cuda_emu::ASAN_DIR, lmtrain_cuda_emu::ASAN_RUNTIME) {
             (Some(dir), Some(rt)) => run_children(
-                &["gpt2_step_matches_cpu", "bert_step_matches_cpu"],
+                &["gpt2_step_matches_cpu", "bert_step_matches_cpu", "other_ops_match_cpu"],
                 &Child { lib_dir: dir, order: "forward", asan_runtime: Some(rt), allow_emulator: true },
             ),
             _ => support::skip("address_sanitizer_pass", "the host compiler has no AddressSanitizer runtime"),
