@@ -1,22 +1,25 @@
 //! Whole training steps of real models on `lmtrain_cuda::CudaBackend` against the same models on
-//! the CPU backend, from the same parameters: a tiny GPT-2 (causal, dropout on) and a tiny BERT
-//! (padding inside the batch, token types, -100 labels, the masked-LM head on the labelled rows
-//! and on every row, dropout on). One forward + backward: the loss within 1e-5 relative and
-//! every parameter's gradient within 1e-4 (max-norm relative error, `max |got - want| /
-//! max |want|`); then a few AdamW steps (two accumulated micro-batches, weight decay, gradient
-//! clipping active) whose losses stay within 1e-4 relative. Runs on the CPU emulator (both
-//! thread orders, and once under AddressSanitizer) or, with LMTRAIN_CUDA_REAL=1, on a GPU;
-//! prints SKIP without nvcc.
+//! the CPU backend, from the same parameters: a tiny GPT-2 (causal, dropout on), a tiny BERT
+//! (padding inside the batch, the padding id also at a real position, token types, -100 labels,
+//! the masked-LM head on the labelled rows and on every row, dropout on), RoBERTa (position ids
+//! from the padding, the position table's padding index) and DistilBERT. One forward + backward:
+//! the loss within 1e-5 relative and every parameter's gradient within 1e-4 (max-norm relative
+//! error, `max |got - want| / max |want|`); then a few AdamW steps (two accumulated
+//! micro-batches, weight decay, gradient clipping active) whose losses and gradient norms stay
+//! within 1e-4 relative. The ops these models do not reach are checked one by one. Runs on the
+//! CPU emulator (both thread orders, and once under AddressSanitizer) or, with
+//! LMTRAIN_CUDA_REAL=1, on a GPU; prints SKIP without nvcc.
 
 mod support;
 
 use lmtrain_backend::{Backend, Epilogue, GemmDesc, GemmShape, HostBatch, Rows};
 use lmtrain_cpu::Cpu;
 use lmtrain_cuda::CudaBackend;
-use lmtrain_model::bert::BertConfig;
-use lmtrain_model::encoder::MaskedLm;
+use lmtrain_model::bert::{BertConfig, RobertaConfig};
+use lmtrain_model::distilbert::DistilBertConfig;
+use lmtrain_model::encoder::{EncoderConfig, MaskedLm};
 use lmtrain_model::gpt2::{Gpt2, Gpt2Config};
-use lmtrain_model::{IGNORE_INDEX, Input, LanguageModel};
+use lmtrain_model::{IGNORE_INDEX, Input, LanguageModel, ModelConfig};
 use lmtrain_optim::{AdamW, AdamWConfig, decay_segments};
 use support::{Child, Mode, on_device, rel_err, run_children};
 
@@ -96,7 +99,7 @@ fn compare<C: LanguageModel<Cpu>, G: LanguageModel<CudaBackend>>(name: &str, mut
         assert!(c.iter().any(|&x| x != 0.0), "{name}: {} has no gradient on the CPU", p.name);
         // A key bias adds a constant to a whole softmax row: its exact gradient is 0 and both
         // backends hold round-off, so it is measured against the model's largest gradient.
-        let e = if p.name.ends_with("key.bias") {
+        let e = if ["key.bias", "k_lin.bias"].iter().any(|n| p.name.ends_with(n)) {
             g.iter().zip(c).map(|(x, y)| (x - y).abs() as f64).fold(0.0, f64::max) / largest
         } else {
             rel_err(g, c)
@@ -151,8 +154,28 @@ fn gpt2_step_matches_cpu() {
     });
 }
 
-fn bert(rows: Rows, name: &str) {
-    let cfg = BertConfig {
+/// A masked-LM step of `cfg` with its head on `rows`: 3 rows ending in 0, 2 and 4 padding
+/// positions (id `pad`, the padding index, also once at a real position: its gradient must
+/// still not reach the word table's padding row), ~30% of the real positions labelled.
+fn masked_lm<C: EncoderConfig>(name: &str, cfg: C, pad: u32, rows: Rows, token_types: bool) {
+    let (b, t, vocab) = (3, 11, cfg.vocab_size() as u32);
+    let mask: Vec<bool> = (0..b * t).map(|i| i % t < t - 2 * (i / t)).collect();
+    let mut ids: Vec<u32> = (0..b * t).map(|i| if mask[i] { 5 + (i as u32 * 53 + 7) % (vocab - 5) } else { pad }).collect();
+    ids[2] = pad;
+    let labels: Vec<i32> =
+        (0..b * t).map(|i| if mask[i] && (i * 7919) % 100 < 30 { ((i * 31) % vocab as usize) as i32 } else { IGNORE_INDEX }).collect();
+    let types: Vec<u32> = (0..b * t).map(|i| u32::from(i % t >= t / 2)).collect();
+    assert!(labels.iter().filter(|&&y| y != IGNORE_INDEX).count() >= 4);
+    let batch = Batch { b, t, ids, labels, mask: Some(mask), types: token_types.then_some(types) };
+    let mut cpu = MaskedLm::<Cpu, C>::new(Cpu, cfg.clone(), 9).unwrap();
+    cpu.set_head_rows(rows);
+    let mut cuda = MaskedLm::<CudaBackend, C>::from_params(backend(), cfg, cpu.params_to_host().unwrap()).unwrap();
+    cuda.set_head_rows(rows);
+    compare(name, cpu, cuda, &batch);
+}
+
+fn bert_config() -> BertConfig {
+    BertConfig {
         vocab_size: 71,
         hidden_size: 32,
         num_hidden_layers: 2,
@@ -163,30 +186,38 @@ fn bert(rows: Rows, name: &str) {
         attention_probs_dropout_prob: 0.1,
         pad_token_id: Some(0),
         ..BertConfig::default()
-    };
-    let (b, t) = (3, 11);
-    // the rows end in 0, 2 and 4 padding positions (id 0, the padding index); ~30% labelled
-    let mask: Vec<bool> = (0..b * t).map(|i| i % t < t - 2 * (i / t)).collect();
-    let mut ids: Vec<u32> = (0..b * t).map(|i| if mask[i] { 5 + (i as u32 * 53 + 7) % 66 } else { 0 }).collect();
-    // the padding id at a real position too: its gradient must still not reach the word row 0
-    ids[2] = 0;
-    let labels: Vec<i32> =
-        (0..b * t).map(|i| if mask[i] && (i * 7919) % 100 < 30 { ((i * 31) % 71) as i32 } else { IGNORE_INDEX }).collect();
-    let types: Vec<u32> = (0..b * t).map(|i| u32::from(i % t >= t / 2)).collect();
-    assert!(labels.iter().filter(|&&y| y != IGNORE_INDEX).count() >= 4);
-    let batch = Batch { b, t, ids, labels, mask: Some(mask), types: Some(types) };
-    let mut cpu = MaskedLm::<Cpu, BertConfig>::new(Cpu, cfg.clone(), 9).unwrap();
-    cpu.set_head_rows(rows);
-    let mut cuda = MaskedLm::<CudaBackend, BertConfig>::from_params(backend(), cfg, cpu.params_to_host().unwrap()).unwrap();
-    cuda.set_head_rows(rows);
-    compare(name, cpu, cuda, &batch);
+    }
 }
 
 #[test]
 fn bert_step_matches_cpu() {
     on_device("bert_step_matches_cpu", |_| {
-        bert(Rows::Labelled, "bert (head on the labelled rows)");
-        bert(Rows::All, "bert (head on every row)");
+        masked_lm("bert (head on the labelled rows)", bert_config(), 0, Rows::Labelled, true);
+        masked_lm("bert (head on every row)", bert_config(), 0, Rows::All, true);
+    });
+}
+
+/// RoBERTa (position ids from the padding, the position table's padding index) and
+/// DistilBERT (no token types), one layer each.
+#[test]
+fn roberta_and_distilbert_steps_match_cpu() {
+    on_device("roberta_and_distilbert_steps_match_cpu", |_| {
+        let mut roberta = RobertaConfig::default();
+        let r = &mut roberta.0;
+        (r.vocab_size, r.hidden_size, r.num_hidden_layers, r.num_attention_heads) = (71, 32, 1, 2);
+        (r.intermediate_size, r.max_position_embeddings) = (48, 11 + 2);
+        assert_eq!(r.pad_token_id, Some(1));
+        masked_lm("roberta", roberta, 1, Rows::Labelled, false);
+        let distilbert = DistilBertConfig {
+            vocab_size: 71,
+            dim: 32,
+            n_layers: 1,
+            n_heads: 2,
+            hidden_dim: 40,
+            max_position_embeddings: 16,
+            ..DistilBertConfig::default()
+        };
+        masked_lm("distilbert", distilbert, 0, Rows::Labelled, false);
     });
 }
 
@@ -257,7 +288,7 @@ fn address_sanitizer_pass() {
         Mode::Skip(why) => support::skip("address_sanitizer_pass", why),
         Mode::Emulate(_) => match (lmtrain_cuda_emu::ASAN_DIR, lmtrain_cuda_emu::ASAN_RUNTIME) {
             (Some(dir), Some(rt)) => run_children(
-                &["gpt2_step_matches_cpu", "bert_step_matches_cpu", "other_ops_match_cpu"],
+                &["gpt2_step_matches_cpu", "bert_step_matches_cpu", "roberta_and_distilbert_steps_match_cpu", "other_ops_match_cpu"],
                 &Child { lib_dir: dir, order: "forward", asan_runtime: Some(rt), allow_emulator: true },
             ),
             _ => support::skip("address_sanitizer_pass", "the host compiler has no AddressSanitizer runtime"),
