@@ -19,7 +19,7 @@ use lmtrain_model::bert::{BertConfig, RobertaConfig};
 use lmtrain_model::distilbert::DistilBertConfig;
 use lmtrain_model::encoder::{EncoderConfig, MaskedLm};
 use lmtrain_model::gpt2::{Gpt2, Gpt2Config};
-use lmtrain_model::{IGNORE_INDEX, Input, LanguageModel, ModelConfig};
+use lmtrain_model::{IGNORE_INDEX, Input, LanguageModel};
 use lmtrain_optim::{AdamW, AdamWConfig, decay_segments};
 use support::{Child, Mode, on_device, rel_err, run_children};
 
