@@ -7,7 +7,8 @@
 //! separate kernels. (cuBLASLt's f32 path, [`crate::LtMatmul`], rounds inputs to TF32: that is
 //! for the bf16 backend to come.)
 //!
-//! Memory: buffers are `CudaSlice<f32>`; a view is a [`CuView`] (a `Copy` handle on a buffer or
+//! Memory: buffers are [`CuBuf`]s (a `CudaSlice<f32>`; CUDA refuses empty allocations, so an
+//! empty buffer holds one unused element); a view is a [`CuView`] (a `Copy` handle on a buffer or
 //! on an exclusive view) and an exclusive view a `CudaViewMut<f32>`. A micro-batch's integer
 //! arrays go to the device once ([`CudaBatch`]: key padding and labelled rows at
 //! [`Backend::upload_batch`], token ids with the embedding backward's buckets and the head's
@@ -44,6 +45,20 @@ fn unsupported(op: &str) -> BackendError {
 
 fn check(op: &str, what: &str, len: usize, want: usize) -> Result<()> {
     if len == want { Ok(()) } else { Err(BackendError(format!("{op}: {what} has {len} elements, expected {want}"))) }
+}
+
+/// An owned device buffer of `len` f32 ([`Backend::Buf`] and [`Backend::Master`]).
+#[derive(Debug)]
+pub struct CuBuf {
+    data: CudaSlice<f32>,
+    len: usize,
+}
+
+impl CuBuf {
+    /// The whole buffer as a cudarc view.
+    fn view_mut(&mut self) -> CudaViewMut<'_, f32> {
+        self.data.slice_mut(0..self.len)
+    }
 }
 
 /// A shared view of `len` f32 starting at `off` of a device buffer or of an exclusive view.
@@ -290,10 +305,10 @@ fn extend<'a>(v: CudaViewMut<'_, f32>) -> CudaViewMut<'a, f32> {
 }
 
 impl Backend for CudaBackend {
-    type Buf = CudaSlice<f32>;
+    type Buf = CuBuf;
     type View<'a> = CuView<'a>;
     type ViewMut<'a> = CudaViewMut<'a, f32>;
-    type Master = CudaSlice<f32>;
+    type Master = CuBuf;
     type Batch = CudaBatch;
     type Stats = CudaStats;
     /// The row log-sum-exp `[b, n_head, t]` of the fused attention.
@@ -301,14 +316,14 @@ impl Backend for CudaBackend {
 
     const F32_COMPUTE: bool = true;
 
-    fn alloc(&self, len: usize) -> Result<CudaSlice<f32>> {
-        Ok(self.dev.zeros(len)?)
+    fn alloc(&self, len: usize) -> Result<CuBuf> {
+        Ok(CuBuf { data: self.dev.zeros(len.max(1))?, len })
     }
-    fn from_host(&self, data: Vec<f32>) -> Result<CudaSlice<f32>> {
+    fn from_host(&self, data: Vec<f32>) -> Result<CuBuf> {
         if data.is_empty() {
             return self.alloc(0);
         }
-        Ok(self.dev.upload(&data)?)
+        Ok(CuBuf { data: self.dev.upload(&data)?, len: data.len() })
     }
     fn to_host(&self, v: CuView<'_>) -> Result<Vec<f32>> {
         if v.is_empty() {
@@ -316,14 +331,14 @@ impl Backend for CudaBackend {
         }
         self.dev.stream().clone_dtoh(&v.cuda()).map_err(|e| BackendError(format!("CUDA driver: copying from the device: {e}")))
     }
-    fn buf_len(buf: &CudaSlice<f32>) -> usize {
-        buf.len()
+    fn buf_len(buf: &CuBuf) -> usize {
+        buf.len
     }
-    fn view(buf: &CudaSlice<f32>) -> CuView<'_> {
-        CuView { src: Src::Buf(buf), off: 0, len: buf.len() }
+    fn view(buf: &CuBuf) -> CuView<'_> {
+        CuView { src: Src::Buf(&buf.data), off: 0, len: buf.len }
     }
-    fn view_mut(buf: &mut CudaSlice<f32>) -> CudaViewMut<'_, f32> {
-        buf.as_view_mut()
+    fn view_mut(buf: &mut CuBuf) -> CudaViewMut<'_, f32> {
+        buf.view_mut()
     }
     fn slice<'a>(v: CuView<'a>, offset: usize, len: usize) -> CuView<'a>
     where
@@ -351,14 +366,14 @@ impl Backend for CudaBackend {
     fn as_view<'s>(v: &'s CudaViewMut<'_, f32>) -> CuView<'s> {
         CuView { src: Src::Mut(v), off: 0, len: v.len() }
     }
-    fn master_from_host(&self, data: Vec<f32>) -> Result<CudaSlice<f32>> {
+    fn master_from_host(&self, data: Vec<f32>) -> Result<CuBuf> {
         self.from_host(data)
     }
-    fn master_to_host(&self, m: &CudaSlice<f32>) -> Result<Vec<f32>> {
+    fn master_to_host(&self, m: &CuBuf) -> Result<Vec<f32>> {
         self.to_host(Self::view(m))
     }
-    fn master_len(m: &CudaSlice<f32>) -> usize {
-        m.len()
+    fn master_len(m: &CuBuf) -> usize {
+        m.len
     }
 
     fn upload_batch(&self, batch: &HostBatch<'_>) -> Result<CudaBatch> {
@@ -389,7 +404,7 @@ impl Backend for CudaBackend {
         Ok(StepStats { loss: loss[0], grad_norm: norm[0] })
     }
     fn alloc_attn_state(&self, s: AttnShape) -> Result<CudaSlice<f32>> {
-        self.alloc(s.b * s.n_head * s.t)
+        Ok(self.dev.zeros((s.b * s.n_head * s.t).max(1))?)
     }
 
     fn fill_zero(&self, mut x: CudaViewMut<'_, f32>) -> Result<()> {
@@ -725,10 +740,10 @@ impl Backend for CudaBackend {
     fn adamw_update(
         &self,
         mut params: CudaViewMut<'_, f32>,
-        master: Option<&mut CudaSlice<f32>>,
+        master: Option<&mut CuBuf>,
         grads: CuView<'_>,
-        m: &mut CudaSlice<f32>,
-        v: &mut CudaSlice<f32>,
+        m: &mut CuBuf,
+        v: &mut CuBuf,
         segments: &[DecaySegment],
         step: &AdamWStep,
         stats: &CudaStats,
@@ -738,7 +753,7 @@ impl Backend for CudaBackend {
         let (inv_accum, max_norm) = (1.0 / step.accum as f32, step.max_grad_norm);
         let hp = step.hyper(1.0);
         let (g, norm) = (grads.cuda(), stats.norm.as_view());
-        let (mut mv, mut vv) = (m.as_view_mut(), v.as_view_mut());
+        let (mut mv, mut vv) = (m.view_mut(), v.view_mut());
         self.with_scratch(2, |scale| {
             let mut l = self.kernel("grad_scale_f32")?;
             l.output(scale).input(&norm).scalar(&inv_accum).scalar(&max_norm);
@@ -747,7 +762,7 @@ impl Backend for CudaBackend {
             match master {
                 None => Ok(self.dev.adamw_update(&mut params, &g, &mut mv, &mut vv, Some(&clip), segments, &hp)?),
                 Some(w) => {
-                    self.dev.adamw_update(&mut w.as_view_mut(), &g, &mut mv, &mut vv, Some(&clip), segments, &hp)?;
+                    self.dev.adamw_update(&mut w.view_mut(), &g, &mut mv, &mut vv, Some(&clip), segments, &hp)?;
                     self.copy(params, Self::view(w))
                 }
             }

@@ -24,7 +24,7 @@ mod device;
 mod kernels;
 mod launch;
 
-pub use backend::{CuView, CudaBackend, CudaBatch, CudaStats};
+pub use backend::{CuBuf, CuView, CudaBackend, CudaBatch, CudaStats};
 pub use blas::LtMatmul;
 pub use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, DeviceRepr};
 pub use device::{CudaDevice, DeviceKind};

@@ -14,7 +14,7 @@ mod support;
 
 use lmtrain_backend::{Backend, Epilogue, GemmDesc, GemmShape, HostBatch, Rows};
 use lmtrain_cpu::Cpu;
-use lmtrain_cuda::CudaBackend;
+use lmtrain_cuda::{CuBuf, CudaBackend};
 use lmtrain_model::bert::{BertConfig, RobertaConfig};
 use lmtrain_model::distilbert::DistilBertConfig;
 use lmtrain_model::encoder::{EncoderConfig, MaskedLm};
@@ -223,14 +223,17 @@ fn roberta_and_distilbert_steps_match_cpu() {
 
 /// The ops GPT-2 and BERT do not reach, through the trait on both backends: strided-batch
 /// products with leading dimensions (every transpose, overwrite and accumulate), tanh forward
-/// and backward, zero_padded_rows; and the ops without a CUDA kernel refuse with one line.
+/// and backward, zero_padded_rows, empty buffers; and the ops without a CUDA kernel refuse with one line.
 #[test]
 fn other_ops_match_cpu() {
     on_device("other_ops_match_cpu", |_| {
         let be = backend();
         let mut rng = support::Rng::new(17);
         let up = |v: &[f32]| be.from_host(v.to_vec()).unwrap();
-        let down = |v: &lmtrain_cuda::CudaSlice<f32>| be.to_host(CudaBackend::view(v)).unwrap();
+        let down = |v: &CuBuf| be.to_host(CudaBackend::view(v)).unwrap();
+        // empty buffers (CUDA refuses empty allocations)
+        let (e0, e1) = (be.alloc(0).unwrap(), up(&[]));
+        assert!(CudaBackend::buf_len(&e0) == 0 && CudaBackend::buf_len(&e1) == 0 && down(&e1).is_empty(), "empty buffers");
         // C_i (+)= op(A_i) op(B_i), 3 products of 5 x 7 x 6 in padded rows at odd strides
         for (trans_a, trans_b, accumulate) in [(false, false, false), (true, false, true), (false, true, false), (true, true, true)] {
             let (m, n, k, batch) = (5, 7, 6, 3);
