@@ -149,8 +149,9 @@ impl CudaBatch {
     }
 }
 
-/// The step scalars on the device: the loss sum (f64) and `[grad norm, gradient factor]`, plus
-/// the head's and the norm's scratch.
+/// The step scalars on the device: the loss sum (f64) and `[grad norm, 1]` (the gradient norm
+/// kernel's output without clipping: AdamW derives its factor from the norm), plus the head's
+/// per-row losses and their sum, and the norm's partial sums.
 pub struct CudaStats {
     loss: CudaSlice<f64>,
     norm: CudaSlice<f32>,
@@ -160,7 +161,8 @@ pub struct CudaStats {
 }
 
 /// The CUDA backend (f32): a device, a cuBLAS handle on its stream and a scratch buffer for
-/// the ops that need one (LayerNorm and bias gradients, attention backward).
+/// the ops that need one (LayerNorm and bias gradients, attention backward, AdamW's gradient
+/// factor), grown to the largest request and reused (one stream orders every use).
 pub struct CudaBackend {
     dev: CudaDevice,
     blas: CudaBlas,
