@@ -6,7 +6,8 @@
 //! the loss within 1e-5 relative and every parameter's gradient within 1e-4 (max-norm relative
 //! error, `max |got - want| / max |want|`); then a few AdamW steps (two accumulated
 //! micro-batches, weight decay, gradient clipping active) whose losses and gradient norms stay
-//! within 1e-4 relative. The ops these models do not reach are checked one by one. Runs on the
+//! within 1e-4 relative. The ops these models do not reach are checked one by one, and the
+//! emulator counts a step's host-device copies (the batch in, the step scalars out). Runs on the
 //! CPU emulator (both thread orders, and once under AddressSanitizer) or, with
 //! LMTRAIN_CUDA_REAL=1, on a GPU; prints SKIP without nvcc.
 
@@ -14,7 +15,7 @@ mod support;
 
 use lmtrain_backend::{Backend, Epilogue, GemmDesc, GemmShape, HostBatch, Rows};
 use lmtrain_cpu::Cpu;
-use lmtrain_cuda::{CuBuf, CudaBackend};
+use lmtrain_cuda::{CuBuf, CudaBackend, DeviceKind};
 use lmtrain_model::bert::{BertConfig, RobertaConfig};
 use lmtrain_model::distilbert::DistilBertConfig;
 use lmtrain_model::encoder::{EncoderConfig, MaskedLm};
@@ -282,6 +283,71 @@ fn other_ops_match_cpu() {
     });
 }
 
+/// Host-device copies made so far (the emulator's counters; `None` on a GPU).
+fn copy_counts(be: &CudaBackend) -> Option<(u64, u64)> {
+    if be.device().kind() != DeviceKind::Emulator {
+        return None;
+    }
+    // SAFETY: the fake libcuda.so this process already loaded (through LD_LIBRARY_PATH), and its
+    // `void cuemu_copy_counts(unsigned long long*, unsigned long long*)`.
+    unsafe {
+        let lib = libloading::Library::new("libcuda.so").expect("the emulator's libcuda.so");
+        let f: libloading::Symbol<'_, unsafe extern "C" fn(*mut u64, *mut u64)> = lib.get(b"cuemu_copy_counts").expect("cuemu_copy_counts");
+        let (mut htod, mut dtoh) = (0, 0);
+        f(&mut htod, &mut dtoh);
+        Some((htod, dtoh))
+    }
+}
+
+/// Copies between host and device in one training step after the first (two micro-batches):
+/// the batch's arrays going in and the one read of the step scalars coming out, the same
+/// number whatever the depth of the model (nothing per layer or per op).
+#[test]
+fn a_step_copies_only_the_batch_and_the_stats() {
+    on_device("a_step_copies_only_the_batch_and_the_stats", |_| {
+        let mut per_depth = Vec::new();
+        for n_layer in [1, 3] {
+            let cfg = Gpt2Config { vocab_size: 67, n_positions: 16, n_embd: 32, n_layer, n_head: 2, ..Gpt2Config::default() };
+            let ids: Vec<u32> = (0..18u32).map(|i| (i * 37 + 11) % 67).collect();
+            let labels: Vec<i32> = ids.iter().map(|&x| x as i32).collect();
+            let batch = Batch { b: 2, t: 9, ids, labels, mask: None, types: None };
+            let be = backend();
+            let before = copy_counts(&be);
+            let mut m = Gpt2::new(be, cfg, 5).unwrap();
+            let steps = |m: &mut Gpt2<CudaBackend>, n| {
+                let params = m.params_to_host().unwrap();
+                let segments = decay_segments(m.param_infos().iter().map(|p| (p.offset, p.len, p.decay)), 0.0);
+                let mut opt = AdamW::new(m.backend(), AdamWConfig::default(), &params, segments).unwrap();
+                let mut counts = Vec::new();
+                for step in 0..n {
+                    let start = copy_counts(m.backend());
+                    let mut stats = m.backend().new_stats().unwrap();
+                    m.zero_grad().unwrap();
+                    for micro in 0..2 {
+                        m.accumulate_gradients(&batch.input(), Some(step * 2 + micro), &mut stats).unwrap();
+                    }
+                    let (be, store) = m.parts_mut();
+                    let (p, g) = store.params_and_grads_mut();
+                    opt.step(be, CudaBackend::view_mut(p), CudaBackend::view(g), 1e-3, 1.0, 2, &mut stats).unwrap();
+                    be.read_stats(&stats).unwrap();
+                    counts.push(start.zip(copy_counts(be)).map(|((h0, d0), (h1, d1))| (h1 - h0, d1 - d0)));
+                }
+                counts
+            };
+            let counts = steps(&mut m, 3);
+            if before.is_none() {
+                return support::skip("a_step_copies_only_the_batch_and_the_stats", "the copy counters are the emulator's");
+            }
+            let counts: Vec<(u64, u64)> = counts.into_iter().flatten().collect();
+            println!("GPT-2, {n_layer} layer(s): copies per step (host to device, device to host): {counts:?}");
+            assert_eq!(counts[1], counts[2], "every step after the first copies the same");
+            assert_eq!(counts[1].1, 2, "one read of the step scalars (loss and norm) per step");
+            per_depth.push(counts[1]);
+        }
+        assert_eq!(per_depth[0], per_depth[1], "copies per step depend on the depth of the model");
+    });
+}
+
 /// Every device test above once more in one child whose fake libraries are built with
 /// AddressSanitizer.
 #[test]
@@ -291,7 +357,13 @@ fn address_sanitizer_pass() {
         Mode::Skip(why) => support::skip("address_sanitizer_pass", why),
         Mode::Emulate(_) => match (lmtrain_cuda_emu::ASAN_DIR, lmtrain_cuda_emu::ASAN_RUNTIME) {
             (Some(dir), Some(rt)) => run_children(
-                &["gpt2_step_matches_cpu", "bert_step_matches_cpu", "roberta_and_distilbert_steps_match_cpu", "other_ops_match_cpu"],
+                &[
+                    "gpt2_step_matches_cpu",
+                    "bert_step_matches_cpu",
+                    "roberta_and_distilbert_steps_match_cpu",
+                    "other_ops_match_cpu",
+                    "a_step_copies_only_the_batch_and_the_stats",
+                ],
                 &Child { lib_dir: dir, order: "forward", asan_runtime: Some(rt), allow_emulator: true },
             ),
             _ => support::skip("address_sanitizer_pass", "the host compiler has no AddressSanitizer runtime"),
