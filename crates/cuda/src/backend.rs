@@ -295,15 +295,21 @@ fn run_one(l: Launch<'_>) -> Result<()> {
     Ok(())
 }
 
-/// Extends the lifetime of a sub-view of `v` to `v`'s own.
+/// Splits the exclusive view `v` at `mid`, both parts living as long as `v` did.
 ///
-/// SAFETY (of the transmute inside): cudarc's sub-views copy the parent's `'a` references (to
-/// the buffer's events and stream) and offset its pointer; they never point into the parent
-/// view itself, which the callers consume, so the sub-view is valid for `'a` and no other
-/// view of its memory exists.
-fn extend<'a>(v: CudaViewMut<'_, f32>) -> CudaViewMut<'a, f32> {
+/// cudarc's `split_at_mut` borrows the parent, so its parts live only as long as that borrow.
+/// But a sub-view holds copies of the parent's `'a` references (to the buffer's events and
+/// stream) and an offset pointer, never a reference into the parent view itself; `v` is
+/// consumed here, so the two disjoint parts are the only views of that memory, valid for `'a`.
+fn split_view<'a>(mut v: CudaViewMut<'a, f32>, mid: usize) -> (CudaViewMut<'a, f32>, CudaViewMut<'a, f32>) {
+    let (a, b) = v.split_at_mut(mid);
     // SAFETY: see above; the types differ only in the lifetime.
-    unsafe { std::mem::transmute::<CudaViewMut<'_, f32>, CudaViewMut<'a, f32>>(v) }
+    unsafe {
+        (
+            std::mem::transmute::<CudaViewMut<'_, f32>, CudaViewMut<'a, f32>>(a),
+            std::mem::transmute::<CudaViewMut<'_, f32>, CudaViewMut<'a, f32>>(b),
+        )
+    }
 }
 
 impl Backend for CudaBackend {
@@ -349,18 +355,18 @@ impl Backend for CudaBackend {
         assert!(offset + len <= v.len, "slice {offset}..{} of a view of {}", offset + len, v.len);
         CuView { src: v.src, off: v.off + offset, len }
     }
-    fn slice_mut<'a>(mut v: CudaViewMut<'a, f32>, offset: usize, len: usize) -> CudaViewMut<'a, f32>
+    fn slice_mut<'a>(v: CudaViewMut<'a, f32>, offset: usize, len: usize) -> CudaViewMut<'a, f32>
     where
         Self: 'a,
     {
-        extend(v.slice_mut(offset..offset + len))
+        let (_, rest) = split_view(v, offset);
+        split_view(rest, len).0
     }
-    fn split_at_mut<'a>(mut v: CudaViewMut<'a, f32>, mid: usize) -> (CudaViewMut<'a, f32>, CudaViewMut<'a, f32>)
+    fn split_at_mut<'a>(v: CudaViewMut<'a, f32>, mid: usize) -> (CudaViewMut<'a, f32>, CudaViewMut<'a, f32>)
     where
         Self: 'a,
     {
-        let (a, b) = v.split_at_mut(mid);
-        (extend(a), extend(b))
+        split_view(v, mid)
     }
     fn reborrow<'s>(v: &'s mut CudaViewMut<'_, f32>) -> CudaViewMut<'s, f32> {
         v.slice_mut(..)
