@@ -12,7 +12,9 @@
 //   * launches are checked against sm_90 limits (block shape, grid shape, dynamic shared
 //     memory up to the per-function limit set by cuFuncSetAttribute);
 //   * pointer arguments and memcpy/memset ranges must lie inside live allocations.
-// FAKECUDA_TRACE=1 logs every call.
+// FAKECUDA_TRACE=1 logs every call. cuemu_copy_counts reports how many host-to-device and
+// device-to-host copies were made (the tests check that a training step makes no others than
+// its batch upload and its one read of the step scalars).
 #include "cuemu.h"
 #include "registry.h"
 
@@ -282,14 +284,23 @@ CUresult cuMemsetD32Async(CUdeviceptr d, unsigned v, size_t n, void*) {
   for (size_t i = 0; i < n; ++i) memcpy(reinterpret_cast<char*>(d) + 4 * i, &v, 4);
   return kSuccess;
 }
+std::atomic<unsigned long long> g_htod{0}, g_dtoh{0};
+
+void cuemu_copy_counts(unsigned long long* htod, unsigned long long* dtoh) {
+  *htod = g_htod.load();
+  *dtoh = g_dtoh.load();
+}
+
 CUresult cuMemcpyHtoD_v2(CUdeviceptr d, const void* s, size_t n) {
   if (CUresult r = check_range("cuMemcpyHtoD", d, n)) return r;
+  ++g_htod;
   memcpy(reinterpret_cast<void*>(d), s, n);
   return kSuccess;
 }
 CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr d, const void* s, size_t n, void*) { return cuMemcpyHtoD_v2(d, s, n); }
 CUresult cuMemcpyDtoH_v2(void* d, CUdeviceptr s, size_t n) {
   if (CUresult r = check_range("cuMemcpyDtoH", s, n)) return r;
+  ++g_dtoh;
   memcpy(d, reinterpret_cast<void*>(s), n);
   return kSuccess;
 }

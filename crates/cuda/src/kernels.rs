@@ -62,7 +62,7 @@ fn rows_grid(rows: usize) -> u32 {
     rows.div_ceil(ROWS_PER_BLOCK) as u32
 }
 
-fn elem_cfg(n: usize) -> LaunchConfig {
+pub(crate) fn elem_cfg(n: usize) -> LaunchConfig {
     let blocks = n.div_ceil(ELEM_BLOCK as usize).clamp(1, ELEM_MAX_BLOCKS) as u32;
     LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (ELEM_BLOCK, 1, 1), shared_mem_bytes: 0 }
 }

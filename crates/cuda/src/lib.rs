@@ -18,11 +18,13 @@
 //! (fake `libcuda.so`, see `kernels/emu/`); [`CudaDevice::open`] refuses the emulator
 //! outside tests unless `LMTRAIN_CUEMU=1`.
 
+mod backend;
 mod blas;
 mod device;
 mod kernels;
 mod launch;
 
+pub use backend::{CuBuf, CuView, CudaBackend, CudaBatch, CudaStats};
 pub use blas::LtMatmul;
 pub use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, DeviceRepr};
 pub use device::{CudaDevice, DeviceKind};

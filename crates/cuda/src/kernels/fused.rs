@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 
 use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, LaunchConfig};
-use lmtrain_backend::Dropout;
+use lmtrain_backend::{Dropout, PaddingIdx};
 
 use super::{ELEM_BLOCK, KernelDtype, ROW_BLOCK, SEG_ROWS, check_len, elem_cfg, rows_grid, to_i32};
 use crate::launch::Launch;
@@ -28,6 +28,8 @@ fn upload_i32(dev: &CudaDevice, v: &[i32]) -> Result<CudaSlice<i32>> {
 /// rows whose key is `keys[k]`, in increasing order.
 struct Buckets {
     n: usize,
+    /// The keys in bucket order, on the host (to find the bucket a backward skips).
+    host_keys: Vec<i32>,
     start: CudaSlice<i32>,
     rows: CudaSlice<i32>,
     keys: CudaSlice<i32>,
@@ -46,7 +48,8 @@ impl Buckets {
             rows.extend_from_slice(&r);
             start.push(rows.len() as i32);
         }
-        Ok(Self { n: ks.len(), start: upload_i32(dev, &start)?, rows: upload_i32(dev, &rows)?, keys: upload_i32(dev, &ks)? })
+        let (start, rows, keys) = (upload_i32(dev, &start)?, upload_i32(dev, &rows)?, upload_i32(dev, &ks)?);
+        Ok(Self { n: ks.len(), host_keys: ks, start, rows, keys })
     }
 }
 
@@ -284,6 +287,21 @@ impl CudaDevice {
         dout: &CudaView<'_, T>,
         batch: &EmbeddingBatch,
     ) -> Result<()> {
+        self.embedding_backward_skipping(dwte, dwpe, dtte, dout, batch, PaddingIdx::default())
+    }
+
+    /// [`CudaDevice::embedding_backward`] that leaves out the tokens whose id is `pad.word`
+    /// (from the word table's gradient) and whose position is `pad.position` (from the position
+    /// table's): `torch.nn.Embedding(padding_idx=...)`, as `lmtrain_cpu::ops::embedding_backward`.
+    pub fn embedding_backward_skipping<T: KernelDtype>(
+        &self,
+        dwte: &mut CudaViewMut<'_, f32>,
+        dwpe: &mut CudaViewMut<'_, f32>,
+        dtte: Option<&mut CudaViewMut<'_, f32>>,
+        dout: &CudaView<'_, T>,
+        batch: &EmbeddingBatch,
+        pad: PaddingIdx,
+    ) -> Result<()> {
         const OP: &str = "embedding_backward";
         let n = batch.n_tokens;
         if n == 0 {
@@ -302,15 +320,16 @@ impl CudaDevice {
         if let Some(d) = &dtte {
             check_len(OP, "dtte", d.len(), batch.n_types * c)?;
         }
-        self.embedding_bwd_table(dwte, dout, &batch.tok_buckets, c, c_i)?;
-        self.embedding_bwd_table(dwpe, dout, &batch.pos_buckets, c, c_i)?;
+        self.embedding_bwd_table(dwte, dout, &batch.tok_buckets, c, c_i, pad.word)?;
+        self.embedding_bwd_table(dwpe, dout, &batch.pos_buckets, c, c_i, pad.position)?;
         if let (Some(d), Some(bk)) = (dtte, batch.type_buckets.as_ref()) {
-            self.embedding_bwd_table(d, dout, bk, c, c_i)?;
+            self.embedding_bwd_table(d, dout, bk, c, c_i, None)?;
         }
         Ok(())
     }
 
-    /// One table of [`CudaDevice::embedding_backward`] (its length checked by the caller).
+    /// One table of [`CudaDevice::embedding_backward`] (its length checked by the caller),
+    /// without the bucket of key `skip`: the buckets before it and after it are two launches.
     fn embedding_bwd_table<T: KernelDtype>(
         &self,
         table: &mut CudaViewMut<'_, f32>,
@@ -318,16 +337,38 @@ impl CudaDevice {
         bk: &Buckets,
         c: usize,
         c_i: i32,
+        skip: Option<u32>,
     ) -> Result<()> {
-        if bk.n == 0 {
+        let skipped = skip.and_then(|k| i32::try_from(k).ok()).and_then(|k| bk.host_keys.binary_search(&k).ok());
+        match skipped {
+            Some(k) => {
+                self.embedding_bwd_buckets(table, dout, bk, 0..k, c, c_i)?;
+                self.embedding_bwd_buckets(table, dout, bk, k + 1..bk.n, c, c_i)
+            }
+            None => self.embedding_bwd_buckets(table, dout, bk, 0..bk.n, c, c_i),
+        }
+    }
+
+    /// The buckets `range` of one table of [`CudaDevice::embedding_backward`].
+    fn embedding_bwd_buckets<T: KernelDtype>(
+        &self,
+        table: &mut CudaViewMut<'_, f32>,
+        dout: &CudaView<'_, T>,
+        bk: &Buckets,
+        range: std::ops::Range<usize>,
+        c: usize,
+        c_i: i32,
+    ) -> Result<()> {
+        if range.is_empty() {
             return Ok(());
         }
         let cfg = LaunchConfig {
-            grid_dim: (bk.n as u32, c.div_ceil(ELEM_BLOCK as usize) as u32, 1),
+            grid_dim: (range.len() as u32, c.div_ceil(ELEM_BLOCK as usize) as u32, 1),
             block_dim: (ELEM_BLOCK, 1, 1),
             shared_mem_bytes: 0,
         };
-        let (start, rows, keys) = (bk.start.as_view(), bk.rows.as_view(), bk.keys.as_view());
+        // block i handles bucket range.start + i: its start/end (start has n + 1 entries) and key
+        let (start, rows, keys) = (bk.start.slice(range.start..), bk.rows.as_view(), bk.keys.slice(range.start..));
         let mut l = Launch::new(self, format!("embedding_bwd_{}", T::SUFFIX))?;
         l.output(table).input(dout).input(&start).input(&rows).input(&keys);
         l.scalar(&c_i);

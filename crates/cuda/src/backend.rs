@@ -1,0 +1,779 @@
+//! [`CudaBackend`]: the op interface [`lmtrain_backend::Backend`] on a CUDA device, f32 storage
+//! and compute, gluing the kernel wrappers of [`CudaDevice`] (and `kernels/backend.cu` for the
+//! small element-wise ops) to the trait's ops with `lmtrain_cpu`'s semantics.
+//!
+//! Matrix products go through cuBLAS `sgemm` in its default math mode (full f32, no TF32), so
+//! the backend agrees with the CPU backend to f32 rounding; the bias and GELU epilogues are
+//! separate kernels. (cuBLASLt's f32 path, [`crate::LtMatmul`], rounds inputs to TF32: that is
+//! for the bf16 backend to come.)
+//!
+//! Memory: buffers are [`CuBuf`]s (a `CudaSlice<f32>`; CUDA refuses empty allocations, so an
+//! empty buffer holds one unused element); a view is a [`CuView`] (a `Copy` handle on a buffer or
+//! on an exclusive view) and an exclusive view a `CudaViewMut<f32>`. A micro-batch's integer
+//! arrays go to the device once ([`CudaBatch`]: key padding and labelled rows at
+//! [`Backend::upload_batch`], token ids with the embedding backward's buckets and the head's
+//! targets at their first use, when the table sizes they are validated against are known). The
+//! step scalars ([`CudaStats`]) stay on the device until [`Backend::read_stats`].
+//!
+//! Not on CUDA yet (each returns an error naming the op): DeBERTa's disentangled attention,
+//! `conv1d_unfold` / `conv1d_fold`, incremental attention for generation, and embeddings without
+//! a position table.
+
+use std::sync::{Mutex, OnceLock};
+
+use cudarc::cublas::{CudaBlas, Gemm, StridedBatchedConfig, sys::cublasOperation_t};
+use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, LaunchConfig};
+use lmtrain_backend::{
+    AdamWStep, AttnShape, Backend, BackendError, DecaySegment, DisentangledShape, Dropout, EmbeddingTables, Epilogue, GeluKind, GemmDesc,
+    HeadGrads, HostBatch, Inputs, PaddingIdx, Result, Rows, StepStats,
+};
+
+use crate::kernels::elem_cfg;
+use crate::launch::Launch;
+use crate::{AttnOptions, ClassifierRows, CudaDevice, CudaError, EmbeddingBatch, Positions, grad_norm_scratch};
+use crate::{bias_backward_scratch, layernorm_backward_scratch};
+
+impl From<CudaError> for BackendError {
+    fn from(e: CudaError) -> Self {
+        BackendError(e.to_string())
+    }
+}
+
+fn unsupported(op: &str) -> BackendError {
+    BackendError(format!("{op} is not implemented on CUDA yet"))
+}
+
+fn check(op: &str, what: &str, len: usize, want: usize) -> Result<()> {
+    if len == want { Ok(()) } else { Err(BackendError(format!("{op}: {what} has {len} elements, expected {want}"))) }
+}
+
+/// An owned device buffer of `len` f32 ([`Backend::Buf`] and [`Backend::Master`]).
+#[derive(Debug)]
+pub struct CuBuf {
+    data: CudaSlice<f32>,
+    len: usize,
+}
+
+impl CuBuf {
+    /// The whole buffer as a cudarc view.
+    fn view_mut(&mut self) -> CudaViewMut<'_, f32> {
+        self.data.slice_mut(0..self.len)
+    }
+}
+
+/// A shared view of `len` f32 starting at `off` of a device buffer or of an exclusive view.
+#[derive(Clone, Copy, Debug)]
+pub struct CuView<'a> {
+    src: Src<'a>,
+    off: usize,
+    len: usize,
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Src<'a> {
+    Buf(&'a CudaSlice<f32>),
+    Mut(&'a CudaViewMut<'a, f32>),
+}
+
+impl<'a> CuView<'a> {
+    /// Elements in the view.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the view is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The cudarc view the kernel wrappers take.
+    pub fn cuda(&self) -> CudaView<'a, f32> {
+        let r = self.off..self.off + self.len;
+        match self.src {
+            Src::Buf(s) => s.slice(r),
+            Src::Mut(v) => v.slice(r),
+        }
+    }
+}
+
+/// A micro-batch's integer inputs: the host copy the sizes come from, and the device arrays.
+pub struct CudaBatch {
+    host: Inputs,
+    /// 1 = real token, per `[b, t]` (when the batch has padding).
+    key_valid: Option<CudaSlice<u8>>,
+    /// The labelled positions (when there are any).
+    labelled: Option<CudaSlice<i32>>,
+    emb: OnceLock<EmbeddingBatch>,
+    head_all: OnceLock<ClassifierRows>,
+    head_labelled: OnceLock<ClassifierRows>,
+}
+
+impl CudaBatch {
+    /// The token ids, positions and token types, uploaded at the first call (validated against
+    /// the table sizes then).
+    fn embedding(&self, dev: &CudaDevice, vocab: usize, n_pos: usize, n_types: Option<usize>) -> Result<&EmbeddingBatch> {
+        if let Some(e) = self.emb.get() {
+            return Ok(e);
+        }
+        let h = &self.host;
+        let positions = h.positions.as_deref().map_or(Positions::Offset(0), Positions::Explicit);
+        // a token-type table without token-type ids: every token has type 0 (as the CPU backend)
+        let zeros;
+        let types = match (n_types, h.token_types.as_deref()) {
+            (None, _) => None,
+            (Some(_), Some(tt)) => Some(tt),
+            (Some(_), None) => {
+                zeros = vec![0u32; h.ids.len()];
+                Some(&zeros[..])
+            }
+        };
+        let e = EmbeddingBatch::new(dev, h.b, h.t, &h.ids, positions, types, vocab, n_pos, n_types.unwrap_or(0))?;
+        Ok(self.emb.get_or_init(|| e))
+    }
+
+    /// The rows and targets of a head over `rows`, uploaded at the first call.
+    fn head(&self, dev: &CudaDevice, rows: Rows, vocab: usize) -> Result<&ClassifierRows> {
+        let (cell, targets) = match rows {
+            Rows::All => (&self.head_all, &self.host.targets),
+            Rows::Labelled => (&self.head_labelled, &self.host.labelled_targets),
+        };
+        if let Some(c) = cell.get() {
+            return Ok(c);
+        }
+        let c = ClassifierRows::all(dev, targets, vocab)?;
+        Ok(cell.get_or_init(|| c))
+    }
+
+    fn labelled(&self) -> Result<CudaView<'_, i32>> {
+        self.labelled.as_ref().map(|l| l.as_view()).ok_or_else(|| BackendError("gather_rows: the batch has no labelled rows".into()))
+    }
+}
+
+/// The step scalars on the device: the loss sum (f64) and `[grad norm, 1]` (the gradient norm
+/// kernel's output without clipping: AdamW derives its factor from the norm), plus the head's
+/// per-row losses and their sum, and the norm's partial sums.
+pub struct CudaStats {
+    loss: CudaSlice<f64>,
+    norm: CudaSlice<f32>,
+    total: CudaSlice<f64>,
+    losses: Option<CudaSlice<f32>>,
+    norm_scratch: Option<CudaSlice<f64>>,
+}
+
+/// The CUDA backend (f32): a device, a cuBLAS handle on its stream and a scratch buffer for
+/// the ops that need one (LayerNorm and bias gradients, attention backward, AdamW's gradient
+/// factor), grown to the largest request and reused (one stream orders every use).
+pub struct CudaBackend {
+    dev: CudaDevice,
+    blas: CudaBlas,
+    scratch: Mutex<Option<CudaSlice<f32>>>,
+}
+
+impl std::fmt::Debug for CudaBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CudaBackend").field("dev", &self.dev).finish_non_exhaustive()
+    }
+}
+
+impl CudaBackend {
+    /// Opens device `ordinal` ([`CudaDevice::open`]) and creates the cuBLAS handle.
+    pub fn open(ordinal: usize) -> std::result::Result<Self, CudaError> {
+        let dev = CudaDevice::open(ordinal)?;
+        // SAFETY: only loads the shared library (dlopen) and reports whether that worked.
+        if !unsafe { cudarc::cublas::sys::is_culib_present() } {
+            return Err(CudaError::Blas { context: "loading libcublas.so".into(), detail: "library not found".into() });
+        }
+        let blas = CudaBlas::new(dev.stream().clone())
+            .map_err(|e| CudaError::Blas { context: "creating a cuBLAS handle".into(), detail: e.to_string() })?;
+        Ok(Self { dev, blas, scratch: Mutex::new(None) })
+    }
+
+    /// The device.
+    pub fn device(&self) -> &CudaDevice {
+        &self.dev
+    }
+
+    /// Runs `f` on `n` floats of the shared scratch buffer (grown when too small).
+    fn with_scratch<R>(&self, n: usize, f: impl FnOnce(&mut CudaViewMut<'_, f32>) -> Result<R>) -> Result<R> {
+        let mut guard = self.scratch.lock().map_err(|_| BackendError("CUDA scratch buffer: lock poisoned".into()))?;
+        let mut buf = match guard.take() {
+            Some(b) if b.len() >= n => b,
+            _ => self.dev.zeros::<f32>(n.max(1))?,
+        };
+        let r = f(&mut buf.slice_mut(0..n));
+        *guard = Some(buf);
+        r
+    }
+
+    /// `C (+)= op(A) · op(B)` for a [`GemmDesc`] through cuBLAS (column-major: the row-major
+    /// product is `C^T = op(B)^T op(A)^T`), after checking every operand's extent.
+    fn sgemm(&self, c: &mut CudaViewMut<'_, f32>, a: &CudaView<'_, f32>, b: &CudaView<'_, f32>, d: &GemmDesc) -> Result<()> {
+        const OP: &str = "gemm";
+        let s = d.shape;
+        let (lda, ldb, ldc) = d.leading_dims();
+        if s.m == 0 || s.n == 0 || d.batch == 0 {
+            return Ok(());
+        }
+        // (stored rows, stored columns, row stride, batch stride, length) of each operand
+        let a_dims = if s.trans_a { (s.k, s.m) } else { (s.m, s.k) };
+        let b_dims = if s.trans_b { (s.n, s.k) } else { (s.k, s.n) };
+        for (what, (rows, cols), ld, stride, len) in [
+            ("A", a_dims, lda, d.strides[0], a.len()),
+            ("B", b_dims, ldb, d.strides[1], b.len()),
+            ("C", (s.m, s.n), ldc, d.strides[2], c.len()),
+        ] {
+            if rows == 0 || cols == 0 {
+                continue;
+            }
+            if ld < cols {
+                return Err(BackendError(format!("{OP}: {what}'s row stride {ld} is below its {cols} columns")));
+            }
+            let need = (d.batch - 1) * stride + (rows - 1) * ld + cols;
+            if len < need {
+                return Err(BackendError(format!("{OP}: {what} has {len} elements, the product reads {need}")));
+            }
+        }
+        let int = |v: usize| i32::try_from(v).map_err(|_| BackendError(format!("{OP}: dimension {v} exceeds i32")));
+        let long = |v: usize| i64::try_from(v).map_err(|_| BackendError(format!("{OP}: stride {v} exceeds i64")));
+        let op = |t: bool| if t { cublasOperation_t::CUBLAS_OP_T } else { cublasOperation_t::CUBLAS_OP_N };
+        let cfg = StridedBatchedConfig {
+            gemm: cudarc::cublas::GemmConfig {
+                transa: op(s.trans_b),
+                transb: op(s.trans_a),
+                m: int(s.n)?,
+                n: int(s.m)?,
+                k: int(s.k)?,
+                alpha: 1.0f32,
+                lda: int(ldb)?,
+                ldb: int(lda)?,
+                beta: if s.accumulate { 1.0 } else { 0.0 },
+                ldc: int(ldc)?,
+            },
+            batch_size: int(d.batch)?,
+            stride_a: long(d.strides[1])?,
+            stride_b: long(d.strides[0])?,
+            stride_c: long(d.strides[2])?,
+        };
+        // SAFETY: every operand holds the elements the layouts above read or write (checked).
+        unsafe { self.blas.gemm_strided_batched(cfg, b, a, c) }
+            .map_err(|e| BackendError(format!("cuBLAS: gemm {}x{}x{}: {e}", s.m, s.n, s.k)))
+    }
+
+    /// A kernel of `kernels/backend.cu`.
+    fn kernel(&self, name: &str) -> Result<Launch<'_>> {
+        Ok(Launch::new(&self.dev, name.to_string())?)
+    }
+
+    /// `c[r, j] += bias[j]`.
+    fn add_bias(&self, c: &mut CudaViewMut<'_, f32>, bias: &CudaView<'_, f32>, rows: usize, cols: usize) -> Result<()> {
+        check("add_bias", "C", c.len(), rows * cols)?;
+        check("add_bias", "bias", bias.len(), cols)?;
+        let (r, k) = (rows as u64, cols as u64);
+        let mut l = self.kernel("add_bias_f32")?;
+        l.output(c).input(bias).scalar(&r).scalar(&k);
+        run_elem(l, rows * cols)
+    }
+}
+
+/// Launches a grid-stride kernel of `kernels/backend.cu` over `n` elements (none when `n` is 0).
+fn run_elem(l: Launch<'_>, n: usize) -> Result<()> {
+    if n == 0 {
+        return Ok(());
+    }
+    // SAFETY: every caller pushed buffers of the lengths its kernel indexes for `n` elements
+    // (checked by the caller), the kernel's loop bound.
+    unsafe { l.launch(elem_cfg(n)) }?;
+    Ok(())
+}
+
+/// Launches a one-thread kernel of `kernels/backend.cu` (the step scalars).
+fn run_one(l: Launch<'_>) -> Result<()> {
+    let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (1, 1, 1), shared_mem_bytes: 0 };
+    // SAFETY: the callers pass the step scalars' buffers, which hold the one or two values these
+    // kernels touch.
+    unsafe { l.launch(cfg) }?;
+    Ok(())
+}
+
+/// Splits the exclusive view `v` at `mid`, both parts living as long as `v` did.
+///
+/// cudarc's `split_at_mut` borrows the parent, so its parts live only as long as that borrow.
+/// But a sub-view holds copies of the parent's `'a` references (to the buffer's events and
+/// stream) and an offset pointer, never a reference into the parent view itself; `v` is
+/// consumed here, so the two disjoint parts are the only views of that memory, valid for `'a`.
+fn split_view<'a>(mut v: CudaViewMut<'a, f32>, mid: usize) -> (CudaViewMut<'a, f32>, CudaViewMut<'a, f32>) {
+    let (a, b) = v.split_at_mut(mid);
+    // SAFETY: see above; the types differ only in the lifetime.
+    unsafe {
+        (
+            std::mem::transmute::<CudaViewMut<'_, f32>, CudaViewMut<'a, f32>>(a),
+            std::mem::transmute::<CudaViewMut<'_, f32>, CudaViewMut<'a, f32>>(b),
+        )
+    }
+}
+
+impl Backend for CudaBackend {
+    type Buf = CuBuf;
+    type View<'a> = CuView<'a>;
+    type ViewMut<'a> = CudaViewMut<'a, f32>;
+    type Master = CuBuf;
+    type Batch = CudaBatch;
+    type Stats = CudaStats;
+    /// The row log-sum-exp `[b, n_head, t]` of the fused attention.
+    type AttnState = CudaSlice<f32>;
+
+    const F32_COMPUTE: bool = true;
+
+    fn alloc(&self, len: usize) -> Result<CuBuf> {
+        Ok(CuBuf { data: self.dev.zeros(len.max(1))?, len })
+    }
+    fn from_host(&self, data: Vec<f32>) -> Result<CuBuf> {
+        if data.is_empty() {
+            return self.alloc(0);
+        }
+        Ok(CuBuf { data: self.dev.upload(&data)?, len: data.len() })
+    }
+    fn to_host(&self, v: CuView<'_>) -> Result<Vec<f32>> {
+        if v.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.dev.stream().clone_dtoh(&v.cuda()).map_err(|e| BackendError(format!("CUDA driver: copying from the device: {e}")))
+    }
+    fn buf_len(buf: &CuBuf) -> usize {
+        buf.len
+    }
+    fn view(buf: &CuBuf) -> CuView<'_> {
+        CuView { src: Src::Buf(&buf.data), off: 0, len: buf.len }
+    }
+    fn view_mut(buf: &mut CuBuf) -> CudaViewMut<'_, f32> {
+        buf.view_mut()
+    }
+    fn slice<'a>(v: CuView<'a>, offset: usize, len: usize) -> CuView<'a>
+    where
+        Self: 'a,
+    {
+        assert!(offset + len <= v.len, "slice {offset}..{} of a view of {}", offset + len, v.len);
+        CuView { src: v.src, off: v.off + offset, len }
+    }
+    fn slice_mut<'a>(v: CudaViewMut<'a, f32>, offset: usize, len: usize) -> CudaViewMut<'a, f32>
+    where
+        Self: 'a,
+    {
+        let (_, rest) = split_view(v, offset);
+        split_view(rest, len).0
+    }
+    fn split_at_mut<'a>(v: CudaViewMut<'a, f32>, mid: usize) -> (CudaViewMut<'a, f32>, CudaViewMut<'a, f32>)
+    where
+        Self: 'a,
+    {
+        split_view(v, mid)
+    }
+    fn reborrow<'s>(v: &'s mut CudaViewMut<'_, f32>) -> CudaViewMut<'s, f32> {
+        v.slice_mut(..)
+    }
+    fn as_view<'s>(v: &'s CudaViewMut<'_, f32>) -> CuView<'s> {
+        CuView { src: Src::Mut(v), off: 0, len: v.len() }
+    }
+    fn master_from_host(&self, data: Vec<f32>) -> Result<CuBuf> {
+        self.from_host(data)
+    }
+    fn master_to_host(&self, m: &CuBuf) -> Result<Vec<f32>> {
+        self.to_host(Self::view(m))
+    }
+    fn master_len(m: &CuBuf) -> usize {
+        m.len
+    }
+
+    fn upload_batch(&self, batch: &HostBatch<'_>) -> Result<CudaBatch> {
+        let host = Inputs::new(batch);
+        let key_valid = match &host.key_padding {
+            Some(m) => Some(self.dev.upload(&m.iter().map(|&v| u8::from(v)).collect::<Vec<u8>>())?),
+            None => None,
+        };
+        let labelled = if host.labelled_rows.is_empty() {
+            None
+        } else {
+            Some(self.dev.upload(&host.labelled_rows.iter().map(|&r| r as i32).collect::<Vec<i32>>())?)
+        };
+        Ok(CudaBatch { host, key_valid, labelled, emb: OnceLock::new(), head_all: OnceLock::new(), head_labelled: OnceLock::new() })
+    }
+    fn new_stats(&self) -> Result<CudaStats> {
+        Ok(CudaStats { loss: self.dev.zeros(1)?, norm: self.dev.zeros(2)?, total: self.dev.zeros(1)?, losses: None, norm_scratch: None })
+    }
+    fn reset_stats(&self, stats: &mut CudaStats) -> Result<()> {
+        let s = self.dev.stream();
+        let err = |e| BackendError(format!("CUDA driver: zeroing the step scalars: {e}"));
+        s.memset_zeros(&mut stats.loss).map_err(err)?;
+        s.memset_zeros(&mut stats.norm).map_err(err)
+    }
+    fn read_stats(&self, stats: &CudaStats) -> Result<StepStats> {
+        let loss = self.dev.download(&stats.loss)?;
+        let norm = self.dev.download(&stats.norm)?;
+        Ok(StepStats { loss: loss[0], grad_norm: norm[0] })
+    }
+    fn alloc_attn_state(&self, s: AttnShape) -> Result<CudaSlice<f32>> {
+        Ok(self.dev.zeros((s.b * s.n_head * s.t).max(1))?)
+    }
+
+    fn fill_zero(&self, mut x: CudaViewMut<'_, f32>) -> Result<()> {
+        if x.is_empty() {
+            return Ok(());
+        }
+        self.dev.stream().memset_zeros(&mut x).map_err(|e| BackendError(format!("CUDA driver: fill_zero: {e}")))
+    }
+    fn copy(&self, mut dst: CudaViewMut<'_, f32>, src: CuView<'_>) -> Result<()> {
+        check("copy", "dst", dst.len(), src.len())?;
+        if src.is_empty() {
+            return Ok(());
+        }
+        self.dev.stream().memcpy_dtod(&src.cuda(), &mut dst).map_err(|e| BackendError(format!("CUDA driver: copy: {e}")))
+    }
+    fn residual_forward(&self, mut out: CudaViewMut<'_, f32>, a: CuView<'_>, b: CuView<'_>) -> Result<()> {
+        let n = out.len();
+        check("residual_forward", "a", a.len(), n)?;
+        check("residual_forward", "b", b.len(), n)?;
+        let (a, b, n64) = (a.cuda(), b.cuda(), n as u64);
+        let mut l = self.kernel("add_f32")?;
+        l.output(&mut out).input(&a).input(&b).scalar(&n64);
+        run_elem(l, n)
+    }
+    fn add_inplace(&self, mut dst: CudaViewMut<'_, f32>, src: CuView<'_>) -> Result<()> {
+        let n = dst.len();
+        check("add_inplace", "src", src.len(), n)?;
+        let (src, n64) = (src.cuda(), n as u64);
+        let mut l = self.kernel("add_inplace_f32")?;
+        l.output(&mut dst).input(&src).scalar(&n64);
+        run_elem(l, n)
+    }
+    fn dropout_inplace(&self, mut x: CudaViewMut<'_, f32>, d: Dropout) -> Result<()> {
+        Ok(self.dev.dropout_inplace(&mut x, d)?)
+    }
+
+    fn gemm(&self, mut c: CudaViewMut<'_, f32>, a: CuView<'_>, b: CuView<'_>, d: &GemmDesc, epi: Epilogue<'_, '_, Self>) -> Result<()> {
+        let (m, n) = (d.shape.m, d.shape.n);
+        let (a, b) = (a.cuda(), b.cuda());
+        match epi {
+            Epilogue::None => self.sgemm(&mut c, &a, &b, d),
+            Epilogue::Bias(bias) => {
+                if !d.is_packed() {
+                    return Err(BackendError("gemm: epilogues take packed products".into()));
+                }
+                self.sgemm(&mut c, &a, &b, d)?;
+                self.add_bias(&mut c, &bias.cuda(), m, n)
+            }
+            Epilogue::BiasGelu { bias, kind, mut pre } => {
+                if !d.is_packed() || d.shape.accumulate {
+                    return Err(BackendError("gemm: the GELU epilogue takes a packed, overwriting product".into()));
+                }
+                self.sgemm(&mut pre, &a, &b, d)?;
+                self.add_bias(&mut pre, &bias.cuda(), m, n)?;
+                Ok(self.dev.gelu_forward(&mut c, &pre.as_view(), kind)?)
+            }
+        }
+    }
+    fn bias_backward(&self, mut dbias: CudaViewMut<'_, f32>, dout: CuView<'_>, rows: usize, cols: usize) -> Result<()> {
+        let dout = dout.cuda();
+        self.with_scratch(bias_backward_scratch(rows, cols), |s| Ok(self.dev.bias_backward(&mut dbias, s, &dout, rows, cols)?))
+    }
+    fn layernorm_forward(
+        &self,
+        mut out: CudaViewMut<'_, f32>,
+        mut mean: CudaViewMut<'_, f32>,
+        mut rstd: CudaViewMut<'_, f32>,
+        inp: CuView<'_>,
+        weight: CuView<'_>,
+        bias: CuView<'_>,
+        rows: usize,
+        cols: usize,
+        eps: f32,
+    ) -> Result<()> {
+        let (inp, w, b) = (inp.cuda(), weight.cuda(), bias.cuda());
+        Ok(self.dev.layernorm_forward(&mut out, &mut mean, &mut rstd, &inp, &w, &b, rows, cols, eps)?)
+    }
+    fn layernorm_backward(
+        &self,
+        mut dinp: CudaViewMut<'_, f32>,
+        mut dweight: CudaViewMut<'_, f32>,
+        mut dbias: CudaViewMut<'_, f32>,
+        dout: CuView<'_>,
+        inp: CuView<'_>,
+        weight: CuView<'_>,
+        mean: CuView<'_>,
+        rstd: CuView<'_>,
+        rows: usize,
+        cols: usize,
+    ) -> Result<()> {
+        let (dout, inp, w, mean, rstd) = (dout.cuda(), inp.cuda(), weight.cuda(), mean.cuda(), rstd.cuda());
+        self.with_scratch(layernorm_backward_scratch(rows, cols), |s| {
+            Ok(self.dev.layernorm_backward(&mut dinp, &mut dweight, &mut dbias, s, &dout, &inp, &w, &mean, &rstd, rows, cols)?)
+        })
+    }
+    fn gelu_forward(&self, mut out: CudaViewMut<'_, f32>, inp: CuView<'_>, kind: GeluKind) -> Result<()> {
+        Ok(self.dev.gelu_forward(&mut out, &inp.cuda(), kind)?)
+    }
+    fn gelu_backward(&self, mut dinp: CudaViewMut<'_, f32>, inp: CuView<'_>, dout: CuView<'_>, kind: GeluKind) -> Result<()> {
+        Ok(self.dev.gelu_backward(&mut dinp, &inp.cuda(), &dout.cuda(), kind)?)
+    }
+    fn tanh_forward(&self, mut out: CudaViewMut<'_, f32>, inp: CuView<'_>) -> Result<()> {
+        let n = out.len();
+        check("tanh_forward", "inp", inp.len(), n)?;
+        let (inp, n64) = (inp.cuda(), n as u64);
+        let mut l = self.kernel("tanh_fwd_f32")?;
+        l.output(&mut out).input(&inp).scalar(&n64);
+        run_elem(l, n)
+    }
+    fn tanh_backward(&self, mut dinp: CudaViewMut<'_, f32>, out: CuView<'_>, dout: CuView<'_>) -> Result<()> {
+        let n = dinp.len();
+        check("tanh_backward", "out", out.len(), n)?;
+        check("tanh_backward", "dout", dout.len(), n)?;
+        let (out, dout, n64) = (out.cuda(), dout.cuda(), n as u64);
+        let mut l = self.kernel("tanh_bwd_f32")?;
+        l.output(&mut dinp).input(&out).input(&dout).scalar(&n64);
+        run_elem(l, n)
+    }
+    fn embedding_forward(
+        &self,
+        mut out: CudaViewMut<'_, f32>,
+        tables: EmbeddingTables<CuView<'_>>,
+        batch: &CudaBatch,
+        c: usize,
+    ) -> Result<()> {
+        let Some(position) = tables.position else { return Err(unsupported("embedding without a position table")) };
+        let rows = |v: CuView<'_>| v.len() / c.max(1);
+        let e = batch.embedding(&self.dev, rows(tables.word), rows(position), tables.token_type.map(rows))?;
+        let (wte, wpe, tte) = (tables.word.cuda(), position.cuda(), tables.token_type.map(|t| t.cuda()));
+        Ok(self.dev.embedding_forward(&mut out, e, &wte, &wpe, tte.as_ref())?)
+    }
+    fn embedding_backward(
+        &self,
+        grads: EmbeddingTables<CudaViewMut<'_, f32>>,
+        dout: CuView<'_>,
+        batch: &CudaBatch,
+        c: usize,
+        pad: PaddingIdx,
+    ) -> Result<()> {
+        let EmbeddingTables { word: mut dwte, position, token_type } = grads;
+        let Some(mut dwpe) = position else { return Err(unsupported("embedding without a position table")) };
+        let rows = |n: usize| n / c.max(1);
+        let mut dtte = token_type;
+        let e = batch.embedding(&self.dev, rows(dwte.len()), rows(dwpe.len()), dtte.as_ref().map(|t| rows(t.len())))?;
+        Ok(self.dev.embedding_backward_skipping(&mut dwte, &mut dwpe, dtte.as_mut(), &dout.cuda(), e, pad)?)
+    }
+    fn attention_forward(
+        &self,
+        mut out: CudaViewMut<'_, f32>,
+        lse: &mut CudaSlice<f32>,
+        qkv: CuView<'_>,
+        s: AttnShape,
+        causal: bool,
+        batch: &CudaBatch,
+        dropout: Dropout,
+    ) -> Result<()> {
+        let kv = batch.key_valid.as_ref().map(|k| k.as_view());
+        let opt = AttnOptions { causal, key_valid: kv.as_ref(), dropout };
+        Ok(self.dev.attention_forward(&mut out, &mut lse.as_view_mut(), &qkv.cuda(), s, opt)?)
+    }
+    fn attention_backward(
+        &self,
+        mut dqkv: CudaViewMut<'_, f32>,
+        dout: CuView<'_>,
+        qkv: CuView<'_>,
+        out: CuView<'_>,
+        lse: &CudaSlice<f32>,
+        s: AttnShape,
+        causal: bool,
+        batch: &CudaBatch,
+        dropout: Dropout,
+    ) -> Result<()> {
+        let kv = batch.key_valid.as_ref().map(|k| k.as_view());
+        let opt = AttnOptions { causal, key_valid: kv.as_ref(), dropout };
+        let (dout, qkv, out, lse) = (dout.cuda(), qkv.cuda(), out.cuda(), lse.as_view());
+        self.with_scratch(s.b * s.n_head * s.t, |sc| Ok(self.dev.attention_backward(&mut dqkv, sc, &dout, &qkv, &out, &lse, s, opt)?))
+    }
+    fn attention_cached(
+        &self,
+        _out: CudaViewMut<'_, f32>,
+        _q: CuView<'_>,
+        _k_cache: CuView<'_>,
+        _v_cache: CuView<'_>,
+        _start: usize,
+        _n_new: usize,
+        _n_head: usize,
+        _head_size: usize,
+    ) -> Result<()> {
+        Err(unsupported("attention_cached (generation)"))
+    }
+    fn disentangled_attention_forward(
+        &self,
+        _out: CudaViewMut<'_, f32>,
+        _state: &mut CudaSlice<f32>,
+        _qkv: CuView<'_>,
+        _pos_key: Option<CuView<'_>>,
+        _pos_query: Option<CuView<'_>>,
+        _s: DisentangledShape,
+        _batch: &CudaBatch,
+        _dropout: Dropout,
+    ) -> Result<()> {
+        Err(unsupported("disentangled_attention_forward (DeBERTa)"))
+    }
+    fn disentangled_attention_backward(
+        &self,
+        _dqkv: CudaViewMut<'_, f32>,
+        _dpos_key: Option<CudaViewMut<'_, f32>>,
+        _dpos_query: Option<CudaViewMut<'_, f32>>,
+        _dout: CuView<'_>,
+        _qkv: CuView<'_>,
+        _pos_key: Option<CuView<'_>>,
+        _pos_query: Option<CuView<'_>>,
+        _state: &CudaSlice<f32>,
+        _s: DisentangledShape,
+        _batch: &CudaBatch,
+        _dropout: Dropout,
+    ) -> Result<()> {
+        Err(unsupported("disentangled_attention_backward (DeBERTa)"))
+    }
+    fn zero_padded_rows(&self, mut x: CudaViewMut<'_, f32>, batch: &CudaBatch, cols: usize) -> Result<()> {
+        let Some(valid) = batch.key_valid.as_ref() else { return Ok(()) };
+        let rows = valid.len();
+        check("zero_padded_rows", "x", x.len(), rows * cols)?;
+        let (valid, r, k) = (valid.as_view(), rows as u64, cols as u64);
+        let mut l = self.kernel("zero_padded_rows_f32")?;
+        l.output(&mut x).input(&valid).scalar(&r).scalar(&k);
+        run_elem(l, rows * cols)
+    }
+    fn conv1d_unfold(&self, _out: CudaViewMut<'_, f32>, _x: CuView<'_>, _b: usize, _t: usize, _c: usize, _k: usize) -> Result<()> {
+        Err(unsupported("conv1d_unfold (DeBERTa)"))
+    }
+    fn conv1d_fold(&self, _dx: CudaViewMut<'_, f32>, _dcol: CuView<'_>, _b: usize, _t: usize, _c: usize, _k: usize) -> Result<()> {
+        Err(unsupported("conv1d_fold (DeBERTa)"))
+    }
+    fn gather_rows(&self, mut out: CudaViewMut<'_, f32>, x: CuView<'_>, batch: &CudaBatch, cols: usize) -> Result<()> {
+        let n = batch.host.n_labels();
+        check("gather_rows", "out", out.len(), n * cols)?;
+        check("gather_rows", "x", x.len(), batch.host.b * batch.host.t * cols)?;
+        if n == 0 {
+            return Ok(());
+        }
+        let (rows, x, n64, k) = (batch.labelled()?, x.cuda(), n as u64, cols as u64);
+        // the labelled rows are positions of the batch (< b * t, the rows of x: checked)
+        let mut l = self.kernel("gather_rows_f32")?;
+        l.output(&mut out).input(&x).input(&rows).scalar(&n64).scalar(&k);
+        run_elem(l, n * cols)
+    }
+    fn scatter_add_rows(&self, mut dx: CudaViewMut<'_, f32>, dsel: CuView<'_>, batch: &CudaBatch, cols: usize) -> Result<()> {
+        let n = batch.host.n_labels();
+        check("scatter_add_rows", "dsel", dsel.len(), n * cols)?;
+        check("scatter_add_rows", "dx", dx.len(), batch.host.b * batch.host.t * cols)?;
+        if n == 0 {
+            return Ok(());
+        }
+        let (rows, dsel, n64, k) = (batch.labelled()?, dsel.cuda(), n as u64, cols as u64);
+        let mut l = self.kernel("scatter_add_rows_f32")?;
+        l.output(&mut dx).input(&dsel).input(&rows).scalar(&n64).scalar(&k);
+        run_elem(l, n * cols)
+    }
+    fn lm_head_loss(
+        &self,
+        scratch: CudaViewMut<'_, f32>,
+        x: CuView<'_>,
+        wte: CuView<'_>,
+        bias: Option<CuView<'_>>,
+        batch: &CudaBatch,
+        rows: Rows,
+        c: usize,
+        grad: Option<HeadGrads<CudaViewMut<'_, f32>>>,
+        stats: &mut CudaStats,
+        weight: f64,
+    ) -> Result<()> {
+        const OP: &str = "lm_head_loss";
+        let vocab = wte.len() / c.max(1);
+        check(OP, "wte", wte.len(), vocab * c)?;
+        let n = match rows {
+            Rows::All => batch.host.targets.len(),
+            Rows::Labelled => batch.host.n_labels(),
+        };
+        check(OP, "x", x.len(), n * c)?;
+        if scratch.len() < n * vocab {
+            return Err(BackendError(format!("{OP}: scratch has {} elements, needs {}", scratch.len(), n * vocab)));
+        }
+        let mut logits = Self::slice_mut(scratch, 0, n * vocab);
+        let (xv, wv) = (x.cuda(), wte.cuda());
+        let shape =
+            |m, n, k, trans_a, trans_b, accumulate| GemmDesc::from(lmtrain_backend::GemmShape { m, n, k, trans_a, trans_b, accumulate });
+        // logits = x · wte^T (+ bias)
+        self.sgemm(&mut logits, &xv, &wv, &shape(n, vocab, c, false, true, false))?;
+        if let Some(b) = bias {
+            self.add_bias(&mut logits, &b.cuda(), n, vocab)?;
+        }
+        let sel = batch.head(&self.dev, rows, vocab)?;
+        let mut losses = match stats.losses.take() {
+            Some(l) if l.len() >= n => l,
+            _ => self.dev.zeros::<f32>(n.max(1))?,
+        };
+        let r = self.dev.classifier(
+            &mut logits,
+            &mut losses.slice_mut(0..n),
+            &mut stats.total.as_view_mut(),
+            sel,
+            grad.as_ref().map(|g| g.dloss),
+        );
+        stats.losses = Some(losses);
+        r?;
+        let (labels, total, mut loss) = (batch.host.n_labels() as f64, stats.total.as_view(), stats.loss.as_view_mut());
+        let mut l = self.kernel("loss_accumulate_f32")?;
+        l.output(&mut loss).input(&total).scalar(&labels).scalar(&weight);
+        run_one(l)?;
+        if let Some(HeadGrads { mut dx, mut dwte, dbias, .. }) = grad {
+            let dl = logits.as_view();
+            // dx = dlogits · wte ; dwte += dlogits^T · x ; dbias += column sums of dlogits
+            self.sgemm(&mut dx, &dl, &wv, &shape(n, c, vocab, false, false, false))?;
+            self.sgemm(&mut dwte, &dl, &xv, &shape(vocab, c, n, true, false, true))?;
+            if let Some(mut db) = dbias {
+                self.with_scratch(bias_backward_scratch(n, vocab), |s| Ok(self.dev.bias_backward(&mut db, s, &dl, n, vocab)?))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn global_norm(&self, grads: CuView<'_>, stats: &mut CudaStats) -> Result<()> {
+        let need = grad_norm_scratch(grads.len());
+        let mut scratch = match stats.norm_scratch.take() {
+            Some(s) if s.len() >= need => s,
+            _ => self.dev.zeros::<f64>(need)?,
+        };
+        let r = self.dev.grad_norm(&mut stats.norm.as_view_mut(), &mut scratch.as_view_mut(), &grads.cuda(), 0.0);
+        stats.norm_scratch = Some(scratch);
+        Ok(r?)
+    }
+    fn adamw_update(
+        &self,
+        mut params: CudaViewMut<'_, f32>,
+        master: Option<&mut CuBuf>,
+        grads: CuView<'_>,
+        m: &mut CuBuf,
+        v: &mut CuBuf,
+        segments: &[DecaySegment],
+        step: &AdamWStep,
+        stats: &CudaStats,
+    ) -> Result<()> {
+        // scale[1] = the factor of AdamWStep::grad_scale, from the norm global_norm left on the
+        // device; the AdamW kernels multiply the gradients by it (and by the 1.0 of `hp`)
+        let (inv_accum, max_norm) = (1.0 / step.accum as f32, step.max_grad_norm);
+        let hp = step.hyper(1.0);
+        let (g, norm) = (grads.cuda(), stats.norm.as_view());
+        let (mut mv, mut vv) = (m.view_mut(), v.view_mut());
+        self.with_scratch(2, |scale| {
+            let mut l = self.kernel("grad_scale_f32")?;
+            l.output(scale).input(&norm).scalar(&inv_accum).scalar(&max_norm);
+            run_one(l)?;
+            let clip = scale.as_view();
+            match master {
+                None => Ok(self.dev.adamw_update(&mut params, &g, &mut mv, &mut vv, Some(&clip), segments, &hp)?),
+                Some(w) => {
+                    self.dev.adamw_update(&mut w.view_mut(), &g, &mut mv, &mut vv, Some(&clip), segments, &hp)?;
+                    self.copy(params, Self::view(w))
+                }
+            }
+        })
+    }
+}
