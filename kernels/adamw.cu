@@ -123,3 +123,16 @@ extern "C" __global__ void adamw_bf16(float* master, lm::bf16* params, const lm:
     v[i] = vi;
   }
 }
+
+// grad_scale: scale[1] = min(1, max_norm / (norm[0] * inv_accum + 1e-6)) * inv_accum (1 instead
+// of the min when max_norm <= 0), scale[0] = the averaged norm: the one factor AdamW applies to
+// the summed gradients, averaging and clipping folded together as
+// lmtrain_backend::AdamWStep::grad_scale, left on the device (one thread).
+extern "C" __global__ void grad_scale_f32(float* scale, const float* norm, float inv_accum, float max_norm) {
+  if (lm::global_thread() == 0) {
+    const float avg = norm[0] * inv_accum;
+    const float clip = max_norm > 0.f ? fminf(max_norm / (avg + 1e-6f), 1.f) : 1.f;
+    scale[0] = avg;
+    scale[1] = clip * inv_accum;
+  }
+}

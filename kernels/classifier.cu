@@ -84,3 +84,9 @@ extern "C" __global__ __launch_bounds__(kThreads) void classifier_loss_sum_f32(d
   }
   if (threadIdx.x == 0) total[0] = part[0];
 }
+
+// loss_accumulate: loss[0] += double(float(total[0] / n_labels)) * weight (one thread: the mean
+// rounded to f32 first, as the CPU backend adds a model's reported loss to the step's stats).
+extern "C" __global__ void loss_accumulate_f32(double* loss, const double* total, double n_labels, double weight) {
+  if (lm::global_thread() == 0) loss[0] += double(float(total[0] / n_labels)) * weight;
+}

@@ -1,3 +1,6 @@
+// add_bias: c[r, j] += bias[j] (rows x cols; Bytes 8 rows*cols, FLOPs rows*cols), the epilogue
+// of a product when cuBLAS runs without one (lmtrain_cpu::ops::add_bias).
+//
 // Parameter-gradient reductions over rows, deterministic (no float atomics): a fixed split
 // of the rows into segments, each summed in row order by one thread per column, then the
 // segments summed in order.
@@ -39,4 +42,9 @@ extern "C" __global__ void column_sum_f32(float* dst, const float* partials, int
   float acc = 0.f;
   for (int s = 0; s < nseg; ++s) acc += partials[size_t(s) * stride + c];
   dst[c] += acc;
+}
+
+extern "C" __global__ void add_bias_f32(float* c, const float* bias, uint64_t rows, uint64_t cols) {
+  const uint64_t n = rows * cols;
+  for (uint64_t i = lm::global_thread(); i < n; i += lm::grid_threads()) c[i] += bias[i % cols];
 }

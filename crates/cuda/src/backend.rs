@@ -1,6 +1,7 @@
 //! [`CudaBackend`]: the op interface [`lmtrain_backend::Backend`] on a CUDA device, f32 storage
-//! and compute, gluing the kernel wrappers of [`CudaDevice`] (and `kernels/backend.cu` for the
-//! small element-wise ops) to the trait's ops with `lmtrain_cpu`'s semantics.
+//! and compute, gluing the kernel wrappers of [`CudaDevice`] (and, for the small ops, the kernels
+//! of `kernels/elementwise.cu`, `kernels/rows.cu` and their families) to the trait's ops with
+//! `lmtrain_cpu`'s semantics.
 //!
 //! Matrix products go through cuBLAS `sgemm` in its default math mode (full f32, no TF32), so
 //! the backend agrees with the CPU backend to f32 rounding; the bias and GELU epilogues are
@@ -259,7 +260,7 @@ impl CudaBackend {
             .map_err(|e| BackendError(format!("cuBLAS: gemm {}x{}x{}: {e}", s.m, s.n, s.k)))
     }
 
-    /// A kernel of `kernels/backend.cu`.
+    /// A kernel by its `extern "C"` name.
     fn kernel(&self, name: &str) -> Result<Launch<'_>> {
         Ok(Launch::new(&self.dev, name.to_string())?)
     }
@@ -275,7 +276,7 @@ impl CudaBackend {
     }
 }
 
-/// Launches a grid-stride kernel of `kernels/backend.cu` over `n` elements (none when `n` is 0).
+/// Launches a grid-stride kernel over `n` elements (none when `n` is 0).
 fn run_elem(l: Launch<'_>, n: usize) -> Result<()> {
     if n == 0 {
         return Ok(());
@@ -286,7 +287,7 @@ fn run_elem(l: Launch<'_>, n: usize) -> Result<()> {
     Ok(())
 }
 
-/// Launches a one-thread kernel of `kernels/backend.cu` (the step scalars).
+/// Launches a one-thread kernel (the step scalars).
 fn run_one(l: Launch<'_>) -> Result<()> {
     let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (1, 1, 1), shared_mem_bytes: 0 };
     // SAFETY: the callers pass the step scalars' buffers, which hold the one or two values these

@@ -269,17 +269,6 @@ pub fn disentangled_attention_backward(
     }
 }
 
-/// `x[r, :] = 0` for every position `r` whose mask entry is `false`.
-pub fn zero_padded_rows(x: &mut [f32], key_padding: Option<&[bool]>, cols: usize) {
-    let Some(m) = key_padding else { return };
-    assert_eq!(x.len(), m.len() * cols, "zero_padded_rows: shape");
-    for (row, &keep) in x.chunks_exact_mut(cols).zip(m) {
-        if !keep {
-            row.fill(0.0);
-        }
-    }
-}
-
 /// `im2col` of a 1-D convolution along each sequence, see `Backend::conv1d_unfold`.
 pub fn conv1d_unfold(out: &mut [f32], x: &[f32], b: usize, t: usize, c: usize, k: usize) {
     assert!(k % 2 == 1, "conv1d_unfold: odd kernels only");

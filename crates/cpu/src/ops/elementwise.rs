@@ -87,3 +87,14 @@ fn dropout_mul_body(x: &mut [f32], d: Dropout, base: u64) {
 }
 avx2_version!(dropout_mul_avx2, dropout_mul_body, (x: &mut [f32], d: Dropout, base: u64) -> ());
 avx512_version!(dropout_mul_avx512, dropout_mul_body, (x: &mut [f32], d: Dropout, base: u64) -> ());
+
+/// `x[r, :] = 0` for every position `r` whose mask entry is `false`.
+pub fn zero_padded_rows(x: &mut [f32], key_padding: Option<&[bool]>, cols: usize) {
+    let Some(m) = key_padding else { return };
+    assert_eq!(x.len(), m.len() * cols, "zero_padded_rows: shape");
+    for (row, &keep) in x.chunks_exact_mut(cols).zip(m) {
+        if !keep {
+            row.fill(0.0);
+        }
+    }
+}
