@@ -13,9 +13,8 @@ embeddings). Prints a human line on stderr and one JSON object on stdout.
     python3 benches/train_mlm_pytorch.py [--family bert|deberta] [--threads 2] [--steps 20] [--compile]
 """
 import argparse
-import json
-import sys
-import time
+
+from torch_step import time_training
 
 
 def main():
@@ -60,15 +59,6 @@ def main():
     if args.family == "bert":
         cfg._attn_implementation = args.attn
     model = cls(cfg).float()
-    model.train()
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        (no_decay if name.endswith("bias") or "LayerNorm" in name else decay).append(p)
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=5e-5, betas=(0.9, 0.999), eps=1e-8, foreach=True,
-    )
-    step_model = torch.compile(model) if args.compile else model
     gen = torch.Generator().manual_seed(1)
     original = torch.randint(1000, args.vocab, (args.batch, args.block), generator=gen)
     chosen = torch.rand(original.shape, generator=gen) < args.mlm_probability
@@ -78,44 +68,9 @@ def main():
     ids[chosen & (split < 0.8)] = 103
     rand = chosen & (split >= 0.8) & (split < 0.9)
     ids[rand] = torch.randint(1000, args.vocab, (int(rand.sum()),), generator=gen)
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        loss = step_model(input_ids=ids, labels=labels).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        return loss.item()
-
-    for _ in range(args.warmup):
-        step()
-    times = []
-    t_start = time.perf_counter()
-    for _ in range(args.steps):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-        if time.perf_counter() - t_start > args.max_seconds:
-            break
-    times.sort()
-    median = times[len(times) // 2]
-    tokens = args.batch * args.block
-    result = {
-        "impl": "pytorch" + ("-compile" if args.compile else "-eager"),
-        "family": args.family,
-        "torch": torch.__version__,
-        "threads": args.threads,
-        "attn": getattr(model.config, "_attn_implementation", None),
-        "labels": int(chosen.sum()),
-        "steps": len(times),
-        "step_ms_median": median * 1e3,
-        "tokens_per_s": tokens / median,
-        "tokens_per_s_mean": tokens * len(times) / sum(times),
-        "params": sum(p.numel() for p in model.parameters()),
-    }
-    print(f"{result['impl']}: {result['tokens_per_s']:.0f} tokens/s (median step {median*1e3:.1f} ms over "
-          f"{len(times)} steps, {args.threads} threads)", file=sys.stderr)
-    print(json.dumps(result))
+    no_decay = lambda n: n.endswith("bias") or "LayerNorm" in n  # noqa: E731
+    time_training(args, model, no_decay, dict(input_ids=ids, labels=labels), family=args.family,
+                  labels=int(chosen.sum()))
 
 
 if __name__ == "__main__":
