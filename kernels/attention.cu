@@ -337,6 +337,43 @@ __device__ void attn_backward_dkv(T* __restrict__ dqkv, const T* __restrict__ do
   }
 }
 
+// Incremental causal attention for generation (batch 1), lmtrain_cpu::ops::attention_cached:
+// query i (at position start + i, q is [n_new, C]) of head h over the cached keys and values
+// 0..=start+i (k_cache, v_cache: [>= start + n_new, C]), scale = 1/sqrt(HS):
+//   w_j = scale q_i . k_j ;  p_j = exp(w_j - max_j w) / sum_j exp(...) ;  out_i = sum_j p_j v_j
+// One block per (i, h); its scores live in dynamic shared memory (4 * (start + n_new) bytes,
+// checked by the host). Per block: reads q_i's head and (start+i+1) rows of the head's k and v
+// (2 * (start+i+1) * HS * E bytes), writes HS * E; 4 * (start+i+1) * HS FLOPs. Decoding is
+// bound by those cache reads, not by FLOPs, so plain loops suffice (no tensor cores).
+template <class T>
+__device__ void attn_cached(T* out, const T* q, const T* k_cache, const T* v_cache, int start, int NH, int HS) {
+  __shared__ float red[33];
+  DYN_SMEM(float, w);
+  const int i = blockIdx.x, h = blockIdx.y, C = NH * HS, n = start + i + 1;
+  const float scale = 1.f / sqrtf(float(HS));
+  const T* qh = q + size_t(i) * C + h * HS;
+  float mx = -INFINITY;
+  for (int j = threadIdx.x; j < n; j += blockDim.x) {
+    const T* kh = k_cache + size_t(j) * C + h * HS;
+    float dot = 0.f;
+    for (int d = 0; d < HS; ++d) dot += lm::to_f32(qh[d]) * lm::to_f32(kh[d]);
+    w[j] = dot * scale;
+    mx = fmaxf(mx, w[j]);
+  }
+  mx = lm::block_max(mx, red);
+  float sum = 0.f;
+  for (int j = threadIdx.x; j < n; j += blockDim.x) {
+    w[j] = lm::exp_for<T>(w[j] - mx);
+    sum += w[j];
+  }
+  sum = lm::block_sum(sum, red);  // its barriers also publish every w[j]
+  for (int d = threadIdx.x; d < HS; d += blockDim.x) {
+    float o = 0.f;
+    for (int j = 0; j < n; ++j) o += w[j] / sum * lm::to_f32(v_cache[size_t(j) * C + h * HS + d]);
+    out[size_t(i) * C + h * HS + d] = lm::from_f32<T>(o);
+  }
+}
+
 }  // namespace
 
 extern "C" __global__ __launch_bounds__(kThreads) void attention_fwd_f32(
@@ -378,4 +415,15 @@ extern "C" __global__ __launch_bounds__(kThreads) void attention_bwd_dkv_bf16(
     lm::bf16* dqkv, const lm::bf16* dout, const lm::bf16* qkv, const float* lse, const float* D, const unsigned char* key_valid,
     int B, int seq, int NH, int HS, int causal, float p_drop, uint64_t seed, int BR, int BC) {
   attn_backward_dkv(dqkv, dout, qkv, lse, D, key_valid, B, seq, NH, HS, causal, p_drop, seed, BR, BC);
+}
+extern "C" __global__ __launch_bounds__(kThreads) void attention_cached_f32(float* out, const float* q,
+                                                                          const float* k_cache, const float* v_cache,
+                                                                          int start, int NH, int HS) {
+  attn_cached(out, q, k_cache, v_cache, start, NH, HS);
+}
+extern "C" __global__ __launch_bounds__(kThreads) void attention_cached_bf16(lm::bf16* out, const lm::bf16* q,
+                                                                           const lm::bf16* k_cache,
+                                                                           const lm::bf16* v_cache, int start, int NH,
+                                                                           int HS) {
+  attn_cached(out, q, k_cache, v_cache, start, NH, HS);
 }

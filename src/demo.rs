@@ -115,7 +115,7 @@ pub fn run(objective: Objective) -> anyhow::Result<()> {
             let model = Gpt2::new(Cpu, cfg, 42)?;
             let what = "GPT-2, 4 layers, 4 heads, width 128";
             train_and_report(args, model, Box::new(CausalCollator), train, eval, tokenizer_json, what, &out_dir)?;
-            let (mut model, tokenizer) = crate::generate::load_model_and_tokenizer(&out_dir)?;
+            let (mut model, tokenizer) = crate::generate::load_model_and_tokenizer(Cpu, &out_dir)?;
             let prompt = "And God said";
             let decoding = Decoding::Sample { temperature: 0.8, top_k: 40, top_p: 1.0, seed: 42 };
             let text = crate::generate::continue_text(&mut model, &tokenizer, prompt, 80, decoding, false)?;

@@ -5,12 +5,12 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
-use lmtrain_cpu::Cpu;
+use lmtrain_backend::Backend;
 use lmtrain_model::{ModelConfig, Objective};
 use lmtrain_store::BlockStore;
 use lmtrain_trainer::{CausalCollator, Collator, check_store_fits, evaluate};
 
-use crate::family::{Family, ForFamily};
+use crate::family::{Family, ForFamily, Target};
 use crate::run::{MaskingArgs, check_layout, masking_collator};
 
 /// Flags of `train eval`.
@@ -36,6 +36,9 @@ pub struct EvalArgs {
     /// Masked-LM masking.
     #[command(flatten)]
     masking: MaskingArgs,
+    /// The backend.
+    #[command(flatten)]
+    target: Target,
 }
 
 /// The store to evaluate: `(store, temporary directory keeping a tokenized text alive)`.
@@ -90,15 +93,15 @@ pub fn run(a: EvalArgs) -> anyhow::Result<()> {
         bail!("--per-device-eval-batch-size must be at least 1");
     }
     let family = lmtrain_hf::read_model_type(&a.checkpoint).context("loading the checkpoint")?;
-    crate::family::dispatch(&family, a)
+    crate::family::dispatch(&family, a.target, a)
 }
 
 impl ForFamily for EvalArgs {
     type Output = ();
 
-    fn run<M: Family>(self) -> anyhow::Result<()> {
+    fn run<B: Backend, M: Family<B>>(self, backend: B) -> anyhow::Result<()> {
         let a = self;
-        let mut model: M = lmtrain_hf::load_model(Cpu, &a.checkpoint).context("loading the checkpoint")?;
+        let mut model: M = lmtrain_hf::load_model(backend, &a.checkpoint).context("loading the checkpoint")?;
         let tok_path = a.checkpoint.join("tokenizer.json");
         let tokenizer = if tok_path.is_file() { Some(lmtrain_hf::read_checked(&a.checkpoint, "tokenizer.json")?) } else { None };
         let positions = model.config().max_positions();

@@ -1,9 +1,12 @@
-//! The model families `train` knows, by their Hugging Face `model_type`, and the one place that
-//! maps a name to a type: a command is written once, generic over [`Family`], and
-//! [`dispatch`] runs it for whichever family a checkpoint or a flag names.
+//! The model families `train` knows, by their Hugging Face `model_type`, the backends it runs
+//! them on (`--device`, `--dtype`), and the one place that maps names to types: a command is
+//! written once, generic over the backend and the [`Family`], and [`dispatch`] runs it for
+//! whichever family a checkpoint or a flag names on whichever backend the flags choose.
 
 use anyhow::bail;
+use lmtrain_backend::Backend;
 use lmtrain_cpu::Cpu;
+use lmtrain_cuda::CudaBackend;
 use lmtrain_model::LanguageModel;
 use lmtrain_model::bert::{Bert, Roberta};
 use lmtrain_model::deberta::Deberta;
@@ -14,28 +17,126 @@ use crate::run::ScratchConfig;
 
 /// The `model_type`s [`dispatch`] accepts, for messages.
 pub const MODEL_TYPES: &str = "gpt2, bert, distilbert, roberta or deberta-v2";
+const KNOWN: [&str; 5] = ["gpt2", "bert", "distilbert", "roberta", "deberta-v2"];
 
-/// A model family on the CPU backend whose config can also be built from `train`'s flags.
-pub trait Family: LanguageModel<Cpu, Config: ScratchConfig> {}
+/// A model family on backend `B` whose config can also be built from `train`'s flags.
+pub trait Family<B: Backend>: LanguageModel<B, Config: ScratchConfig> {}
 
-impl<M: LanguageModel<Cpu, Config: ScratchConfig>> Family for M {}
+impl<B: Backend, M: LanguageModel<B, Config: ScratchConfig>> Family<B> for M {}
 
-/// A command generic over the family.
+/// A command generic over the backend and the family.
 pub trait ForFamily {
     /// What the command returns.
     type Output;
-    /// Runs the command for family `M`.
-    fn run<M: Family>(self) -> anyhow::Result<Self::Output>;
+    /// Runs the command for family `M` on `backend`.
+    fn run<B: Backend, M: Family<B>>(self, backend: B) -> anyhow::Result<Self::Output>;
 }
 
-/// Runs `f` for the family named `model_type`.
-pub fn dispatch<F: ForFamily>(model_type: &str, f: F) -> anyhow::Result<F::Output> {
-    match model_type {
-        "gpt2" => f.run::<Gpt2<Cpu>>(),
-        "bert" => f.run::<Bert<Cpu>>(),
-        "distilbert" => f.run::<DistilBert<Cpu>>(),
-        "roberta" => f.run::<Roberta<Cpu>>(),
-        "deberta-v2" => f.run::<Deberta<Cpu>>(),
-        other => bail!("model type {other:?} is not supported ({MODEL_TYPES})"),
+/// `--device`: where the model is trained or run.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Device {
+    /// The CPU backend (every family; the reference of the others).
+    #[default]
+    Cpu,
+    /// The first NVIDIA GPU (GPT-2, BERT, DistilBERT, RoBERTa).
+    Cuda,
+}
+
+/// `--dtype`: the dtype activations and the working copy of the weights are stored in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Dtype {
+    /// f32 everywhere (the CPU's only dtype).
+    F32,
+    /// bf16 storage with f32 accumulation and f32 master weights (CUDA).
+    Bf16,
+}
+
+/// The backend a command runs on: `--device` and `--dtype` together.
+#[derive(clap::Args, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Target {
+    /// Where to run: cpu, or cuda (the first NVIDIA GPU).
+    #[arg(long, value_enum, default_value_t = Device::Cpu)]
+    pub device: Device,
+    /// Storage dtype of activations and of the weights' working copy: f32, or bf16 (f32 master
+    /// weights and accumulation) [default: f32 on cpu, bf16 on cuda].
+    #[arg(long, value_enum)]
+    pub dtype: Option<Dtype>,
+}
+
+impl Target {
+    /// The dtype in effect.
+    pub fn dtype(&self) -> Dtype {
+        self.dtype.unwrap_or(match self.device {
+            Device::Cpu => Dtype::F32,
+            Device::Cuda => Dtype::Bf16,
+        })
+    }
+
+    /// Refuses combinations no backend has, before anything is opened or read.
+    pub fn check(&self) -> anyhow::Result<()> {
+        if self.device == Device::Cpu && self.dtype() == Dtype::Bf16 {
+            bail!("--dtype bf16 needs --device cuda; the CPU backend computes in f32 (drop --dtype)");
+        }
+        Ok(())
+    }
+}
+
+/// A command generic over the backend only (its family is fixed).
+pub trait ForBackend {
+    /// What the command returns.
+    type Output;
+    /// Runs the command on `backend`.
+    fn run<B: Backend>(self, backend: B) -> anyhow::Result<Self::Output>;
+}
+
+/// Runs `f` on the backend `target` names.
+pub fn on_target<F: ForBackend>(target: Target, f: F) -> anyhow::Result<F::Output> {
+    target.check()?;
+    match (target.device, target.dtype()) {
+        (Device::Cpu, _) => f.run(Cpu),
+        (Device::Cuda, Dtype::F32) => f.run(open_cuda()?),
+        (Device::Cuda, Dtype::Bf16) => bail!("--dtype bf16 is not available on CUDA yet; pass --dtype f32"),
+    }
+}
+
+/// Runs `f` for the family named `model_type` on the backend `target` names.
+pub fn dispatch<F: ForFamily>(model_type: &str, target: Target, f: F) -> anyhow::Result<F::Output> {
+    target.check()?;
+    if !KNOWN.contains(&model_type) {
+        bail!("model type {model_type:?} is not supported ({MODEL_TYPES})");
+    }
+    if model_type == "deberta-v2" {
+        if target.device != Device::Cpu {
+            bail!("deberta-v2 does not run on CUDA yet (its disentangled attention has no kernel); use --device cpu");
+        }
+        return f.run::<Cpu, Deberta<Cpu>>(Cpu);
+    }
+    on_target(target, Families { model_type, f })
+}
+
+/// Opens the first GPU; the error says what is missing and what to use instead.
+fn open_cuda() -> anyhow::Result<CudaBackend> {
+    let backend = CudaBackend::open(0).map_err(|e| anyhow::anyhow!("--device cuda: {e}; use --device cpu"))?;
+    eprintln!("device: {}", backend.device().name());
+    Ok(backend)
+}
+
+/// A family command for the families every backend runs (all but DeBERTa).
+struct Families<'a, F> {
+    model_type: &'a str,
+    f: F,
+}
+
+impl<F: ForFamily> ForBackend for Families<'_, F> {
+    type Output = F::Output;
+
+    fn run<B: Backend>(self, backend: B) -> anyhow::Result<F::Output> {
+        match self.model_type {
+            "gpt2" => self.f.run::<B, Gpt2<B>>(backend),
+            "bert" => self.f.run::<B, Bert<B>>(backend),
+            "distilbert" => self.f.run::<B, DistilBert<B>>(backend),
+            "roberta" => self.f.run::<B, Roberta<B>>(backend),
+            other => bail!("model type {other:?} is not supported ({MODEL_TYPES})"),
+        }
     }
 }

@@ -6,12 +6,12 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
-use lmtrain_cpu::Cpu;
+use lmtrain_backend::Backend;
 use lmtrain_model::{Input, LanguageModel, ModelConfig, Objective};
 use serde::Serialize;
 use tokenizers::Tokenizer;
 
-use crate::family::{Family, ForFamily};
+use crate::family::{Family, ForFamily, Target};
 
 /// Flags of `train fill-mask`.
 #[derive(clap::Args)]
@@ -27,6 +27,9 @@ pub struct FillMaskArgs {
     /// Print the pipeline's JSON (a list of completions; a list per mask when there are several).
     #[arg(long)]
     json: bool,
+    /// The backend.
+    #[command(flatten)]
+    target: Target,
 }
 
 /// One completion of one mask, as the `fill-mask` pipeline reports it.
@@ -48,7 +51,8 @@ pub fn run(a: FillMaskArgs) -> anyhow::Result<()> {
         bail!("--top-k must be at least 1");
     }
     let family = lmtrain_hf::read_model_type(&a.checkpoint).context("loading the checkpoint")?;
-    let (masks, completions) = crate::family::dispatch(&family, FillMask { dir: &a.checkpoint, prompt: &a.prompt, top_k: a.top_k })?;
+    let (masks, completions) =
+        crate::family::dispatch(&family, a.target, FillMask { dir: &a.checkpoint, prompt: &a.prompt, top_k: a.top_k })?;
     if a.json {
         let text =
             if completions.len() == 1 { serde_json::to_string_pretty(&completions[0]) } else { serde_json::to_string_pretty(&completions) };
@@ -78,7 +82,7 @@ impl ForFamily for FillMask<'_> {
     /// The mask token and one list of completions per mask.
     type Output = (String, Vec<Vec<Completion>>);
 
-    fn run<M: Family>(self) -> anyhow::Result<Self::Output> {
+    fn run<B: Backend, M: Family<B>>(self, backend: B) -> anyhow::Result<Self::Output> {
         if M::OBJECTIVE != Objective::MaskedLm {
             bail!(
                 "{} holds a {} model, which fills no masks; `train generate` continues a prompt with it",
@@ -86,7 +90,7 @@ impl ForFamily for FillMask<'_> {
                 M::HF.architecture
             );
         }
-        let mut model: M = lmtrain_hf::load_model(Cpu, self.dir).context("loading the checkpoint")?;
+        let mut model: M = lmtrain_hf::load_model(backend, self.dir).context("loading the checkpoint")?;
         if self.dir.join("tokenizer.json").is_file() {
             lmtrain_hf::read_checked(self.dir, "tokenizer.json")?; // a damaged file is named as such
         }
@@ -97,7 +101,7 @@ impl ForFamily for FillMask<'_> {
 
 /// Fills every mask token of `prompt`; returns the mask token and the top-`k` completions of each
 /// mask.
-pub fn fill_mask<M: LanguageModel<Cpu>>(
+pub fn fill_mask<B: Backend, M: LanguageModel<B>>(
     model: &mut M,
     tokenizer: &Tokenizer,
     prompt: &str,

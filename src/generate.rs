@@ -3,10 +3,11 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
-use lmtrain_cpu::Cpu;
+use lmtrain_backend::Backend;
 use lmtrain_model::LanguageModel;
 use lmtrain_model::gpt2::Gpt2;
 
+use crate::family::{ForBackend, Target};
 use crate::sample::{Decoding, generate};
 
 /// Flags of `train generate`. Decoding is greedy (as Hugging Face's default) unless
@@ -43,11 +44,14 @@ pub struct GenerateArgs {
     /// Keep generating past the end-of-text token (shown as a line break).
     #[arg(long)]
     ignore_eos: bool,
+    /// The backend.
+    #[command(flatten)]
+    target: Target,
 }
 
 /// Loads a model directory and its tokenizer.
-pub fn load_model_and_tokenizer(dir: &Path) -> anyhow::Result<(Gpt2<Cpu>, tokenizers::Tokenizer)> {
-    let model = lmtrain_hf::load_model(Cpu, dir)?;
+pub fn load_model_and_tokenizer<B: Backend>(backend: B, dir: &Path) -> anyhow::Result<(Gpt2<B>, tokenizers::Tokenizer)> {
+    let model = lmtrain_hf::load_model(backend, dir)?;
     let tok_path = dir.join("tokenizer.json");
     if tok_path.is_file() {
         lmtrain_hf::read_checked(dir, "tokenizer.json")?; // a damaged file is named as such
@@ -59,8 +63,8 @@ pub fn load_model_and_tokenizer(dir: &Path) -> anyhow::Result<(Gpt2<Cpu>, tokeni
 /// Generates text; returns the prompt and its continuation. With `stop_at_eos` generation ends at the
 /// model's end-of-text token; without it, end-of-text tokens are shown as line breaks (the
 /// corpus's document boundaries) and generation runs to `max_new_tokens`.
-pub fn continue_text(
-    model: &mut Gpt2<Cpu>,
+pub fn continue_text<B: Backend>(
+    model: &mut Gpt2<B>,
     tokenizer: &tokenizers::Tokenizer,
     prompt: &str,
     max_new_tokens: usize,
@@ -104,8 +108,23 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
     } else {
         Decoding::Greedy
     };
-    let (mut model, tokenizer) = load_model_and_tokenizer(&a.checkpoint).context("loading the checkpoint")?;
-    let text = continue_text(&mut model, &tokenizer, &a.prompt, a.max_new_tokens, decoding, !a.ignore_eos)?;
+    let text = crate::family::on_target(a.target, Generate { a: &a, decoding })?;
     println!("{text}");
     Ok(())
+}
+
+/// The command on a backend.
+struct Generate<'a> {
+    a: &'a GenerateArgs,
+    decoding: Decoding,
+}
+
+impl ForBackend for Generate<'_> {
+    type Output = String;
+
+    fn run<B: Backend>(self, backend: B) -> anyhow::Result<String> {
+        let a = self.a;
+        let (mut model, tokenizer) = load_model_and_tokenizer(backend, &a.checkpoint).context("loading the checkpoint")?;
+        continue_text(&mut model, &tokenizer, &a.prompt, a.max_new_tokens, self.decoding, !a.ignore_eos)
+    }
 }

@@ -10,7 +10,7 @@ use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
-use lmtrain_cpu::Cpu;
+use lmtrain_backend::Backend;
 use lmtrain_model::bert::{BertConfig, RobertaConfig};
 use lmtrain_model::deberta::DebertaV2Config;
 use lmtrain_model::distilbert::DistilBertConfig;
@@ -18,7 +18,7 @@ use lmtrain_model::gpt2::Gpt2Config;
 use lmtrain_model::{Footprint, LanguageModel, ModelConfig, Objective};
 use lmtrain_store::{BlockStore, Layout};
 
-use crate::family::{Family, ForFamily};
+use crate::family::{Family, ForFamily, Target};
 use lmtrain_trainer::checkpoint::{TOKENIZER_FILE, list_checkpoints};
 use lmtrain_trainer::masking::{MaskVocab, MaskingConfig};
 use lmtrain_trainer::{CausalCollator, Collator, IntervalStrategy, MaskingCollator, Trainer, TrainingArgs};
@@ -90,9 +90,9 @@ pub struct TrainArgs {
     /// Masked-LM masking.
     #[command(flatten)]
     pub masking: MaskingArgs,
-    /// cpu or cuda [default: cpu].
-    #[arg(long)]
-    pub device: Option<String>,
+    /// The backend.
+    #[command(flatten)]
+    pub target: Target,
     /// Hide the progress bar.
     #[arg(long, num_args = 0..=1, default_missing_value = "true", default_value_t = false, value_name = "BOOL", action = clap::ArgAction::Set)]
     pub no_progress: bool,
@@ -182,25 +182,6 @@ fn check_contradictions(a: &TrainArgs, given: &dyn Fn(&str) -> bool) -> anyhow::
         bail!("--eval-steps is set but --eval-strategy is `no`; add --eval-strategy steps");
     }
     Ok(())
-}
-
-/// Checks `--device`. The CUDA training backend is a later issue: `cuda` opens the device
-/// (lmtrain-cuda) to report what is there, then says so.
-pub fn check_device(device: Option<&str>) -> anyhow::Result<()> {
-    match device.unwrap_or("cpu") {
-        "cpu" => Ok(()),
-        "cuda" => {
-            // Open the device so the user learns what is (not) there, then say what is missing.
-            match lmtrain_cuda::CudaDevice::open(0) {
-                Ok(dev) => bail!(
-                    "--device cuda: found {}, but the CUDA training backend is not implemented yet (a later issue); use --device cpu",
-                    dev.name()
-                ),
-                Err(e) => bail!("--device cuda: {e}; use --device cpu"),
-            }
-        }
-        other => bail!("unknown --device `{other}` (expected cpu or cuda)"),
-    }
 }
 
 /// A family's config for training from scratch: `--model-config`, else the size flags on top of
@@ -361,7 +342,8 @@ pub fn open_data(dir: &Path) -> anyhow::Result<(BlockStore, Option<BlockStore>, 
 /// were set.
 pub fn run(a: TrainArgs, given: &dyn Fn(&str) -> bool) -> anyhow::Result<()> {
     check_contradictions(&a, given)?;
-    check_device(a.device.as_deref())?;
+    let target = a.target;
+    target.check()?;
     let data = a.data.clone().context("--data DIR is required (a `train prepare` output directory)")?;
     let output_dir = a.output_dir.clone().context("--output-dir DIR is required")?;
     let mut args = a.training.clone();
@@ -389,7 +371,7 @@ pub fn run(a: TrainArgs, given: &dyn Fn(&str) -> bool) -> anyhow::Result<()> {
     let (train, eval, data_tokenizer) = open_data(&data)?;
     let family = family(&a, resume.as_deref())?;
     let run = Run { a: &a, args, train, eval, data_tokenizer, resume: resume.as_deref() };
-    crate::family::dispatch(&family, run)
+    crate::family::dispatch(&family, target, run)
 }
 
 /// Everything a run needs before the family is known.
@@ -407,7 +389,7 @@ impl ForFamily for Run<'_> {
 
     /// Builds the model of family `M` (from the checkpoint, `--init-from` or scratch) and its
     /// collator, then trains.
-    fn run<M: Family>(self) -> anyhow::Result<()> {
+    fn run<B: Backend, M: Family<B>>(self, backend: B) -> anyhow::Result<()> {
         let Run { a, args, train, eval, data_tokenizer, resume } = self;
         if let Some(o) = &a.objective {
             let wanted = if o == "mlm" { Objective::MaskedLm } else { Objective::CausalLm };
@@ -431,15 +413,15 @@ impl ForFamily for Run<'_> {
         // Before anything is allocated, each way checks that the model, its gradients and AdamW's
         // moments fit the machine.
         let (model, tokenizer): (M, Vec<u8>) = if let Some(dir) = resume {
-            fits_training::<M>(dir)?;
+            fits_training::<B, M>(dir)?;
             // The model comes from the checkpoint (the same command line with
             // --resume-from-checkpoint added resumes; its model-shape flags are not used).
             // The checkpoint's tokenizer must be the data's; Trainer::new checks the fingerprint.
             let tok = lmtrain_hf::read_checked(dir, TOKENIZER_FILE)?;
-            (lmtrain_hf::load_model(Cpu, dir)?, tok)
+            (lmtrain_hf::load_model(backend, dir)?, tok)
         } else if let Some(dir) = &a.init_from {
-            fits_training::<M>(dir)?;
-            let model = init_from(dir, args.seed)?;
+            fits_training::<B, M>(dir)?;
+            let model = init_from(backend, dir, args.seed)?;
             // An HF directory may carry its tokenizer; if it does, the data must match it.
             let tok = match dir.join(TOKENIZER_FILE).is_file() {
                 true => lmtrain_hf::read_checked(dir, TOKENIZER_FILE)?,
@@ -449,7 +431,7 @@ impl ForFamily for Run<'_> {
         } else {
             let config = scratch_config::<M::Config>(a, &train)?;
             M::check_memory(&config, Footprint::Training)?;
-            (M::new(Cpu, config, args.seed)?, data_tokenizer)
+            (M::new(backend, config, args.seed)?, data_tokenizer)
         };
         train_model(args, model, collator, train, eval, tokenizer, resume, !a.no_progress)
     }
@@ -480,7 +462,7 @@ pub fn check_layout(store: &BlockStore, objective: Objective) -> anyhow::Result<
 }
 
 /// Refuses a model directory whose config.json describes a model too large to train here.
-fn fits_training<M: LanguageModel<Cpu>>(dir: &Path) -> anyhow::Result<()> {
+fn fits_training<B: Backend, M: LanguageModel<B>>(dir: &Path) -> anyhow::Result<()> {
     let config = lmtrain_hf::load_config::<M::Config>(dir)?;
     M::check_memory(&config, Footprint::Training)
         .map_err(|source| lmtrain_hf::HfError::Model { path: dir.join(lmtrain_hf::CONFIG_FILE), source })?;
@@ -518,20 +500,20 @@ pub fn masking_collator(a: &MaskingArgs, store: &BlockStore, seed: u64) -> anyho
 
 /// `--init-from DIR`: a Hugging Face model directory, its head initialised fresh when the
 /// checkpoint has none; tensors the model does not use are listed, one line each.
-fn init_from<M: LanguageModel<Cpu>>(dir: &Path, seed: u64) -> anyhow::Result<M> {
-    let loaded = lmtrain_hf::load_params::<Cpu, M>(dir, lmtrain_hf::LoadMode::Adapt { seed })?;
+fn init_from<B: Backend, M: LanguageModel<B>>(backend: B, dir: &Path, seed: u64) -> anyhow::Result<M> {
+    let loaded = lmtrain_hf::load_params::<B, M>(dir, lmtrain_hf::LoadMode::Adapt { seed })?;
     for name in &loaded.unused {
         eprintln!("note: {}: tensor {name} is not used by this model", dir.display());
     }
     for name in &loaded.initialised {
         eprintln!("note: {}: tensor {name} is not in the checkpoint and was initialised fresh", dir.display());
     }
-    Ok(M::from_params(Cpu, loaded.config, loaded.params)?)
+    Ok(M::from_params(backend, loaded.config, loaded.params)?)
 }
 
 /// Trains `model` (any family) and reports.
 #[allow(clippy::too_many_arguments)]
-fn train_model<M: LanguageModel<Cpu>>(
+fn train_model<B: Backend, M: LanguageModel<B>>(
     args: TrainingArgs,
     model: M,
     collator: Box<dyn Collator>,

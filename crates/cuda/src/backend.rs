@@ -17,8 +17,7 @@
 //! step scalars ([`CudaStats`]) stay on the device until [`Backend::read_stats`].
 //!
 //! Not on CUDA yet (each returns an error naming the op): DeBERTa's disentangled attention,
-//! `conv1d_unfold` / `conv1d_fold`, incremental attention for generation, and embeddings without
-//! a position table.
+//! `conv1d_unfold` / `conv1d_fold`, and embeddings without a position table.
 
 use std::sync::{Mutex, OnceLock};
 
@@ -593,16 +592,16 @@ impl Backend for CudaBackend {
     }
     fn attention_cached(
         &self,
-        _out: CudaViewMut<'_, f32>,
-        _q: CuView<'_>,
-        _k_cache: CuView<'_>,
-        _v_cache: CuView<'_>,
-        _start: usize,
-        _n_new: usize,
-        _n_head: usize,
-        _head_size: usize,
+        mut out: CudaViewMut<'_, f32>,
+        q: CuView<'_>,
+        k_cache: CuView<'_>,
+        v_cache: CuView<'_>,
+        start: usize,
+        n_new: usize,
+        n_head: usize,
+        head_size: usize,
     ) -> Result<()> {
-        Err(unsupported("attention_cached (generation)"))
+        Ok(self.dev.attention_cached(&mut out, &q.cuda(), &k_cache.cuda(), &v_cache.cuda(), start, n_new, n_head, head_size)?)
     }
     fn disentangled_attention_forward(
         &self,

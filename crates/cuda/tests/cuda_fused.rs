@@ -183,6 +183,45 @@ fn attention_bf16() {
     });
 }
 
+/// Incremental attention (generation) against `ops::attention_cached`: a prefill of several
+/// rows at position 0, then single rows at later positions, caches longer than needed.
+fn attention_cached_case<T: Elem>(dev: &CudaDevice, nh: usize, hs: usize, start: usize, n_new: usize, seed: u64) {
+    let tag = format!("attention_cached h{nh} hs{hs} start{start} n{n_new} {}", T::SUFFIX);
+    let c = nh * hs;
+    let cache_rows = start + n_new + 3;
+    let mut rng = Rng::new(seed);
+    let q = quantize::<T>(rng.vec(n_new * c, 1.5, 0.0));
+    let kc = quantize::<T>(rng.vec(cache_rows * c, 1.5, 0.0));
+    let vc = quantize::<T>(rng.vec(cache_rows * c, 1.0, 0.0));
+    let mut want = vec![0f32; n_new * c];
+    ops::attention_cached(&mut want, &q, &kc, &vc, start, n_new, nh, hs);
+    let (d_q, d_k, d_v) =
+        (dev.upload(&store::<T>(&q)).unwrap(), dev.upload(&store::<T>(&kc)).unwrap(), dev.upload(&store::<T>(&vc)).unwrap());
+    let run = || {
+        let mut d_out = dev.zeros::<T>(n_new * c).unwrap();
+        dev.attention_cached(&mut d_out.as_view_mut(), &d_q.as_view(), &d_k.as_view(), &d_v.as_view(), start, n_new, nh, hs).unwrap();
+        d_out
+    };
+    let d_out = run();
+    check(dev, &tag, &d_out, &want, T::TOL);
+    assert_same_bits(dev, &tag, &d_out, &run());
+}
+
+#[test]
+fn attention_cached() {
+    on_device("attention_cached", |dev| {
+        attention_cached_case::<f32>(dev, 2, 16, 0, 7, 300);
+        attention_cached_case::<f32>(dev, 3, 24, 130, 1, 301);
+        attention_cached_case::<bf16>(dev, 2, 64, 0, 5, 302);
+        attention_cached_case::<bf16>(dev, 1, 8, 40, 1, 303);
+        // a cache shorter than start + n_new is refused before any launch
+        let (q, k) = (dev.zeros::<f32>(16).unwrap(), dev.zeros::<f32>(16).unwrap());
+        let mut out = dev.zeros::<f32>(16).unwrap();
+        let e = dev.attention_cached(&mut out.as_view_mut(), &q.as_view(), &k.as_view(), &k.as_view(), 1, 1, 1, 16);
+        assert!(e.is_err(), "a short cache accepted");
+    });
+}
+
 // ---- classifier ------------------------------------------------------------------------------
 
 fn classifier_case<T: Elem>(dev: &CudaDevice, n_rows: usize, vocab: usize, seed: u64) {
@@ -610,6 +649,7 @@ fn address_sanitizer_pass() {
     const ALL: &[&str] = &[
         "attention_f32",
         "attention_bf16",
+        "attention_cached",
         "classifier_f32",
         "classifier_bf16",
         "layernorm_fused_f32",

@@ -192,4 +192,53 @@ impl CudaDevice {
         }
         Ok(())
     }
+
+    /// Incremental causal attention for generation (batch 1), the semantics of
+    /// `lmtrain_cpu::ops::attention_cached`: `n_new` queries (`q`, `[n_new, C]`) at positions
+    /// `start..start + n_new` over the cached keys and values (`[>= start + n_new, C]`) into
+    /// `out` (`[n_new, C]`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention_cached<T: KernelDtype>(
+        &self,
+        out: &mut CudaViewMut<'_, T>,
+        q: &CudaView<'_, T>,
+        k_cache: &CudaView<'_, T>,
+        v_cache: &CudaView<'_, T>,
+        start: usize,
+        n_new: usize,
+        n_head: usize,
+        head_size: usize,
+    ) -> Result<()> {
+        const OP: &str = "attention_cached";
+        let c = n_head * head_size;
+        let total = start + n_new;
+        check_len(OP, "out", out.len(), n_new * c)?;
+        check_len(OP, "q", q.len(), n_new * c)?;
+        for (what, len) in [("k_cache", k_cache.len()), ("v_cache", v_cache.len())] {
+            if len < total * c {
+                return Err(shape(OP, format!("{what} has {len} elements, fewer than the {} of {total} positions", total * c)));
+            }
+        }
+        // the scores of one query row stay in shared memory
+        let smem = total * size_of::<f32>();
+        if smem > SMEM_LIMIT {
+            return Err(shape(OP, format!("a context of {total} positions exceeds the {} this kernel holds", SMEM_LIMIT / 4)));
+        }
+        if n_new == 0 || c == 0 {
+            return Ok(());
+        }
+        let cfg = LaunchConfig {
+            grid_dim: (to_i32(OP, "n_new", n_new)? as u32, to_i32(OP, "n_head", n_head)? as u32, 1),
+            block_dim: (ATTN_THREADS, 1, 1),
+            shared_mem_bytes: smem as u32,
+        };
+        let (start, nh, hs) = (to_i32(OP, "start", start)?, to_i32(OP, "n_head", n_head)?, to_i32(OP, "head_size", head_size)?);
+        let mut l = Launch::new(self, format!("attention_cached_{}", T::SUFFIX))?;
+        l.output(out).input(q).input(k_cache).input(v_cache);
+        l.scalar(&start).scalar(&nh).scalar(&hs);
+        // SAFETY: out and q hold n_new * C elements and the caches at least (start + n_new) * C
+        // (checked); block (i, h) reads rows 0..=start+i of head h and writes row i, head h;
+        // the dynamic shared memory holds the start + n_new scores of a row.
+        unsafe { l.launch(cfg) }
+    }
 }
