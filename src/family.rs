@@ -95,7 +95,10 @@ pub fn on_target<F: ForBackend>(target: Target, f: F) -> anyhow::Result<F::Outpu
     match (target.device, target.dtype()) {
         (Device::Cpu, _) => f.run(Cpu),
         (Device::Cuda, Dtype::F32) => f.run(open_cuda()?),
-        (Device::Cuda, Dtype::Bf16) => bail!("--dtype bf16 is not available on CUDA yet; pass --dtype f32"),
+        (Device::Cuda, Dtype::Bf16) => {
+            open_cuda()?;
+            bail!("--dtype bf16 is not available on CUDA yet; pass --dtype f32")
+        }
     }
 }
 
