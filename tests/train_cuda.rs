@@ -33,7 +33,7 @@ fn cuda_env(test: &str) -> Option<Vec<(&'static str, &'static str)>> {
 
 /// Runs `train args` on CUDA.
 fn train_cuda(env: &[(&str, &str)], args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_train")).args(args).envs(env.iter().copied()).output().expect("run train")
+    Command::new(train_bin()).args(args).envs(env.iter().copied()).output().expect("run train")
 }
 
 fn ok(out: Output, what: &str) -> String {
@@ -139,7 +139,7 @@ fn bert_on_cuda_trains_with_padding_and_fills_masks_as_on_the_cpu() {
     let Some(env) = cuda_env("bert_on_cuda_trains_with_padding_and_fills_masks_as_on_the_cpu") else { return };
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
-    let corpus = Path::new(env!("CARGO_MANIFEST_DIR")).join("data/corpus/kjv.txt.gz");
+    let corpus = data_dir().join("corpus/kjv.txt.gz");
     // one verse per row, padded: the key-padding masks and the -100 labels of padding rows
     train_ok(&[
         "prepare",

@@ -75,9 +75,20 @@ pub fn model_config(dir: &Path, vocab: usize, n_positions: usize, dropout: f64) 
     path
 }
 
+/// The `train` binary: this build's, or `LMTRAIN_TRAIN_BIN` (scripts/gpu-check.sh runs the
+/// test binaries away from the build tree).
+pub fn train_bin() -> PathBuf {
+    std::env::var_os("LMTRAIN_TRAIN_BIN").map_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_train")), PathBuf::from)
+}
+
+/// The repository's `data/` directory (corpus and tokenizers), or `LMTRAIN_DATA_DIR`.
+pub fn data_dir() -> PathBuf {
+    std::env::var_os("LMTRAIN_DATA_DIR").map_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("data"), PathBuf::from)
+}
+
 /// Runs the `train` binary with `args`.
 pub fn train(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_train")).args(args).output().expect("run train")
+    Command::new(train_bin()).args(args).output().expect("run train")
 }
 
 /// Runs `train`, asserting success; returns stdout.
