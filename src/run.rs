@@ -93,6 +93,10 @@ pub struct TrainArgs {
     /// The backend.
     #[command(flatten)]
     pub target: Target,
+    /// Recompute each MLP's GELU output in the backward instead of keeping one per layer
+    /// (less activation memory, one more GELU per layer, the same results).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", default_value_t = false, value_name = "BOOL", action = clap::ArgAction::Set)]
+    pub recompute: bool,
     /// Hide the progress bar.
     #[arg(long, num_args = 0..=1, default_missing_value = "true", default_value_t = false, value_name = "BOOL", action = clap::ArgAction::Set)]
     pub no_progress: bool,
@@ -412,7 +416,7 @@ impl ForFamily for Run<'_> {
         };
         // Before anything is allocated, each way checks that the model, its gradients and AdamW's
         // moments fit the machine.
-        let (model, tokenizer): (M, Vec<u8>) = if let Some(dir) = resume {
+        let (mut model, tokenizer): (M, Vec<u8>) = if let Some(dir) = resume {
             fits_training::<B, M>(dir)?;
             // The model comes from the checkpoint (the same command line with
             // --resume-from-checkpoint added resumes; its model-shape flags are not used).
@@ -433,6 +437,7 @@ impl ForFamily for Run<'_> {
             M::check_memory(&config, Footprint::Training)?;
             (M::new(backend, config, args.seed)?, data_tokenizer)
         };
+        model.set_recompute(a.recompute);
         train_model(args, model, collator, train, eval, tokenizer, resume, !a.no_progress)
     }
 }

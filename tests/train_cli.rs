@@ -245,3 +245,19 @@ fn epoch_strategies_evaluate_and_save_at_epoch_ends() {
     // logging every 100 steps still logs the last step
     assert_eq!(logged_losses(&out).iter().map(|l| l.0).collect::<Vec<_>>(), vec![6]);
 }
+
+#[test]
+fn recompute_trains_to_the_same_losses() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = s(&make_data(&tmp.path().join("data"), VOCAB, 12, 16, 4));
+    let cfg = s(&model_config(&tmp.path().join("cfg"), VOCAB, 16, 0.1));
+    let run = |name: &str, extra: &[&str]| {
+        let out = tmp.path().join(name);
+        let base = ["--data", &data, "--model-config", &cfg, "--output-dir", &s(&out), "--max-steps", "4", "--logging-steps", "1"];
+        train_ok(&[&base[..], &["--save-strategy", "no", "--no-progress"], extra].concat());
+        logged_losses(&out)
+    };
+    let (kept, recomputed) = (run("kept", &[]), run("recomputed", &["--recompute"]));
+    assert_eq!(kept.len(), 4);
+    assert_eq!(kept, recomputed, "--recompute changed the losses");
+}

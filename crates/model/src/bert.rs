@@ -182,7 +182,7 @@ impl BertConfig {
                     ln1,
                     attn: SelfAttention { qkv, proj, n_head: self.num_attention_heads, causal: false },
                     ln2,
-                    mlp: Mlp { fc, proj: out, gelu },
+                    mlp: Mlp { fc, proj: out, gelu, recompute: false },
                     attn_pdrop: self.attention_probs_dropout_prob as f32,
                     resid_pdrop: [hidden_p; 2],
                     sites: [site, site + 1, site + 2],

@@ -277,7 +277,7 @@ impl DebertaV2Config {
                     ln1,
                     attn,
                     ln2,
-                    mlp: Mlp { fc, proj: out, gelu },
+                    mlp: Mlp { fc, proj: out, gelu, recompute: false },
                     attn_pdrop: self.attention_probs_dropout_prob as f32,
                     resid_pdrop: [hidden_p; 2],
                     sites: [site, site + 1, site + 2],
@@ -553,6 +553,12 @@ impl<B: Backend> LanguageModel<B> for Deberta<B> {
         self.head_loss(&batch, n_labels, stats, weight)
     }
 
+    fn set_recompute(&mut self, on: bool) {
+        for blk in &mut self.layers.blocks {
+            blk.mlp.recompute = on;
+        }
+        self.acts = None; // reallocated in the new layout by the next call
+    }
     fn logits(&mut self, input: &Input<'_>) -> Result<Vec<f32>, ModelError> {
         let (batch, _) = self.upload(input, false)?;
         let (b, t) = (input.b, input.t);

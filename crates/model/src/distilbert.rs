@@ -163,7 +163,7 @@ impl EncoderConfig for DistilBertConfig {
                     ln1,
                     attn: SelfAttention { qkv, proj, n_head: self.n_heads, causal: false },
                     ln2,
-                    mlp: Mlp { fc, proj: out, gelu },
+                    mlp: Mlp { fc, proj: out, gelu, recompute: false },
                     attn_pdrop: self.attention_dropout as f32,
                     resid_pdrop: [0.0, self.dropout as f32],
                     sites: [site, site + 1, site + 2],

@@ -148,6 +148,12 @@ impl<B: Backend, C: EncoderConfig> LanguageModel<B> for MaskedLm<B, C> {
         self.head_loss(&batch, n_labels, stats, weight)
     }
 
+    fn set_recompute(&mut self, on: bool) {
+        for blk in &mut self.layers.blocks {
+            blk.mlp.recompute = on;
+        }
+        self.acts = None; // reallocated in the new layout by the next call
+    }
     fn logits(&mut self, input: &Input<'_>) -> Result<Vec<f32>, ModelError> {
         let (batch, _) = self.upload(input, false)?;
         let (b, t) = (input.b, input.t);

@@ -144,6 +144,9 @@ pub trait LanguageModel<B: Backend>: Sized + Send {
     fn accumulate_loss(&mut self, input: &Input<'_>, stats: &mut B::Stats, weight: f64) -> Result<(), ModelError>;
     /// Logits `[b, t, vocab]` at every position (eval mode; labels unused), copied to the host.
     fn logits(&mut self, input: &Input<'_>) -> Result<Vec<f32>, ModelError>;
+    /// Recompute every MLP's GELU output in the backward instead of keeping it per layer
+    /// (`train --recompute`): less activation memory, the same results.
+    fn set_recompute(&mut self, on: bool);
 
     /// Refuses, before anything is allocated, a configuration with more parameters than
     /// [`limits::MAX_PARAMS`] or whose `footprint` does not fit the machine's memory

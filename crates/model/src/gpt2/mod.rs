@@ -52,7 +52,7 @@ fn declare(cfg: &Gpt2Config) -> Result<(Layers, Vec<ParamInfo>), ModelError> {
                 ln1,
                 attn: SelfAttention { qkv, proj, n_head: cfg.n_head, causal: true },
                 ln2,
-                mlp: Mlp { fc, proj: mlp_proj, gelu },
+                mlp: Mlp { fc, proj: mlp_proj, gelu, recompute: false },
                 attn_pdrop: cfg.attn_pdrop as f32,
                 resid_pdrop: [cfg.resid_pdrop as f32; 2],
                 sites: [site, site + 1, site + 2],
@@ -162,6 +162,12 @@ impl<B: Backend> LanguageModel<B> for Gpt2<B> {
         self.head_loss(&batch, stats, weight)
     }
 
+    fn set_recompute(&mut self, on: bool) {
+        for blk in &mut self.layers.blocks {
+            blk.mlp.recompute = on;
+        }
+        self.acts = None; // reallocated in the new layout by the next call
+    }
     fn logits(&mut self, input: &Input<'_>) -> Result<Vec<f32>, ModelError> {
         let (b, t) = (input.b, input.t);
         let batch = self.check_and_upload(&self.host_batch(&Input { labels: None, ..*input }))?;

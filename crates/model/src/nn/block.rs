@@ -142,7 +142,7 @@ impl<A: Attention> Block<A> {
         let (mlp_ln, mlp_ln_saved) = if pre { (&self.ln2, &mut s.ln2) } else { (&self.ln1, &mut s.ln1) };
         mlp_ln.forward(be, w, mlp_ln_saved, B::view(&s.res_attn), rows)?;
         let mlp_in = B::view(if pre { &s.ln2.out } else { &s.ln1.out });
-        self.mlp.forward(be, w, &mut s.mlp, B::view_mut(&mut sc.tmp), mlp_in, rows)?;
+        self.mlp.forward(be, w, &mut s.mlp, Some(&mut sc.mlp), B::view_mut(&mut sc.tmp), mlp_in, rows)?;
         be.dropout_inplace(B::view_mut(&mut sc.tmp), drop.site(site_m, self.resid_pdrop[1]))?;
         let skip = if pre { B::view(&s.res_attn) } else { B::view(&s.ln1.out) };
         be.residual_forward(B::view_mut(&mut s.res_mlp), skip, B::view(&sc.tmp))?;
@@ -228,7 +228,7 @@ impl Block<SelfAttention> {
             q: be.alloc(n * c)?,
             atty: be.alloc(n * c)?,
             tmp: be.alloc(n * c)?,
-            mlp: self.mlp.alloc(be, n)?,
+            mlp: self.mlp.alloc_keeping(be, n)?,
         })
     }
 
@@ -262,7 +262,7 @@ impl Block<SelfAttention> {
         self.attn.proj.forward(be, w, B::view_mut(&mut sc.tmp), B::view(&sc.atty), n)?;
         be.add_inplace(B::reborrow(&mut x), B::view(&sc.tmp))?;
         self.ln2.forward(be, w, &mut sc.ln, B::as_view(&x), n)?;
-        self.mlp.forward(be, w, &mut sc.mlp, B::view_mut(&mut sc.tmp), B::view(&sc.ln.out), n)?;
+        self.mlp.forward(be, w, &mut sc.mlp, None, B::view_mut(&mut sc.tmp), B::view(&sc.ln.out), n)?;
         be.add_inplace(x, B::view(&sc.tmp))
     }
 }

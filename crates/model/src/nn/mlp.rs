@@ -1,6 +1,6 @@
 //! The feed-forward sub-layer: `proj(gelu(fc(x)))`, the GELU fused into `fc`'s epilogue.
 
-use lmtrain_backend::{Backend, GeluKind, Result};
+use lmtrain_backend::{Backend, BackendError, GeluKind, Result};
 
 use crate::ModelError;
 
@@ -16,47 +16,68 @@ pub struct Mlp {
     pub proj: Linear,
     /// Activation.
     pub gelu: GeluKind,
+    /// Keep no GELU output per layer: the backward recomputes `gelu(pre)` into the scratch
+    /// shared by every layer (llm.c's `recompute`), saving `bt * f` elements per layer for one
+    /// GELU per layer more. The results are the same bits.
+    pub recompute: bool,
 }
 
 /// What the forward keeps for one layer.
 pub struct MlpSaved<B: Backend> {
     /// Pre-activation `[bt, f]`.
     pub pre: B::Buf,
-    /// `gelu(pre)` `[bt, f]` (the projection's input).
-    pub act: B::Buf,
+    /// `gelu(pre)` `[bt, f]` (the projection's input); `None` when it is recomputed.
+    pub act: Option<B::Buf>,
 }
 
-/// Backward scratch.
+/// Scratch shared by every layer.
 pub struct MlpScratch<B: Backend> {
     /// `d act`.
     pub dact: B::Buf,
     /// `d pre`.
     pub dpre: B::Buf,
+    /// `gelu(pre)` of the layer at hand, when the layers keep none.
+    pub act: Option<B::Buf>,
 }
 
 impl Mlp {
     /// Buffers for `bt` rows.
     pub fn alloc<B: Backend>(&self, be: &B, bt: usize) -> Result<MlpSaved<B>> {
-        Ok(MlpSaved { pre: be.alloc(bt * self.fc.n_out)?, act: be.alloc(bt * self.fc.n_out)? })
+        let f = bt * self.fc.n_out;
+        Ok(MlpSaved { pre: be.alloc(f)?, act: (!self.recompute).then(|| be.alloc(f)).transpose()? })
     }
 
-    /// Backward scratch for `bt` rows.
+    /// Buffers for `bt` rows that keep the GELU output whatever [`Mlp::recompute`] says (one-off
+    /// forward passes with no scratch, such as incremental decoding).
+    pub fn alloc_keeping<B: Backend>(&self, be: &B, bt: usize) -> Result<MlpSaved<B>> {
+        Ok(MlpSaved { pre: be.alloc(bt * self.fc.n_out)?, act: Some(be.alloc(bt * self.fc.n_out)?) })
+    }
+
+    /// Scratch for `bt` rows.
     pub fn alloc_scratch<B: Backend>(&self, be: &B, bt: usize) -> Result<MlpScratch<B>> {
-        Ok(MlpScratch { dact: be.alloc(bt * self.fc.n_out)?, dpre: be.alloc(bt * self.fc.n_out)? })
+        let f = bt * self.fc.n_out;
+        Ok(MlpScratch { dact: be.alloc(f)?, dpre: be.alloc(f)?, act: self.recompute.then(|| be.alloc(f)).transpose()? })
     }
 
-    /// `out = proj(gelu(fc(x)))` over `bt` rows.
+    /// `out = proj(gelu(fc(x)))` over `bt` rows; the GELU output goes to `s`, or to the shared
+    /// scratch `sc` when `s` keeps none.
+    #[allow(clippy::too_many_arguments)]
     pub fn forward<B: Backend>(
         &self,
         be: &B,
         w: &Weights<'_, B>,
         s: &mut MlpSaved<B>,
+        sc: Option<&mut MlpScratch<B>>,
         out: B::ViewMut<'_>,
         x: B::View<'_>,
         bt: usize,
     ) -> Result<()> {
-        self.fc.forward_gelu(be, w, B::view_mut(&mut s.act), B::view_mut(&mut s.pre), x, bt, self.gelu)?;
-        self.proj.forward(be, w, out, B::view(&s.act), bt)
+        let act = match (s.act.as_mut(), sc.and_then(|sc| sc.act.as_mut())) {
+            (Some(act), _) | (None, Some(act)) => act,
+            (None, None) => return Err(BackendError("mlp: neither the layer nor the scratch holds the GELU output".into())),
+        };
+        self.fc.forward_gelu(be, w, B::view_mut(act), B::view_mut(&mut s.pre), x, bt, self.gelu)?;
+        self.proj.forward(be, w, out, B::view(act), bt)
     }
 
     /// Backward from `dout`: parameter gradients accumulate, `dx` is overwritten.
@@ -73,10 +94,20 @@ impl Mlp {
         s: &MlpSaved<B>,
         bt: usize,
     ) -> Result<()> {
-        self.proj.backward(be, w, g, Some(B::view_mut(&mut sc.dact)), B::view(&s.act), dout, bt)?;
-        be.fill_zero(B::view_mut(&mut sc.dpre))?;
-        be.gelu_backward(B::view_mut(&mut sc.dpre), B::view(&s.pre), B::view(&sc.dact), self.gelu)?;
-        self.fc.backward(be, w, g, Some(dx), x, B::view(&sc.dpre), bt)
+        let MlpScratch { dact, dpre, act: shared } = sc;
+        let act = match (&s.act, shared) {
+            (Some(act), _) => B::view(act),
+            (None, Some(act)) => {
+                // the same op the forward's epilogue applies, so the same bits
+                be.gelu_forward(B::view_mut(act), B::view(&s.pre), self.gelu)?;
+                B::view(act)
+            }
+            (None, None) => return Err(BackendError("mlp: neither the layer nor the scratch holds the GELU output".into())),
+        };
+        self.proj.backward(be, w, g, Some(B::view_mut(dact)), act, dout, bt)?;
+        be.fill_zero(B::view_mut(dpre))?;
+        be.gelu_backward(B::view_mut(dpre), B::view(&s.pre), B::view(dact), self.gelu)?;
+        self.fc.backward(be, w, g, Some(dx), x, B::view(dpre), bt)
     }
 }
 
