@@ -279,10 +279,10 @@ impl<T: KernelDtype> CudaBackend<T> {
                 m: int(s.n)?,
                 n: int(s.m)?,
                 k: int(s.k)?,
-                alpha: T::from_f32(1.0),
+                alpha: T::round_from(1.0),
                 lda: int(ldb)?,
                 ldb: int(lda)?,
-                beta: T::from_f32(if s.accumulate { 1.0 } else { 0.0 }),
+                beta: T::round_from(if s.accumulate { 1.0 } else { 0.0 }),
                 ldc: int(ldc)?,
             },
             batch_size: int(d.batch)?,
@@ -350,10 +350,7 @@ fn split_view<'a, T>(mut v: CudaViewMut<'a, T>, mid: usize) -> (CudaViewMut<'a, 
     let (a, b) = v.split_at_mut(mid);
     // SAFETY: see above; the types differ only in the lifetime.
     unsafe {
-        (
-            std::mem::transmute::<CudaViewMut<'_, T>, CudaViewMut<'a, T>>(a),
-            std::mem::transmute::<CudaViewMut<'_, T>, CudaViewMut<'a, T>>(b),
-        )
+        (std::mem::transmute::<CudaViewMut<'_, T>, CudaViewMut<'a, T>>(a), std::mem::transmute::<CudaViewMut<'_, T>, CudaViewMut<'a, T>>(b))
     }
 }
 
@@ -374,15 +371,16 @@ impl<T: KernelDtype> Backend for CudaBackend<T> {
     }
     fn from_host(&self, data: Vec<f32>) -> Result<CuBuf<T>> {
         // round to nearest even on the host (for f32 the collect reuses `data`)
-        let data: Vec<T> = data.into_iter().map(T::from_f32).collect();
+        let data: Vec<T> = data.into_iter().map(T::round_from).collect();
         upload(&self.dev, &data)
     }
     fn to_host(&self, v: CuView<'_, T>) -> Result<Vec<f32>> {
         if v.is_empty() {
             return Ok(Vec::new());
         }
-        let host = self.dev.stream().clone_dtoh(&v.cuda()).map_err(|e| BackendError(format!("CUDA driver: copying from the device: {e}")))?;
-        Ok(host.into_iter().map(T::to_f32).collect())
+        let host =
+            self.dev.stream().clone_dtoh(&v.cuda()).map_err(|e| BackendError(format!("CUDA driver: copying from the device: {e}")))?;
+        Ok(host.into_iter().map(T::widen).collect())
     }
     fn buf_len(buf: &CuBuf<T>) -> usize {
         buf.len
@@ -850,7 +848,9 @@ impl<T: KernelDtype> Backend for CudaBackend<T> {
             let clip = Some(scale.as_view());
             let clip = clip.as_ref();
             match (T::typed_mut(params), T::typed(grads.cuda()), master) {
-                (TypedMut::F32(mut p), Typed::F32(g), None) => Ok(self.dev.adamw_update(&mut p, &g, &mut mv, &mut vv, clip, segments, &hp)?),
+                (TypedMut::F32(mut p), Typed::F32(g), None) => {
+                    Ok(self.dev.adamw_update(&mut p, &g, &mut mv, &mut vv, clip, segments, &hp)?)
+                }
                 (TypedMut::F32(mut p), Typed::F32(g), Some(w)) => {
                     self.dev.adamw_update(&mut w.view_mut(), &g, &mut mv, &mut vv, clip, segments, &hp)?;
                     check("adamw_update", "params", p.len(), w.len)?;

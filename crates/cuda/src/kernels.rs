@@ -13,8 +13,8 @@ mod attention;
 mod fused;
 
 pub use attention::AttnOptions;
-pub(crate) use sealed::{Typed, TypedMut};
 pub use fused::{ClassifierRows, EmbeddingBatch, Positions, bias_backward_scratch, grad_norm_scratch};
+pub(crate) use sealed::{Typed, TypedMut};
 
 mod sealed {
     use cudarc::cublas::{CudaBlas, Gemm, StridedBatchedConfig, result::CublasError};
@@ -39,9 +39,9 @@ mod sealed {
         /// Whether this is f32.
         const IS_F32: bool;
         /// `x` rounded to this type (round to nearest even).
-        fn from_f32(x: f32) -> Self;
+        fn round_from(x: f32) -> Self;
         /// The value as f32 (exact).
-        fn to_f32(self) -> f32;
+        fn widen(self) -> f32;
         /// The view as what it is.
         fn typed(v: CudaView<'_, Self>) -> Typed<'_>;
         /// The exclusive view as what it is.
@@ -61,10 +61,10 @@ mod sealed {
 
     impl Sealed for f32 {
         const IS_F32: bool = true;
-        fn from_f32(x: f32) -> Self {
+        fn round_from(x: f32) -> Self {
             x
         }
-        fn to_f32(self) -> f32 {
+        fn widen(self) -> f32 {
             self
         }
         fn typed(v: CudaView<'_, f32>) -> Typed<'_> {
@@ -87,10 +87,10 @@ mod sealed {
 
     impl Sealed for bf16 {
         const IS_F32: bool = false;
-        fn from_f32(x: f32) -> Self {
+        fn round_from(x: f32) -> Self {
             bf16::from_f32(x)
         }
-        fn to_f32(self) -> f32 {
+        fn widen(self) -> f32 {
             bf16::to_f32(self)
         }
         fn typed(v: CudaView<'_, bf16>) -> Typed<'_> {
