@@ -10,14 +10,15 @@
 //!
 //! bf16 ([`Backend::F32_COMPUTE`] false): parameters, gradients and activations are bf16 and
 //! every kernel computes in f32, rounding each stored result once (round to nearest even); the
-//! products are cuBLAS `GemmEx` with bf16 operands and f32 compute. What stays f32: the master
+//! products are cuBLAS `GemmEx` with bf16 operands and f32 compute (the bias epilogue, a separate
+//! kernel as for f32, adds the bias to the rounded product: two roundings). What stays f32: the master
 //! weights and AdamW's moments ([`Backend::Master`]; the optimizer keeps the master copy and
 //! `adamw_update` runs the `adamw_bf16` kernel on it, refreshing the bf16 weights by stochastic
 //! rounding seeded from the step number, so a step is reproducible), the parameter-gradient
 //! reductions (summed in f32, added to the bf16 gradient once), attention's row log-sum-exp, the
-//! head's row losses and the step scalars (f64 loss, f32 norm). LayerNorm's saved mean and rstd
-//! would be rounded in bf16, so the forward leaves the trait's `mean` / `rstd` views alone and the
-//! backward recomputes both in f32 from its input, the same bits as the forward's. `from_host` /
+//! head's row losses and the step scalars (f64 loss, f32 norm). LayerNorm's mean and rstd are
+//! computed in f32 and saved in the trait's bf16 views (rounded), which the backward widens back
+//! to f32: a per-row relative perturbation of at most 2^-8 of its normalisation. `from_host` /
 //! `to_host` convert on the host (round to nearest even / exact).
 //!
 //! Memory: buffers are [`CuBuf`]s (a `CudaSlice<T>`; CUDA refuses empty allocations, so an
