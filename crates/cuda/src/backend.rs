@@ -63,7 +63,7 @@ fn check(op: &str, what: &str, len: usize, want: usize) -> Result<()> {
 }
 
 /// Seed of the stochastic rounding of the bf16 AdamW, mixed with the step number.
-const ROUNDING_SEED: u64 = 0xAD_A3_5EED;
+const ROUNDING_SEED: u64 = 0xADA3_5EED;
 
 /// An owned device buffer of `len` elements of `T` ([`Backend::Buf`]; f32: also
 /// [`Backend::Master`]).

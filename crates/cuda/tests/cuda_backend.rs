@@ -397,7 +397,7 @@ fn compare_bf16<C: LanguageModel<Cpu>, G: LanguageModel<CudaBackend<bf16>>>(name
             continue;
         }
         let cos = cosine(g, c);
-        if !(cos >= worst.0) {
+        if cos.is_nan() || cos < worst.0 {
             worst = (cos, p.name.clone());
         }
     }
