@@ -9,9 +9,12 @@
 // Backward, per table: the host groups the tokens by id ("buckets": the rows of each distinct
 // id in increasing order, as llm.c sorts them); one thread per (bucket, channel) sums its rows
 // in that order and adds the sum to the table row once:
-//   dtable[key[k], c] += sum_{n in bucket k} dout[n, c]          (f32 table gradient)
+//   dtable[key[k], c] += sum_{n in bucket k} dout[n, c]
+// into an f32 table gradient (embedding_bwd_<dout type>) or, for the bf16 backend whose
+// gradients are stored in bf16, into a bf16 one (embedding_bwd_bf16_grad_bf16: the sum in f32,
+// rounded once per table element).
 // No float atomics, so the result is the same bits every run. Bytes: N*C*E read (once per
-// table) + distinct*C*4 read-modify-written.
+// table) + distinct*C*4 (bf16 grad: *2) read-modify-written.
 #include "common.cuh"
 
 namespace {
@@ -29,15 +32,16 @@ __device__ void embedding_forward(T* __restrict__ out, const int* __restrict__ i
   }
 }
 
-template <class T>
-__device__ void embedding_backward(float* __restrict__ dtable, const T* __restrict__ dout,
+template <class T, class G>
+__device__ void embedding_backward(G* __restrict__ dtable, const T* __restrict__ dout,
                                    const int* __restrict__ start, const int* __restrict__ rows,
                                    const int* __restrict__ keys, int C) {
   const int k = blockIdx.x, c = blockIdx.y * blockDim.x + threadIdx.x;
   if (c >= C) return;
   float acc = 0.f;
   for (int i = start[k]; i < start[k + 1]; ++i) acc += lm::to_f32(dout[size_t(rows[i]) * C + c]);
-  dtable[size_t(keys[k]) * C + c] += acc;
+  G& d = dtable[size_t(keys[k]) * C + c];
+  d = lm::from_f32<G>(lm::to_f32(d) + acc);
 }
 
 }  // namespace
@@ -61,5 +65,10 @@ extern "C" __global__ void embedding_bwd_f32(float* dtable, const float* dout, c
 
 extern "C" __global__ void embedding_bwd_bf16(float* dtable, const lm::bf16* dout, const int* start, const int* rows,
                                               const int* keys, int C) {
+  embedding_backward(dtable, dout, start, rows, keys, C);
+}
+
+extern "C" __global__ void embedding_bwd_bf16_grad_bf16(lm::bf16* dtable, const lm::bf16* dout, const int* start,
+                                                        const int* rows, const int* keys, int C) {
   embedding_backward(dtable, dout, start, rows, keys, C);
 }

@@ -6,7 +6,7 @@
 use anyhow::bail;
 use lmtrain_backend::Backend;
 use lmtrain_cpu::Cpu;
-use lmtrain_cuda::CudaBackend;
+use lmtrain_cuda::{CudaBackend, KernelDtype};
 use lmtrain_model::LanguageModel;
 use lmtrain_model::bert::{Bert, Roberta};
 use lmtrain_model::deberta::Deberta;
@@ -94,11 +94,8 @@ pub fn on_target<F: ForBackend>(target: Target, f: F) -> anyhow::Result<F::Outpu
     target.check()?;
     match (target.device, target.dtype()) {
         (Device::Cpu, _) => f.run(Cpu),
-        (Device::Cuda, Dtype::F32) => f.run(open_cuda()?),
-        (Device::Cuda, Dtype::Bf16) => {
-            open_cuda()?;
-            bail!("--dtype bf16 is not available on CUDA yet; pass --dtype f32")
-        }
+        (Device::Cuda, Dtype::F32) => f.run(open_cuda::<f32>()?),
+        (Device::Cuda, Dtype::Bf16) => f.run(open_cuda::<half::bf16>()?),
     }
 }
 
@@ -118,8 +115,8 @@ pub fn dispatch<F: ForFamily>(model_type: &str, target: Target, f: F) -> anyhow:
 }
 
 /// Opens the first GPU; the error says what is missing and what to use instead.
-fn open_cuda() -> anyhow::Result<CudaBackend> {
-    let backend = CudaBackend::open(0).map_err(|e| anyhow::anyhow!("--device cuda: {e}; use --device cpu"))?;
+fn open_cuda<T: KernelDtype>() -> anyhow::Result<CudaBackend<T>> {
+    let backend = CudaBackend::<T>::open(0).map_err(|e| anyhow::anyhow!("--device cuda: {e}; use --device cpu"))?;
     eprintln!("device: {}", backend.device().name());
     Ok(backend)
 }

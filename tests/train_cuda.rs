@@ -6,7 +6,8 @@
 //! build time there is no emulator and the CUDA parts print SKIP.
 //!
 //! Tolerances: f32 on CUDA follows the CPU's loss curve to 1e-5 relative per step (cuBLAS in full
-//! f32, the same dropout masks); a resumed CUDA run ends bit-identical to an uninterrupted one.
+//! f32, the same dropout masks), bf16 (the CUDA default) to 2%; a resumed CUDA run ends
+//! bit-identical to an uninterrupted one.
 
 mod train_support;
 
@@ -121,6 +122,14 @@ fn gpt2_on_cuda_trains_resumes_evaluates_and_generates_as_on_the_cpu() {
     for file in ["model.safetensors", "checkpoint-20/optimizer.safetensors"] {
         assert!(std::fs::read(cuda.join(file)).unwrap() == std::fs::read(resumed.join(file)).unwrap(), "{file} differs after resume");
     }
+
+    // bf16 (the CUDA default): the same curve within 2%
+    let bf16 = tmp.path().join("bf16");
+    let mut args = run(&bf16);
+    args.extend(["--device", "cuda"].map(String::from));
+    ok(train_cuda(&env, &args.iter().map(String::as_str).collect::<Vec<_>>()), "train --device cuda (bf16)");
+    assert_same_curve(&cpu, &bf16, "loss", 2e-2, 20);
+    assert_same_curve(&cpu, &bf16, "eval_loss", 2e-2, 2);
 
     // eval and generate on CUDA print what the CPU prints
     let eval = ["eval", "--checkpoint", &s(&cuda), "--data", &data];

@@ -153,6 +153,22 @@ struct Worker {
 
 inline thread_local Worker* tls_worker = nullptr;
 
+// Fiber stacks (each behind a guard page) outlive a launch and are reused by the next one on
+// the same OS thread: mapping and faulting in a fresh stack per thread per launch cost more
+// than the kernels themselves at test shapes.
+struct StackCache {
+  size_t bytes = 0;
+  std::vector<char*> stacks;
+  void release() {
+    const size_t page = size_t(sysconf(_SC_PAGESIZE));
+    for (char* s : stacks) munmap(s - page, bytes + page);
+    stacks.clear();
+  }
+  ~StackCache() { release(); }
+};
+
+inline thread_local StackCache tls_stacks;
+
 [[noreturn]] inline void fail(const char* what) {
   Worker* w = tls_worker;
   fprintf(stderr, "cuemu: %s (kernel %s, block (%u,%u,%u), thread %d)\n", what, w ? w->kernel : "?",
@@ -388,10 +404,15 @@ inline void run_block(Worker& w, uint3 bid, dim3 bdim, bool reverse) {
   const size_t page = size_t(sysconf(_SC_PAGESIZE));
   while (int(w.fibers.size()) < w.nthreads) {
     Fiber f;
-    void* p = mmap(nullptr, w.stack_bytes + page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-    if (p == MAP_FAILED) fail("cannot map a fiber stack");
-    mprotect(p, page, PROT_NONE);  // guard page: a stack overflow faults instead of corrupting
-    f.stack = static_cast<char*>(p) + page;
+    if (tls_stacks.bytes == w.stack_bytes && !tls_stacks.stacks.empty()) {
+      f.stack = tls_stacks.stacks.back();
+      tls_stacks.stacks.pop_back();
+    } else {
+      void* p = mmap(nullptr, w.stack_bytes + page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+      if (p == MAP_FAILED) fail("cannot map a fiber stack");
+      mprotect(p, page, PROT_NONE);  // guard page: a stack overflow faults instead of corrupting
+      f.stack = static_cast<char*>(p) + page;
+    }
     w.fibers.push_back(f);
   }
   for (int i = 0; i < w.nthreads; ++i) {
@@ -437,8 +458,11 @@ inline void launch(const char* kernel, dim3 grid, dim3 block, size_t dyn_smem_by
       uint3 bid{unsigned(b % grid.x), unsigned(b / grid.x % grid.y), unsigned(b / (size_t(grid.x) * grid.y))};
       run_block(w, bid, block, reverse);
     }
-    const size_t page = size_t(sysconf(_SC_PAGESIZE));
-    for (Fiber& f : w.fibers) munmap(f.stack - page, w.stack_bytes + page);
+    if (tls_stacks.bytes != w.stack_bytes) {
+      tls_stacks.release();
+      tls_stacks.bytes = w.stack_bytes;
+    }
+    for (Fiber& f : w.fibers) tls_stacks.stacks.push_back(f.stack);
     tls_worker = nullptr;
   };
   if (nworkers == 1) {

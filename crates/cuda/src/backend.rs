@@ -1,16 +1,29 @@
-//! [`CudaBackend`]: the op interface [`lmtrain_backend::Backend`] on a CUDA device, f32 storage
-//! and compute, gluing the kernel wrappers of [`CudaDevice`] (and, for the small ops, the kernels
-//! of `kernels/elementwise.cu`, `kernels/rows.cu` and their families) to the trait's ops with
-//! `lmtrain_cpu`'s semantics.
+//! [`CudaBackend`]: the op interface [`lmtrain_backend::Backend`] on a CUDA device, gluing the
+//! kernel wrappers of [`CudaDevice`] (and, for the small ops, the kernels of
+//! `kernels/elementwise.cu`, `kernels/rows.cu` and their families) to the trait's ops with
+//! `lmtrain_cpu`'s semantics. Generic over the storage type: `CudaBackend` (= `CudaBackend<f32>`)
+//! stores and computes in f32; `CudaBackend<half::bf16>` is mixed precision.
 //!
-//! Matrix products go through cuBLAS `sgemm` in its default math mode (full f32, no TF32), so
-//! the backend agrees with the CPU backend to f32 rounding; the bias and GELU epilogues are
-//! separate kernels. (cuBLASLt's f32 path, [`crate::LtMatmul`], rounds inputs to TF32: that is
-//! for the bf16 backend to come.)
+//! f32: matrix products go through cuBLAS `sgemm` in its default math mode (full f32, no TF32),
+//! so the backend agrees with the CPU backend to f32 rounding; the bias and GELU epilogues are
+//! separate kernels. (cuBLASLt's f32 path, [`crate::LtMatmul`], rounds inputs to TF32.)
 //!
-//! Memory: buffers are [`CuBuf`]s (a `CudaSlice<f32>`; CUDA refuses empty allocations, so an
+//! bf16 ([`Backend::F32_COMPUTE`] false): parameters, gradients and activations are bf16 and
+//! every kernel computes in f32, rounding each stored result once (round to nearest even); the
+//! products are cuBLAS `GemmEx` with bf16 operands and f32 compute (the bias epilogue, a separate
+//! kernel as for f32, adds the bias to the rounded product: two roundings). What stays f32: the master
+//! weights and AdamW's moments ([`Backend::Master`]; the optimizer keeps the master copy and
+//! `adamw_update` runs the `adamw_bf16` kernel on it, refreshing the bf16 weights by stochastic
+//! rounding seeded from the step number, so a step is reproducible), the parameter-gradient
+//! reductions (summed in f32, added to the bf16 gradient once), attention's row log-sum-exp, the
+//! head's row losses and the step scalars (f64 loss, f32 norm). LayerNorm's mean and rstd are
+//! computed in f32 and saved in the trait's bf16 views (rounded), which the backward widens back
+//! to f32: a per-row relative perturbation of at most 2^-8 of its normalisation. `from_host` /
+//! `to_host` convert on the host (round to nearest even / exact).
+//!
+//! Memory: buffers are [`CuBuf`]s (a `CudaSlice<T>`; CUDA refuses empty allocations, so an
 //! empty buffer holds one unused element); a view is a [`CuView`] (a `Copy` handle on a buffer or
-//! on an exclusive view) and an exclusive view a `CudaViewMut<f32>`. A micro-batch's integer
+//! on an exclusive view) and an exclusive view a `CudaViewMut<T>`. A micro-batch's integer
 //! arrays go to the device once ([`CudaBatch`]: key padding and labelled rows at
 //! [`Backend::upload_batch`], token ids with the embedding backward's buckets and the head's
 //! targets at their first use, when the table sizes they are validated against are known). The
@@ -19,18 +32,19 @@
 //! Not on CUDA yet (each returns an error naming the op): DeBERTa's disentangled attention,
 //! `conv1d_unfold` / `conv1d_fold`, and embeddings without a position table.
 
+use std::marker::PhantomData;
 use std::sync::{Mutex, OnceLock};
 
-use cudarc::cublas::{CudaBlas, Gemm, StridedBatchedConfig, sys::cublasOperation_t};
+use cudarc::cublas::{CudaBlas, StridedBatchedConfig, sys::cublasOperation_t};
 use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, LaunchConfig};
 use lmtrain_backend::{
     AdamWStep, AttnShape, Backend, BackendError, DecaySegment, DisentangledShape, Dropout, EmbeddingTables, Epilogue, GeluKind, GemmDesc,
-    HeadGrads, HostBatch, Inputs, PaddingIdx, Result, Rows, StepStats,
+    HeadGrads, HostBatch, Inputs, PaddingIdx, Result, Rows, StepStats, mix_seed,
 };
 
-use crate::kernels::elem_cfg;
+use crate::kernels::{Typed, TypedMut, elem_cfg};
 use crate::launch::Launch;
-use crate::{AttnOptions, ClassifierRows, CudaDevice, CudaError, EmbeddingBatch, Positions, grad_norm_scratch};
+use crate::{AttnOptions, ClassifierRows, CudaDevice, CudaError, EmbeddingBatch, KernelDtype, Positions, grad_norm_scratch};
 use crate::{bias_backward_scratch, layernorm_backward_scratch};
 
 impl From<CudaError> for BackendError {
@@ -47,35 +61,54 @@ fn check(op: &str, what: &str, len: usize, want: usize) -> Result<()> {
     if len == want { Ok(()) } else { Err(BackendError(format!("{op}: {what} has {len} elements, expected {want}"))) }
 }
 
-/// An owned device buffer of `len` f32 ([`Backend::Buf`] and [`Backend::Master`]).
+/// Seed of the stochastic rounding of the bf16 AdamW, mixed with the step number.
+const ROUNDING_SEED: u64 = 0xADA3_5EED;
+
+/// An owned device buffer of `len` elements of `T` ([`Backend::Buf`]; f32: also
+/// [`Backend::Master`]).
 #[derive(Debug)]
-pub struct CuBuf {
-    data: CudaSlice<f32>,
+pub struct CuBuf<T = f32> {
+    data: CudaSlice<T>,
     len: usize,
 }
 
-impl CuBuf {
+impl<T> CuBuf<T> {
     /// The whole buffer as a cudarc view.
-    fn view_mut(&mut self) -> CudaViewMut<'_, f32> {
+    fn view_mut(&mut self) -> CudaViewMut<'_, T> {
         self.data.slice_mut(0..self.len)
     }
 }
 
-/// A shared view of `len` f32 starting at `off` of a device buffer or of an exclusive view.
-#[derive(Clone, Copy, Debug)]
-pub struct CuView<'a> {
-    src: Src<'a>,
+/// A shared view of `len` elements of `T` starting at `off` of a device buffer or of an exclusive
+/// view.
+#[derive(Debug)]
+pub struct CuView<'a, T = f32> {
+    src: Src<'a, T>,
     off: usize,
     len: usize,
 }
 
-#[derive(Clone, Copy, Debug)]
-enum Src<'a> {
-    Buf(&'a CudaSlice<f32>),
-    Mut(&'a CudaViewMut<'a, f32>),
+impl<T> Clone for CuView<'_, T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for CuView<'_, T> {}
+
+#[derive(Debug)]
+enum Src<'a, T> {
+    Buf(&'a CudaSlice<T>),
+    Mut(&'a CudaViewMut<'a, T>),
 }
 
-impl<'a> CuView<'a> {
+impl<T> Clone for Src<'_, T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for Src<'_, T> {}
+
+impl<'a, T> CuView<'a, T> {
     /// Elements in the view.
     pub fn len(&self) -> usize {
         self.len
@@ -87,7 +120,7 @@ impl<'a> CuView<'a> {
     }
 
     /// The cudarc view the kernel wrappers take.
-    pub fn cuda(&self) -> CudaView<'a, f32> {
+    pub fn cuda(&self) -> CudaView<'a, T> {
         let r = self.off..self.off + self.len;
         match self.src {
             Src::Buf(s) => s.slice(r),
@@ -160,22 +193,24 @@ pub struct CudaStats {
     norm_scratch: Option<CudaSlice<f64>>,
 }
 
-/// The CUDA backend (f32): a device, a cuBLAS handle on its stream and a scratch buffer for
-/// the ops that need one (LayerNorm and bias gradients, attention backward, AdamW's gradient
-/// factor), grown to the largest request and reused (one stream orders every use).
-pub struct CudaBackend {
+/// The CUDA backend storing `T` (f32, or bf16 with f32 master weights: see the module docs): a
+/// device, a cuBLAS handle on its stream and an f32 scratch buffer for the ops that need one
+/// (LayerNorm and bias gradients, attention backward, AdamW's gradient factor), grown to the
+/// largest request and reused (one stream orders every use).
+pub struct CudaBackend<T: KernelDtype = f32> {
     dev: CudaDevice,
     blas: CudaBlas,
     scratch: Mutex<Option<CudaSlice<f32>>>,
+    dtype: PhantomData<T>,
 }
 
-impl std::fmt::Debug for CudaBackend {
+impl<T: KernelDtype> std::fmt::Debug for CudaBackend<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CudaBackend").field("dev", &self.dev).finish_non_exhaustive()
+        f.debug_struct("CudaBackend").field("dtype", &T::SUFFIX).field("dev", &self.dev).finish_non_exhaustive()
     }
 }
 
-impl CudaBackend {
+impl<T: KernelDtype> CudaBackend<T> {
     /// Opens device `ordinal` ([`CudaDevice::open`]) and creates the cuBLAS handle.
     pub fn open(ordinal: usize) -> std::result::Result<Self, CudaError> {
         let dev = CudaDevice::open(ordinal)?;
@@ -185,7 +220,7 @@ impl CudaBackend {
         }
         let blas = CudaBlas::new(dev.stream().clone())
             .map_err(|e| CudaError::Blas { context: "creating a cuBLAS handle".into(), detail: e.to_string() })?;
-        Ok(Self { dev, blas, scratch: Mutex::new(None) })
+        Ok(Self { dev, blas, scratch: Mutex::new(None), dtype: PhantomData })
     }
 
     /// The device.
@@ -206,8 +241,9 @@ impl CudaBackend {
     }
 
     /// `C (+)= op(A) · op(B)` for a [`GemmDesc`] through cuBLAS (column-major: the row-major
-    /// product is `C^T = op(B)^T op(A)^T`), after checking every operand's extent.
-    fn sgemm(&self, c: &mut CudaViewMut<'_, f32>, a: &CudaView<'_, f32>, b: &CudaView<'_, f32>, d: &GemmDesc) -> Result<()> {
+    /// product is `C^T = op(B)^T op(A)^T`), after checking every operand's extent. bf16: f32
+    /// accumulation, C rounded once (with `accumulate`, `C + A·B` is formed in f32).
+    fn matmul(&self, c: &mut CudaViewMut<'_, T>, a: &CudaView<'_, T>, b: &CudaView<'_, T>, d: &GemmDesc) -> Result<()> {
         const OP: &str = "gemm";
         let s = d.shape;
         let (lda, ldb, ldc) = d.leading_dims();
@@ -243,10 +279,10 @@ impl CudaBackend {
                 m: int(s.n)?,
                 n: int(s.m)?,
                 k: int(s.k)?,
-                alpha: 1.0f32,
+                alpha: T::round_from(1.0),
                 lda: int(ldb)?,
                 ldb: int(lda)?,
-                beta: if s.accumulate { 1.0 } else { 0.0 },
+                beta: T::round_from(if s.accumulate { 1.0 } else { 0.0 }),
                 ldc: int(ldc)?,
             },
             batch_size: int(d.batch)?,
@@ -255,7 +291,7 @@ impl CudaBackend {
             stride_c: long(d.strides[2])?,
         };
         // SAFETY: every operand holds the elements the layouts above read or write (checked).
-        unsafe { self.blas.gemm_strided_batched(cfg, b, a, c) }
+        unsafe { T::gemm_strided_batched(&self.blas, cfg, b, a, c) }
             .map_err(|e| BackendError(format!("cuBLAS: gemm {}x{}x{}: {e}", s.m, s.n, s.k)))
     }
 
@@ -265,14 +301,23 @@ impl CudaBackend {
     }
 
     /// `c[r, j] += bias[j]`.
-    fn add_bias(&self, c: &mut CudaViewMut<'_, f32>, bias: &CudaView<'_, f32>, rows: usize, cols: usize) -> Result<()> {
+    fn add_bias(&self, c: &mut CudaViewMut<'_, T>, bias: &CudaView<'_, T>, rows: usize, cols: usize) -> Result<()> {
         check("add_bias", "C", c.len(), rows * cols)?;
         check("add_bias", "bias", bias.len(), cols)?;
         let (r, k) = (rows as u64, cols as u64);
-        let mut l = self.kernel("add_bias_f32")?;
+        let mut l = self.kernel(&format!("add_bias_{}", T::SUFFIX))?;
         l.output(c).input(bias).scalar(&r).scalar(&k);
         run_elem(l, rows * cols)
     }
+}
+
+/// A buffer holding `data` (an empty one holds one unused element: CUDA refuses empty
+/// allocations).
+fn upload<T: KernelDtype>(dev: &CudaDevice, data: &[T]) -> Result<CuBuf<T>> {
+    if data.is_empty() {
+        return Ok(CuBuf { data: dev.zeros(1)?, len: 0 });
+    }
+    Ok(CuBuf { data: dev.upload(data)?, len: data.len() })
 }
 
 /// Launches a grid-stride kernel over `n` elements (none when `n` is 0).
@@ -301,86 +346,87 @@ fn run_one(l: Launch<'_>) -> Result<()> {
 /// But a sub-view holds copies of the parent's `'a` references (to the buffer's events and
 /// stream) and an offset pointer, never a reference into the parent view itself; `v` is
 /// consumed here, so the two disjoint parts are the only views of that memory, valid for `'a`.
-fn split_view<'a>(mut v: CudaViewMut<'a, f32>, mid: usize) -> (CudaViewMut<'a, f32>, CudaViewMut<'a, f32>) {
+fn split_view<'a, T>(mut v: CudaViewMut<'a, T>, mid: usize) -> (CudaViewMut<'a, T>, CudaViewMut<'a, T>) {
     let (a, b) = v.split_at_mut(mid);
     // SAFETY: see above; the types differ only in the lifetime.
     unsafe {
-        (
-            std::mem::transmute::<CudaViewMut<'_, f32>, CudaViewMut<'a, f32>>(a),
-            std::mem::transmute::<CudaViewMut<'_, f32>, CudaViewMut<'a, f32>>(b),
-        )
+        (std::mem::transmute::<CudaViewMut<'_, T>, CudaViewMut<'a, T>>(a), std::mem::transmute::<CudaViewMut<'_, T>, CudaViewMut<'a, T>>(b))
     }
 }
 
-impl Backend for CudaBackend {
-    type Buf = CuBuf;
-    type View<'a> = CuView<'a>;
-    type ViewMut<'a> = CudaViewMut<'a, f32>;
-    type Master = CuBuf;
+impl<T: KernelDtype> Backend for CudaBackend<T> {
+    type Buf = CuBuf<T>;
+    type View<'a> = CuView<'a, T>;
+    type ViewMut<'a> = CudaViewMut<'a, T>;
+    type Master = CuBuf<f32>;
     type Batch = CudaBatch;
     type Stats = CudaStats;
     /// The row log-sum-exp `[b, n_head, t]` of the fused attention.
     type AttnState = CudaSlice<f32>;
 
-    const F32_COMPUTE: bool = true;
+    const F32_COMPUTE: bool = T::IS_F32;
 
-    fn alloc(&self, len: usize) -> Result<CuBuf> {
+    fn alloc(&self, len: usize) -> Result<CuBuf<T>> {
         Ok(CuBuf { data: self.dev.zeros(len.max(1))?, len })
     }
-    fn from_host(&self, data: Vec<f32>) -> Result<CuBuf> {
-        if data.is_empty() {
-            return self.alloc(0);
-        }
-        Ok(CuBuf { data: self.dev.upload(&data)?, len: data.len() })
+    fn from_host(&self, data: Vec<f32>) -> Result<CuBuf<T>> {
+        // round to nearest even on the host (for f32 the collect reuses `data`)
+        let data: Vec<T> = data.into_iter().map(T::round_from).collect();
+        upload(&self.dev, &data)
     }
-    fn to_host(&self, v: CuView<'_>) -> Result<Vec<f32>> {
+    fn to_host(&self, v: CuView<'_, T>) -> Result<Vec<f32>> {
         if v.is_empty() {
             return Ok(Vec::new());
         }
-        self.dev.stream().clone_dtoh(&v.cuda()).map_err(|e| BackendError(format!("CUDA driver: copying from the device: {e}")))
+        let host =
+            self.dev.stream().clone_dtoh(&v.cuda()).map_err(|e| BackendError(format!("CUDA driver: copying from the device: {e}")))?;
+        Ok(host.into_iter().map(T::widen).collect())
     }
-    fn buf_len(buf: &CuBuf) -> usize {
+    fn buf_len(buf: &CuBuf<T>) -> usize {
         buf.len
     }
-    fn view(buf: &CuBuf) -> CuView<'_> {
+    fn view(buf: &CuBuf<T>) -> CuView<'_, T> {
         CuView { src: Src::Buf(&buf.data), off: 0, len: buf.len }
     }
-    fn view_mut(buf: &mut CuBuf) -> CudaViewMut<'_, f32> {
+    fn view_mut(buf: &mut CuBuf<T>) -> CudaViewMut<'_, T> {
         buf.view_mut()
     }
-    fn slice<'a>(v: CuView<'a>, offset: usize, len: usize) -> CuView<'a>
+    fn slice<'a>(v: CuView<'a, T>, offset: usize, len: usize) -> CuView<'a, T>
     where
         Self: 'a,
     {
         assert!(offset + len <= v.len, "slice {offset}..{} of a view of {}", offset + len, v.len);
         CuView { src: v.src, off: v.off + offset, len }
     }
-    fn slice_mut<'a>(v: CudaViewMut<'a, f32>, offset: usize, len: usize) -> CudaViewMut<'a, f32>
+    fn slice_mut<'a>(v: CudaViewMut<'a, T>, offset: usize, len: usize) -> CudaViewMut<'a, T>
     where
         Self: 'a,
     {
         let (_, rest) = split_view(v, offset);
         split_view(rest, len).0
     }
-    fn split_at_mut<'a>(v: CudaViewMut<'a, f32>, mid: usize) -> (CudaViewMut<'a, f32>, CudaViewMut<'a, f32>)
+    fn split_at_mut<'a>(v: CudaViewMut<'a, T>, mid: usize) -> (CudaViewMut<'a, T>, CudaViewMut<'a, T>)
     where
         Self: 'a,
     {
         split_view(v, mid)
     }
-    fn reborrow<'s>(v: &'s mut CudaViewMut<'_, f32>) -> CudaViewMut<'s, f32> {
+    fn reborrow<'s>(v: &'s mut CudaViewMut<'_, T>) -> CudaViewMut<'s, T> {
         v.slice_mut(..)
     }
-    fn as_view<'s>(v: &'s CudaViewMut<'_, f32>) -> CuView<'s> {
+    fn as_view<'s>(v: &'s CudaViewMut<'_, T>) -> CuView<'s, T> {
         CuView { src: Src::Mut(v), off: 0, len: v.len() }
     }
-    fn master_from_host(&self, data: Vec<f32>) -> Result<CuBuf> {
-        self.from_host(data)
+    fn master_from_host(&self, data: Vec<f32>) -> Result<CuBuf<f32>> {
+        upload(&self.dev, &data)
     }
-    fn master_to_host(&self, m: &CuBuf) -> Result<Vec<f32>> {
-        self.to_host(Self::view(m))
+    fn master_to_host(&self, m: &CuBuf<f32>) -> Result<Vec<f32>> {
+        if m.len == 0 {
+            return Ok(Vec::new());
+        }
+        Ok(self.dev.download(&m.data)?)
     }
-    fn master_len(m: &CuBuf) -> usize {
+    fn master_len(m: &CuBuf<f32>) -> usize {
         m.len
     }
 
@@ -415,139 +461,172 @@ impl Backend for CudaBackend {
         Ok(self.dev.zeros((s.b * s.n_head * s.t).max(1))?)
     }
 
-    fn fill_zero(&self, mut x: CudaViewMut<'_, f32>) -> Result<()> {
+    fn fill_zero(&self, mut x: CudaViewMut<'_, T>) -> Result<()> {
         if x.is_empty() {
             return Ok(());
         }
         self.dev.stream().memset_zeros(&mut x).map_err(|e| BackendError(format!("CUDA driver: fill_zero: {e}")))
     }
-    fn copy(&self, mut dst: CudaViewMut<'_, f32>, src: CuView<'_>) -> Result<()> {
+    fn copy(&self, mut dst: CudaViewMut<'_, T>, src: CuView<'_, T>) -> Result<()> {
         check("copy", "dst", dst.len(), src.len())?;
         if src.is_empty() {
             return Ok(());
         }
         self.dev.stream().memcpy_dtod(&src.cuda(), &mut dst).map_err(|e| BackendError(format!("CUDA driver: copy: {e}")))
     }
-    fn residual_forward(&self, mut out: CudaViewMut<'_, f32>, a: CuView<'_>, b: CuView<'_>) -> Result<()> {
+    fn residual_forward(&self, mut out: CudaViewMut<'_, T>, a: CuView<'_, T>, b: CuView<'_, T>) -> Result<()> {
         let n = out.len();
         check("residual_forward", "a", a.len(), n)?;
         check("residual_forward", "b", b.len(), n)?;
         let (a, b, n64) = (a.cuda(), b.cuda(), n as u64);
-        let mut l = self.kernel("add_f32")?;
+        let mut l = self.kernel(&format!("add_{}", T::SUFFIX))?;
         l.output(&mut out).input(&a).input(&b).scalar(&n64);
         run_elem(l, n)
     }
-    fn add_inplace(&self, mut dst: CudaViewMut<'_, f32>, src: CuView<'_>) -> Result<()> {
+    fn add_inplace(&self, mut dst: CudaViewMut<'_, T>, src: CuView<'_, T>) -> Result<()> {
         let n = dst.len();
         check("add_inplace", "src", src.len(), n)?;
         let (src, n64) = (src.cuda(), n as u64);
-        let mut l = self.kernel("add_inplace_f32")?;
+        let mut l = self.kernel(&format!("add_inplace_{}", T::SUFFIX))?;
         l.output(&mut dst).input(&src).scalar(&n64);
         run_elem(l, n)
     }
-    fn dropout_inplace(&self, mut x: CudaViewMut<'_, f32>, d: Dropout) -> Result<()> {
+    fn dropout_inplace(&self, mut x: CudaViewMut<'_, T>, d: Dropout) -> Result<()> {
         Ok(self.dev.dropout_inplace(&mut x, d)?)
     }
 
-    fn gemm(&self, mut c: CudaViewMut<'_, f32>, a: CuView<'_>, b: CuView<'_>, d: &GemmDesc, epi: Epilogue<'_, '_, Self>) -> Result<()> {
+    fn gemm(&self, mut c: CudaViewMut<'_, T>, a: CuView<'_, T>, b: CuView<'_, T>, d: &GemmDesc, epi: Epilogue<'_, '_, Self>) -> Result<()> {
         let (m, n) = (d.shape.m, d.shape.n);
         let (a, b) = (a.cuda(), b.cuda());
         match epi {
-            Epilogue::None => self.sgemm(&mut c, &a, &b, d),
+            Epilogue::None => self.matmul(&mut c, &a, &b, d),
             Epilogue::Bias(bias) => {
                 if !d.is_packed() {
                     return Err(BackendError("gemm: epilogues take packed products".into()));
                 }
-                self.sgemm(&mut c, &a, &b, d)?;
+                self.matmul(&mut c, &a, &b, d)?;
                 self.add_bias(&mut c, &bias.cuda(), m, n)
             }
             Epilogue::BiasGelu { bias, kind, mut pre } => {
                 if !d.is_packed() || d.shape.accumulate {
                     return Err(BackendError("gemm: the GELU epilogue takes a packed, overwriting product".into()));
                 }
-                self.sgemm(&mut pre, &a, &b, d)?;
+                self.matmul(&mut pre, &a, &b, d)?;
                 self.add_bias(&mut pre, &bias.cuda(), m, n)?;
                 Ok(self.dev.gelu_forward(&mut c, &pre.as_view(), kind)?)
             }
         }
     }
-    fn bias_backward(&self, mut dbias: CudaViewMut<'_, f32>, dout: CuView<'_>, rows: usize, cols: usize) -> Result<()> {
+    fn bias_backward(&self, mut dbias: CudaViewMut<'_, T>, dout: CuView<'_, T>, rows: usize, cols: usize) -> Result<()> {
         let dout = dout.cuda();
         self.with_scratch(bias_backward_scratch(rows, cols), |s| Ok(self.dev.bias_backward(&mut dbias, s, &dout, rows, cols)?))
     }
     fn layernorm_forward(
         &self,
-        mut out: CudaViewMut<'_, f32>,
-        mut mean: CudaViewMut<'_, f32>,
-        mut rstd: CudaViewMut<'_, f32>,
-        inp: CuView<'_>,
-        weight: CuView<'_>,
-        bias: CuView<'_>,
+        mut out: CudaViewMut<'_, T>,
+        mean: CudaViewMut<'_, T>,
+        rstd: CudaViewMut<'_, T>,
+        inp: CuView<'_, T>,
+        weight: CuView<'_, T>,
+        bias: CuView<'_, T>,
         rows: usize,
         cols: usize,
         eps: f32,
     ) -> Result<()> {
         let (inp, w, b) = (inp.cuda(), weight.cuda(), bias.cuda());
-        Ok(self.dev.layernorm_forward(&mut out, &mut mean, &mut rstd, &inp, &w, &b, rows, cols, eps)?)
+        match (T::typed_mut(mean), T::typed_mut(rstd)) {
+            (TypedMut::F32(mut mean), TypedMut::F32(mut rstd)) => {
+                Ok(self.dev.layernorm_forward(&mut out, &mut mean, &mut rstd, &inp, &w, &b, rows, cols, eps)?)
+            }
+            // the kernel saves f32 statistics: through the scratch, rounded into the bf16 views
+            (TypedMut::Bf16(mut mean), TypedMut::Bf16(mut rstd)) => {
+                check("layernorm_forward", "mean", mean.len(), rows)?;
+                check("layernorm_forward", "rstd", rstd.len(), rows)?;
+                self.with_scratch(2 * rows, |s| {
+                    let (mut m, mut r) = s.split_at_mut(rows);
+                    self.dev.layernorm_forward(&mut out, &mut m, &mut r, &inp, &w, &b, rows, cols, eps)?;
+                    self.dev.convert(&mut mean, &m.as_view())?;
+                    Ok(self.dev.convert(&mut rstd, &r.as_view())?)
+                })
+            }
+            _ => unreachable!("mean and rstd have one type"),
+        }
     }
     fn layernorm_backward(
         &self,
-        mut dinp: CudaViewMut<'_, f32>,
-        mut dweight: CudaViewMut<'_, f32>,
-        mut dbias: CudaViewMut<'_, f32>,
-        dout: CuView<'_>,
-        inp: CuView<'_>,
-        weight: CuView<'_>,
-        mean: CuView<'_>,
-        rstd: CuView<'_>,
+        mut dinp: CudaViewMut<'_, T>,
+        mut dweight: CudaViewMut<'_, T>,
+        mut dbias: CudaViewMut<'_, T>,
+        dout: CuView<'_, T>,
+        inp: CuView<'_, T>,
+        weight: CuView<'_, T>,
+        mean: CuView<'_, T>,
+        rstd: CuView<'_, T>,
         rows: usize,
         cols: usize,
     ) -> Result<()> {
-        let (dout, inp, w, mean, rstd) = (dout.cuda(), inp.cuda(), weight.cuda(), mean.cuda(), rstd.cuda());
-        self.with_scratch(layernorm_backward_scratch(rows, cols), |s| {
-            Ok(self.dev.layernorm_backward(&mut dinp, &mut dweight, &mut dbias, s, &dout, &inp, &w, &mean, &rstd, rows, cols)?)
-        })
+        let (dout, inp, w) = (dout.cuda(), inp.cuda(), weight.cuda());
+        let part = layernorm_backward_scratch(rows, cols);
+        match (T::typed(mean.cuda()), T::typed(rstd.cuda())) {
+            (Typed::F32(mean), Typed::F32(rstd)) => self.with_scratch(part, |s| {
+                Ok(self.dev.layernorm_backward(&mut dinp, &mut dweight, &mut dbias, s, &dout, &inp, &w, &mean, &rstd, rows, cols)?)
+            }),
+            // the bf16 statistics back to f32 in the scratch, before the partial sums
+            (Typed::Bf16(mean), Typed::Bf16(rstd)) => {
+                check("layernorm_backward", "mean", mean.len(), rows)?;
+                check("layernorm_backward", "rstd", rstd.len(), rows)?;
+                self.with_scratch(2 * rows + part, |s| {
+                    let (mut m, mut rest) = s.split_at_mut(rows);
+                    let (mut r, mut p) = rest.split_at_mut(rows);
+                    self.dev.convert(&mut m, &mean)?;
+                    self.dev.convert(&mut r, &rstd)?;
+                    let (m, r) = (m.as_view(), r.as_view());
+                    Ok(self.dev.layernorm_backward(&mut dinp, &mut dweight, &mut dbias, &mut p, &dout, &inp, &w, &m, &r, rows, cols)?)
+                })
+            }
+            _ => unreachable!("mean and rstd have one type"),
+        }
     }
-    fn gelu_forward(&self, mut out: CudaViewMut<'_, f32>, inp: CuView<'_>, kind: GeluKind) -> Result<()> {
+    fn gelu_forward(&self, mut out: CudaViewMut<'_, T>, inp: CuView<'_, T>, kind: GeluKind) -> Result<()> {
         Ok(self.dev.gelu_forward(&mut out, &inp.cuda(), kind)?)
     }
-    fn gelu_backward(&self, mut dinp: CudaViewMut<'_, f32>, inp: CuView<'_>, dout: CuView<'_>, kind: GeluKind) -> Result<()> {
+    fn gelu_backward(&self, mut dinp: CudaViewMut<'_, T>, inp: CuView<'_, T>, dout: CuView<'_, T>, kind: GeluKind) -> Result<()> {
         Ok(self.dev.gelu_backward(&mut dinp, &inp.cuda(), &dout.cuda(), kind)?)
     }
-    fn tanh_forward(&self, mut out: CudaViewMut<'_, f32>, inp: CuView<'_>) -> Result<()> {
+    fn tanh_forward(&self, mut out: CudaViewMut<'_, T>, inp: CuView<'_, T>) -> Result<()> {
         let n = out.len();
         check("tanh_forward", "inp", inp.len(), n)?;
         let (inp, n64) = (inp.cuda(), n as u64);
-        let mut l = self.kernel("tanh_fwd_f32")?;
+        let mut l = self.kernel(&format!("tanh_fwd_{}", T::SUFFIX))?;
         l.output(&mut out).input(&inp).scalar(&n64);
         run_elem(l, n)
     }
-    fn tanh_backward(&self, mut dinp: CudaViewMut<'_, f32>, out: CuView<'_>, dout: CuView<'_>) -> Result<()> {
+    fn tanh_backward(&self, mut dinp: CudaViewMut<'_, T>, out: CuView<'_, T>, dout: CuView<'_, T>) -> Result<()> {
         let n = dinp.len();
         check("tanh_backward", "out", out.len(), n)?;
         check("tanh_backward", "dout", dout.len(), n)?;
         let (out, dout, n64) = (out.cuda(), dout.cuda(), n as u64);
-        let mut l = self.kernel("tanh_bwd_f32")?;
+        let mut l = self.kernel(&format!("tanh_bwd_{}", T::SUFFIX))?;
         l.output(&mut dinp).input(&out).input(&dout).scalar(&n64);
         run_elem(l, n)
     }
     fn embedding_forward(
         &self,
-        mut out: CudaViewMut<'_, f32>,
-        tables: EmbeddingTables<CuView<'_>>,
+        mut out: CudaViewMut<'_, T>,
+        tables: EmbeddingTables<CuView<'_, T>>,
         batch: &CudaBatch,
         c: usize,
     ) -> Result<()> {
         let Some(position) = tables.position else { return Err(unsupported("embedding without a position table")) };
-        let rows = |v: CuView<'_>| v.len() / c.max(1);
+        let rows = |v: CuView<'_, T>| v.len() / c.max(1);
         let e = batch.embedding(&self.dev, rows(tables.word), rows(position), tables.token_type.map(rows))?;
         let (wte, wpe, tte) = (tables.word.cuda(), position.cuda(), tables.token_type.map(|t| t.cuda()));
         Ok(self.dev.embedding_forward(&mut out, e, &wte, &wpe, tte.as_ref())?)
     }
     fn embedding_backward(
         &self,
-        grads: EmbeddingTables<CudaViewMut<'_, f32>>,
-        dout: CuView<'_>,
+        grads: EmbeddingTables<CudaViewMut<'_, T>>,
+        dout: CuView<'_, T>,
         batch: &CudaBatch,
         c: usize,
         pad: PaddingIdx,
@@ -561,9 +640,9 @@ impl Backend for CudaBackend {
     }
     fn attention_forward(
         &self,
-        mut out: CudaViewMut<'_, f32>,
+        mut out: CudaViewMut<'_, T>,
         lse: &mut CudaSlice<f32>,
-        qkv: CuView<'_>,
+        qkv: CuView<'_, T>,
         s: AttnShape,
         causal: bool,
         batch: &CudaBatch,
@@ -575,10 +654,10 @@ impl Backend for CudaBackend {
     }
     fn attention_backward(
         &self,
-        mut dqkv: CudaViewMut<'_, f32>,
-        dout: CuView<'_>,
-        qkv: CuView<'_>,
-        out: CuView<'_>,
+        mut dqkv: CudaViewMut<'_, T>,
+        dout: CuView<'_, T>,
+        qkv: CuView<'_, T>,
+        out: CuView<'_, T>,
         lse: &CudaSlice<f32>,
         s: AttnShape,
         causal: bool,
@@ -592,10 +671,10 @@ impl Backend for CudaBackend {
     }
     fn attention_cached(
         &self,
-        mut out: CudaViewMut<'_, f32>,
-        q: CuView<'_>,
-        k_cache: CuView<'_>,
-        v_cache: CuView<'_>,
+        mut out: CudaViewMut<'_, T>,
+        q: CuView<'_, T>,
+        k_cache: CuView<'_, T>,
+        v_cache: CuView<'_, T>,
         start: usize,
         n_new: usize,
         n_head: usize,
@@ -605,11 +684,11 @@ impl Backend for CudaBackend {
     }
     fn disentangled_attention_forward(
         &self,
-        _out: CudaViewMut<'_, f32>,
+        _out: CudaViewMut<'_, T>,
         _state: &mut CudaSlice<f32>,
-        _qkv: CuView<'_>,
-        _pos_key: Option<CuView<'_>>,
-        _pos_query: Option<CuView<'_>>,
+        _qkv: CuView<'_, T>,
+        _pos_key: Option<CuView<'_, T>>,
+        _pos_query: Option<CuView<'_, T>>,
         _s: DisentangledShape,
         _batch: &CudaBatch,
         _dropout: Dropout,
@@ -618,13 +697,13 @@ impl Backend for CudaBackend {
     }
     fn disentangled_attention_backward(
         &self,
-        _dqkv: CudaViewMut<'_, f32>,
-        _dpos_key: Option<CudaViewMut<'_, f32>>,
-        _dpos_query: Option<CudaViewMut<'_, f32>>,
-        _dout: CuView<'_>,
-        _qkv: CuView<'_>,
-        _pos_key: Option<CuView<'_>>,
-        _pos_query: Option<CuView<'_>>,
+        _dqkv: CudaViewMut<'_, T>,
+        _dpos_key: Option<CudaViewMut<'_, T>>,
+        _dpos_query: Option<CudaViewMut<'_, T>>,
+        _dout: CuView<'_, T>,
+        _qkv: CuView<'_, T>,
+        _pos_key: Option<CuView<'_, T>>,
+        _pos_query: Option<CuView<'_, T>>,
         _state: &CudaSlice<f32>,
         _s: DisentangledShape,
         _batch: &CudaBatch,
@@ -632,22 +711,22 @@ impl Backend for CudaBackend {
     ) -> Result<()> {
         Err(unsupported("disentangled_attention_backward (DeBERTa)"))
     }
-    fn zero_padded_rows(&self, mut x: CudaViewMut<'_, f32>, batch: &CudaBatch, cols: usize) -> Result<()> {
+    fn zero_padded_rows(&self, mut x: CudaViewMut<'_, T>, batch: &CudaBatch, cols: usize) -> Result<()> {
         let Some(valid) = batch.key_valid.as_ref() else { return Ok(()) };
         let rows = valid.len();
         check("zero_padded_rows", "x", x.len(), rows * cols)?;
         let (valid, r, k) = (valid.as_view(), rows as u64, cols as u64);
-        let mut l = self.kernel("zero_padded_rows_f32")?;
+        let mut l = self.kernel(&format!("zero_padded_rows_{}", T::SUFFIX))?;
         l.output(&mut x).input(&valid).scalar(&r).scalar(&k);
         run_elem(l, rows * cols)
     }
-    fn conv1d_unfold(&self, _out: CudaViewMut<'_, f32>, _x: CuView<'_>, _b: usize, _t: usize, _c: usize, _k: usize) -> Result<()> {
+    fn conv1d_unfold(&self, _out: CudaViewMut<'_, T>, _x: CuView<'_, T>, _b: usize, _t: usize, _c: usize, _k: usize) -> Result<()> {
         Err(unsupported("conv1d_unfold (DeBERTa)"))
     }
-    fn conv1d_fold(&self, _dx: CudaViewMut<'_, f32>, _dcol: CuView<'_>, _b: usize, _t: usize, _c: usize, _k: usize) -> Result<()> {
+    fn conv1d_fold(&self, _dx: CudaViewMut<'_, T>, _dcol: CuView<'_, T>, _b: usize, _t: usize, _c: usize, _k: usize) -> Result<()> {
         Err(unsupported("conv1d_fold (DeBERTa)"))
     }
-    fn gather_rows(&self, mut out: CudaViewMut<'_, f32>, x: CuView<'_>, batch: &CudaBatch, cols: usize) -> Result<()> {
+    fn gather_rows(&self, mut out: CudaViewMut<'_, T>, x: CuView<'_, T>, batch: &CudaBatch, cols: usize) -> Result<()> {
         let n = batch.host.n_labels();
         check("gather_rows", "out", out.len(), n * cols)?;
         check("gather_rows", "x", x.len(), batch.host.b * batch.host.t * cols)?;
@@ -656,11 +735,11 @@ impl Backend for CudaBackend {
         }
         let (rows, x, n64, k) = (batch.labelled()?, x.cuda(), n as u64, cols as u64);
         // the labelled rows are positions of the batch (< b * t, the rows of x: checked)
-        let mut l = self.kernel("gather_rows_f32")?;
+        let mut l = self.kernel(&format!("gather_rows_{}", T::SUFFIX))?;
         l.output(&mut out).input(&x).input(&rows).scalar(&n64).scalar(&k);
         run_elem(l, n * cols)
     }
-    fn scatter_add_rows(&self, mut dx: CudaViewMut<'_, f32>, dsel: CuView<'_>, batch: &CudaBatch, cols: usize) -> Result<()> {
+    fn scatter_add_rows(&self, mut dx: CudaViewMut<'_, T>, dsel: CuView<'_, T>, batch: &CudaBatch, cols: usize) -> Result<()> {
         let n = batch.host.n_labels();
         check("scatter_add_rows", "dsel", dsel.len(), n * cols)?;
         check("scatter_add_rows", "dx", dx.len(), batch.host.b * batch.host.t * cols)?;
@@ -668,20 +747,20 @@ impl Backend for CudaBackend {
             return Ok(());
         }
         let (rows, dsel, n64, k) = (batch.labelled()?, dsel.cuda(), n as u64, cols as u64);
-        let mut l = self.kernel("scatter_add_rows_f32")?;
+        let mut l = self.kernel(&format!("scatter_add_rows_{}", T::SUFFIX))?;
         l.output(&mut dx).input(&dsel).input(&rows).scalar(&n64).scalar(&k);
         run_elem(l, n * cols)
     }
     fn lm_head_loss(
         &self,
-        scratch: CudaViewMut<'_, f32>,
-        x: CuView<'_>,
-        wte: CuView<'_>,
-        bias: Option<CuView<'_>>,
+        scratch: CudaViewMut<'_, T>,
+        x: CuView<'_, T>,
+        wte: CuView<'_, T>,
+        bias: Option<CuView<'_, T>>,
         batch: &CudaBatch,
         rows: Rows,
         c: usize,
-        grad: Option<HeadGrads<CudaViewMut<'_, f32>>>,
+        grad: Option<HeadGrads<CudaViewMut<'_, T>>>,
         stats: &mut CudaStats,
         weight: f64,
     ) -> Result<()> {
@@ -701,7 +780,7 @@ impl Backend for CudaBackend {
         let shape =
             |m, n, k, trans_a, trans_b, accumulate| GemmDesc::from(lmtrain_backend::GemmShape { m, n, k, trans_a, trans_b, accumulate });
         // logits = x · wte^T (+ bias)
-        self.sgemm(&mut logits, &xv, &wv, &shape(n, vocab, c, false, true, false))?;
+        self.matmul(&mut logits, &xv, &wv, &shape(n, vocab, c, false, true, false))?;
         if let Some(b) = bias {
             self.add_bias(&mut logits, &b.cuda(), n, vocab)?;
         }
@@ -726,8 +805,8 @@ impl Backend for CudaBackend {
         if let Some(HeadGrads { mut dx, mut dwte, dbias, .. }) = grad {
             let dl = logits.as_view();
             // dx = dlogits · wte ; dwte += dlogits^T · x ; dbias += column sums of dlogits
-            self.sgemm(&mut dx, &dl, &wv, &shape(n, c, vocab, false, false, false))?;
-            self.sgemm(&mut dwte, &dl, &xv, &shape(vocab, c, n, true, false, true))?;
+            self.matmul(&mut dx, &dl, &wv, &shape(n, c, vocab, false, false, false))?;
+            self.matmul(&mut dwte, &dl, &xv, &shape(vocab, c, n, true, false, true))?;
             if let Some(mut db) = dbias {
                 self.with_scratch(bias_backward_scratch(n, vocab), |s| Ok(self.dev.bias_backward(&mut db, s, &dl, n, vocab)?))?;
             }
@@ -735,7 +814,7 @@ impl Backend for CudaBackend {
         Ok(())
     }
 
-    fn global_norm(&self, grads: CuView<'_>, stats: &mut CudaStats) -> Result<()> {
+    fn global_norm(&self, grads: CuView<'_, T>, stats: &mut CudaStats) -> Result<()> {
         let need = grad_norm_scratch(grads.len());
         let mut scratch = match stats.norm_scratch.take() {
             Some(s) if s.len() >= need => s,
@@ -747,11 +826,11 @@ impl Backend for CudaBackend {
     }
     fn adamw_update(
         &self,
-        mut params: CudaViewMut<'_, f32>,
-        master: Option<&mut CuBuf>,
-        grads: CuView<'_>,
-        m: &mut CuBuf,
-        v: &mut CuBuf,
+        params: CudaViewMut<'_, T>,
+        master: Option<&mut CuBuf<f32>>,
+        grads: CuView<'_, T>,
+        m: &mut CuBuf<f32>,
+        v: &mut CuBuf<f32>,
         segments: &[DecaySegment],
         step: &AdamWStep,
         stats: &CudaStats,
@@ -760,19 +839,33 @@ impl Backend for CudaBackend {
         // device; the AdamW kernels multiply the gradients by it (and by the 1.0 of `hp`)
         let (inv_accum, max_norm) = (1.0 / step.accum as f32, step.max_grad_norm);
         let hp = step.hyper(1.0);
-        let (g, norm) = (grads.cuda(), stats.norm.as_view());
+        let norm = stats.norm.as_view();
         let (mut mv, mut vv) = (m.view_mut(), v.view_mut());
         self.with_scratch(2, |scale| {
             let mut l = self.kernel("grad_scale_f32")?;
             l.output(scale).input(&norm).scalar(&inv_accum).scalar(&max_norm);
             run_one(l)?;
-            let clip = scale.as_view();
-            match master {
-                None => Ok(self.dev.adamw_update(&mut params, &g, &mut mv, &mut vv, Some(&clip), segments, &hp)?),
-                Some(w) => {
-                    self.dev.adamw_update(&mut w.view_mut(), &g, &mut mv, &mut vv, Some(&clip), segments, &hp)?;
-                    self.copy(params, Self::view(w))
+            let clip = Some(scale.as_view());
+            let clip = clip.as_ref();
+            match (T::typed_mut(params), T::typed(grads.cuda()), master) {
+                (TypedMut::F32(mut p), Typed::F32(g), None) => {
+                    Ok(self.dev.adamw_update(&mut p, &g, &mut mv, &mut vv, clip, segments, &hp)?)
                 }
+                (TypedMut::F32(mut p), Typed::F32(g), Some(w)) => {
+                    self.dev.adamw_update(&mut w.view_mut(), &g, &mut mv, &mut vv, clip, segments, &hp)?;
+                    check("adamw_update", "params", p.len(), w.len)?;
+                    if w.len == 0 {
+                        return Ok(());
+                    }
+                    self.dev.stream().memcpy_dtod(&w.data, &mut p).map_err(|e| BackendError(format!("CUDA driver: copy: {e}")))
+                }
+                // a new rounding seed each step; the same step from the same state, the same bits
+                (TypedMut::Bf16(mut p), Typed::Bf16(g), Some(w)) => {
+                    let seed = mix_seed(ROUNDING_SEED, u64::from(step.step));
+                    Ok(self.dev.adamw_update_bf16(&mut w.view_mut(), &mut p, &g, &mut mv, &mut vv, clip, segments, &hp, seed)?)
+                }
+                (TypedMut::Bf16(_), _, None) => Err(BackendError("adamw_update: bf16 parameters need their f32 master copy".into())),
+                _ => unreachable!("parameters and gradients have one type"),
             }
         })
     }

@@ -14,16 +14,107 @@ mod fused;
 
 pub use attention::AttnOptions;
 pub use fused::{ClassifierRows, EmbeddingBatch, Positions, bias_backward_scratch, grad_norm_scratch};
+pub(crate) use sealed::{Typed, TypedMut};
 
 mod sealed {
-    pub trait Sealed {}
-    impl Sealed for f32 {}
-    impl Sealed for half::bf16 {}
+    use cudarc::cublas::{CudaBlas, Gemm, StridedBatchedConfig, result::CublasError};
+    use cudarc::driver::{CudaView, CudaViewMut};
+    use half::bf16;
+
+    /// A shared view of one of the storage types, for code that differs between them.
+    pub enum Typed<'a> {
+        F32(CudaView<'a, f32>),
+        Bf16(CudaView<'a, bf16>),
+    }
+
+    /// An exclusive view of one of the storage types.
+    pub enum TypedMut<'a> {
+        F32(CudaViewMut<'a, f32>),
+        Bf16(CudaViewMut<'a, bf16>),
+    }
+
+    /// What the crate needs of a storage type besides its kernels: host conversions and the
+    /// cuBLAS product (f32: `sgemm`; bf16: `GemmEx` with bf16 operands, f32 compute).
+    pub trait Sealed: Sized {
+        /// Whether this is f32.
+        const IS_F32: bool;
+        /// `x` rounded to this type (round to nearest even).
+        fn round_from(x: f32) -> Self;
+        /// The value as f32 (exact).
+        fn widen(self) -> f32;
+        /// The view as what it is.
+        fn typed(v: CudaView<'_, Self>) -> Typed<'_>;
+        /// The exclusive view as what it is.
+        fn typed_mut(v: CudaViewMut<'_, Self>) -> TypedMut<'_>;
+        /// `cublas<t>gemmStridedBatched`.
+        ///
+        /// # Safety
+        /// The operands hold every element `cfg` reads or writes.
+        unsafe fn gemm_strided_batched(
+            blas: &CudaBlas,
+            cfg: StridedBatchedConfig<Self>,
+            a: &CudaView<'_, Self>,
+            b: &CudaView<'_, Self>,
+            c: &mut CudaViewMut<'_, Self>,
+        ) -> Result<(), CublasError>;
+    }
+
+    impl Sealed for f32 {
+        const IS_F32: bool = true;
+        fn round_from(x: f32) -> Self {
+            x
+        }
+        fn widen(self) -> f32 {
+            self
+        }
+        fn typed(v: CudaView<'_, f32>) -> Typed<'_> {
+            Typed::F32(v)
+        }
+        fn typed_mut(v: CudaViewMut<'_, f32>) -> TypedMut<'_> {
+            TypedMut::F32(v)
+        }
+        unsafe fn gemm_strided_batched(
+            blas: &CudaBlas,
+            cfg: StridedBatchedConfig<f32>,
+            a: &CudaView<'_, f32>,
+            b: &CudaView<'_, f32>,
+            c: &mut CudaViewMut<'_, f32>,
+        ) -> Result<(), CublasError> {
+            // SAFETY: the caller's contract.
+            unsafe { blas.gemm_strided_batched(cfg, a, b, c) }
+        }
+    }
+
+    impl Sealed for bf16 {
+        const IS_F32: bool = false;
+        fn round_from(x: f32) -> Self {
+            bf16::from_f32(x)
+        }
+        fn widen(self) -> f32 {
+            bf16::to_f32(self)
+        }
+        fn typed(v: CudaView<'_, bf16>) -> Typed<'_> {
+            Typed::Bf16(v)
+        }
+        fn typed_mut(v: CudaViewMut<'_, bf16>) -> TypedMut<'_> {
+            TypedMut::Bf16(v)
+        }
+        unsafe fn gemm_strided_batched(
+            blas: &CudaBlas,
+            cfg: StridedBatchedConfig<bf16>,
+            a: &CudaView<'_, bf16>,
+            b: &CudaView<'_, bf16>,
+            c: &mut CudaViewMut<'_, bf16>,
+        ) -> Result<(), CublasError> {
+            // SAFETY: the caller's contract.
+            unsafe { blas.gemm_strided_batched(cfg, a, b, c) }
+        }
+    }
 }
 
 /// Element types the kernels are compiled for; a kernel `op` of type `T` is the CUDA symbol
 /// `op_{T::SUFFIX}` (e.g. `layernorm_fwd_bf16`).
-pub trait KernelDtype: DeviceRepr + ValidAsZeroBits + sealed::Sealed + Copy + 'static {
+pub trait KernelDtype: DeviceRepr + ValidAsZeroBits + sealed::Sealed + Copy + Send + Sync + 'static {
     /// Symbol suffix: `f32` or `bf16`.
     const SUFFIX: &'static str;
 }
@@ -163,15 +254,16 @@ impl CudaDevice {
     }
 
     /// LayerNorm backward; ACCUMULATES into `dinp`, `dweight` and `dbias` (the parameter
-    /// gradients are f32 for both storage types). Deterministic (no float atomics): `scratch`
+    /// gradients summed in f32, stored as `G`: f32 for either storage type, or bf16 for bf16
+    /// storage, rounded once). Deterministic (no float atomics): `scratch`
     /// (at least [`layernorm_backward_scratch`]`(rows, cols)` floats) receives per-segment
     /// partial sums that a second launch adds in order.
     #[allow(clippy::too_many_arguments)]
-    pub fn layernorm_backward<T: KernelDtype>(
+    pub fn layernorm_backward<T: KernelDtype, G: KernelDtype>(
         &self,
         dinp: &mut CudaViewMut<'_, T>,
-        dweight: &mut CudaViewMut<'_, f32>,
-        dbias: &mut CudaViewMut<'_, f32>,
+        dweight: &mut CudaViewMut<'_, G>,
+        dbias: &mut CudaViewMut<'_, G>,
         scratch: &mut CudaViewMut<'_, f32>,
         dout: &CudaView<'_, T>,
         inp: &CudaView<'_, T>,
@@ -218,10 +310,11 @@ impl CudaDevice {
         self.column_sum(dbias, &part.slice(cols..), nseg, 2 * cols, cols)
     }
 
-    /// `dst[c] += sum_s partials[s * stride + c]` for `c < n`, `s < nseg`, summed in order.
-    pub(crate) fn column_sum(
+    /// `dst[c] += sum_s partials[s * stride + c]` for `c < n`, `s < nseg`, summed in order (in
+    /// f32; a bf16 `dst` is rounded once).
+    pub(crate) fn column_sum<G: KernelDtype>(
         &self,
-        dst: &mut CudaViewMut<'_, f32>,
+        dst: &mut CudaViewMut<'_, G>,
         partials: &CudaView<'_, f32>,
         nseg: usize,
         stride: usize,
@@ -238,12 +331,28 @@ impl CudaDevice {
         let (nseg_i, stride_i, n_i) = (to_i32(OP, "nseg", nseg)?, to_i32(OP, "stride", stride)?, to_i32(OP, "n", n)?);
         let cfg =
             LaunchConfig { grid_dim: (n.div_ceil(ELEM_BLOCK as usize) as u32, 1, 1), block_dim: (ELEM_BLOCK, 1, 1), shared_mem_bytes: 0 };
-        let mut l = Launch::new(self, "column_sum_f32".to_string())?;
+        let mut l = Launch::new(self, format!("column_sum_{}", G::SUFFIX))?;
         l.output(dst).input(partials);
         l.scalar(&nseg_i).scalar(&stride_i).scalar(&n_i);
         // SAFETY: thread c < n reads partials[s*stride + c] for s < nseg, below
         // (nseg-1)*stride + n <= partials.len() (checked), and writes dst[c] (n elements).
         unsafe { l.launch(cfg) }
+    }
+
+    /// `out = x` converted to the type of `out` (f32 to bf16: round to nearest even; bf16 to
+    /// f32: exact).
+    pub fn convert<S: KernelDtype, D: KernelDtype>(&self, out: &mut CudaViewMut<'_, D>, x: &CudaView<'_, S>) -> Result<()> {
+        const OP: &str = "convert";
+        let n = x.len();
+        check_len(OP, "out", out.len(), n)?;
+        if n == 0 {
+            return Ok(());
+        }
+        let n64 = n as u64;
+        let mut l = Launch::new(self, format!("to_{}_{}", D::SUFFIX, S::SUFFIX))?;
+        l.output(out).input(x).scalar(&n64);
+        // SAFETY: out and x both have n elements, the kernel's loop bound.
+        unsafe { l.launch(elem_cfg(n)) }
     }
 
     /// `out = gelu(inp)` element-wise.

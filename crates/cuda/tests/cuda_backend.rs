@@ -7,22 +7,33 @@
 //! error, `max |got - want| / max |want|`); then a few AdamW steps (two accumulated
 //! micro-batches, weight decay, gradient clipping active) whose losses and gradient norms stay
 //! within 1e-4 relative. The ops these models do not reach are checked one by one, and the
-//! emulator counts a step's host-device copies (the batch in, the step scalars out). Runs on the
-//! CPU emulator (both thread orders, and once under AddressSanitizer) or, with
-//! LMTRAIN_CUDA_REAL=1, on a GPU; prints SKIP without nvcc.
+//! emulator counts a step's host-device copies (the batch in, the step scalars out; f32 and bf16).
+//!
+//! The bf16 backend (`CudaBackend<bf16>`, f32 master weights) against the same f32 CPU models
+//! from bf16-representable parameters: its ops one by one (each within one or two bf16 roundings
+//! of the CPU), one whole step of GPT-2 and of BERT (padding, -100 labels; loss within 1e-2
+//! relative, every parameter gradient's cosine similarity at least 0.999, AdamW's moments and
+//! update, the stochastically rounded working copy), two steps from one state giving the same
+//! bits, and 20-step training curves of GPT-2 and BERT on f32 and bf16 (every step's loss within
+//! 1e-4 / 2e-2 of the CPU's).
+//!
+//! Runs on the CPU emulator (both thread orders, and once under AddressSanitizer; the training
+//! curves once, forward order: their kernels are the steps') or, with LMTRAIN_CUDA_REAL=1, on a
+//! GPU; prints SKIP without nvcc.
 
 mod support;
 
-use lmtrain_backend::{Backend, Epilogue, GemmDesc, GemmShape, HostBatch, Rows};
+use half::bf16;
+use lmtrain_backend::{Backend, EmbeddingTables, Epilogue, GeluKind, GemmDesc, GemmShape, HostBatch, PaddingIdx, Rows};
 use lmtrain_cpu::Cpu;
-use lmtrain_cuda::{CuBuf, CudaBackend, DeviceKind};
+use lmtrain_cuda::{CuBuf, CudaBackend, DeviceKind, KernelDtype};
 use lmtrain_model::bert::{BertConfig, RobertaConfig};
 use lmtrain_model::distilbert::DistilBertConfig;
 use lmtrain_model::encoder::{EncoderConfig, MaskedLm};
 use lmtrain_model::gpt2::{Gpt2, Gpt2Config};
 use lmtrain_model::{IGNORE_INDEX, Input, LanguageModel};
 use lmtrain_optim::{AdamW, AdamWConfig, decay_segments};
-use support::{Child, Mode, on_device, rel_err, run_children};
+use support::{Child, Mode, on_device, on_device_once, rel_err, run_children};
 
 /// Loss tolerance of one step (f32 on both sides; only summation orders differ).
 const LOSS_TOL: f64 = 1e-5;
@@ -133,32 +144,17 @@ fn backend() -> CudaBackend {
 #[test]
 fn gpt2_step_matches_cpu() {
     on_device("gpt2_step_matches_cpu", |_| {
-        let cfg = Gpt2Config {
-            vocab_size: 67,
-            n_positions: 16,
-            n_embd: 32,
-            n_layer: 2,
-            n_head: 2,
-            resid_pdrop: 0.1,
-            embd_pdrop: 0.1,
-            attn_pdrop: 0.1,
-            ..Gpt2Config::default()
-        };
-        let (b, t) = (2, 9);
-        let ids: Vec<u32> = (0..(b * t) as u32).map(|i| (i * 37 + 11) % 67).collect();
-        let mut labels: Vec<i32> = ids.iter().map(|&x| x as i32).collect();
-        labels[4] = IGNORE_INDEX;
-        let batch = Batch { b, t, ids, labels, mask: None, types: None };
+        let (cfg, batch) = (gpt2_config(), gpt2_batch());
         let cpu = Gpt2::new(Cpu, cfg.clone(), 5).unwrap();
         let cuda = Gpt2::from_params(backend(), cfg, cpu.params_to_host().unwrap()).unwrap();
         compare("gpt2", cpu, cuda, &batch);
     });
 }
 
-/// A masked-LM step of `cfg` with its head on `rows`: 3 rows ending in 0, 2 and 4 padding
-/// positions (id `pad`, the padding index, also once at a real position: its gradient must
-/// still not reach the word table's padding row), ~30% of the real positions labelled.
-fn masked_lm<C: EncoderConfig>(name: &str, cfg: C, pad: u32, rows: Rows, token_types: bool) {
+/// A masked-LM batch for `cfg`: 3 rows ending in 0, 2 and 4 padding positions (id `pad`, the
+/// padding index, also once at a real position: its gradient must still not reach the word
+/// table's padding row), ~30% of the real positions labelled.
+fn mlm_batch<C: EncoderConfig>(cfg: &C, pad: u32, token_types: bool) -> Batch {
     let (b, t, vocab) = (3, 11, cfg.vocab_size() as u32);
     let mask: Vec<bool> = (0..b * t).map(|i| i % t < t - 2 * (i / t)).collect();
     let mut ids: Vec<u32> = (0..b * t).map(|i| if mask[i] { 5 + (i as u32 * 53 + 7) % (vocab - 5) } else { pad }).collect();
@@ -167,7 +163,12 @@ fn masked_lm<C: EncoderConfig>(name: &str, cfg: C, pad: u32, rows: Rows, token_t
         (0..b * t).map(|i| if mask[i] && (i * 7919) % 100 < 30 { ((i * 31) % vocab as usize) as i32 } else { IGNORE_INDEX }).collect();
     let types: Vec<u32> = (0..b * t).map(|i| u32::from(i % t >= t / 2)).collect();
     assert!(labels.iter().filter(|&&y| y != IGNORE_INDEX).count() >= 4);
-    let batch = Batch { b, t, ids, labels, mask: Some(mask), types: token_types.then_some(types) };
+    Batch { b, t, ids, labels, mask: Some(mask), types: token_types.then_some(types) }
+}
+
+/// A masked-LM step of `cfg` with its head on `rows` on [`mlm_batch`].
+fn masked_lm<C: EncoderConfig>(name: &str, cfg: C, pad: u32, rows: Rows, token_types: bool) {
+    let batch = mlm_batch(&cfg, pad, token_types);
     let mut cpu = MaskedLm::<Cpu, C>::new(Cpu, cfg.clone(), 9).unwrap();
     cpu.set_head_rows(rows);
     let mut cuda = MaskedLm::<CudaBackend, C>::from_params(backend(), cfg, cpu.params_to_host().unwrap()).unwrap();
@@ -284,7 +285,7 @@ fn other_ops_match_cpu() {
 }
 
 /// Host-device copies made so far (the emulator's counters; `None` on a GPU).
-fn copy_counts(be: &CudaBackend) -> Option<(u64, u64)> {
+fn copy_counts<T: KernelDtype>(be: &CudaBackend<T>) -> Option<(u64, u64)> {
     if be.device().kind() != DeviceKind::Emulator {
         return None;
     }
@@ -299,57 +300,491 @@ fn copy_counts(be: &CudaBackend) -> Option<(u64, u64)> {
     }
 }
 
+/// Copies between host and device in each of 3 training steps (two micro-batches) of a GPT-2 of
+/// `n_layer` layers on `be` (`None` on a GPU).
+fn step_copies<T: KernelDtype>(be: CudaBackend<T>, n_layer: usize) -> Option<Vec<(u64, u64)>> {
+    let cfg = Gpt2Config { vocab_size: 67, n_positions: 16, n_embd: 32, n_layer, n_head: 2, ..Gpt2Config::default() };
+    let ids: Vec<u32> = (0..18u32).map(|i| (i * 37 + 11) % 67).collect();
+    let labels: Vec<i32> = ids.iter().map(|&x| x as i32).collect();
+    let batch = Batch { b: 2, t: 9, ids, labels, mask: None, types: None };
+    let before = copy_counts(&be);
+    let mut m = Gpt2::new(be, cfg, 5).unwrap();
+    let params = m.params_to_host().unwrap();
+    let segments = decay_segments(m.param_infos().iter().map(|p| (p.offset, p.len, p.decay)), 0.0);
+    let mut opt = AdamW::new(m.backend(), AdamWConfig::default(), &params, segments).unwrap();
+    let mut counts = Vec::new();
+    for step in 0..3 {
+        let start = copy_counts(m.backend());
+        let mut stats = m.backend().new_stats().unwrap();
+        m.zero_grad().unwrap();
+        for micro in 0..2 {
+            m.accumulate_gradients(&batch.input(), Some(step * 2 + micro), &mut stats).unwrap();
+        }
+        let (be, store) = m.parts_mut();
+        let (p, g) = store.params_and_grads_mut();
+        opt.step(be, CudaBackend::view_mut(p), CudaBackend::view(g), 1e-3, 1.0, 2, &mut stats).unwrap();
+        be.read_stats(&stats).unwrap();
+        counts.push(start.zip(copy_counts(be)).map(|((h0, d0), (h1, d1))| (h1 - h0, d1 - d0)));
+    }
+    before.map(|_| counts.into_iter().flatten().collect())
+}
+
 /// Copies between host and device in one training step after the first (two micro-batches):
 /// the batch's arrays going in and the one read of the step scalars coming out, the same
-/// number whatever the depth of the model (nothing per layer or per op).
+/// number whatever the depth of the model (nothing per layer or per op), on the f32 and the
+/// bf16 backend alike.
 #[test]
 fn a_step_copies_only_the_batch_and_the_stats() {
     on_device("a_step_copies_only_the_batch_and_the_stats", |_| {
         let mut per_depth = Vec::new();
-        for n_layer in [1, 3] {
-            let cfg = Gpt2Config { vocab_size: 67, n_positions: 16, n_embd: 32, n_layer, n_head: 2, ..Gpt2Config::default() };
-            let ids: Vec<u32> = (0..18u32).map(|i| (i * 37 + 11) % 67).collect();
-            let labels: Vec<i32> = ids.iter().map(|&x| x as i32).collect();
-            let batch = Batch { b: 2, t: 9, ids, labels, mask: None, types: None };
-            let be = backend();
-            let before = copy_counts(&be);
-            let mut m = Gpt2::new(be, cfg, 5).unwrap();
-            let steps = |m: &mut Gpt2<CudaBackend>, n| {
-                let params = m.params_to_host().unwrap();
-                let segments = decay_segments(m.param_infos().iter().map(|p| (p.offset, p.len, p.decay)), 0.0);
-                let mut opt = AdamW::new(m.backend(), AdamWConfig::default(), &params, segments).unwrap();
-                let mut counts = Vec::new();
-                for step in 0..n {
-                    let start = copy_counts(m.backend());
-                    let mut stats = m.backend().new_stats().unwrap();
-                    m.zero_grad().unwrap();
-                    for micro in 0..2 {
-                        m.accumulate_gradients(&batch.input(), Some(step * 2 + micro), &mut stats).unwrap();
-                    }
-                    let (be, store) = m.parts_mut();
-                    let (p, g) = store.params_and_grads_mut();
-                    opt.step(be, CudaBackend::view_mut(p), CudaBackend::view(g), 1e-3, 1.0, 2, &mut stats).unwrap();
-                    be.read_stats(&stats).unwrap();
-                    counts.push(start.zip(copy_counts(be)).map(|((h0, d0), (h1, d1))| (h1 - h0, d1 - d0)));
-                }
-                counts
-            };
-            let counts = steps(&mut m, 3);
-            if before.is_none() {
+        for (dtype, n_layer) in [("f32", 1), ("f32", 3), ("bf16", 1), ("bf16", 3)] {
+            let counts = if dtype == "f32" { step_copies(backend(), n_layer) } else { step_copies(backend_bf16(), n_layer) };
+            let Some(counts) = counts else {
                 return support::skip("a_step_copies_only_the_batch_and_the_stats", "the copy counters are the emulator's");
-            }
-            let counts: Vec<(u64, u64)> = counts.into_iter().flatten().collect();
-            println!("GPT-2, {n_layer} layer(s): copies per step (host to device, device to host): {counts:?}");
-            assert_eq!(counts[1], counts[2], "every step after the first copies the same");
-            assert_eq!(counts[1].1, 2, "one read of the step scalars (loss and norm) per step");
+            };
+            println!("GPT-2 {dtype}, {n_layer} layer(s): copies per step (host to device, device to host): {counts:?}");
+            assert_eq!(counts[1], counts[2], "{dtype}: every step after the first copies the same");
+            assert_eq!(counts[1].1, 2, "{dtype}: one read of the step scalars (loss and norm) per step");
             per_depth.push(counts[1]);
         }
-        assert_eq!(per_depth[0], per_depth[1], "copies per step depend on the depth of the model");
+        assert!(per_depth.iter().all(|&c| c == per_depth[0]), "copies per step depend on the depth or the dtype: {per_depth:?}");
     });
 }
 
-/// Every device test above once more in one child whose fake libraries are built with
-/// AddressSanitizer.
+// ---- bf16 -----------------------------------------------------------------------------------
+
+/// The bf16 backend.
+fn backend_bf16() -> CudaBackend<bf16> {
+    CudaBackend::<bf16>::open(0).unwrap_or_else(|e| panic!("opening the bf16 CUDA backend: {e}"))
+}
+
+/// The values bf16 storage holds of `x` (round to nearest even).
+fn to_bf16(x: Vec<f32>) -> Vec<f32> {
+    x.into_iter().map(|v| bf16::from_f32(v).to_f32()).collect()
+}
+
+/// Cosine similarity of two vectors, in f64.
+fn cosine(a: &[f32], b: &[f32]) -> f64 {
+    let dot = |x: &[f32], y: &[f32]| x.iter().zip(y).map(|(&p, &q)| f64::from(p) * f64::from(q)).sum::<f64>();
+    dot(a, b) / (dot(a, a) * dot(b, b)).sqrt()
+}
+
+/// Loss tolerance of one bf16 step (relative).
+const BF16_LOSS_TOL: f64 = 1e-2;
+/// Every parameter gradient of a bf16 step has at least this cosine similarity to the CPU's.
+const BF16_GRAD_COS: f64 = 0.999;
+
+/// One bf16 step (forward, backward, clipping, AdamW) of `gpu` against the f32 CPU model `cpu`,
+/// both holding the same bf16-representable parameters: the loss, every parameter's gradient
+/// (cosine similarity), the gradient norm, AdamW's first moments and its update of the master
+/// weights, and the bf16 working copy: one of the two bf16 neighbours of its master weight,
+/// rounded stochastically (no bias towards zero). Returns the worst gradient cosine.
+fn compare_bf16<C: LanguageModel<Cpu>, G: LanguageModel<CudaBackend<bf16>>>(name: &str, mut cpu: C, mut gpu: G, batch: &Batch) -> f64 {
+    let (loss_c, grads_c) = one_step(&mut cpu, batch, 7);
+    let (loss_g, grads_g) = one_step(&mut gpu, batch, 7);
+    let e = ((loss_g as f64 - loss_c as f64) / loss_c as f64).abs();
+    println!("{name} bf16: loss cpu {loss_c} cuda {loss_g}, relative error {e:.2e} (tolerance {BF16_LOSS_TOL:.0e})");
+    assert!(loss_c.is_finite() && e <= BF16_LOSS_TOL, "{name} bf16: loss {loss_g} on CUDA, {loss_c} on the CPU");
+    let largest = grads_c.iter().map(|x| x.abs() as f64).fold(0.0, f64::max);
+    let (mut worst, mut worst_zero) = ((1.0f64, String::new()), None::<f64>);
+    for p in cpu.param_infos() {
+        let (g, c) = (&grads_g[p.offset..p.offset + p.len], &grads_c[p.offset..p.offset + p.len]);
+        // A key bias's exact gradient is 0 (see `compare`): both sides hold round-off, which has
+        // no direction to agree on; it must stay round-off of the model's largest gradient.
+        if ["key.bias", "k_lin.bias"].iter().any(|n| p.name.ends_with(n)) {
+            let e = g.iter().zip(c).map(|(x, y)| (x - y).abs() as f64).fold(0.0, f64::max) / largest;
+            worst_zero = Some(worst_zero.map_or(e, |w| w.max(e)));
+            continue;
+        }
+        let cos = cosine(g, c);
+        if cos.is_nan() || cos < worst.0 {
+            worst = (cos, p.name.clone());
+        }
+    }
+    println!("{name} bf16: worst gradient cosine similarity {:.6} ({}) (at least {BF16_GRAD_COS})", worst.0, worst.1);
+    assert!(worst.0 >= BF16_GRAD_COS, "{name} bf16: the gradient of {} has cosine similarity {:.6}", worst.1, worst.0);
+    if let Some(e) = worst_zero {
+        println!("{name} bf16: key-bias gradients (exactly 0) within {e:.2e} of the largest gradient");
+        assert!(e <= ONE_ROUNDING, "{name} bf16: a key bias's gradient reaches {e:.2e} of the largest gradient");
+    }
+
+    // AdamW from these gradients, clipping active
+    let (lr, max_norm) = (1e-3, 0.5);
+    let params0 = cpu.params_to_host().unwrap();
+    let (norm_c, m_c, after_c) = adamw_once(&mut cpu, &params0, lr, max_norm);
+    let (norm_g, m_g, master) = adamw_once(&mut gpu, &params0, lr, max_norm);
+    let en = f64::from(((norm_g - norm_c) / norm_c).abs());
+    let cos_m = cosine(&m_g, &m_c);
+    let delta = |after: &[f32]| after.iter().zip(&params0).map(|(a, p)| a - p).collect::<Vec<f32>>();
+    let cos_update = cosine(&delta(&master), &delta(&after_c));
+    println!(
+        "{name} bf16 AdamW: grad norm cpu {norm_c} cuda {norm_g} ({en:.2e}); first moments cosine {cos_m:.6}; \
+         update of the master weights cosine {cos_update:.6}"
+    );
+    assert!(en <= BF16_LOSS_TOL, "{name} bf16: gradient norm {norm_g} on CUDA, {norm_c} on the CPU");
+    assert!(cos_m >= BF16_GRAD_COS, "{name} bf16: AdamW's first moments have cosine similarity {cos_m}");
+    // Adam's first update is about ±lr whatever the gradient's size: only the signs of the
+    // gradients that are round-off on both sides (key biases) may differ
+    assert!(cos_update >= 0.99, "{name} bf16: the update of the master weights has cosine similarity {cos_update}");
+    let working = gpu.params_to_host().unwrap();
+    let mut bias = 0.0f64;
+    for (i, (&w, &m)) in working.iter().zip(&master).enumerate() {
+        let (lo, hi) = bf16_neighbours(m);
+        assert!(w == lo || w == hi, "{name} bf16: working weight {i} is {w}, not a bf16 neighbour of its master weight {m}");
+        if lo != hi {
+            // (w - m) / (hi - lo): its mean is 0 for unbiased rounding, -1/2 for truncation
+            bias += f64::from((w - m) / (hi - lo)) * f64::from(m.signum());
+        }
+    }
+    let bias = bias / working.len() as f64;
+    println!("{name} bf16: stochastic rounding's mean offset towards larger magnitudes {bias:.4} (ulp)");
+    assert!(bias.abs() < 0.05, "{name} bf16: the working copy is rounded with a bias of {bias:.4} ulp");
+    worst.0
+}
+
+/// The bf16 values just below and above `x` (both `x` when it is one).
+fn bf16_neighbours(x: f32) -> (f32, f32) {
+    let down = f32::from_bits(x.to_bits() & 0xFFFF_0000);
+    let up = bf16::from_bits(bf16::from_f32(down).to_bits() + 1).to_f32();
+    if down == x {
+        (x, x)
+    } else if x > 0.0 {
+        (down, up)
+    } else {
+        (up, down)
+    }
+}
+
+/// One AdamW step of `m` (master weights `params0`) from the gradients it holds: the gradient
+/// norm, the first moments and the (master) parameters after the step.
+fn adamw_once<B: Backend, M: LanguageModel<B>>(m: &mut M, params0: &[f32], lr: f32, max_norm: f32) -> (f32, Vec<f32>, Vec<f32>) {
+    let segments = decay_segments(m.param_infos().iter().map(|p| (p.offset, p.len, p.decay)), 0.01);
+    let mut opt = AdamW::new(m.backend(), AdamWConfig { weight_decay: 0.01, ..AdamWConfig::default() }, params0, segments).unwrap();
+    let (be, store) = m.parts_mut();
+    let mut stats = be.new_stats().unwrap();
+    let (p, g) = store.params_and_grads_mut();
+    opt.step(be, B::view_mut(p), B::view(g), lr, max_norm, 1, &mut stats).unwrap();
+    let norm = opt.report(&be.read_stats(&stats).unwrap()).grad_norm;
+    let after = match opt.master_params(be).unwrap() {
+        Some(master) => master,
+        None => m.params_to_host().unwrap(),
+    };
+    (norm, opt.exp_avg(m.backend()).unwrap(), after)
+}
+
+/// One rounding to bf16 of every result, measured against the largest: `2^-8`.
+const ONE_ROUNDING: f64 = 1.0 / 256.0;
+
+/// Every op of the bf16 backend whose kernel the models reach only in part, through the trait
+/// against the CPU backend on bf16-representable inputs (odd sizes): the host conversions (round
+/// to nearest even, ties included), products (every transpose, strided batches, accumulation, the
+/// bias and bias + GELU epilogues), the element-wise and row kernels, LayerNorm with its
+/// statistics in bf16, and the parameter-gradient reductions into bf16 gradients (bias, LayerNorm,
+/// embedding tables with a padding index). Results are one bf16 rounding from the CPU's f32 (the
+/// LayerNorm backward: the rounding of the saved statistics too).
+#[test]
+fn bf16_ops_match_cpu() {
+    on_device("bf16_ops_match_cpu", |_| {
+        type G = CudaBackend<bf16>;
+        let be = backend_bf16();
+        let mut rng = support::Rng::new(23);
+        let up = |v: &[f32]| be.from_host(v.to_vec()).unwrap();
+        let down = |v: &CuBuf<bf16>| be.to_host(G::view(v)).unwrap();
+        let rand = |rng: &mut support::Rng, n: usize, scale: f32| to_bf16(rng.vec(n, scale, 0.0));
+        // round to nearest even: ties go to the even neighbour, in both directions
+        let ties = [1.0 + 1.0 / 256.0, 1.0 + 3.0 / 256.0, -(1.0 + 1.0 / 256.0), 3.0e-39, f32::MAX, 0.1];
+        let want: Vec<f32> = ties.iter().map(|&x| bf16::from_f32(x).to_f32()).collect();
+        assert_eq!(down(&up(&ties)), want, "from_host rounds to nearest even");
+        assert_eq!(want[..3], [1.0, 1.0 + 4.0 / 256.0, -1.0], "ties to even");
+        // products: 3 of 5 x 7 x 6 in padded rows at odd strides, every transpose
+        for (trans_a, trans_b, accumulate) in [(false, false, false), (true, false, true), (false, true, false), (true, true, true)] {
+            let (m, n, k, batch) = (5, 7, 6, 3);
+            let shape = GemmShape { m, n, k, trans_a, trans_b, accumulate };
+            let (lda, ldb, ldc) = (if trans_a { m } else { k } + 2, if trans_b { k } else { n } + 1, n + 3);
+            let (ra, rb) = (if trans_a { k } else { m }, if trans_b { n } else { k });
+            let strides = [ra * lda + 4, rb * ldb + 1, m * ldc + 2];
+            let d = GemmDesc { shape, lda, ldb, ldc, batch, strides };
+            let a = rand(&mut rng, (batch - 1) * strides[0] + ra * lda, 1.0);
+            let b = rand(&mut rng, (batch - 1) * strides[1] + rb * ldb, 1.0);
+            let c0 = rand(&mut rng, (batch - 1) * strides[2] + m * ldc, 1.0);
+            let mut want = c0.clone();
+            Cpu.gemm(&mut want, &a, &b, &d, Epilogue::None).unwrap();
+            let (da, db, mut dc) = (up(&a), up(&b), up(&c0));
+            be.gemm(G::view_mut(&mut dc), G::view(&da), G::view(&db), &d, Epilogue::None).unwrap();
+            support::assert_close(&format!("bf16 gemm {shape:?}"), &down(&dc), &want, ONE_ROUNDING);
+        }
+        // the epilogues (add_bias_bf16; GELU on the stored pre-activation), 13 x 37 x 19
+        let (m, n, k) = (13, 37, 19);
+        let d = GemmDesc::from(GemmShape { m, n, k, trans_a: false, trans_b: true, accumulate: false });
+        let (a, b, bias) = (rand(&mut rng, m * k, 1.0), rand(&mut rng, n * k, 1.0), rand(&mut rng, n, 1.0));
+        let (da, db, dbias) = (up(&a), up(&b), up(&bias));
+        let mut want = vec![0.0; m * n];
+        Cpu.gemm(&mut want, &a, &b, &d, Epilogue::Bias(&bias[..])).unwrap();
+        let mut dc = be.alloc(m * n).unwrap();
+        be.gemm(G::view_mut(&mut dc), G::view(&da), G::view(&db), &d, Epilogue::Bias(G::view(&dbias))).unwrap();
+        // the product is rounded, then the sum with the bias: two roundings
+        support::assert_close("bf16 gemm + bias", &down(&dc), &want, 2.0 * ONE_ROUNDING);
+        let (mut want, mut want_pre) = (vec![0.0; m * n], vec![0.0; m * n]);
+        Cpu.gemm(&mut want, &a, &b, &d, Epilogue::BiasGelu { bias: &bias, kind: GeluKind::Erf, pre: &mut want_pre }).unwrap();
+        let (mut dc, mut dpre) = (be.alloc(m * n).unwrap(), be.alloc(m * n).unwrap());
+        let epi = Epilogue::BiasGelu { bias: G::view(&dbias), kind: GeluKind::Erf, pre: G::view_mut(&mut dpre) };
+        be.gemm(G::view_mut(&mut dc), G::view(&da), G::view(&db), &d, epi).unwrap();
+        support::assert_close("bf16 gemm + bias + gelu: pre-activation", &down(&dpre), &want_pre, 2.0 * ONE_ROUNDING);
+        support::assert_close("bf16 gemm + bias + gelu", &down(&dc), &want, 3.0 * ONE_ROUNDING);
+        // element-wise, 1037 elements
+        let nel = 1037;
+        let (x, y, acc) = (rand(&mut rng, nel, 3.0), rand(&mut rng, nel, 1.0), rand(&mut rng, nel, 1.0));
+        let (dx, dy) = (up(&x), up(&y));
+        let mut want = vec![0.0; nel];
+        Cpu.residual_forward(&mut want, &x, &y).unwrap();
+        let mut got = be.alloc(nel).unwrap();
+        be.residual_forward(G::view_mut(&mut got), G::view(&dx), G::view(&dy)).unwrap();
+        support::assert_close("bf16 residual_forward", &down(&got), &want, ONE_ROUNDING);
+        let mut want = acc.clone();
+        Cpu.add_inplace(&mut want, &y).unwrap();
+        let mut got = up(&acc);
+        be.add_inplace(G::view_mut(&mut got), G::view(&dy)).unwrap();
+        support::assert_close("bf16 add_inplace", &down(&got), &want, ONE_ROUNDING);
+        let mut th = vec![0.0; nel];
+        Cpu.tanh_forward(&mut th, &x).unwrap();
+        let mut gth = be.alloc(nel).unwrap();
+        be.tanh_forward(G::view_mut(&mut gth), G::view(&dx)).unwrap();
+        support::assert_close("bf16 tanh_forward", &down(&gth), &th, ONE_ROUNDING);
+        // the backward from the stored (rounded) output, as the GPU reads it
+        let (th, mut want) = (down(&gth), acc.clone());
+        Cpu.tanh_backward(&mut want, &th, &y).unwrap();
+        let mut got = up(&acc);
+        be.tanh_backward(G::view_mut(&mut got), G::view(&gth), G::view(&dy)).unwrap();
+        support::assert_close("bf16 tanh_backward", &down(&got), &want, ONE_ROUNDING);
+        // a batch of 3 x 7 with padding and labels; 19 channels
+        let (b, t, c, vocab, n_pos) = (3, 7, 19, 11, 9);
+        let ids: Vec<u32> = (0..b * t).map(|i| (i as u32 * 5 + 3) % vocab as u32).collect();
+        let mask: Vec<bool> = (0..b * t).map(|i| i % t < t - i / t).collect();
+        let labels: Vec<i32> = (0..b * t).map(|i| if i % 3 == 1 { (i % vocab) as i32 } else { IGNORE_INDEX }).collect();
+        let host = HostBatch {
+            b,
+            t,
+            input_ids: &ids,
+            targets: Some(&labels),
+            attention_mask: Some(&mask),
+            token_type_ids: None,
+            position_ids: None,
+        };
+        let (cb, gb) = (Cpu.upload_batch(&host).unwrap(), be.upload_batch(&host).unwrap());
+        let h = rand(&mut rng, b * t * c, 1.0);
+        let mut want = h.clone();
+        Cpu.zero_padded_rows(&mut want, &cb, c).unwrap();
+        let mut got = up(&h);
+        be.zero_padded_rows(G::view_mut(&mut got), &gb, c).unwrap();
+        assert_eq!(down(&got), want, "bf16 zero_padded_rows");
+        let n_sel = labels.iter().filter(|&&y| y != IGNORE_INDEX).count();
+        let mut want = vec![0.0; n_sel * c];
+        Cpu.gather_rows(&mut want, &h, &cb, c).unwrap();
+        let (dh, mut got) = (up(&h), be.alloc(n_sel * c).unwrap());
+        be.gather_rows(G::view_mut(&mut got), G::view(&dh), &gb, c).unwrap();
+        assert_eq!(down(&got), want, "bf16 gather_rows");
+        let dsel = rand(&mut rng, n_sel * c, 1.0);
+        let mut want = h.clone();
+        Cpu.scatter_add_rows(&mut want, &dsel, &cb, c).unwrap();
+        let mut got = up(&h);
+        be.scatter_add_rows(G::view_mut(&mut got), G::view(&up(&dsel)), &gb, c).unwrap();
+        support::assert_close("bf16 scatter_add_rows", &down(&got), &want, ONE_ROUNDING);
+        // parameter gradients into bf16: bias (column_sum_bf16), 21 rows
+        let (rows, dout, db0) = (b * t, rand(&mut rng, b * t * c, 1.0), rand(&mut rng, c, 1.0));
+        let ddout = up(&dout);
+        let mut want = db0.clone();
+        Cpu.bias_backward(&mut want, &dout, rows, c).unwrap();
+        let mut got = up(&db0);
+        be.bias_backward(G::view_mut(&mut got), G::view(&ddout), rows, c).unwrap();
+        support::assert_close("bf16 bias_backward", &down(&got), &want, ONE_ROUNDING);
+        // LayerNorm: statistics saved in bf16 (to_bf16_f32), read back (to_f32_bf16)
+        let (inp, w, bb) = (rand(&mut rng, rows * c, 2.0), rand(&mut rng, c, 1.0), rand(&mut rng, c, 1.0));
+        let (dinp, dw, dbb) = (up(&inp), up(&w), up(&bb));
+        let (mut out, mut mean, mut rstd) = (vec![0.0; rows * c], vec![0.0; rows], vec![0.0; rows]);
+        Cpu.layernorm_forward(&mut out, &mut mean, &mut rstd, &inp, &w, &bb, rows, c, 1e-5).unwrap();
+        let (mut gout, mut gmean, mut grstd) = (be.alloc(rows * c).unwrap(), be.alloc(rows).unwrap(), be.alloc(rows).unwrap());
+        let (vo, vm, vr) = (G::view_mut(&mut gout), G::view_mut(&mut gmean), G::view_mut(&mut grstd));
+        be.layernorm_forward(vo, vm, vr, G::view(&dinp), G::view(&dw), G::view(&dbb), rows, c, 1e-5).unwrap();
+        support::assert_close("bf16 layernorm_forward", &down(&gout), &out, ONE_ROUNDING);
+        assert_eq!(down(&gmean), to_bf16(mean.clone()), "bf16 layernorm_forward: the mean, rounded");
+        assert_eq!(down(&grstd), to_bf16(rstd.clone()), "bf16 layernorm_forward: rstd, rounded");
+        let (dx0, gw0, gb0) = (rand(&mut rng, rows * c, 1.0), rand(&mut rng, c, 1.0), rand(&mut rng, c, 1.0));
+        let (mut dx, mut gw, mut gbias) = (dx0.clone(), gw0.clone(), gb0.clone());
+        Cpu.layernorm_backward(&mut dx, &mut gw, &mut gbias, &dout, &inp, &w, &mean, &rstd, rows, c).unwrap();
+        let (mut ddx, mut dgw, mut dgb) = (up(&dx0), up(&gw0), up(&gb0));
+        let (vx, vw, vb) = (G::view_mut(&mut ddx), G::view_mut(&mut dgw), G::view_mut(&mut dgb));
+        let (vm, vr) = (G::view(&gmean), G::view(&grstd));
+        be.layernorm_backward(vx, vw, vb, G::view(&ddout), G::view(&dinp), G::view(&dw), vm, vr, rows, c).unwrap();
+        support::assert_close("bf16 layernorm_backward dinp", &down(&ddx), &dx, support::BF16_TOL);
+        support::assert_close("bf16 layernorm_backward dweight", &down(&dgw), &gw, support::BF16_TOL);
+        support::assert_close("bf16 layernorm_backward dbias", &down(&dgb), &gbias, ONE_ROUNDING);
+        // embedding tables' gradients in bf16 (embedding_bwd_bf16_grad_bf16), token 0 the padding
+        let (wte0, wpe0) = (rand(&mut rng, vocab * c, 1.0), rand(&mut rng, n_pos * c, 1.0));
+        let pad = PaddingIdx { word: Some(0), position: None };
+        let (mut wte, mut wpe) = (wte0.clone(), wpe0.clone());
+        let tables = EmbeddingTables { word: &mut wte[..], position: Some(&mut wpe[..]), token_type: None };
+        Cpu.embedding_backward(tables, &dout, &cb, c, pad).unwrap();
+        let (mut gwte, mut gwpe) = (up(&wte0), up(&wpe0));
+        let tables = EmbeddingTables { word: G::view_mut(&mut gwte), position: Some(G::view_mut(&mut gwpe)), token_type: None };
+        be.embedding_backward(tables, G::view(&ddout), &gb, c, pad).unwrap();
+        support::assert_close("bf16 embedding_backward word table", &down(&gwte), &wte, ONE_ROUNDING);
+        support::assert_close("bf16 embedding_backward position table", &down(&gwpe), &wpe, ONE_ROUNDING);
+        assert!(ids.contains(&0) && down(&gwte)[..c] == wte0[..c], "the padding row of the word table is untouched");
+    });
+}
+
+fn gpt2_config() -> Gpt2Config {
+    Gpt2Config {
+        vocab_size: 67,
+        n_positions: 16,
+        n_embd: 32,
+        n_layer: 2,
+        n_head: 2,
+        resid_pdrop: 0.1,
+        embd_pdrop: 0.1,
+        attn_pdrop: 0.1,
+        ..Gpt2Config::default()
+    }
+}
+
+/// The GPT-2 batch: 2 x 9, one label ignored.
+fn gpt2_batch() -> Batch {
+    let (b, t) = (2, 9);
+    let ids: Vec<u32> = (0..(b * t) as u32).map(|i| (i * 37 + 11) % 67).collect();
+    let mut labels: Vec<i32> = ids.iter().map(|&x| x as i32).collect();
+    labels[4] = IGNORE_INDEX;
+    Batch { b, t, ids, labels, mask: None, types: None }
+}
+
+/// GPT-2 on the bf16 backend against the CPU, one step (see [`compare_bf16`]).
+#[test]
+fn bf16_gpt2_step_matches_cpu() {
+    on_device("bf16_gpt2_step_matches_cpu", |_| {
+        let params = to_bf16(Gpt2::new(Cpu, gpt2_config(), 5).unwrap().params_to_host().unwrap());
+        let cpu = Gpt2::from_params(Cpu, gpt2_config(), params.clone()).unwrap();
+        let gpu = Gpt2::from_params(backend_bf16(), gpt2_config(), params).unwrap();
+        compare_bf16("gpt2", cpu, gpu, &gpt2_batch());
+    });
+}
+
+/// BERT (padding inside the batch, -100 labels, token types, the head on the labelled rows) on
+/// the bf16 backend against the CPU, one step.
+#[test]
+fn bf16_bert_step_matches_cpu() {
+    on_device("bf16_bert_step_matches_cpu", |_| {
+        let cfg = bert_config();
+        let batch = mlm_batch(&cfg, 0, true);
+        let params = to_bf16(MaskedLm::<Cpu, BertConfig>::new(Cpu, cfg.clone(), 9).unwrap().params_to_host().unwrap());
+        let cpu = MaskedLm::<Cpu, BertConfig>::from_params(Cpu, cfg.clone(), params.clone()).unwrap();
+        let gpu = MaskedLm::<CudaBackend<bf16>, BertConfig>::from_params(backend_bf16(), cfg, params).unwrap();
+        compare_bf16("bert", cpu, gpu, &batch);
+    });
+}
+
+/// Two bf16 steps (forward, backward, AdamW with its stochastic rounding) from the same state
+/// give the same bits: loss, gradients, master and working weights.
+#[test]
+fn bf16_steps_are_deterministic() {
+    on_device("bf16_steps_are_deterministic", |_| {
+        let cfg = bert_config();
+        let batch = mlm_batch(&cfg, 0, true);
+        let params = to_bf16(MaskedLm::<Cpu, BertConfig>::new(Cpu, cfg.clone(), 9).unwrap().params_to_host().unwrap());
+        let run = || {
+            let mut m = MaskedLm::<CudaBackend<bf16>, BertConfig>::from_params(backend_bf16(), cfg.clone(), params.clone()).unwrap();
+            let (loss, grads) = one_step(&mut m, &batch, 7);
+            let (norm, moments, master) = adamw_once(&mut m, &params, 1e-3, 0.5);
+            (loss.to_bits(), bits_of(&grads), norm.to_bits(), bits_of(&moments), bits_of(&master), bits_of(&m.params_to_host().unwrap()))
+        };
+        let (first, second) = (run(), run());
+        assert!(first == second, "two bf16 steps from the same state differ");
+        assert!(first.5 != bits_of(&params), "the step changed the working weights");
+    });
+}
+
+fn bits_of(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits()).collect()
+}
+
+/// Optimizer steps of the training-curve tests.
+const CURVE_STEPS: u64 = 20;
+/// Each step's loss on the f32 CUDA backend against the CPU's (relative).
+const CURVE_F32_TOL: f64 = 1e-4;
+/// Each step's loss on the bf16 CUDA backend against the CPU's (relative).
+const CURVE_BF16_TOL: f64 = 2e-2;
+
+/// The loss of each of [`CURVE_STEPS`] AdamW steps on the fixed `batch` (dropout seeds per step,
+/// clipping at 1, weight decay), from the model's parameters (the master weights' start).
+fn curve<B: Backend, M: LanguageModel<B>>(mut m: M, batch: &Batch, lr: f32) -> Vec<f64> {
+    let params = m.params_to_host().unwrap();
+    let segments = decay_segments(m.param_infos().iter().map(|p| (p.offset, p.len, p.decay)), 0.01);
+    let mut opt = AdamW::new(m.backend(), AdamWConfig { weight_decay: 0.01, ..AdamWConfig::default() }, &params, segments).unwrap();
+    (0..CURVE_STEPS)
+        .map(|step| {
+            let mut stats = m.backend().new_stats().unwrap();
+            m.zero_grad().unwrap();
+            m.accumulate_gradients(&batch.input(), Some(1000 + step), &mut stats).unwrap();
+            let (be, store) = m.parts_mut();
+            let (p, g) = store.params_and_grads_mut();
+            opt.step(be, B::view_mut(p), B::view(g), lr, 1.0, 1, &mut stats).unwrap();
+            be.read_stats(&stats).unwrap().loss
+        })
+        .collect()
+}
+
+/// The training curves of the CPU, f32 CUDA and bf16 CUDA models (built from the same
+/// bf16-representable parameters): the loss falls by a third or more, and every step's loss on
+/// CUDA is within [`CURVE_F32_TOL`] / [`CURVE_BF16_TOL`] of the CPU's.
+fn compare_curves<C: LanguageModel<Cpu>, F: LanguageModel<CudaBackend>, H: LanguageModel<CudaBackend<bf16>>>(
+    name: &str,
+    (cpu, f32m, bf16m): (C, F, H),
+    batch: &Batch,
+    lr: f32,
+) {
+    let (c, f, h) = (curve(cpu, batch, lr), curve(f32m, batch, lr), curve(bf16m, batch, lr));
+    let (mut worst_f, mut worst_h) = (0.0f64, 0.0f64);
+    for i in 0..c.len() {
+        let (ef, eh) = (((f[i] - c[i]) / c[i]).abs(), ((h[i] - c[i]) / c[i]).abs());
+        println!("{name} step {:2}: loss cpu {:.6} cuda f32 {:.6} ({ef:.1e}) cuda bf16 {:.6} ({eh:.1e})", i + 1, c[i], f[i], h[i]);
+        (worst_f, worst_h) = (worst_f.max(ef), worst_h.max(eh));
+    }
+    println!(
+        "{name}: largest deviation from the CPU's curve: f32 {worst_f:.2e} (tolerance {CURVE_F32_TOL:.0e}), bf16 {worst_h:.2e} (tolerance {CURVE_BF16_TOL:.0e})"
+    );
+    assert!(c.iter().all(|l| l.is_finite()) && c[c.len() - 1] < c[0] * (2.0 / 3.0), "{name}: the loss does not fall by a third ({c:?})");
+    assert!(worst_f <= CURVE_F32_TOL, "{name}: the f32 CUDA curve is {worst_f:.2e} from the CPU's");
+    assert!(worst_h <= CURVE_BF16_TOL, "{name}: the bf16 CUDA curve is {worst_h:.2e} from the CPU's");
+}
+
+#[test]
+fn gpt2_training_curves_match_cpu() {
+    on_device_once("gpt2_training_curves_match_cpu", |_| {
+        let cfg = gpt2_config();
+        let params = to_bf16(Gpt2::new(Cpu, cfg.clone(), 5).unwrap().params_to_host().unwrap());
+        let models = (
+            Gpt2::from_params(Cpu, cfg.clone(), params.clone()).unwrap(),
+            Gpt2::from_params(backend(), cfg.clone(), params.clone()).unwrap(),
+            Gpt2::from_params(backend_bf16(), cfg, params).unwrap(),
+        );
+        compare_curves("gpt2", models, &gpt2_batch(), 3e-3);
+    });
+}
+
+#[test]
+fn bert_training_curves_match_cpu() {
+    on_device_once("bert_training_curves_match_cpu", |_| {
+        let cfg = bert_config();
+        let params = to_bf16(MaskedLm::<Cpu, BertConfig>::new(Cpu, cfg.clone(), 9).unwrap().params_to_host().unwrap());
+        let models = (
+            MaskedLm::<Cpu, BertConfig>::from_params(Cpu, cfg.clone(), params.clone()).unwrap(),
+            MaskedLm::<CudaBackend, BertConfig>::from_params(backend(), cfg.clone(), params.clone()).unwrap(),
+            MaskedLm::<CudaBackend<bf16>, BertConfig>::from_params(backend_bf16(), cfg, params).unwrap(),
+        );
+        compare_curves("bert", models, &mlm_batch(&bert_config(), 0, true), 3e-3);
+    });
+}
+
+/// Every device test above but the training curves once more in one child whose fake libraries
+/// are built with AddressSanitizer.
 #[test]
 fn address_sanitizer_pass() {
     match support::mode() {
@@ -363,6 +798,10 @@ fn address_sanitizer_pass() {
                     "roberta_and_distilbert_steps_match_cpu",
                     "other_ops_match_cpu",
                     "a_step_copies_only_the_batch_and_the_stats",
+                    "bf16_ops_match_cpu",
+                    "bf16_gpt2_step_matches_cpu",
+                    "bf16_bert_step_matches_cpu",
+                    "bf16_steps_are_deterministic",
                 ],
                 &Child { lib_dir: dir, order: "forward", asan_runtime: Some(rt), allow_emulator: true },
             ),

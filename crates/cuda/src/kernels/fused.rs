@@ -277,13 +277,14 @@ impl CudaDevice {
     }
 
     /// Embedding backward, deterministic: `dwte[ids[n]] += dout[n]`, `dwpe[pos[n]] += dout[n]`,
-    /// `dtte[types[n]] += dout[n]` (f32 table gradients), each table row summed by one thread
-    /// per channel over its tokens in order (no atomics).
-    pub fn embedding_backward<T: KernelDtype>(
+    /// `dtte[types[n]] += dout[n]` (table gradients of type `G`: f32, or bf16 with bf16 `dout`,
+    /// the sum in f32 rounded once), each table row summed by one thread per channel over its
+    /// tokens in order (no atomics).
+    pub fn embedding_backward<T: KernelDtype, G: KernelDtype>(
         &self,
-        dwte: &mut CudaViewMut<'_, f32>,
-        dwpe: &mut CudaViewMut<'_, f32>,
-        dtte: Option<&mut CudaViewMut<'_, f32>>,
+        dwte: &mut CudaViewMut<'_, G>,
+        dwpe: &mut CudaViewMut<'_, G>,
+        dtte: Option<&mut CudaViewMut<'_, G>>,
         dout: &CudaView<'_, T>,
         batch: &EmbeddingBatch,
     ) -> Result<()> {
@@ -293,11 +294,11 @@ impl CudaDevice {
     /// [`CudaDevice::embedding_backward`] that leaves out the tokens whose id is `pad.word`
     /// (from the word table's gradient) and whose position is `pad.position` (from the position
     /// table's): `torch.nn.Embedding(padding_idx=...)`, as `lmtrain_cpu::ops::embedding_backward`.
-    pub fn embedding_backward_skipping<T: KernelDtype>(
+    pub fn embedding_backward_skipping<T: KernelDtype, G: KernelDtype>(
         &self,
-        dwte: &mut CudaViewMut<'_, f32>,
-        dwpe: &mut CudaViewMut<'_, f32>,
-        dtte: Option<&mut CudaViewMut<'_, f32>>,
+        dwte: &mut CudaViewMut<'_, G>,
+        dwpe: &mut CudaViewMut<'_, G>,
+        dtte: Option<&mut CudaViewMut<'_, G>>,
         dout: &CudaView<'_, T>,
         batch: &EmbeddingBatch,
         pad: PaddingIdx,
@@ -311,6 +312,9 @@ impl CudaDevice {
             return Err(shape(OP, "dout is not [tokens, C]"));
         }
         let c = dout.len() / n;
+        if G::SUFFIX != "f32" && G::SUFFIX != T::SUFFIX {
+            return Err(shape(OP, format!("{} table gradients need {} dout", G::SUFFIX, G::SUFFIX)));
+        }
         check_len(OP, "dwte", dwte.len(), batch.vocab * c)?;
         check_len(OP, "dwpe", dwpe.len(), batch.n_pos * c)?;
         if dtte.is_some() != batch.types.is_some() {
@@ -330,9 +334,9 @@ impl CudaDevice {
 
     /// One table of [`CudaDevice::embedding_backward`] (its length checked by the caller),
     /// without the bucket of key `skip`: the buckets before it and after it are two launches.
-    fn embedding_bwd_table<T: KernelDtype>(
+    fn embedding_bwd_table<T: KernelDtype, G: KernelDtype>(
         &self,
-        table: &mut CudaViewMut<'_, f32>,
+        table: &mut CudaViewMut<'_, G>,
         dout: &CudaView<'_, T>,
         bk: &Buckets,
         c: usize,
@@ -350,9 +354,9 @@ impl CudaDevice {
     }
 
     /// The buckets `range` of one table of [`CudaDevice::embedding_backward`].
-    fn embedding_bwd_buckets<T: KernelDtype>(
+    fn embedding_bwd_buckets<T: KernelDtype, G: KernelDtype>(
         &self,
-        table: &mut CudaViewMut<'_, f32>,
+        table: &mut CudaViewMut<'_, G>,
         dout: &CudaView<'_, T>,
         bk: &Buckets,
         range: std::ops::Range<usize>,
@@ -369,7 +373,12 @@ impl CudaDevice {
         };
         // block i handles bucket range.start + i: its start/end (start has n + 1 entries) and key
         let (start, rows, keys) = (bk.start.slice(range.start..), bk.rows.as_view(), bk.keys.slice(range.start..));
-        let mut l = Launch::new(self, format!("embedding_bwd_{}", T::SUFFIX))?;
+        // f32 table gradients: embedding_bwd_<dout type>; bf16 ones: embedding_bwd_bf16_grad_bf16
+        let kernel = match G::SUFFIX {
+            "f32" => format!("embedding_bwd_{}", T::SUFFIX),
+            g => format!("embedding_bwd_{}_grad_{g}", T::SUFFIX),
+        };
+        let mut l = Launch::new(self, kernel)?;
         l.output(table).input(dout).input(&start).input(&rows).input(&keys);
         l.scalar(&c_i);
         // SAFETY: bucket k lists token rows < n (dout has n*c, checked by the caller) whose key
@@ -418,11 +427,12 @@ impl CudaDevice {
         unsafe { l.launch(cfg) }
     }
 
-    /// `dbias += sum over rows of dout` (f32), deterministic: `scratch` (at least
-    /// [`bias_backward_scratch`]`(rows, cols)` floats) holds per-segment sums added in order.
-    pub fn bias_backward<T: KernelDtype>(
+    /// `dbias += sum over rows of dout` (summed in f32, stored as `G`: f32, or bf16 rounded
+    /// once), deterministic: `scratch` (at least [`bias_backward_scratch`]`(rows, cols)` floats)
+    /// holds per-segment sums added in order.
+    pub fn bias_backward<T: KernelDtype, G: KernelDtype>(
         &self,
-        dbias: &mut CudaViewMut<'_, f32>,
+        dbias: &mut CudaViewMut<'_, G>,
         scratch: &mut CudaViewMut<'_, f32>,
         dout: &CudaView<'_, T>,
         rows: usize,

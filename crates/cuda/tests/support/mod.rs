@@ -63,6 +63,15 @@ pub fn on_device(test: &str, body: impl FnOnce(&CudaDevice)) {
     }
 }
 
+/// [`on_device`] with one emulator child (forward thread order) instead of two: for long runs of
+/// kernels that other tests already run in both orders.
+pub fn on_device_once(test: &str, body: impl FnOnce(&CudaDevice)) {
+    match mode() {
+        Mode::Emulate(dir) => run_children(&[test], &Child { lib_dir: dir, order: "forward", asan_runtime: None, allow_emulator: true }),
+        _ => on_device(test, body),
+    }
+}
+
 /// Reports a skipped test on stderr, bypassing libtest's output capture so that it is seen.
 pub fn skip(test: &str, why: &str) {
     use std::io::Write;
