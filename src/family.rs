@@ -10,15 +10,17 @@ use lmtrain_model::deberta::Deberta;
 use lmtrain_model::distilbert::DistilBert;
 use lmtrain_model::gpt2::Gpt2;
 
+use crate::memory::Metered;
 use crate::run::ScratchConfig;
 
 /// The `model_type`s [`dispatch`] accepts, for messages.
 pub const MODEL_TYPES: &str = "gpt2, bert, distilbert, roberta or deberta-v2";
 
-/// A model family on the CPU backend whose config can also be built from `train`'s flags.
-pub trait Family: LanguageModel<Cpu, Config: ScratchConfig> {}
+/// A model family on the CPU backend whose config can also be built from `train`'s flags, and
+/// whose memory can be metered.
+pub trait Family: LanguageModel<Cpu, Config: ScratchConfig> + Metered {}
 
-impl<M: LanguageModel<Cpu, Config: ScratchConfig>> Family for M {}
+impl<M: LanguageModel<Cpu, Config: ScratchConfig> + Metered> Family for M {}
 
 /// A command generic over the family.
 pub trait ForFamily {

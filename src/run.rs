@@ -93,6 +93,21 @@ pub struct TrainArgs {
     /// cpu or cuda [default: cpu].
     #[arg(long)]
     pub device: Option<String>,
+    /// Compute dtype: bf16 or f32 [default: bf16 on cuda, f32 on cpu].
+    #[arg(long, value_enum)]
+    pub dtype: Option<crate::memory::Dtype>,
+    /// Print the device memory one training step needs (parameters, gradients, optimizer
+    /// state, activations, workspace) and whether it fits, then stop.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", default_value_t = false, value_name = "BOOL", action = clap::ArgAction::Set)]
+    pub dry_run: bool,
+    /// The device memory to plan for, e.g. 80GB or 80GiB (GB = 10^9 bytes, GiB = 2^30)
+    /// [default: the CPU's available memory, or the CUDA device's free memory].
+    #[arg(long, value_name = "SIZE")]
+    pub device_memory: Option<crate::memory::Bytes>,
+    /// Lower --per-device-train-batch-size until a step fits the device memory, raising
+    /// --gradient-accumulation-steps to keep the effective batch (and the eval batch until it fits).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", default_value_t = false, value_name = "BOOL", action = clap::ArgAction::Set)]
+    pub auto_find_batch_size: bool,
     /// Hide the progress bar.
     #[arg(long, num_args = 0..=1, default_missing_value = "true", default_value_t = false, value_name = "BOOL", action = clap::ArgAction::Set)]
     pub no_progress: bool,
@@ -361,7 +376,11 @@ pub fn open_data(dir: &Path) -> anyhow::Result<(BlockStore, Option<BlockStore>, 
 /// were set.
 pub fn run(a: TrainArgs, given: &dyn Fn(&str) -> bool) -> anyhow::Result<()> {
     check_contradictions(&a, given)?;
+    if a.dry_run {
+        return dry_run(&a);
+    }
     check_device(a.device.as_deref())?;
+    crate::memory::check_dtype(&a)?;
     let data = a.data.clone().context("--data DIR is required (a `train prepare` output directory)")?;
     let output_dir = a.output_dir.clone().context("--output-dir DIR is required")?;
     let mut args = a.training.clone();
@@ -390,6 +409,54 @@ pub fn run(a: TrainArgs, given: &dyn Fn(&str) -> bool) -> anyhow::Result<()> {
     let family = family(&a, resume.as_deref())?;
     let run = Run { a: &a, args, train, eval, data_tokenizer, resume: resume.as_deref() };
     crate::family::dispatch(&family, run)
+}
+
+/// `--dry-run`: the data's block size and the model's config, then the memory report; nothing
+/// is built or written.
+fn dry_run(a: &TrainArgs) -> anyhow::Result<()> {
+    let data = a.data.clone().context("--data DIR is required (a `train prepare` output directory)")?;
+    let resume = match (&a.resume_from_checkpoint, &a.output_dir) {
+        (Some(arg), Some(out)) => Some(resolve_resume(arg, out)?),
+        (Some(Some(dir)), None) => Some(dir.clone()),
+        (Some(None), None) => bail!("--resume-from-checkpoint without a DIR needs --output-dir"),
+        (None, _) => None,
+    };
+    let mut args = a.training.clone();
+    args.validate()?;
+    args.output_dir = a.output_dir.clone().unwrap_or_default();
+    let (train, eval, _) = open_data(&data)?;
+    let family = family(a, resume.as_deref())?;
+    crate::family::dispatch(&family, DryRun { a, args, train, eval, resume: resume.as_deref() })
+}
+
+struct DryRun<'a> {
+    a: &'a TrainArgs,
+    args: TrainingArgs,
+    train: BlockStore,
+    eval: Option<BlockStore>,
+    resume: Option<&'a Path>,
+}
+
+impl ForFamily for DryRun<'_> {
+    type Output = ();
+
+    fn run<M: Family>(self) -> anyhow::Result<()> {
+        let config = training_config::<M>(self.a, &self.train, self.resume)?;
+        crate::memory::dry_run::<M>(self.a, &self.args, &config, &self.train, self.eval.as_ref())
+    }
+}
+
+/// The config of the model a run trains: the checkpoint's or `--init-from`'s (refused when its
+/// f32 state cannot fit this machine), else built from the flags.
+fn training_config<M: Family>(a: &TrainArgs, train: &BlockStore, resume: Option<&Path>) -> anyhow::Result<M::Config> {
+    match resume.or(a.init_from.as_deref()) {
+        Some(dir) => fits_training::<M>(dir),
+        None => {
+            let config = scratch_config::<M::Config>(a, train)?;
+            M::check_memory(&config, Footprint::Training)?;
+            Ok(config)
+        }
+    }
 }
 
 /// Everything a run needs before the family is known.
@@ -428,17 +495,17 @@ impl ForFamily for Run<'_> {
             Objective::CausalLm => Box::new(CausalCollator),
             Objective::MaskedLm => Box::new(masking_collator(&a.masking, &train, args.seed)?),
         };
-        // Before anything is allocated, each way checks that the model, its gradients and AdamW's
-        // moments fit the machine.
+        // Before anything is allocated: the model, its gradients and AdamW's moments must fit
+        // the machine, and a training step the device.
+        let config = training_config::<M>(a, &train, resume)?;
+        let args = crate::memory::fit::<M>(a, args, &config, &train, eval.as_ref())?;
         let (model, tokenizer): (M, Vec<u8>) = if let Some(dir) = resume {
-            fits_training::<M>(dir)?;
             // The model comes from the checkpoint (the same command line with
             // --resume-from-checkpoint added resumes; its model-shape flags are not used).
             // The checkpoint's tokenizer must be the data's; Trainer::new checks the fingerprint.
             let tok = lmtrain_hf::read_checked(dir, TOKENIZER_FILE)?;
             (lmtrain_hf::load_model(Cpu, dir)?, tok)
         } else if let Some(dir) = &a.init_from {
-            fits_training::<M>(dir)?;
             let model = init_from(dir, args.seed)?;
             // An HF directory may carry its tokenizer; if it does, the data must match it.
             let tok = match dir.join(TOKENIZER_FILE).is_file() {
@@ -447,8 +514,6 @@ impl ForFamily for Run<'_> {
             };
             (model, tok)
         } else {
-            let config = scratch_config::<M::Config>(a, &train)?;
-            M::check_memory(&config, Footprint::Training)?;
             (M::new(Cpu, config, args.seed)?, data_tokenizer)
         };
         train_model(args, model, collator, train, eval, tokenizer, resume, !a.no_progress)
@@ -479,12 +544,13 @@ pub fn check_layout(store: &BlockStore, objective: Objective) -> anyhow::Result<
     )
 }
 
-/// Refuses a model directory whose config.json describes a model too large to train here.
-fn fits_training<M: LanguageModel<Cpu>>(dir: &Path) -> anyhow::Result<()> {
+/// The config.json of a model directory, refused when it describes a model too large to train
+/// here.
+fn fits_training<M: LanguageModel<Cpu>>(dir: &Path) -> anyhow::Result<M::Config> {
     let config = lmtrain_hf::load_config::<M::Config>(dir)?;
     M::check_memory(&config, Footprint::Training)
         .map_err(|source| lmtrain_hf::HfError::Model { path: dir.join(lmtrain_hf::CONFIG_FILE), source })?;
-    Ok(())
+    Ok(config)
 }
 
 /// The masking collator of a masked-LM run: the flags' setting, the store's special and mask
