@@ -365,3 +365,30 @@ pub fn dry_run<M: Metered>(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_in_base_10_and_base_2() {
+        let b = |s: &str| s.parse::<Bytes>().map(|b| b.0);
+        assert_eq!(b("80GB"), Ok(80_000_000_000));
+        assert_eq!(b("80GiB"), Ok(80 << 30));
+        assert_eq!(b("1.5 mb"), Ok(1_500_000));
+        assert_eq!(b("512MiB"), Ok(512 << 20));
+        assert_eq!(b("123B"), Ok(123));
+        assert!(b("80").unwrap_err().contains("expected a number and a unit"));
+        assert!(b("x GB").unwrap_err().contains("is not a number"));
+        assert!(b("0GB").is_err());
+    }
+
+    #[test]
+    fn a_lowered_batch_divides_the_effective_batch() {
+        assert_eq!(divisor_at_most(8, 2), 2);
+        assert_eq!(divisor_at_most(8, 5), 4);
+        assert_eq!(divisor_at_most(24, 7), 6);
+        assert_eq!(divisor_at_most(7, 6), 1);
+        assert_eq!(divisor_at_most(8, 100), 8);
+    }
+}
