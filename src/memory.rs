@@ -379,7 +379,7 @@ mod tests {
         assert_eq!(b("512MiB"), Ok(512 << 20));
         assert_eq!(b("123B"), Ok(123));
         assert!(b("80").unwrap_err().contains("expected a number and a unit"));
-        assert!(b("x GB").unwrap_err().contains("is not a number"));
+        assert!(b("1.2.3GB").unwrap_err().contains("is not a number"));
         assert!(b("0GB").is_err());
     }
 
