@@ -161,7 +161,7 @@ impl<const F32: bool> Backend for Meter<F32> {
     type ViewMut<'a> = MeterViewMut<'a>;
     type Master = MeterBuf;
     type Batch = MeterBuf;
-    type Stats = ();
+    type Stats = StepStats;
     type AttnState = MeterBuf;
 
     const F32_COMPUTE: bool = F32;
@@ -224,14 +224,14 @@ impl<const F32: bool> Backend for Meter<F32> {
     fn upload_batch(&self, batch: &HostBatch<'_>) -> Result<MeterBuf> {
         Ok(self.bytes(batch.b * batch.t, batch_bytes(batch)))
     }
-    fn new_stats(&self) -> Result<()> {
-        Ok(())
-    }
-    fn reset_stats(&self, _: &mut ()) -> Result<()> {
-        Ok(())
-    }
-    fn read_stats(&self, _: &()) -> Result<StepStats> {
+    fn new_stats(&self) -> Result<StepStats> {
         Ok(StepStats::default())
+    }
+    fn reset_stats(&self, _: &mut StepStats) -> Result<()> {
+        Ok(())
+    }
+    fn read_stats(&self, s: &StepStats) -> Result<StepStats> {
+        Ok(*s)
     }
     fn alloc_attn_state(&self, s: AttnShape) -> Result<MeterBuf> {
         Ok(self.bytes(s.probs_len(), self.attn.bytes(s)))
@@ -405,12 +405,12 @@ impl<const F32: bool> Backend for Meter<F32> {
         _: Rows,
         _: usize,
         _: Option<HeadGrads<MeterViewMut<'_>>>,
-        _: &mut (),
+        _: &mut StepStats,
         _: f64,
     ) -> Result<()> {
         Ok(())
     }
-    fn global_norm(&self, _: MeterView<'_>, _: &mut ()) -> Result<()> {
+    fn global_norm(&self, _: MeterView<'_>, _: &mut StepStats) -> Result<()> {
         Ok(())
     }
     fn adamw_update(
@@ -422,7 +422,7 @@ impl<const F32: bool> Backend for Meter<F32> {
         _: &mut MeterBuf,
         _: &[DecaySegment],
         _: &AdamWStep,
-        _: &(),
+        _: &StepStats,
     ) -> Result<()> {
         Ok(())
     }
