@@ -441,7 +441,11 @@ impl ForFamily for DryRun<'_> {
     type Output = ();
 
     fn run<M: Family>(self) -> anyhow::Result<()> {
-        let config = training_config::<M>(self.a, &self.train, self.resume)?;
+        // the config only: the dry run itself says whether the run fits
+        let config = match self.resume.or(self.a.init_from.as_deref()) {
+            Some(dir) => lmtrain_hf::load_config::<M::Config>(dir)?,
+            None => scratch_config::<M::Config>(self.a, &self.train)?,
+        };
         crate::memory::dry_run::<M>(self.a, &self.args, &config, &self.train, self.eval.as_ref())
     }
 }
