@@ -242,6 +242,8 @@ fn estimator<'a, M: Metered>(
     config: &'a M::Config,
     train: &BlockStore,
 ) -> anyhow::Result<Option<Estimator<'a, M>>> {
+    // the blocks must fit the model before a step of them can be measured
+    lmtrain_trainer::check_store_fits(train, config, None)?;
     let Some(device) = device(a)? else { return Ok(None) };
     let n_params = M::param_table(config)?.last().map_or(0, |p| p.offset + p.len) as u64;
     let saving = device.host && args.save_strategy != IntervalStrategy::No;
