@@ -13,16 +13,18 @@ use lmtrain_model::deberta::Deberta;
 use lmtrain_model::distilbert::DistilBert;
 use lmtrain_model::gpt2::Gpt2;
 
+use crate::memory::Metered;
 use crate::run::ScratchConfig;
 
 /// The `model_type`s [`dispatch`] accepts, for messages.
 pub const MODEL_TYPES: &str = "gpt2, bert, distilbert, roberta or deberta-v2";
 const KNOWN: [&str; 5] = ["gpt2", "bert", "distilbert", "roberta", "deberta-v2"];
 
-/// A model family on backend `B` whose config can also be built from `train`'s flags.
-pub trait Family<B: Backend>: LanguageModel<B, Config: ScratchConfig> {}
+/// A model family on backend `B` whose config can also be built from `train`'s flags, and whose
+/// memory can be metered.
+pub trait Family<B: Backend>: LanguageModel<B, Config: ScratchConfig> + Metered<B> {}
 
-impl<B: Backend, M: LanguageModel<B, Config: ScratchConfig>> Family<B> for M {}
+impl<B: Backend, M: LanguageModel<B, Config: ScratchConfig> + Metered<B>> Family<B> for M {}
 
 /// A command generic over the backend and the family.
 pub trait ForFamily {
@@ -101,17 +103,24 @@ pub fn on_target<F: ForBackend>(target: Target, f: F) -> anyhow::Result<F::Outpu
 
 /// Runs `f` for the family named `model_type` on the backend `target` names.
 pub fn dispatch<F: ForFamily>(model_type: &str, target: Target, f: F) -> anyhow::Result<F::Output> {
+    check_runs_on(model_type, target)?;
+    if model_type == "deberta-v2" {
+        return f.run::<Cpu, Deberta<Cpu>>(Cpu);
+    }
+    on_target(target, Families { model_type, f })
+}
+
+/// Refuses an unknown family, and a family the backend `target` names cannot run, before
+/// anything is opened or read.
+pub fn check_runs_on(model_type: &str, target: Target) -> anyhow::Result<()> {
     target.check()?;
     if !KNOWN.contains(&model_type) {
         bail!("model type {model_type:?} is not supported ({MODEL_TYPES})");
     }
-    if model_type == "deberta-v2" {
-        if target.device != Device::Cpu {
-            bail!("deberta-v2 does not run on CUDA yet (its disentangled attention has no kernel); use --device cpu");
-        }
-        return f.run::<Cpu, Deberta<Cpu>>(Cpu);
+    if model_type == "deberta-v2" && target.device != Device::Cpu {
+        bail!("deberta-v2 does not run on CUDA yet (its disentangled attention has no kernel); use --device cpu");
     }
-    on_target(target, Families { model_type, f })
+    Ok(())
 }
 
 /// Opens the first GPU; the error says what is missing and what to use instead.

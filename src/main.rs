@@ -6,6 +6,7 @@ mod eval;
 mod family;
 mod fill_mask;
 mod generate;
+mod memory;
 mod plot;
 mod prepare;
 mod run;

@@ -97,6 +97,18 @@ pub struct TrainArgs {
     /// (less activation memory, one more GELU per layer, the same results).
     #[arg(long, num_args = 0..=1, default_missing_value = "true", default_value_t = false, value_name = "BOOL", action = clap::ArgAction::Set)]
     pub recompute: bool,
+    /// Print the device memory one training step needs (parameters, gradients, optimizer
+    /// state, activations, workspace) and whether it fits, then stop.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", default_value_t = false, value_name = "BOOL", action = clap::ArgAction::Set)]
+    pub dry_run: bool,
+    /// The device memory to plan for, e.g. 80GB or 80GiB (GB = 10^9 bytes, GiB = 2^30)
+    /// [default: the CPU's available memory, or the CUDA device's free memory].
+    #[arg(long, value_name = "SIZE")]
+    pub device_memory: Option<crate::memory::Bytes>,
+    /// Lower --per-device-train-batch-size until a step fits the device memory, raising
+    /// --gradient-accumulation-steps to keep the effective batch (and the eval batch until it fits).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", default_value_t = false, value_name = "BOOL", action = clap::ArgAction::Set)]
+    pub auto_find_batch_size: bool,
     /// Hide the progress bar.
     #[arg(long, num_args = 0..=1, default_missing_value = "true", default_value_t = false, value_name = "BOOL", action = clap::ArgAction::Set)]
     pub no_progress: bool,
@@ -348,6 +360,9 @@ pub fn run(a: TrainArgs, given: &dyn Fn(&str) -> bool) -> anyhow::Result<()> {
     check_contradictions(&a, given)?;
     let target = a.target;
     target.check()?;
+    if a.dry_run {
+        return dry_run(&a);
+    }
     let data = a.data.clone().context("--data DIR is required (a `train prepare` output directory)")?;
     let output_dir = a.output_dir.clone().context("--output-dir DIR is required")?;
     let mut args = a.training.clone();
@@ -376,6 +391,60 @@ pub fn run(a: TrainArgs, given: &dyn Fn(&str) -> bool) -> anyhow::Result<()> {
     let family = family(&a, resume.as_deref())?;
     let run = Run { a: &a, args, train, eval, data_tokenizer, resume: resume.as_deref() };
     crate::family::dispatch(&family, target, run)
+}
+
+/// `--dry-run`: the data's block size and the model's config, then the memory report; nothing
+/// is built or written.
+fn dry_run(a: &TrainArgs) -> anyhow::Result<()> {
+    let data = a.data.clone().context("--data DIR is required (a `train prepare` output directory)")?;
+    let resume = match (&a.resume_from_checkpoint, &a.output_dir) {
+        (Some(arg), Some(out)) => Some(resolve_resume(arg, out)?),
+        (Some(Some(dir)), None) => Some(dir.clone()),
+        (Some(None), None) => bail!("--resume-from-checkpoint without a DIR needs --output-dir"),
+        (None, _) => None,
+    };
+    let mut args = a.training.clone();
+    args.validate()?;
+    args.output_dir = a.output_dir.clone().unwrap_or_default();
+    let (train, eval, _) = open_data(&data)?;
+    let family = family(a, resume.as_deref())?;
+    crate::family::check_runs_on(&family, a.target)?;
+    // the family's types on the CPU backend: the dry run measures on a meter and opens no device
+    crate::family::dispatch(&family, Target::default(), DryRun { a, args, train, eval, resume: resume.as_deref() })
+}
+
+struct DryRun<'a> {
+    a: &'a TrainArgs,
+    args: TrainingArgs,
+    train: BlockStore,
+    eval: Option<BlockStore>,
+    resume: Option<&'a Path>,
+}
+
+impl ForFamily for DryRun<'_> {
+    type Output = ();
+
+    fn run<B: Backend, M: Family<B>>(self, _cpu: B) -> anyhow::Result<()> {
+        // the config only: the dry run itself says whether the run fits
+        let config = match self.resume.or(self.a.init_from.as_deref()) {
+            Some(dir) => lmtrain_hf::load_config::<M::Config>(dir)?,
+            None => scratch_config::<M::Config>(self.a, &self.train)?,
+        };
+        crate::memory::dry_run::<B, M>(self.a, &self.args, &config, &self.train, self.eval.as_ref())
+    }
+}
+
+/// The config of the model a run trains: the checkpoint's or `--init-from`'s (refused when its
+/// f32 state cannot fit this machine), else built from the flags.
+fn training_config<B: Backend, M: Family<B>>(a: &TrainArgs, train: &BlockStore, resume: Option<&Path>) -> anyhow::Result<M::Config> {
+    match resume.or(a.init_from.as_deref()) {
+        Some(dir) => fits_training::<B, M>(dir),
+        None => {
+            let config = scratch_config::<M::Config>(a, train)?;
+            M::check_memory(&config, Footprint::Training)?;
+            Ok(config)
+        }
+    }
 }
 
 /// Everything a run needs before the family is known.
@@ -414,17 +483,17 @@ impl ForFamily for Run<'_> {
             Objective::CausalLm => Box::new(CausalCollator),
             Objective::MaskedLm => Box::new(masking_collator(&a.masking, &train, args.seed)?),
         };
-        // Before anything is allocated, each way checks that the model, its gradients and AdamW's
-        // moments fit the machine.
+        // Before anything is allocated: the model, its gradients and AdamW's moments must fit
+        // the machine, and a training step the device.
+        let config = training_config::<B, M>(a, &train, resume)?;
+        let args = crate::memory::fit::<B, M>(a, args, &config, &train, eval.as_ref())?;
         let (mut model, tokenizer): (M, Vec<u8>) = if let Some(dir) = resume {
-            fits_training::<B, M>(dir)?;
             // The model comes from the checkpoint (the same command line with
             // --resume-from-checkpoint added resumes; its model-shape flags are not used).
             // The checkpoint's tokenizer must be the data's; Trainer::new checks the fingerprint.
             let tok = lmtrain_hf::read_checked(dir, TOKENIZER_FILE)?;
             (lmtrain_hf::load_model(backend, dir)?, tok)
         } else if let Some(dir) = &a.init_from {
-            fits_training::<B, M>(dir)?;
             let model = init_from(backend, dir, args.seed)?;
             // An HF directory may carry its tokenizer; if it does, the data must match it.
             let tok = match dir.join(TOKENIZER_FILE).is_file() {
@@ -433,8 +502,6 @@ impl ForFamily for Run<'_> {
             };
             (model, tok)
         } else {
-            let config = scratch_config::<M::Config>(a, &train)?;
-            M::check_memory(&config, Footprint::Training)?;
             (M::new(backend, config, args.seed)?, data_tokenizer)
         };
         model.set_recompute(a.recompute);
@@ -466,12 +533,13 @@ pub fn check_layout(store: &BlockStore, objective: Objective) -> anyhow::Result<
     )
 }
 
-/// Refuses a model directory whose config.json describes a model too large to train here.
-fn fits_training<B: Backend, M: LanguageModel<B>>(dir: &Path) -> anyhow::Result<()> {
+/// The config.json of a model directory, refused when it describes a model too large to train
+/// here.
+fn fits_training<B: Backend, M: LanguageModel<B>>(dir: &Path) -> anyhow::Result<M::Config> {
     let config = lmtrain_hf::load_config::<M::Config>(dir)?;
     M::check_memory(&config, Footprint::Training)
         .map_err(|source| lmtrain_hf::HfError::Model { path: dir.join(lmtrain_hf::CONFIG_FILE), source })?;
-    Ok(())
+    Ok(config)
 }
 
 /// The masking collator of a masked-LM run: the flags' setting, the store's special and mask

@@ -50,7 +50,7 @@ fn replay(name: &str) {
         eps: f("eps") as f32,
         weight_decay: wd,
     };
-    let mut opt = AdamW::new(model.backend(), cfg, &model.params_to_host().unwrap(), segments).unwrap();
+    let mut opt = AdamW::new(model.backend(), cfg, model.params_to_host().unwrap(), segments).unwrap();
     let total = spec["total_steps"].as_u64().unwrap();
     let schedule = Schedule {
         base_lr: f("lr"),

@@ -430,7 +430,7 @@ pub fn ops_json(rows: &[OpTime]) -> String {
 pub fn new_opt<B: Backend, M: lmtrain_model::LanguageModel<B>>(model: &M) -> lmtrain_optim::AdamW<B> {
     use lmtrain_optim::{AdamW, AdamWConfig, decay_segments};
     let segs = decay_segments(model.param_infos().iter().map(|p| (p.offset, p.len, p.decay)), 0.01);
-    AdamW::new(model.backend(), AdamWConfig { weight_decay: 0.01, ..AdamWConfig::default() }, &model.params_to_host().unwrap(), segs)
+    AdamW::new(model.backend(), AdamWConfig { weight_decay: 0.01, ..AdamWConfig::default() }, model.params_to_host().unwrap(), segs)
         .unwrap()
 }
 

@@ -25,6 +25,7 @@
 //! embeddings) and gradient accumulation over micro-batches need no extra code.
 
 mod batch;
+pub mod meter;
 
 pub use batch::{HostBatch, Inputs};
 

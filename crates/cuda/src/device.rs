@@ -78,6 +78,13 @@ impl CudaDevice {
         self.kind
     }
 
+    /// `(free, total)` device memory in bytes (`cuMemGetInfo`: free is what is left beside this
+    /// context and every other user of the device).
+    pub fn memory(&self) -> Result<(u64, u64)> {
+        let (free, total) = self.ctx.mem_get_info().map_err(driver("reading the device's memory"))?;
+        Ok((free as u64, total as u64))
+    }
+
     /// The cudarc context (for code that needs more than the wrappers here).
     pub fn context(&self) -> &Arc<CudaContext> {
         &self.ctx

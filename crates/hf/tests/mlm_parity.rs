@@ -145,7 +145,7 @@ fn adamw_replay<M: LanguageModel<Cpu>>(name: &str, mut model: M) {
         eps: f("eps") as f32,
         weight_decay: f("weight_decay") as f32,
     };
-    let mut opt = AdamW::new(model.backend(), cfg, &model.params_to_host().unwrap(), segments).unwrap();
+    let mut opt = AdamW::new(model.backend(), cfg, model.params_to_host().unwrap(), segments).unwrap();
     let total = spec["total_steps"].as_u64().unwrap();
     let schedule = Schedule {
         base_lr: f("lr"),

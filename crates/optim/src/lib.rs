@@ -10,6 +10,8 @@
 //!   the backend's fused `adamw_update`; generic over [`Backend`], so a device backend plugs in
 //!   unchanged.
 
+use std::borrow::Cow;
+
 use lmtrain_backend::{AdamWStep, Backend, BackendError, DecaySegment};
 
 pub use lmtrain_backend::clip_scale;
@@ -215,11 +217,18 @@ impl<B: Backend> std::fmt::Debug for AdamW<B> {
 impl<B: Backend> AdamW<B> {
     /// A fresh optimizer (zero moments on `backend`, step 0) for the parameters `params` (f32,
     /// host) with the given decay segments (see [`decay_segments`]; they must cover them all).
-    /// On a backend without f32 compute, `params` become the master weights.
-    pub fn new(backend: &B, config: AdamWConfig, params: &[f32], segments: Vec<DecaySegment>) -> Result<Self, OptimError> {
+    /// On a backend without f32 compute, `params` become the master weights (moved there when
+    /// given as a `Vec`, copied when borrowed).
+    pub fn new<'p>(
+        backend: &B,
+        config: AdamWConfig,
+        params: impl Into<Cow<'p, [f32]>>,
+        segments: Vec<DecaySegment>,
+    ) -> Result<Self, OptimError> {
+        let params = params.into();
         let n = params.len();
         debug_assert_eq!(segments.iter().map(|s| s.len).sum::<usize>(), n);
-        let master = if B::F32_COMPUTE { None } else { Some(backend.master_from_host(params.to_vec())?) };
+        let master = if B::F32_COMPUTE { None } else { Some(backend.master_from_host(params.into_owned())?) };
         Ok(Self {
             config,
             segments,

@@ -16,6 +16,7 @@ pub mod args;
 pub mod checkpoint;
 pub mod collate;
 pub mod masking;
+pub mod memory;
 pub mod metrics;
 mod trainer;
 

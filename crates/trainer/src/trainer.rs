@@ -127,7 +127,7 @@ impl<B: Backend, M: LanguageModel<B>> Trainer<B, M> {
         let segments = decay_segments(model.param_infos().iter().map(|p| (p.offset, p.len, p.decay)), args.weight_decay);
         let config =
             AdamWConfig { beta1: args.adam_beta1, beta2: args.adam_beta2, eps: args.adam_epsilon, weight_decay: args.weight_decay };
-        let optimizer = AdamW::new(model.backend(), config, &model.params_to_host()?, segments)?;
+        let optimizer = AdamW::new(model.backend(), config, model.params_to_host()?, segments)?;
         let state = TrainerState {
             global_step: 0,
             epoch: 0,
