@@ -8,13 +8,7 @@ use train_support::*;
 const VOCAB: usize = 40;
 
 fn eval_records(out: &std::path::Path) -> Vec<(u64, f64)> {
-    let text = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
-    text.lines()
-        .filter_map(|l| {
-            let v: serde_json::Value = serde_json::from_str(l).unwrap();
-            Some((v["step"].as_u64()?, v.get("eval_loss")?.as_f64()?))
-        })
-        .collect()
+    logged(out, "eval_loss")
 }
 
 #[test]

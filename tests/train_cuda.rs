@@ -42,17 +42,6 @@ fn ok(out: Output, what: &str) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// `(step, key)` values of `out_dir/metrics.jsonl` records that have `key`.
-fn logged(out_dir: &Path, key: &str) -> Vec<(u64, f64)> {
-    let text = std::fs::read_to_string(out_dir.join("metrics.jsonl")).unwrap();
-    text.lines()
-        .filter_map(|l| {
-            let v: serde_json::Value = serde_json::from_str(l).unwrap();
-            Some((v["step"].as_u64()?, v.get(key)?.as_f64()?))
-        })
-        .collect()
-}
-
 /// Every logged `key` of the CUDA run within `tol` (relative) of the CPU run's, step by step.
 fn assert_same_curve(cpu: &Path, cuda: &Path, key: &str, tol: f64, steps: usize) {
     let (a, b) = (logged(cpu, key), logged(cuda, key));

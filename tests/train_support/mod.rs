@@ -113,15 +113,20 @@ pub fn train_err(args: &[&str]) -> String {
     errors[0].to_string()
 }
 
-/// `(step, loss)` of every training-loss record of `out_dir/metrics.jsonl`.
-pub fn logged_losses(out_dir: &Path) -> Vec<(u64, f64)> {
+/// `(step, value)` of every record of `out_dir/metrics.jsonl` that has `key`.
+pub fn logged(out_dir: &Path, key: &str) -> Vec<(u64, f64)> {
     let text = std::fs::read_to_string(out_dir.join("metrics.jsonl")).unwrap();
     text.lines()
         .filter_map(|l| {
             let v: serde_json::Value = serde_json::from_str(l).unwrap();
-            Some((v.get("step")?.as_u64()?, v.get("loss")?.as_f64()?))
+            Some((v.get("step")?.as_u64()?, v.get(key)?.as_f64()?))
         })
         .collect()
+}
+
+/// `(step, loss)` of every training-loss record of `out_dir/metrics.jsonl`.
+pub fn logged_losses(out_dir: &Path) -> Vec<(u64, f64)> {
+    logged(out_dir, "loss")
 }
 
 /// `s(p)` as an owned `String` for argument lists.

@@ -226,6 +226,22 @@ fn roberta_and_distilbert_steps_match_cpu() {
 /// The ops GPT-2 and BERT do not reach, through the trait on both backends: strided-batch
 /// products with leading dimensions (every transpose, overwrite and accumulate), tanh forward
 /// and backward, zero_padded_rows, empty buffers; and the ops without a CUDA kernel refuse with one line.
+/// Three products of 5 x 7 x 6 in padded rows at odd strides, every transpose (accumulating
+/// in half of them): each descriptor with the lengths of A, B and C.
+fn strided_gemm_cases() -> impl Iterator<Item = (GemmDesc, [usize; 3])> {
+    [(false, false, false), (true, false, true), (false, true, false), (true, true, true)].into_iter().map(
+        |(trans_a, trans_b, accumulate)| {
+            let (m, n, k, batch) = (5, 7, 6, 3);
+            let shape = GemmShape { m, n, k, trans_a, trans_b, accumulate };
+            let (lda, ldb, ldc) = (if trans_a { m } else { k } + 2, if trans_b { k } else { n } + 1, n + 3);
+            let (ra, rb) = (if trans_a { k } else { m }, if trans_b { n } else { k });
+            let strides = [ra * lda + 4, rb * ldb + 1, m * ldc + 2];
+            let lens = [(batch - 1) * strides[0] + ra * lda, (batch - 1) * strides[1] + rb * ldb, (batch - 1) * strides[2] + m * ldc];
+            (GemmDesc { shape, lda, ldb, ldc, batch, strides }, lens)
+        },
+    )
+}
+
 #[test]
 fn other_ops_match_cpu() {
     on_device("other_ops_match_cpu", |_| {
@@ -237,16 +253,9 @@ fn other_ops_match_cpu() {
         let (e0, e1) = (be.alloc(0).unwrap(), up(&[]));
         assert!(CudaBackend::buf_len(&e0) == 0 && CudaBackend::buf_len(&e1) == 0 && down(&e1).is_empty(), "empty buffers");
         // C_i (+)= op(A_i) op(B_i), 3 products of 5 x 7 x 6 in padded rows at odd strides
-        for (trans_a, trans_b, accumulate) in [(false, false, false), (true, false, true), (false, true, false), (true, true, true)] {
-            let (m, n, k, batch) = (5, 7, 6, 3);
-            let shape = GemmShape { m, n, k, trans_a, trans_b, accumulate };
-            let (lda, ldb, ldc) = (if trans_a { m } else { k } + 2, if trans_b { k } else { n } + 1, n + 3);
-            let (ra, rb) = (if trans_a { k } else { m }, if trans_b { n } else { k });
-            let strides = [ra * lda + 4, rb * ldb + 1, m * ldc + 2];
-            let d = GemmDesc { shape, lda, ldb, ldc, batch, strides };
-            let a = rng.vec((batch - 1) * strides[0] + ra * lda, 1.0, 0.0);
-            let b = rng.vec((batch - 1) * strides[1] + rb * ldb, 1.0, 0.0);
-            let c0 = rng.vec((batch - 1) * strides[2] + m * ldc, 1.0, 0.0);
+        for (d, [la, lb, lc]) in strided_gemm_cases() {
+            let shape = d.shape;
+            let (a, b, c0) = (rng.vec(la, 1.0, 0.0), rng.vec(lb, 1.0, 0.0), rng.vec(lc, 1.0, 0.0));
             let mut want = c0.clone();
             Cpu.gemm(&mut want, &a, &b, &d, Epilogue::None).unwrap();
             let (da, db, mut dc) = (up(&a), up(&b), up(&c0));
@@ -497,16 +506,9 @@ fn bf16_ops_match_cpu() {
         assert_eq!(down(&up(&ties)), want, "from_host rounds to nearest even");
         assert_eq!(want[..3], [1.0, 1.0 + 4.0 / 256.0, -1.0], "ties to even");
         // products: 3 of 5 x 7 x 6 in padded rows at odd strides, every transpose
-        for (trans_a, trans_b, accumulate) in [(false, false, false), (true, false, true), (false, true, false), (true, true, true)] {
-            let (m, n, k, batch) = (5, 7, 6, 3);
-            let shape = GemmShape { m, n, k, trans_a, trans_b, accumulate };
-            let (lda, ldb, ldc) = (if trans_a { m } else { k } + 2, if trans_b { k } else { n } + 1, n + 3);
-            let (ra, rb) = (if trans_a { k } else { m }, if trans_b { n } else { k });
-            let strides = [ra * lda + 4, rb * ldb + 1, m * ldc + 2];
-            let d = GemmDesc { shape, lda, ldb, ldc, batch, strides };
-            let a = rand(&mut rng, (batch - 1) * strides[0] + ra * lda, 1.0);
-            let b = rand(&mut rng, (batch - 1) * strides[1] + rb * ldb, 1.0);
-            let c0 = rand(&mut rng, (batch - 1) * strides[2] + m * ldc, 1.0);
+        for (d, [la, lb, lc]) in strided_gemm_cases() {
+            let shape = d.shape;
+            let (a, b, c0) = (rand(&mut rng, la, 1.0), rand(&mut rng, lb, 1.0), rand(&mut rng, lc, 1.0));
             let mut want = c0.clone();
             Cpu.gemm(&mut want, &a, &b, &d, Epilogue::None).unwrap();
             let (da, db, mut dc) = (up(&a), up(&b), up(&c0));
