@@ -126,10 +126,10 @@ fn device(a: &TrainArgs) -> anyhow::Result<Option<Device>> {
             lmtrain_model::limits::host_memory().map(|m| (format!("available, of {} on this machine", gb(m.total)), m.available))
         }
         (None, true) => {
-            let dev = lmtrain_cuda::CudaDevice::open(0)
+            // the device's context only: the run opens the device for work afterwards
+            let (name, free, total) = lmtrain_cuda::CudaDevice::query_memory(0)
                 .map_err(|e| anyhow::anyhow!("--device cuda: {e}; give --device-memory SIZE to estimate without the device"))?;
-            let (free, total) = dev.memory()?;
-            Some((format!("free on {}, of {}", dev.name(), gb(total)), free))
+            Some((format!("free on {name}, of {}", gb(total)), free))
         }
     };
     Ok(found.map(|(name, budget)| Device { name, budget, attn, f32, workspace: WORKSPACE, host: !cuda }))

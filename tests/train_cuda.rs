@@ -130,6 +130,10 @@ fn gpt2_on_cuda_trains_resumes_evaluates_and_generates_as_on_the_cpu() {
     let on_cuda = ok(train_cuda(&env, &[&generate[..], &["--device", "cuda", "--dtype", "f32"]].concat()), "generate on cuda");
     assert_eq!(on_cpu, on_cuda);
     assert!(on_cpu.split_whitespace().count() > 3, "{on_cpu}");
+
+    // the dry run reads the device's free memory without opening it for work
+    let plan = ok(train_cuda(&env, &["--dry-run", "--data", &data, "--model-config", &cfg, "--device", "cuda"]), "dry run on cuda");
+    assert!(plan.contains("device memory: ") && plan.contains("free on "), "{plan}");
 }
 
 #[test]

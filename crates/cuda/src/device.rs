@@ -43,16 +43,7 @@ impl CudaDevice {
     /// lmtrain's emulator and `LMTRAIN_CUEMU=1` is not set, [`CudaError::NoKernels`] when this
     /// build has no kernels, [`CudaError::Driver`] for a missing ordinal or a failed load.
     pub fn open(ordinal: usize) -> Result<Self> {
-        // SAFETY: only loads the shared library (dlopen) and reports whether that worked.
-        if !unsafe { cudarc::driver::sys::is_culib_present() } {
-            return Err(CudaError::NoDriver);
-        }
-        let ctx = CudaContext::new(ordinal).map_err(driver(format!("opening device {ordinal}")))?;
-        let name = ctx.name().map_err(driver("reading the device name"))?;
-        let kind = if name.starts_with(EMULATOR_NAME) { DeviceKind::Emulator } else { DeviceKind::Gpu };
-        if kind == DeviceKind::Emulator && std::env::var("LMTRAIN_CUEMU").as_deref() != Ok("1") {
-            return Err(CudaError::EmulatorOnly);
-        }
+        let (ctx, name, kind) = context(ordinal)?;
         if !crate::kernels_built() {
             return Err(CudaError::NoKernels);
         }
@@ -78,11 +69,14 @@ impl CudaDevice {
         self.kind
     }
 
-    /// `(free, total)` device memory in bytes (`cuMemGetInfo`: free is what is left beside this
-    /// context and every other user of the device).
-    pub fn memory(&self) -> Result<(u64, u64)> {
-        let (free, total) = self.ctx.mem_get_info().map_err(driver("reading the device's memory"))?;
-        Ok((free as u64, total as u64))
+    /// The name and `(free, total)` memory in bytes of device `ordinal` (`cuMemGetInfo`: free is
+    /// what is left beside this context and every other user of the device), without loading
+    /// the kernels: a memory check before the device is opened for work. The errors of
+    /// [`CudaDevice::open`] but the missing kernels.
+    pub fn query_memory(ordinal: usize) -> Result<(String, u64, u64)> {
+        let (ctx, name, _) = context(ordinal)?;
+        let (free, total) = ctx.mem_get_info().map_err(driver("reading the device's memory"))?;
+        Ok((name, free as u64, total as u64))
     }
 
     /// The cudarc context (for code that needs more than the wrappers here).
@@ -119,4 +113,20 @@ impl CudaDevice {
     pub fn function(&self, name: &str) -> Result<&CudaFunction> {
         self.functions.get(name).ok_or_else(|| CudaError::MissingKernel(name.to_string()))
     }
+}
+
+/// The primary context of device `ordinal` (shared by every open of it), its name and kind;
+/// refuses a missing driver and, outside the tests, the emulator.
+fn context(ordinal: usize) -> Result<(Arc<CudaContext>, String, DeviceKind)> {
+    // SAFETY: only loads the shared library (dlopen) and reports whether that worked.
+    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        return Err(CudaError::NoDriver);
+    }
+    let ctx = CudaContext::new(ordinal).map_err(driver(format!("opening device {ordinal}")))?;
+    let name = ctx.name().map_err(driver("reading the device name"))?;
+    let kind = if name.starts_with(EMULATOR_NAME) { DeviceKind::Emulator } else { DeviceKind::Gpu };
+    if kind == DeviceKind::Emulator && std::env::var("LMTRAIN_CUEMU").as_deref() != Ok("1") {
+        return Err(CudaError::EmulatorOnly);
+    }
+    Ok((ctx, name, kind))
 }
