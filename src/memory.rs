@@ -18,7 +18,7 @@ use std::str::FromStr;
 
 use anyhow::bail;
 use lmtrain_backend::Backend;
-use lmtrain_backend::meter::{AttnSaves, Meter};
+use lmtrain_backend::meter::{AttnSaves, Meter, Profile};
 use lmtrain_model::bert::{Bert, Roberta};
 use lmtrain_model::deberta::Deberta;
 use lmtrain_model::distilbert::DistilBert;
@@ -93,7 +93,7 @@ struct Device {
     /// Bytes a run may use.
     budget: u64,
     /// What attention keeps there.
-    attn: AttnSaves,
+    profile: Profile,
     /// Whether the compute dtype is f32.
     f32: bool,
     /// The fixed workspace added to every estimate.
@@ -119,7 +119,9 @@ fn device(a: &TrainArgs) -> anyhow::Result<Option<Device>> {
     a.target.check()?;
     let cuda = a.target.device == crate::family::Device::Cuda;
     let f32 = a.target.dtype() == Dtype::F32;
-    let attn = if cuda { AttnSaves::RowLogSumExp } else { AttnSaves::Probabilities };
+    // the CPU keeps attention probabilities and its head allocates per-row temporaries; the CUDA
+    // backend keeps the row log-sum-exp and its fused head works in the logits buffer
+    let profile = if cuda { Profile::from(AttnSaves::RowLogSumExp) } else { lmtrain_cpu::meter_profile() };
     let found = match (a.device_memory, cuda) {
         (Some(Bytes(b)), _) => Some(("--device-memory".to_string(), b)),
         (None, false) => {
@@ -132,7 +134,7 @@ fn device(a: &TrainArgs) -> anyhow::Result<Option<Device>> {
             Some((format!("free on {name}, of {}", gb(total)), free))
         }
     };
-    Ok(found.map(|(name, budget)| Device { name, budget, attn, f32, workspace: WORKSPACE, host: !cuda }))
+    Ok(found.map(|(name, budget)| Device { name, budget, profile, f32, workspace: WORKSPACE, host: !cuda }))
 }
 
 /// `bytes` in GB (10^9 bytes, two decimals), or MB / kB below one of them.
@@ -161,9 +163,9 @@ impl<B: Backend, M: Metered<B>> Estimator<'_, B, M> {
     fn needs(&self, b: usize) -> anyhow::Result<Needs> {
         let shape = StepShape { b, t: self.t, mlm_probability: self.mlm_probability, recompute: self.recompute };
         Ok(if self.device.f32 {
-            measure::<M::On<true>, true>(self.config, self.device.attn, shape)?
+            measure::<M::On<true>, true>(self.config, self.device.profile, shape)?
         } else {
-            measure::<M::On<false>, false>(self.config, self.device.attn, shape)?
+            measure::<M::On<false>, false>(self.config, self.device.profile, shape)?
         })
     }
 

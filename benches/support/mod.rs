@@ -100,6 +100,12 @@ impl Backend for Timed {
     fn master_len(m: &Vec<f32>) -> usize {
         m.len()
     }
+    fn write(&self, dst: &mut [f32], data: &[f32]) -> Result<()> {
+        self.inner.write(dst, data)
+    }
+    fn master_write(&self, m: &mut Vec<f32>, data: &[f32]) -> Result<()> {
+        self.inner.master_write(m, data)
+    }
     fn upload_batch(&self, batch: &HostBatch<'_>) -> Result<Inputs> {
         timed("upload", || self.inner.upload_batch(batch))
     }

@@ -14,7 +14,8 @@
 //   * pointer arguments and memcpy/memset ranges must lie inside live allocations.
 // FAKECUDA_TRACE=1 logs every call. cuemu_copy_counts reports how many host-to-device and
 // device-to-host copies were made (the tests check that a training step makes no others than
-// its batch upload and its one read of the step scalars).
+// its batch upload and its one read of the step scalars); cuemu_alloc_counts how many
+// allocations were made and are live (the training state is one).
 #include "cuemu.h"
 #include "registry.h"
 
@@ -247,6 +248,15 @@ CUresult cuEventElapsedTime(float* ms, void* a, void* b) {
 }
 CUresult cuEventElapsedTime_v2(float* ms, void* a, void* b) { return cuEventElapsedTime(ms, a, b); }
 
+std::atomic<unsigned long long> g_alloc_calls{0};
+
+// cuemu_alloc_counts: how many allocations were made, and how many are live.
+void cuemu_alloc_counts(unsigned long long* made, unsigned long long* live) {
+  std::lock_guard<std::mutex> lock(g_mem_mutex);
+  *made = g_alloc_calls.load();
+  *live = g_allocs.size();
+}
+
 // Exact-size allocations (256-byte aligned like the real driver) so that AddressSanitizer
 // sees an out-of-bounds kernel access one byte past the end.
 CUresult cuMemAlloc_v2(CUdeviceptr* p, size_t bytes) {
@@ -254,6 +264,7 @@ CUresult cuMemAlloc_v2(CUdeviceptr* p, size_t bytes) {
   if (posix_memalign(&q, 256, bytes ? bytes : 1)) return kOutOfMemory;
   std::lock_guard<std::mutex> lock(g_mem_mutex);
   g_allocs[uintptr_t(q)] = bytes;
+  ++g_alloc_calls;
   *p = CUdeviceptr(q);
   TRACE("cuMemAlloc(%zu) -> 0x%llx", bytes, *p);
   return kSuccess;

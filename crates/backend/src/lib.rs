@@ -435,6 +435,27 @@ pub trait Backend: Send + Sync + Sized + 'static {
     fn master_to_host(&self, m: &Self::Master) -> Result<Vec<f32>>;
     /// Elements in an f32 buffer.
     fn master_len(m: &Self::Master) -> usize;
+    /// Overwrite `dst` with `data` (converted to the compute dtype), in place.
+    fn write(&self, dst: Self::ViewMut<'_>, data: &[f32]) -> Result<()>;
+    /// Overwrite the f32 buffer `m` with `data`, in place.
+    fn master_write(&self, m: &mut Self::Master, data: &[f32]) -> Result<()>;
+    /// What a training run keeps for its whole length, for the parameters `params` (f32, host):
+    /// the working copy, zero gradients, zero moments and, without [`Backend::F32_COMPUTE`], f32
+    /// master weights equal to `params`. This default allocates each buffer apart; a device
+    /// backend makes them ONE allocation (one free, no fragmentation between them).
+    fn alloc_training_state(&self, params: Vec<f32>) -> Result<TrainingState<Self>> {
+        let n = params.len();
+        let master = if Self::F32_COMPUTE { None } else { Some(self.master_from_host(params.clone())?) };
+        Ok(TrainingState {
+            params: self.from_host(params)?,
+            grads: self.alloc(n)?,
+            optimizer: OptimizerState {
+                exp_avg: self.master_from_host(vec![0.0; n])?,
+                exp_avg_sq: self.master_from_host(vec![0.0; n])?,
+                master,
+            },
+        })
+    }
 
     // ---- inputs and scalars ---------------------------------------------------------------
     /// Hand a micro-batch's integer inputs to the backend (once per micro-batch).
@@ -657,6 +678,27 @@ pub trait Backend: Send + Sync + Sized + 'static {
         step: &AdamWStep,
         stats: &Self::Stats,
     ) -> Result<()>;
+}
+
+/// AdamW's state on a backend: the moments and, on a backend without f32 compute, the f32
+/// master weights.
+pub struct OptimizerState<B: Backend> {
+    /// First moments.
+    pub exp_avg: B::Master,
+    /// Second moments.
+    pub exp_avg_sq: B::Master,
+    /// The f32 master weights (`None` when the parameters are f32 themselves).
+    pub master: Option<B::Master>,
+}
+
+/// The buffers of a training run ([`Backend::alloc_training_state`]).
+pub struct TrainingState<B: Backend> {
+    /// The parameters (the working copy the ops read).
+    pub params: B::Buf,
+    /// Their gradients.
+    pub grads: B::Buf,
+    /// The optimizer's state.
+    pub optimizer: OptimizerState<B>,
 }
 
 /// The tables of an embedding layer (views of parameters or of their gradients).

@@ -41,6 +41,28 @@ impl AttnSaves {
     }
 }
 
+/// The host or device bytes a backend's LM head ([`Backend::lm_head_loss`]) allocates for the
+/// duration of one call beside its arguments: `(rows, rows with a target, vocab, c, with the
+/// backward)`.
+pub type HeadScratch = fn(usize, usize, usize, usize, bool) -> u64;
+
+/// How the measured backend keeps attention state and what its head allocates per call.
+#[derive(Clone, Copy, Debug)]
+pub struct Profile {
+    /// What attention keeps for its backward.
+    pub attn: AttnSaves,
+    /// The head's temporaries.
+    pub head_scratch: HeadScratch,
+}
+
+impl From<AttnSaves> for Profile {
+    /// `attn`, and a head that allocates nothing of its own (the CUDA backend's fused
+    /// classifier works in the logits buffer it is given).
+    fn from(attn: AttnSaves) -> Self {
+        Profile { attn, head_scratch: |_, _, _, _, _| 0 }
+    }
+}
+
 /// The live and peak byte counts a meter and its buffers share.
 #[derive(Debug, Default)]
 struct Counter {
@@ -60,13 +82,14 @@ impl Counter {
 #[derive(Clone, Debug)]
 pub struct Meter<const F32: bool> {
     counter: Arc<Counter>,
-    attn: AttnSaves,
+    profile: Profile,
 }
 
 impl<const F32: bool> Meter<F32> {
-    /// A meter at zero bytes, keeping attention state as `attn` says.
-    pub fn new(attn: AttnSaves) -> Self {
-        Meter { counter: Arc::default(), attn }
+    /// A meter at zero bytes, counting what a backend of `profile` keeps (an [`AttnSaves`]
+    /// alone: a head without temporaries).
+    pub fn new(profile: impl Into<Profile>) -> Self {
+        Meter { counter: Arc::default(), profile: profile.into() }
     }
 
     /// Bytes of one [`Backend::Buf`] element.
@@ -220,9 +243,20 @@ impl<const F32: bool> Backend for Meter<F32> {
     fn master_len(m: &MeterBuf) -> usize {
         m.len
     }
+    fn write(&self, dst: MeterViewMut<'_>, data: &[f32]) -> Result<()> {
+        check_range(0, data.len(), dst.len);
+        Ok(())
+    }
+    fn master_write(&self, m: &mut MeterBuf, data: &[f32]) -> Result<()> {
+        check_range(0, data.len(), m.len);
+        Ok(())
+    }
 
+    /// The batch's length is its number of labelled positions (what the head's temporaries
+    /// depend on).
     fn upload_batch(&self, batch: &HostBatch<'_>) -> Result<MeterBuf> {
-        Ok(self.bytes(batch.b * batch.t, batch_bytes(batch)))
+        let labelled = batch.targets.map_or(0, |t| t.iter().filter(|&&y| y != crate::IGNORE_INDEX).count());
+        Ok(self.bytes(labelled, batch_bytes(batch)))
     }
     fn new_stats(&self) -> Result<StepStats> {
         Ok(StepStats::default())
@@ -234,7 +268,7 @@ impl<const F32: bool> Backend for Meter<F32> {
         Ok(*s)
     }
     fn alloc_attn_state(&self, s: AttnShape) -> Result<MeterBuf> {
-        Ok(self.bytes(s.probs_len(), self.attn.bytes(s)))
+        Ok(self.bytes(s.probs_len(), self.profile.attn.bytes(s)))
     }
 
     fn fill_zero(&self, _: MeterViewMut<'_>) -> Result<()> {
@@ -398,16 +432,18 @@ impl<const F32: bool> Backend for Meter<F32> {
     fn lm_head_loss(
         &self,
         _: MeterViewMut<'_>,
-        _: MeterView<'_>,
-        _: MeterView<'_>,
+        x: MeterView<'_>,
+        wte: MeterView<'_>,
         _: Option<MeterView<'_>>,
-        _: &MeterBuf,
+        batch: &MeterBuf,
         _: Rows,
-        _: usize,
-        _: Option<HeadGrads<MeterViewMut<'_>>>,
+        c: usize,
+        grad: Option<HeadGrads<MeterViewMut<'_>>>,
         _: &mut StepStats,
         _: f64,
     ) -> Result<()> {
+        let (rows, vocab) = (x.len / c.max(1), wte.len / c.max(1));
+        let _scratch = self.bytes(0, (self.profile.head_scratch)(rows, batch.len.min(rows), vocab, c, grad.is_some()));
         Ok(())
     }
     fn global_norm(&self, _: MeterView<'_>, _: &mut StepStats) -> Result<()> {

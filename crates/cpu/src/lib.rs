@@ -17,6 +17,13 @@ use lmtrain_backend::{
     GemmDesc, HeadGrads, HostBatch, Inputs, PaddingIdx, Result, Rows, StepStats,
 };
 
+/// What the CPU backend keeps and allocates, for the memory meter
+/// ([`lmtrain_backend::meter::Meter`]): attention probabilities, and the head's per-row
+/// temporaries ([`ops::lm_head_scratch_bytes`]).
+pub fn meter_profile() -> lmtrain_backend::meter::Profile {
+    lmtrain_backend::meter::Profile { attn: lmtrain_backend::meter::AttnSaves::Probabilities, head_scratch: ops::lm_head_scratch_bytes }
+}
+
 /// The CPU backend (stateless; threads come from rayon's global pool).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Cpu;
@@ -86,6 +93,16 @@ impl Backend for Cpu {
     }
     fn master_len(m: &Vec<f32>) -> usize {
         m.len()
+    }
+    fn write(&self, dst: &mut [f32], data: &[f32]) -> Result<()> {
+        if dst.len() != data.len() {
+            return Err(BackendError(format!("write: {} values for a buffer of {}", data.len(), dst.len())));
+        }
+        dst.copy_from_slice(data);
+        Ok(())
+    }
+    fn master_write(&self, m: &mut Vec<f32>, data: &[f32]) -> Result<()> {
+        self.write(m, data)
     }
 
     fn upload_batch(&self, batch: &HostBatch<'_>) -> Result<Inputs> {

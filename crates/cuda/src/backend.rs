@@ -21,8 +21,10 @@
 //! to f32: a per-row relative perturbation of at most 2^-8 of its normalisation. `from_host` /
 //! `to_host` convert on the host (round to nearest even / exact).
 //!
-//! Memory: buffers are [`CuBuf`]s (a `CudaSlice<T>`; CUDA refuses empty allocations, so an
-//! empty buffer holds one unused element); a view is a [`CuView`] (a `Copy` handle on a buffer or
+//! Memory: buffers are [`CuBuf`]s (a `CudaSlice<T>`; CUDA refuses empty allocations, so every
+//! empty buffer points at one unused element that the backend allocated once). A training run's parameters, gradients, moments and
+//! master weights are the parts of ONE allocation ([`Backend::alloc_training_state`]);
+//! activations are allocated once per batch shape by the model. A view is a [`CuView`] (a `Copy` handle on a buffer or
 //! on an exclusive view) and an exclusive view a `CudaViewMut<T>`. A micro-batch's integer
 //! arrays go to the device once ([`CudaBatch`]: key padding and labelled rows at
 //! [`Backend::upload_batch`], token ids with the embedding backward's buckets and the head's
@@ -33,13 +35,14 @@
 //! `conv1d_unfold` / `conv1d_fold`, and embeddings without a position table.
 
 use std::marker::PhantomData;
-use std::sync::{Mutex, OnceLock};
+use std::mem::ManuallyDrop;
+use std::sync::{Arc, Mutex, OnceLock};
 
 use cudarc::cublas::{CudaBlas, StridedBatchedConfig, sys::cublasOperation_t};
-use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, LaunchConfig};
+use cudarc::driver::{CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DeviceRepr, LaunchConfig};
 use lmtrain_backend::{
     AdamWStep, AttnShape, Backend, BackendError, DecaySegment, DisentangledShape, Dropout, EmbeddingTables, Epilogue, GeluKind, GemmDesc,
-    HeadGrads, HostBatch, Inputs, PaddingIdx, Result, Rows, StepStats, mix_seed,
+    HeadGrads, HostBatch, Inputs, OptimizerState, PaddingIdx, Result, Rows, StepStats, TrainingState, mix_seed,
 };
 
 use crate::kernels::{Typed, TypedMut, elem_cfg};
@@ -61,21 +64,45 @@ fn check(op: &str, what: &str, len: usize, want: usize) -> Result<()> {
     if len == want { Ok(()) } else { Err(BackendError(format!("{op}: {what} has {len} elements, expected {want}"))) }
 }
 
+/// Bytes behind every empty buffer: room for one element of any dtype.
+const EMPTY_BYTES: usize = 16;
+
 /// Seed of the stochastic rounding of the bf16 AdamW, mixed with the step number.
 const ROUNDING_SEED: u64 = 0xADA3_5EED;
 
 /// An owned device buffer of `len` elements of `T` ([`Backend::Buf`]; f32: also
-/// [`Backend::Master`]).
+/// [`Backend::Master`]): an allocation of its own, or a part of one shared with other buffers
+/// (the training state, [`Backend::alloc_training_state`]).
 #[derive(Debug)]
 pub struct CuBuf<T = f32> {
-    data: CudaSlice<T>,
+    /// The elements; a part of `arena` when that is set (then it must not free itself).
+    data: ManuallyDrop<CudaSlice<T>>,
     len: usize,
+    /// The allocation `data` lies in, freed when its last part is dropped.
+    arena: Option<Arc<CudaSlice<u8>>>,
 }
 
 impl<T> CuBuf<T> {
+    /// A buffer owning its allocation.
+    fn own(data: CudaSlice<T>, len: usize) -> Self {
+        CuBuf { data: ManuallyDrop::new(data), len, arena: None }
+    }
+
     /// The whole buffer as a cudarc view.
     fn view_mut(&mut self) -> CudaViewMut<'_, T> {
         self.data.slice_mut(0..self.len)
+    }
+}
+
+impl<T> Drop for CuBuf<T> {
+    fn drop(&mut self) {
+        // SAFETY: `data` is taken here, once, and never used again.
+        let data = unsafe { ManuallyDrop::take(&mut self.data) };
+        if self.arena.is_some() {
+            // a part of the arena: forget it without freeing (the arena frees the memory when
+            // its last part is gone; this field is dropped after this function)
+            data.leak();
+        }
     }
 }
 
@@ -201,6 +228,9 @@ pub struct CudaBackend<T: KernelDtype = f32> {
     dev: CudaDevice,
     blas: CudaBlas,
     scratch: Mutex<Option<CudaSlice<f32>>>,
+    /// What every empty buffer points into (CUDA refuses empty allocations; an empty buffer is
+    /// never read or written).
+    empty: Arc<CudaSlice<u8>>,
     dtype: PhantomData<T>,
 }
 
@@ -220,12 +250,32 @@ impl<T: KernelDtype> CudaBackend<T> {
         }
         let blas = CudaBlas::new(dev.stream().clone())
             .map_err(|e| CudaError::Blas { context: "creating a cuBLAS handle".into(), detail: e.to_string() })?;
-        Ok(Self { dev, blas, scratch: Mutex::new(None), dtype: PhantomData })
+        let empty = Arc::new(dev.zeros::<u8>(EMPTY_BYTES)?);
+        Ok(Self { dev, blas, scratch: Mutex::new(None), empty, dtype: PhantomData })
     }
 
     /// The device.
     pub fn device(&self) -> &CudaDevice {
         &self.dev
+    }
+
+    /// An empty buffer (no allocation of its own).
+    fn empty<U>(&self) -> CuBuf<U> {
+        // SAFETY: one element of any kernel dtype fits in the EMPTY_BYTES bytes, 256-aligned.
+        unsafe { arena_part(self.dev.stream(), &self.empty, self.empty_base(), 0, 0) }
+    }
+
+    /// The device address of the empty buffers' memory.
+    fn empty_base(&self) -> u64 {
+        self.empty.device_ptr(self.dev.stream()).0
+    }
+
+    /// A buffer holding `data`.
+    fn upload<U: DeviceRepr>(&self, data: &[U]) -> Result<CuBuf<U>> {
+        if data.is_empty() {
+            return Ok(self.empty());
+        }
+        Ok(CuBuf::own(self.dev.upload(data)?, data.len()))
     }
 
     /// Runs `f` on `n` floats of the shared scratch buffer (grown when too small).
@@ -311,13 +361,17 @@ impl<T: KernelDtype> CudaBackend<T> {
     }
 }
 
-/// A buffer holding `data` (an empty one holds one unused element: CUDA refuses empty
-/// allocations).
-fn upload<T: KernelDtype>(dev: &CudaDevice, data: &[T]) -> Result<CuBuf<T>> {
-    if data.is_empty() {
-        return Ok(CuBuf { data: dev.zeros(1)?, len: 0 });
-    }
-    Ok(CuBuf { data: dev.upload(data)?, len: data.len() })
+/// Bytes `offset..` of `arena` (at device address `base`) as a buffer of `len` elements of `U`
+/// that keeps the arena alive.
+///
+/// # Safety
+/// `offset` must be a multiple of `U`'s alignment and `max(len, 1)` elements from it must lie in
+/// the arena, in no other part's range.
+unsafe fn arena_part<U>(stream: &Arc<CudaStream>, arena: &Arc<CudaSlice<u8>>, base: u64, offset: usize, len: usize) -> CuBuf<U> {
+    // SAFETY: the caller's range is inside the live arena, which the buffer keeps alive; the
+    // buffer never frees it (its drop leaks the slice).
+    let data = unsafe { stream.upgrade_device_ptr(base + offset as u64, len.max(1)) };
+    CuBuf { data: ManuallyDrop::new(data), len, arena: Some(arena.clone()) }
 }
 
 /// Launches a grid-stride kernel over `n` elements (none when `n` is 0).
@@ -367,12 +421,15 @@ impl<T: KernelDtype> Backend for CudaBackend<T> {
     const F32_COMPUTE: bool = T::IS_F32;
 
     fn alloc(&self, len: usize) -> Result<CuBuf<T>> {
-        Ok(CuBuf { data: self.dev.zeros(len.max(1))?, len })
+        if len == 0 {
+            return Ok(self.empty());
+        }
+        Ok(CuBuf::own(self.dev.zeros(len)?, len))
     }
     fn from_host(&self, data: Vec<f32>) -> Result<CuBuf<T>> {
         // round to nearest even on the host (for f32 the collect reuses `data`)
         let data: Vec<T> = data.into_iter().map(T::round_from).collect();
-        upload(&self.dev, &data)
+        self.upload(&data)
     }
     fn to_host(&self, v: CuView<'_, T>) -> Result<Vec<f32>> {
         if v.is_empty() {
@@ -418,7 +475,7 @@ impl<T: KernelDtype> Backend for CudaBackend<T> {
         CuView { src: Src::Mut(v), off: 0, len: v.len() }
     }
     fn master_from_host(&self, data: Vec<f32>) -> Result<CuBuf<f32>> {
-        upload(&self.dev, &data)
+        self.upload(&data)
     }
     fn master_to_host(&self, m: &CuBuf<f32>) -> Result<Vec<f32>> {
         if m.len == 0 {
@@ -428,6 +485,53 @@ impl<T: KernelDtype> Backend for CudaBackend<T> {
     }
     fn master_len(m: &CuBuf<f32>) -> usize {
         m.len
+    }
+    fn write(&self, mut dst: CudaViewMut<'_, T>, data: &[f32]) -> Result<()> {
+        check("write", "the data", data.len(), dst.len())?;
+        if data.is_empty() {
+            return Ok(());
+        }
+        let host: Vec<T> = data.iter().map(|&x| T::round_from(x)).collect();
+        self.dev.stream().memcpy_htod(&host, &mut dst).map_err(|e| BackendError(format!("CUDA driver: copying to the device: {e}")))
+    }
+    fn master_write(&self, m: &mut CuBuf<f32>, data: &[f32]) -> Result<()> {
+        check("master_write", "the data", data.len(), m.len)?;
+        if data.is_empty() {
+            return Ok(());
+        }
+        self.dev.stream().memcpy_htod(data, &mut m.view_mut()).map_err(|e| BackendError(format!("CUDA driver: copying to the device: {e}")))
+    }
+    /// ONE device allocation, zero-filled, cut into the parameters and gradients (`T`), the two
+    /// moments and, for bf16, the f32 master weights, each at a 256-byte boundary; then the
+    /// parameters (and master weights) are copied in.
+    fn alloc_training_state(&self, params: Vec<f32>) -> Result<TrainingState<Self>> {
+        const ALIGN: usize = 256;
+        let n = params.len();
+        let bytes = |size: usize| (n.max(1) * size).div_ceil(ALIGN) * ALIGN;
+        let (t_bytes, f_bytes) = (bytes(size_of::<T>()), bytes(size_of::<f32>()));
+        let n_f32 = if T::IS_F32 { 2 } else { 3 };
+        let arena = Arc::new(self.dev.zeros::<u8>(2 * t_bytes + n_f32 * f_bytes)?);
+        let base = {
+            let (ptr, _sync) = arena.device_ptr(self.dev.stream());
+            ptr
+        };
+        let stream = self.dev.stream();
+        // SAFETY (every `arena_part` below): the parts are the disjoint ranges [0, t), [t, 2t),
+        // [2t, 2t + f), [2t + f, 2t + 2f), [2t + 2f, 2t + 3f) of the arena's 2t + (2 or 3)f
+        // bytes, each holding `n` (at least one) elements of its type.
+        let mut params_buf = unsafe { arena_part::<T>(stream, &arena, base, 0, n) };
+        let grads = unsafe { arena_part::<T>(stream, &arena, base, t_bytes, n) };
+        let exp_avg = unsafe { arena_part::<f32>(stream, &arena, base, 2 * t_bytes, n) };
+        let exp_avg_sq = unsafe { arena_part::<f32>(stream, &arena, base, 2 * t_bytes + f_bytes, n) };
+        let master = if T::IS_F32 {
+            None
+        } else {
+            let mut m = unsafe { arena_part::<f32>(stream, &arena, base, 2 * t_bytes + 2 * f_bytes, n) };
+            self.master_write(&mut m, &params)?;
+            Some(m)
+        };
+        self.write(params_buf.view_mut(), &params)?;
+        Ok(TrainingState { params: params_buf, grads, optimizer: OptimizerState { exp_avg, exp_avg_sq, master } })
     }
 
     fn upload_batch(&self, batch: &HostBatch<'_>) -> Result<CudaBatch> {
@@ -857,7 +961,7 @@ impl<T: KernelDtype> Backend for CudaBackend<T> {
                     if w.len == 0 {
                         return Ok(());
                     }
-                    self.dev.stream().memcpy_dtod(&w.data, &mut p).map_err(|e| BackendError(format!("CUDA driver: copy: {e}")))
+                    self.dev.stream().memcpy_dtod(&*w.data, &mut p).map_err(|e| BackendError(format!("CUDA driver: copy: {e}")))
                 }
                 // a new rounding seed each step; the same step from the same state, the same bits
                 (TypedMut::Bf16(mut p), Typed::Bf16(g), Some(w)) => {

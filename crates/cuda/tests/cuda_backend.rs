@@ -7,7 +7,8 @@
 //! error, `max |got - want| / max |want|`); then a few AdamW steps (two accumulated
 //! micro-batches, weight decay, gradient clipping active) whose losses and gradient norms stay
 //! within 1e-4 relative. The ops these models do not reach are checked one by one, and the
-//! emulator counts a step's host-device copies (the batch in, the step scalars out; f32 and bf16).
+//! emulator counts a step's host-device copies (the batch in, the step scalars out; f32 and bf16)
+//! and allocations (the training state is one; a step allocates nothing per layer).
 //!
 //! The bf16 backend (`CudaBackend<bf16>`, f32 master weights) against the same f32 CPU models
 //! from bf16-representable parameters: its ops one by one (each within one or two bf16 roundings
@@ -293,37 +294,63 @@ fn other_ops_match_cpu() {
     });
 }
 
-/// Host-device copies made so far (the emulator's counters; `None` on a GPU).
-fn copy_counts<T: KernelDtype>(be: &CudaBackend<T>) -> Option<(u64, u64)> {
+/// One of the emulator's pairs of counters, by the name of the fake `libcuda.so`'s
+/// `void NAME(unsigned long long*, unsigned long long*)` (`None` on a GPU).
+fn emu_counters<T: KernelDtype>(be: &CudaBackend<T>, name: &[u8]) -> Option<(u64, u64)> {
     if be.device().kind() != DeviceKind::Emulator {
         return None;
     }
-    // SAFETY: the fake libcuda.so this process already loaded (through LD_LIBRARY_PATH), and its
-    // `void cuemu_copy_counts(unsigned long long*, unsigned long long*)`.
+    // SAFETY: the fake libcuda.so this process already loaded (through LD_LIBRARY_PATH), and
+    // its counter function of that signature.
     unsafe {
         let lib = libloading::Library::new("libcuda.so").expect("the emulator's libcuda.so");
-        let f: libloading::Symbol<'_, unsafe extern "C" fn(*mut u64, *mut u64)> = lib.get(b"cuemu_copy_counts").expect("cuemu_copy_counts");
-        let (mut htod, mut dtoh) = (0, 0);
-        f(&mut htod, &mut dtoh);
-        Some((htod, dtoh))
+        let f: libloading::Symbol<'_, unsafe extern "C" fn(*mut u64, *mut u64)> = lib.get(name).expect("the emulator's counters");
+        let (mut a, mut b) = (0, 0);
+        f(&mut a, &mut b);
+        Some((a, b))
     }
 }
 
-/// Copies between host and device in each of 3 training steps (two micro-batches) of a GPT-2 of
-/// `n_layer` layers on `be` (`None` on a GPU).
-fn step_copies<T: KernelDtype>(be: CudaBackend<T>, n_layer: usize) -> Option<Vec<(u64, u64)>> {
+/// Host-device copies made so far: (host to device, device to host).
+fn copy_counts<T: KernelDtype>(be: &CudaBackend<T>) -> Option<(u64, u64)> {
+    emu_counters(be, b"cuemu_copy_counts")
+}
+
+/// Device allocations: (made so far, live now).
+fn alloc_counts<T: KernelDtype>(be: &CudaBackend<T>) -> Option<(u64, u64)> {
+    emu_counters(be, b"cuemu_alloc_counts")
+}
+
+/// What the emulator counted while a GPT-2 of `n_layer` layers on `be` was set up for training
+/// and took 3 training steps (two micro-batches each).
+struct StepCounts {
+    /// Allocations made by moving the parameters into the training state.
+    state_allocs: u64,
+    /// Per step: (host-to-device copies, device-to-host copies, allocations).
+    steps: Vec<(u64, u64, u64)>,
+}
+
+/// [`StepCounts`] of a GPT-2 of `n_layer` layers on `be`, set up as the trainer does
+/// (`ParamStore::into_training`, `AdamW::with_state`; `None` on a GPU).
+fn step_counts<T: KernelDtype>(be: CudaBackend<T>, n_layer: usize) -> Option<StepCounts> {
     let cfg = Gpt2Config { vocab_size: 67, n_positions: 16, n_embd: 32, n_layer, n_head: 2, ..Gpt2Config::default() };
     let ids: Vec<u32> = (0..18u32).map(|i| (i * 37 + 11) % 67).collect();
     let labels: Vec<i32> = ids.iter().map(|&x| x as i32).collect();
     let batch = Batch { b: 2, t: 9, ids, labels, mask: None, types: None };
-    let before = copy_counts(&be);
+    alloc_counts(&be)?;
     let mut m = Gpt2::new(be, cfg, 5).unwrap();
     let params = m.params_to_host().unwrap();
     let segments = decay_segments(m.param_infos().iter().map(|p| (p.offset, p.len, p.decay)), 0.0);
-    let mut opt = AdamW::new(m.backend(), AdamWConfig::default(), &params, segments).unwrap();
-    let mut counts = Vec::new();
+    let (be, store) = m.parts_mut();
+    let (made0, live0) = alloc_counts(be)?;
+    let state = store.into_training(be, params).unwrap();
+    let (made1, live1) = alloc_counts(be)?;
+    // the separate parameter and gradient buffers went, one allocation came
+    assert_eq!(live1, live0 - 1, "live allocations before {live0}, after {live1}");
+    let mut opt = AdamW::with_state(AdamWConfig::default(), state, segments);
+    let mut steps = Vec::new();
     for step in 0..3 {
-        let start = copy_counts(m.backend());
+        let ((h0, d0), (a0, _)) = (copy_counts(m.backend())?, alloc_counts(m.backend())?);
         let mut stats = m.backend().new_stats().unwrap();
         m.zero_grad().unwrap();
         for micro in 0..2 {
@@ -333,30 +360,40 @@ fn step_copies<T: KernelDtype>(be: CudaBackend<T>, n_layer: usize) -> Option<Vec
         let (p, g) = store.params_and_grads_mut();
         opt.step(be, CudaBackend::view_mut(p), CudaBackend::view(g), 1e-3, 1.0, 2, &mut stats).unwrap();
         be.read_stats(&stats).unwrap();
-        counts.push(start.zip(copy_counts(be)).map(|((h0, d0), (h1, d1))| (h1 - h0, d1 - d0)));
+        let ((h1, d1), (a1, _)) = (copy_counts(be)?, alloc_counts(be)?);
+        steps.push((h1 - h0, d1 - d0, a1 - a0));
     }
-    before.map(|_| counts.into_iter().flatten().collect())
+    Some(StepCounts { state_allocs: made1 - made0, steps })
 }
 
-/// Copies between host and device in one training step after the first (two micro-batches):
-/// the batch's arrays going in and the one read of the step scalars coming out, the same
-/// number whatever the depth of the model (nothing per layer or per op), on the f32 and the
-/// bf16 backend alike.
+/// The training state (parameters, gradients, AdamW's moments and, for bf16, the master
+/// weights) is ONE device allocation; a training step after the first copies only the batch's
+/// arrays in and the one read of the step scalars out, and allocates only the batch's arrays
+/// and the step scalars: the same numbers whatever the depth of the model (nothing per layer or
+/// per op), on the f32 and the bf16 backend alike.
 #[test]
-fn a_step_copies_only_the_batch_and_the_stats() {
-    on_device("a_step_copies_only_the_batch_and_the_stats", |_| {
+fn the_training_state_is_one_allocation_and_a_step_copies_only_the_batch_and_the_stats() {
+    const NAME: &str = "the_training_state_is_one_allocation_and_a_step_copies_only_the_batch_and_the_stats";
+    on_device(NAME, |_| {
         let mut per_depth = Vec::new();
         for (dtype, n_layer) in [("f32", 1), ("f32", 3), ("bf16", 1), ("bf16", 3)] {
-            let counts = if dtype == "f32" { step_copies(backend(), n_layer) } else { step_copies(backend_bf16(), n_layer) };
-            let Some(counts) = counts else {
-                return support::skip("a_step_copies_only_the_batch_and_the_stats", "the copy counters are the emulator's");
+            let counts = if dtype == "f32" { step_counts(backend(), n_layer) } else { step_counts(backend_bf16(), n_layer) };
+            let Some(StepCounts { state_allocs, steps }) = counts else {
+                return support::skip(NAME, "the copy and allocation counters are the emulator's");
             };
-            println!("GPT-2 {dtype}, {n_layer} layer(s): copies per step (host to device, device to host): {counts:?}");
-            assert_eq!(counts[1], counts[2], "{dtype}: every step after the first copies the same");
-            assert_eq!(counts[1].1, 2, "{dtype}: one read of the step scalars (loss and norm) per step");
-            per_depth.push(counts[1]);
+            println!(
+                "GPT-2 {dtype}, {n_layer} layer(s): training state {state_allocs} allocation(s); per step (copies host to device, device to host, allocations): {steps:?}"
+            );
+            assert_eq!(state_allocs, 1, "{dtype}: the training state takes one allocation");
+            assert_eq!(steps[1], steps[2], "{dtype}: every step after the first copies and allocates the same");
+            assert_eq!(steps[1].1, 2, "{dtype}: one read of the step scalars (loss and norm) per step");
+            assert!(steps[0].2 > steps[1].2, "{dtype}: the first step allocates the activations, the later ones do not");
+            per_depth.push(steps[1]);
         }
-        assert!(per_depth.iter().all(|&c| c == per_depth[0]), "copies per step depend on the depth or the dtype: {per_depth:?}");
+        assert!(
+            per_depth.iter().all(|&c| c == per_depth[0]),
+            "copies or allocations per step depend on the depth or the dtype: {per_depth:?}"
+        );
     });
 }
 
@@ -799,7 +836,7 @@ fn address_sanitizer_pass() {
                     "bert_step_matches_cpu",
                     "roberta_and_distilbert_steps_match_cpu",
                     "other_ops_match_cpu",
-                    "a_step_copies_only_the_batch_and_the_stats",
+                    "the_training_state_is_one_allocation_and_a_step_copies_only_the_batch_and_the_stats",
                     "bf16_ops_match_cpu",
                     "bf16_gpt2_step_matches_cpu",
                     "bf16_bert_step_matches_cpu",

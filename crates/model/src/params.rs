@@ -7,7 +7,7 @@
 use std::cell::RefCell;
 use std::rc::Rc;
 
-use lmtrain_backend::Backend;
+use lmtrain_backend::{Backend, OptimizerState, TrainingState};
 use rand_core::{Rng, SeedableRng};
 use rand_xoshiro::Xoshiro256PlusPlus;
 
@@ -212,13 +212,28 @@ impl<B: Backend> ParamStore<B> {
     pub fn params_and_grads_mut(&mut self) -> (&mut B::Buf, &B::Buf) {
         (&mut self.params, &self.grads)
     }
-    /// Replaces the parameters by `host` (same layout, e.g. a checkpoint's).
-    pub fn set_params(&mut self, be: &B, host: Vec<f32>) -> Result<(), ModelError> {
+    /// Overwrites the parameters with `host` (same layout, e.g. a checkpoint's), in place.
+    pub fn set_params(&mut self, be: &B, host: &[f32]) -> Result<(), ModelError> {
         if host.len() != self.len() {
             return Err(ModelError::Config(format!("{} parameters given, the model has {}", host.len(), self.len())));
         }
-        self.params = be.from_host(host)?;
-        Ok(())
+        Ok(be.write(B::view_mut(&mut self.params), host)?)
+    }
+    /// Moves the parameters and gradients into the backend's training state
+    /// ([`Backend::alloc_training_state`]: on a device, one allocation with the optimizer's
+    /// state) and returns that optimizer state. The parameters become `master` (their f32
+    /// values, rounded to the compute dtype); the gradients restart at zero. The old buffers are
+    /// freed first, so the peak is the training state alone.
+    pub fn into_training(&mut self, be: &B, master: Vec<f32>) -> Result<OptimizerState<B>, ModelError> {
+        if master.len() != self.len() {
+            return Err(ModelError::Config(format!("{} parameters given, the model has {}", master.len(), self.len())));
+        }
+        self.params = be.alloc(0)?;
+        self.grads = be.alloc(0)?;
+        let TrainingState { params, grads, optimizer } = be.alloc_training_state(master)?;
+        self.params = params;
+        self.grads = grads;
+        Ok(optimizer)
     }
     /// Set every gradient to zero.
     pub fn zero_grad(&mut self, be: &B) -> Result<(), ModelError> {

@@ -12,7 +12,7 @@
 
 use std::borrow::Cow;
 
-use lmtrain_backend::{AdamWStep, Backend, BackendError, DecaySegment};
+use lmtrain_backend::{AdamWStep, Backend, BackendError, DecaySegment, OptimizerState};
 
 pub use lmtrain_backend::clip_scale;
 use serde::{Deserialize, Serialize};
@@ -218,7 +218,8 @@ impl<B: Backend> AdamW<B> {
     /// A fresh optimizer (zero moments on `backend`, step 0) for the parameters `params` (f32,
     /// host) with the given decay segments (see [`decay_segments`]; they must cover them all).
     /// On a backend without f32 compute, `params` become the master weights (moved there when
-    /// given as a `Vec`, copied when borrowed).
+    /// given as a `Vec`, copied when borrowed). Each buffer is an allocation of its own; the
+    /// trainer allocates them with the parameters instead ([`AdamW::with_state`]).
     pub fn new<'p>(
         backend: &B,
         config: AdamWConfig,
@@ -227,17 +228,21 @@ impl<B: Backend> AdamW<B> {
     ) -> Result<Self, OptimError> {
         let params = params.into();
         let n = params.len();
-        debug_assert_eq!(segments.iter().map(|s| s.len).sum::<usize>(), n);
         let master = if B::F32_COMPUTE { None } else { Some(backend.master_from_host(params.into_owned())?) };
-        Ok(Self {
-            config,
-            segments,
-            m: backend.master_from_host(vec![0.0; n])?,
-            v: backend.master_from_host(vec![0.0; n])?,
+        let state = OptimizerState {
+            exp_avg: backend.master_from_host(vec![0.0; n])?,
+            exp_avg_sq: backend.master_from_host(vec![0.0; n])?,
             master,
-            step: 0,
-            last: None,
-        })
+        };
+        Ok(Self::with_state(config, state, segments))
+    }
+
+    /// An optimizer at step 0 over the given state (zero moments; see
+    /// `ParamStore::into_training`, which allocates it with the parameters).
+    pub fn with_state(config: AdamWConfig, state: OptimizerState<B>, segments: Vec<DecaySegment>) -> Self {
+        debug_assert_eq!(segments.iter().map(|s| s.len).sum::<usize>(), B::master_len(&state.exp_avg));
+        let OptimizerState { exp_avg: m, exp_avg_sq: v, master } = state;
+        Self { config, segments, m, v, master, step: 0, last: None }
     }
 
     /// The fixed hyper-parameters.
@@ -275,10 +280,11 @@ impl<B: Backend> AdamW<B> {
                 return Err(OptimError::StateSize { expected, found });
             }
         }
-        self.m = backend.master_from_host(exp_avg)?;
-        self.v = backend.master_from_host(exp_avg_sq)?;
-        if self.master.is_some() {
-            self.master = Some(backend.master_from_host(params.to_vec())?);
+        // in place: the state may be a part of one allocation with the parameters
+        backend.master_write(&mut self.m, &exp_avg)?;
+        backend.master_write(&mut self.v, &exp_avg_sq)?;
+        if let Some(master) = self.master.as_mut() {
+            backend.master_write(master, params)?;
         }
         self.step = step;
         Ok(())

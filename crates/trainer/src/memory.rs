@@ -10,7 +10,7 @@
 //! finds the largest that fits a budget by measuring.
 
 use lmtrain_backend::Backend;
-use lmtrain_backend::meter::{AttnSaves, Meter};
+use lmtrain_backend::meter::{Meter, Profile};
 use lmtrain_model::{IGNORE_INDEX, Input, LanguageModel, ModelError, Objective};
 use lmtrain_optim::{AdamW, AdamWConfig, decay_segments};
 
@@ -70,20 +70,24 @@ impl StepShape {
     }
 }
 
-/// Builds a model of `config` on a meter of compute dtype `F32` (attention state as `attn`),
+/// Builds a model of `config` on a meter of compute dtype `F32` (attention state and head
+/// temporaries as `profile` says),
 /// creates AdamW for it and runs one training step at `shape`: the bytes of each part.
 /// Nothing is allocated for the parameters on the host beyond untouched zero pages.
-pub fn measure<M, const F32: bool>(config: &M::Config, attn: AttnSaves, shape: StepShape) -> Result<Needs, TrainerError>
+pub fn measure<M, const F32: bool>(config: &M::Config, profile: impl Into<Profile>, shape: StepShape) -> Result<Needs, TrainerError>
 where
     M: LanguageModel<Meter<F32>>,
 {
-    let meter = Meter::<F32>::new(attn);
+    let meter = Meter::<F32>::new(profile);
     let n_params = M::param_table(config)?.last().map_or(0, |p| p.offset + p.len);
     let mut model = M::from_params(meter.clone(), config.clone(), vec![0.0; n_params])?;
     model.set_recompute(shape.recompute);
-    let (params, grads) = (model.store().params().bytes(), model.store().grads().bytes());
     let segments = decay_segments(model.param_infos().iter().map(|p| (p.offset, p.len, p.decay)), 0.0);
-    let mut optimizer = AdamW::new(model.backend(), AdamWConfig::default(), model.params_to_host()?, segments)?;
+    let master = model.params_to_host()?;
+    let (be, store) = model.parts_mut();
+    let state = store.into_training(be, master)?;
+    let (params, grads) = (store.params().bytes(), store.grads().bytes());
+    let mut optimizer = AdamW::with_state(AdamWConfig::default(), state, segments);
     let fixed = meter.live();
     let optimizer_bytes = fixed - params - grads;
 
@@ -119,6 +123,7 @@ pub fn largest_batch<E>(upto: usize, budget: u64, mut total: impl FnMut(usize) -
 #[cfg(test)]
 mod tests {
     use super::*;
+    use lmtrain_backend::meter::AttnSaves;
     use lmtrain_model::bert::{Bert, BertConfig};
     use lmtrain_model::gpt2::{Gpt2, Gpt2Config};
 

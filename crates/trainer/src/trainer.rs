@@ -88,7 +88,7 @@ impl<B: Backend, M: LanguageModel<B>> Trainer<B, M> {
     /// Sets up a run: checks arguments and data, derives the step counts and the schedule.
     pub fn new(
         args: TrainingArgs,
-        model: M,
+        mut model: M,
         collator: Box<dyn Collator>,
         train: BlockStore,
         eval: Option<BlockStore>,
@@ -127,7 +127,9 @@ impl<B: Backend, M: LanguageModel<B>> Trainer<B, M> {
         let segments = decay_segments(model.param_infos().iter().map(|p| (p.offset, p.len, p.decay)), args.weight_decay);
         let config =
             AdamWConfig { beta1: args.adam_beta1, beta2: args.adam_beta2, eps: args.adam_epsilon, weight_decay: args.weight_decay };
-        let optimizer = AdamW::new(model.backend(), config, model.params_to_host()?, segments)?;
+        let master = model.params_to_host()?;
+        let (be, store) = model.parts_mut();
+        let optimizer = AdamW::with_state(config, store.into_training(be, master)?, segments);
         let state = TrainerState {
             global_step: 0,
             epoch: 0,
@@ -233,7 +235,7 @@ impl<B: Backend, M: LanguageModel<B>> Trainer<B, M> {
         }
         let (be, store) = self.model.parts_mut();
         self.optimizer.restore(be, restored.exp_avg, restored.exp_avg_sq, &loaded.params, st.global_step as u32)?;
-        store.set_params(be, loaded.params)?;
+        store.set_params(be, &loaded.params)?;
         let mut state = restored.state;
         state.args = self.args.clone();
         self.state = state;
@@ -459,7 +461,7 @@ impl<B: Backend, M: LanguageModel<B>> Trainer<B, M> {
         let best = out_dir.join(name);
         let loaded = lmtrain_hf::load_params::<B, M>(&best, lmtrain_hf::LoadMode::Exact)?;
         let (be, store) = self.model.parts_mut();
-        store.set_params(be, loaded.params)?;
+        store.set_params(be, &loaded.params)?;
         eprintln!("loaded the best model (eval loss {:.4}) from {}", self.state.best_metric.unwrap_or(f64::NAN), best.display());
         Ok(())
     }

@@ -6,7 +6,7 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use lmtrain_backend::Backend;
-use lmtrain_backend::meter::{AttnSaves, Meter};
+use lmtrain_backend::meter::Meter;
 use lmtrain_cpu::Cpu;
 use lmtrain_model::bert::{Bert, BertConfig};
 use lmtrain_model::gpt2::{Gpt2, Gpt2Config};
@@ -98,7 +98,7 @@ fn compare<M: LanguageModel<Cpu>, N: LanguageModel<Meter<true>, Config = M::Conf
     let mut act = Vec::new();
     for b in [2, 6] {
         let s = StepShape { b, t: 64, mlm_probability: 0.15, recompute: false };
-        let Needs { params, grads, optimizer, activations } = measure::<N, true>(config, AttnSaves::Probabilities, s).unwrap();
+        let Needs { params, grads, optimizer, activations } = measure::<N, true>(config, lmtrain_cpu::meter_profile(), s).unwrap();
         let (real_fixed, real_act) = on_cpu::<M>(config, s);
         close(&format!("{name}: parameters, gradients and moments"), params + grads + optimizer, real_fixed, 512 * tensors);
         close(&format!("{name}: activations at batch {b}"), activations, real_act, activations * 15 / 100);
@@ -119,6 +119,10 @@ fn compare_families() {
     // once before measuring: the thread pool and other lazy statics allocate on first use
     on_cpu::<Gpt2<Cpu>>(&gpt2, StepShape { b: 1, t: 8, mlm_probability: 0.15, recompute: false });
     compare::<Gpt2<Cpu>, Gpt2<Meter<true>>>("gpt2", &gpt2);
+    // a vocabulary of three head chunks: the head's per-row statistics and dx partial sums
+    let wide = Gpt2Config { vocab_size: 1100, ..gpt2 };
+    on_cpu::<Gpt2<Cpu>>(&wide, StepShape { b: 1, t: 8, mlm_probability: 0.15, recompute: false });
+    compare::<Gpt2<Cpu>, Gpt2<Meter<true>>>("gpt2, vocab 1100", &wide);
     let bert = BertConfig {
         vocab_size: 96,
         hidden_size: 16,

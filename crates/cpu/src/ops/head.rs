@@ -71,11 +71,16 @@ pub fn lm_head_loss(
         assert_eq!(g.dbias.is_some(), bias.is_some(), "lm_head_loss: a bias gradient goes with a bias");
         assert!(g.dbias.as_ref().is_none_or(|d| d.len() == vocab), "lm_head_loss: bias gradient shape");
     }
-    let kept: Vec<usize> = (0..rows).filter(|&r| targets[r] != IGNORE_INDEX).collect();
+    // sized up front, so that no collect grows (and, for a moment, doubles) them
+    let mut kept = Vec::with_capacity(rows);
+    kept.extend((0..rows).filter(|&r| targets[r] != IGNORE_INDEX));
     if kept.len() == rows {
         return head_rows(scratch, x, wte, bias, targets, c, grad);
     }
-    let xk: Vec<f32> = kept.iter().flat_map(|&r| &x[r * c..(r + 1) * c]).copied().collect();
+    let mut xk = Vec::with_capacity(kept.len() * c);
+    for &r in &kept {
+        xk.extend_from_slice(&x[r * c..(r + 1) * c]);
+    }
     let tk: Vec<i32> = kept.iter().map(|&r| targets[r]).collect();
     match grad {
         None => head_rows(scratch, &xk, wte, bias, &tk, c, None),
@@ -89,6 +94,39 @@ pub fn lm_head_loss(
             loss
         }
     }
+}
+
+/// Host bytes [`lm_head_loss`] allocates for the duration of one call (all live at once, in its
+/// backward pass) over `rows` rows of which `kept` have a target, beside the caller's buffers:
+/// the packed rows when some are ignored, the per-(chunk, row) statistics and factors, the row
+/// losses, the dx partial sums of the chunk groups and, on the AVX-512 path, each worker's two
+/// dlogits copies. What the memory meter counts for the CPU's head.
+pub fn lm_head_scratch_bytes(rows: usize, kept: usize, vocab: usize, c: usize, grad: bool) -> u64 {
+    let (kept, vocab, c, g) = (kept as u64, vocab.max(1) as u64, c as u64, u64::from(grad));
+    let mut bytes = 8 * rows as u64; // `kept`, at its capacity
+    if kept < rows as u64 {
+        bytes += kept * (4 * c + 4 + g * 4 * c); // xk, tk, dxk
+    }
+    if kept == 0 {
+        return bytes;
+    }
+    let n_chunks = vocab.div_ceil(LM_HEAD_CHUNK as u64);
+    bytes += kept * (8 * n_chunks + 4 + 8 + g * 4 * n_chunks); // stats, target logits, losses, factors
+    if grad {
+        let n_groups = n_chunks.min(LM_HEAD_DX_GROUPS as u64);
+        bytes += (n_groups - 1) * kept * c * 4; // partial
+        if transposed_dlogits() {
+            let workers = (rayon::current_num_threads() as u64).clamp(1, n_chunks).min(n_groups);
+            bytes += workers * 2 * LM_HEAD_CHUNK as u64 * kept * 4; // tbuf, nbuf
+        }
+    }
+    bytes
+}
+
+/// Whether the backward writes each chunk's dlogits to per-worker buffers, one transposed (the
+/// AVX-512 path; see pass 3 of `head_rows`).
+fn transposed_dlogits() -> bool {
+    crate::dispatch::simd_level() == crate::dispatch::SimdLevel::Avx512
 }
 
 /// [`lm_head_loss`] on rows that all have a target (one per entry of `targets`; shapes checked
@@ -189,7 +227,7 @@ fn head_rows(
     // gemm crate packs fastest (the transposed-operand product is ~15% slower than the copy),
     // and the big scratch is only read here (measured: ~5-10 ms less than scaling in place).
     if let Some(HeadGrads { dx, dwte, dbias, dloss }) = grad {
-        let transposed = crate::dispatch::simd_level() == crate::dispatch::SimdLevel::Avx512;
+        let transposed = transposed_dlogits();
         let n_groups = n_chunks.min(LM_HEAD_DX_GROUPS);
         let groups = spans(n_chunks, n_groups);
         let workers = spans(n_groups, threads.min(n_groups));

@@ -27,7 +27,7 @@ pub use deberta::{conv1d_fold, conv1d_unfold, disentangled_attention_backward, d
 pub use elementwise::{add_inplace, dropout_inplace, fill_zero, residual_forward, scale, tanh_backward, tanh_forward, zero_padded_rows};
 pub use embedding::{embedding_backward, embedding_forward};
 pub use gelu::{gelu_backward, gelu_forward};
-pub use head::{LM_HEAD_CHUNK, lm_head_loss};
+pub use head::{LM_HEAD_CHUNK, lm_head_loss, lm_head_scratch_bytes};
 pub use layernorm::{layernorm_backward, layernorm_forward};
 pub use linear::{add_bias, bias_backward, matmul, matmul_desc};
 pub use lmtrain_backend::IGNORE_INDEX;
