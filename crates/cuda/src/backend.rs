@@ -10,8 +10,9 @@
 //!
 //! bf16 ([`Backend::F32_COMPUTE`] false): parameters, gradients and activations are bf16 and
 //! every kernel computes in f32, rounding each stored result once (round to nearest even); the
-//! products are cuBLAS `GemmEx` with bf16 operands and f32 compute (the bias epilogue, a separate
-//! kernel as for f32, adds the bias to the rounded product: two roundings). What stays f32: the master
+//! products are cuBLAS `GemmEx` with bf16 operands and f32 compute, those with a bias cuBLASLt
+//! with its bias epilogue (the bias added to the f32 product, one rounding; GELU stays a pass of
+//! its own, as the backward needs the stored pre-activation). What stays f32: the master
 //! weights and AdamW's moments ([`Backend::Master`]; the optimizer keeps the master copy and
 //! `adamw_update` runs the `adamw_bf16` kernel on it, refreshing the bf16 weights by stochastic
 //! rounding seeded from the step number, so a step is reproducible), the parameter-gradient
@@ -47,7 +48,7 @@ use lmtrain_backend::{
 
 use crate::kernels::{Typed, TypedMut, elem_cfg};
 use crate::launch::Launch;
-use crate::{AttnOptions, ClassifierRows, CudaDevice, CudaError, EmbeddingBatch, KernelDtype, Positions, grad_norm_scratch};
+use crate::{AttnOptions, ClassifierRows, CudaDevice, CudaError, EmbeddingBatch, KernelDtype, LtMatmul, Positions, grad_norm_scratch};
 use crate::{bias_backward_scratch, layernorm_backward_scratch};
 
 impl From<CudaError> for BackendError {
@@ -227,6 +228,8 @@ pub struct CudaStats {
 pub struct CudaBackend<T: KernelDtype = f32> {
     dev: CudaDevice,
     blas: CudaBlas,
+    /// bf16: the cuBLASLt handle of the products with a bias epilogue.
+    lt: Option<LtMatmul>,
     scratch: Mutex<Option<CudaSlice<f32>>>,
     /// What every empty buffer points into (CUDA refuses empty allocations; an empty buffer is
     /// never read or written).
@@ -251,7 +254,8 @@ impl<T: KernelDtype> CudaBackend<T> {
         let blas = CudaBlas::new(dev.stream().clone())
             .map_err(|e| CudaError::Blas { context: "creating a cuBLAS handle".into(), detail: e.to_string() })?;
         let empty = Arc::new(dev.zeros::<u8>(EMPTY_BYTES)?);
-        Ok(Self { dev, blas, scratch: Mutex::new(None), empty, dtype: PhantomData })
+        let lt = if T::IS_F32 { None } else { Some(LtMatmul::new(&dev)?) };
+        Ok(Self { dev, blas, lt, scratch: Mutex::new(None), empty, dtype: PhantomData })
     }
 
     /// The device.
@@ -348,6 +352,32 @@ impl<T: KernelDtype> CudaBackend<T> {
     /// A kernel by its `extern "C"` name.
     fn kernel(&self, name: &str) -> Result<Launch<'_>> {
         Ok(Launch::new(&self.dev, name.to_string())?)
+    }
+
+    /// `C = A·B + bias` for a packed, overwriting, unbatched product: bf16 through cuBLASLt's
+    /// bias epilogue (the bias added to the f32 product before its one rounding, no second pass
+    /// over C); f32 through cuBLAS (full f32, no TF32) and the `add_bias` kernel.
+    fn matmul_bias(
+        &self,
+        c: &mut CudaViewMut<'_, T>,
+        a: &CudaView<'_, T>,
+        b: &CudaView<'_, T>,
+        bias: &CudaView<'_, T>,
+        d: &GemmDesc,
+    ) -> Result<()> {
+        let (m, n, k) = (d.shape.m, d.shape.n, d.shape.k);
+        if let Some(lt) = &self.lt
+            && d.batch == 1
+            && !d.shape.accumulate
+            && (c.len(), a.len(), b.len()) == (m * n, m * k, k * n)
+            && let (TypedMut::Bf16(mut c), Typed::Bf16(a), Typed::Bf16(b), Typed::Bf16(bias)) =
+                (T::typed_mut(c.slice_mut(..)), T::typed(a.slice(..)), T::typed(b.slice(..)), T::typed(bias.slice(..)))
+        {
+            check("gemm", "the bias", bias.len(), n)?;
+            return Ok(lt.matmul(&mut c, &a, &b, Some(&bias), false, d.shape)?);
+        }
+        self.matmul(c, a, b, d)?;
+        self.add_bias(c, bias, m, n)
     }
 
     /// `c[r, j] += bias[j]`.
@@ -600,7 +630,6 @@ impl<T: KernelDtype> Backend for CudaBackend<T> {
     }
 
     fn gemm(&self, mut c: CudaViewMut<'_, T>, a: CuView<'_, T>, b: CuView<'_, T>, d: &GemmDesc, epi: Epilogue<'_, '_, Self>) -> Result<()> {
-        let (m, n) = (d.shape.m, d.shape.n);
         let (a, b) = (a.cuda(), b.cuda());
         match epi {
             Epilogue::None => self.matmul(&mut c, &a, &b, d),
@@ -608,15 +637,15 @@ impl<T: KernelDtype> Backend for CudaBackend<T> {
                 if !d.is_packed() {
                     return Err(BackendError("gemm: epilogues take packed products".into()));
                 }
-                self.matmul(&mut c, &a, &b, d)?;
-                self.add_bias(&mut c, &bias.cuda(), m, n)
+                self.matmul_bias(&mut c, &a, &b, &bias.cuda(), d)
             }
             Epilogue::BiasGelu { bias, kind, mut pre } => {
                 if !d.is_packed() || d.shape.accumulate {
                     return Err(BackendError("gemm: the GELU epilogue takes a packed, overwriting product".into()));
                 }
-                self.matmul(&mut pre, &a, &b, d)?;
-                self.add_bias(&mut pre, &bias.cuda(), m, n)?;
+                // the pre-activation is kept for the backward, so GELU is a pass of its own
+                // (cuBLASLt's GELU epilogue would not save it)
+                self.matmul_bias(&mut pre, &a, &b, &bias.cuda(), d)?;
                 Ok(self.dev.gelu_forward(&mut c, &pre.as_view(), kind)?)
             }
         }
