@@ -447,6 +447,10 @@ pub trait Backend: Send + Sync + Sized + 'static {
     fn read_stats(&self, stats: &Self::Stats) -> Result<StepStats>;
     /// Attention state for one layer of shape `s`.
     fn alloc_attn_state(&self, s: AttnShape) -> Result<Self::AttnState>;
+    /// Attention state for one disentangled attention layer of shape `s`
+    /// ([`Backend::disentangled_attention_forward`]): every backend keeps the probabilities
+    /// `[b, n_head, t, t]` in f32.
+    fn alloc_disentangled_state(&self, s: DisentangledShape) -> Result<Self::AttnState>;
 
     // ---- elementwise ----------------------------------------------------------------------
     /// `x = 0`.

@@ -236,6 +236,10 @@ impl<const F32: bool> Backend for Meter<F32> {
     fn alloc_attn_state(&self, s: AttnShape) -> Result<MeterBuf> {
         Ok(self.bytes(s.probs_len(), self.attn.bytes(s)))
     }
+    fn alloc_disentangled_state(&self, s: DisentangledShape) -> Result<MeterBuf> {
+        // the probabilities in f32 on every backend
+        Ok(self.bytes(s.attn.probs_len(), AttnSaves::Probabilities.bytes(s.attn)))
+    }
 
     fn fill_zero(&self, _: MeterViewMut<'_>) -> Result<()> {
         Ok(())
