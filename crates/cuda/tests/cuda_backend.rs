@@ -2,7 +2,9 @@
 //! the CPU backend, from the same parameters: a tiny GPT-2 (causal, dropout on), a tiny BERT
 //! (padding inside the batch, the padding id also at a real position, token types, -100 labels,
 //! the masked-LM head on the labelled rows and on every row, dropout on), RoBERTa (position ids
-//! from the padding, the position table's padding index) and DistilBERT. One forward + backward:
+//! from the padding, the position table's padding index), DistilBERT and DeBERTa (the v3 shape
+//! without a position table, and a v2 with one, token types and the convolution layer; relative
+//! attention with c2p and p2c over log buckets, dropout on). One forward + backward:
 //! the loss within 1e-5 relative and every parameter's gradient within 1e-4 (max-norm relative
 //! error, `max |got - want| / max |want|`); then a few AdamW steps (two accumulated
 //! micro-batches, weight decay, gradient clipping active) whose losses and gradient norms stay
@@ -13,9 +15,9 @@
 //! from bf16-representable parameters: its ops one by one (each within one or two bf16 roundings
 //! of the CPU), one whole step of GPT-2 and of BERT (padding, -100 labels; loss within 1e-2
 //! relative, every parameter gradient's cosine similarity at least 0.999, AdamW's moments and
-//! update, the stochastically rounded working copy), two steps from one state giving the same
-//! bits, and 20-step training curves of GPT-2 and BERT on f32 and bf16 (every step's loss within
-//! 1e-4 / 2e-2 of the CPU's).
+//! update, the stochastically rounded working copy) and of DeBERTa, two steps from one state
+//! giving the same bits, and 20-step training curves of GPT-2, BERT and DeBERTa on f32 and bf16
+//! (every step's loss within 1e-4 / 2e-2 of the CPU's).
 //!
 //! Runs on the CPU emulator (both thread orders, and once under AddressSanitizer; the training
 //! curves once, forward order: their kernels are the steps') or, with LMTRAIN_CUDA_REAL=1, on a
@@ -28,13 +30,18 @@ use lmtrain_backend::{Backend, EmbeddingTables, Epilogue, GeluKind, GemmDesc, Ge
 use lmtrain_cpu::Cpu;
 use lmtrain_cuda::{CuBuf, CudaBackend, DeviceKind, KernelDtype};
 use lmtrain_model::bert::{BertConfig, RobertaConfig};
+use lmtrain_model::deberta::{Deberta, DebertaV2Config, PosAttType};
 use lmtrain_model::distilbert::DistilBertConfig;
 use lmtrain_model::encoder::{EncoderConfig, MaskedLm};
 use lmtrain_model::gpt2::{Gpt2, Gpt2Config};
-use lmtrain_model::{IGNORE_INDEX, Input, LanguageModel};
+use lmtrain_model::{IGNORE_INDEX, Input, LanguageModel, ModelConfig};
 use lmtrain_optim::{AdamW, AdamWConfig, decay_segments};
 use support::{Child, Mode, on_device, on_device_once, rel_err, run_children};
 
+/// Biases whose exact gradient is 0: each adds a constant to a whole softmax row (a key bias to
+/// every score `q_i . k_j` of a row; DeBERTa's `pos_key_proj` bias to every c2p term `q_i . kr`
+/// of a row, when the relative keys have their own projection).
+const ZERO_GRADIENT_BIASES: [&str; 3] = ["key.bias", "k_lin.bias", "pos_key_proj.bias"];
 /// Loss tolerance of one step (f32 on both sides; only summation orders differ).
 const LOSS_TOL: f64 = 1e-5;
 /// Gradient tolerance (max-norm relative error per parameter tensor).
@@ -111,7 +118,7 @@ fn compare<C: LanguageModel<Cpu>, G: LanguageModel<CudaBackend>>(name: &str, mut
         assert!(c.iter().any(|&x| x != 0.0), "{name}: {} has no gradient on the CPU", p.name);
         // A key bias adds a constant to a whole softmax row: its exact gradient is 0 and both
         // backends hold round-off, so it is measured against the model's largest gradient.
-        let e = if ["key.bias", "k_lin.bias"].iter().any(|n| p.name.ends_with(n)) {
+        let e = if ZERO_GRADIENT_BIASES.iter().any(|n| p.name.ends_with(n)) {
             g.iter().zip(c).map(|(x, y)| (x - y).abs() as f64).fold(0.0, f64::max) / largest
         } else {
             rel_err(g, c)
@@ -154,7 +161,7 @@ fn gpt2_step_matches_cpu() {
 /// A masked-LM batch for `cfg`: 3 rows ending in 0, 2 and 4 padding positions (id `pad`, the
 /// padding index, also once at a real position: its gradient must still not reach the word
 /// table's padding row), ~30% of the real positions labelled.
-fn mlm_batch<C: EncoderConfig>(cfg: &C, pad: u32, token_types: bool) -> Batch {
+fn mlm_batch<C: ModelConfig>(cfg: &C, pad: u32, token_types: bool) -> Batch {
     let (b, t, vocab) = (3, 11, cfg.vocab_size() as u32);
     let mask: Vec<bool> = (0..b * t).map(|i| i % t < t - 2 * (i / t)).collect();
     let mut ids: Vec<u32> = (0..b * t).map(|i| if mask[i] { 5 + (i as u32 * 53 + 7) % (vocab - 5) } else { pad }).collect();
@@ -289,6 +296,52 @@ fn other_ops_match_cpu() {
     });
 }
 
+/// A tiny DeBERTa-v2 (`v3`: the DeBERTa-v3 shape, without a position table or token types) or a
+/// v2 with an absolute position table, token types, a narrower embedding and the convolution
+/// layer. Both: relative attention with c2p and p2c over 4 log buckets (shorter than the
+/// sequence), dropout on.
+fn deberta_config(v3: bool) -> DebertaV2Config {
+    DebertaV2Config {
+        vocab_size: 61,
+        hidden_size: 32,
+        embedding_size: Some(if v3 { 32 } else { 24 }),
+        num_hidden_layers: 2,
+        num_attention_heads: 2,
+        intermediate_size: 40,
+        max_position_embeddings: 16,
+        type_vocab_size: if v3 { 0 } else { 2 },
+        hidden_dropout_prob: 0.1,
+        attention_probs_dropout_prob: 0.1,
+        relative_attention: true,
+        position_buckets: 4,
+        max_relative_positions: 12,
+        pos_att_type: Some(PosAttType::List(vec!["p2c".into(), "c2p".into()])),
+        share_att_key: v3,
+        norm_rel_ebd: if v3 { "layer_norm".into() } else { "none".into() },
+        position_biased_input: !v3,
+        conv_kernel_size: if v3 { 0 } else { 3 },
+        legacy: !v3,
+        ..DebertaV2Config::default()
+    }
+}
+
+/// A DeBERTa masked-LM step and a few AdamW steps on the f32 backend against the CPU (see
+/// [`compare`]), with padding and -100 labels, the head on the labelled rows and on every row.
+#[test]
+fn deberta_step_matches_cpu() {
+    on_device("deberta_step_matches_cpu", |_| {
+        for (v3, rows) in [(true, Rows::Labelled), (false, Rows::All)] {
+            let cfg = deberta_config(v3);
+            let batch = mlm_batch(&cfg, 0, !v3);
+            let mut cpu = Deberta::new(Cpu, cfg.clone(), 9).unwrap();
+            cpu.set_head_rows(rows);
+            let mut cuda = Deberta::from_params(backend(), cfg, cpu.params_to_host().unwrap()).unwrap();
+            cuda.set_head_rows(rows);
+            compare(&format!("deberta (v3 {v3}, head on {rows:?})"), cpu, cuda, &batch);
+        }
+    });
+}
+
 /// Host-device copies made so far (the emulator's counters; `None` on a GPU).
 fn copy_counts<T: KernelDtype>(be: &CudaBackend<T>) -> Option<(u64, u64)> {
     if be.device().kind() != DeviceKind::Emulator {
@@ -396,7 +449,7 @@ fn compare_bf16<C: LanguageModel<Cpu>, G: LanguageModel<CudaBackend<bf16>>>(name
         let (g, c) = (&grads_g[p.offset..p.offset + p.len], &grads_c[p.offset..p.offset + p.len]);
         // A key bias's exact gradient is 0 (see `compare`): both sides hold round-off, which has
         // no direction to agree on; it must stay round-off of the model's largest gradient.
-        if ["key.bias", "k_lin.bias"].iter().any(|n| p.name.ends_with(n)) {
+        if ZERO_GRADIENT_BIASES.iter().any(|n| p.name.ends_with(n)) {
             let e = g.iter().zip(c).map(|(x, y)| (x - y).abs() as f64).fold(0.0, f64::max) / largest;
             worst_zero = Some(worst_zero.map_or(e, |w| w.max(e)));
             continue;
@@ -699,6 +752,29 @@ fn bf16_steps_are_deterministic() {
     });
 }
 
+/// DeBERTa (both shapes of [`deberta_config`]) on the bf16 backend against the CPU, one step.
+#[test]
+fn bf16_deberta_step_matches_cpu() {
+    on_device("bf16_deberta_step_matches_cpu", |_| {
+        for v3 in [true, false] {
+            let cfg = deberta_config(v3);
+            let batch = mlm_batch(&cfg, 0, !v3);
+            // relative embeddings 10x their initialisation, so that the key bias's gradient (0 from
+            // the content scores, a constant per softmax row) has a p2c part well above bf16's
+            // round-off of the content part
+            let m = Deberta::new(Cpu, cfg.clone(), 9).unwrap();
+            let mut params = m.params_to_host().unwrap();
+            for p in m.param_infos().iter().filter(|p| p.name.ends_with("rel_embeddings.weight")) {
+                params[p.offset..p.offset + p.len].iter_mut().for_each(|x| *x *= 10.0);
+            }
+            let params = to_bf16(params);
+            let cpu = Deberta::from_params(Cpu, cfg.clone(), params.clone()).unwrap();
+            let gpu = Deberta::from_params(backend_bf16(), cfg, params).unwrap();
+            compare_bf16(&format!("deberta (v3 {v3})"), cpu, gpu, &batch);
+        }
+    });
+}
+
 fn bits_of(v: &[f32]) -> Vec<u32> {
     v.iter().map(|x| x.to_bits()).collect()
 }
@@ -781,6 +857,20 @@ fn bert_training_curves_match_cpu() {
     });
 }
 
+#[test]
+fn deberta_training_curves_match_cpu() {
+    on_device_once("deberta_training_curves_match_cpu", |_| {
+        let cfg = deberta_config(true);
+        let params = to_bf16(Deberta::new(Cpu, cfg.clone(), 9).unwrap().params_to_host().unwrap());
+        let models = (
+            Deberta::from_params(Cpu, cfg.clone(), params.clone()).unwrap(),
+            Deberta::from_params(backend(), cfg.clone(), params.clone()).unwrap(),
+            Deberta::from_params(backend_bf16(), cfg.clone(), params).unwrap(),
+        );
+        compare_curves("deberta", models, &mlm_batch(&cfg, 0, false), 3e-3);
+    });
+}
+
 /// Every device test above but the training curves once more in one child whose fake libraries
 /// are built with AddressSanitizer.
 #[test]
@@ -798,6 +888,8 @@ fn address_sanitizer_pass() {
                     "a_step_copies_only_the_batch_and_the_stats",
                     "bf16_ops_match_cpu",
                     "bf16_gpt2_step_matches_cpu",
+                    "deberta_step_matches_cpu",
+                    "bf16_deberta_step_matches_cpu",
                     "bf16_bert_step_matches_cpu",
                     "bf16_steps_are_deterministic",
                 ],
