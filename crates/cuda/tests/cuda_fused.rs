@@ -621,9 +621,11 @@ fn deberta_bf16() {
 
 // ---- embeddings ------------------------------------------------------------------------------
 
-fn embedding_case<T: Elem>(dev: &CudaDevice, b: usize, t: usize, c: usize, explicit: bool, seed: u64) {
+/// `explicit`: explicit position ids and token types; `pos_table`: the model has a position table
+/// (without one, DeBERTa-v3's, its gradient stays untouched).
+fn embedding_case<T: Elem>(dev: &CudaDevice, b: usize, t: usize, c: usize, explicit: bool, pos_table: bool, seed: u64) {
     let (vocab, n_pos, n_types) = (101, t + 11, 2);
-    let tag = format!("embedding b{b} t{t} c{c} explicit={explicit} {}", T::SUFFIX);
+    let tag = format!("embedding b{b} t{t} c{c} explicit={explicit} pos_table={pos_table} {}", T::SUFFIX);
     let mut rng = Rng::new(seed);
     let n = b * t;
     // a small vocabulary: ids repeat, so the backward buckets hold several rows
@@ -647,30 +649,44 @@ fn embedding_case<T: Elem>(dev: &CudaDevice, b: usize, t: usize, c: usize, expli
         position_ids: explicit.then_some(pos_ids.as_slice()),
     };
     let inp = lmtrain_backend::Inputs::new(&host);
-    let tables = lmtrain_backend::EmbeddingTables { word: &wte[..], position: Some(&wpe[..]), token_type: explicit.then_some(&tte[..]) };
+    let tables = lmtrain_backend::EmbeddingTables {
+        word: &wte[..],
+        position: pos_table.then_some(&wpe[..]),
+        token_type: explicit.then_some(&tte[..]),
+    };
     ops::embedding_forward(&mut out, tables, &inp, c);
     let grads = lmtrain_backend::EmbeddingTables {
         word: &mut dwte[..],
-        position: Some(&mut dwpe[..]),
+        position: pos_table.then_some(&mut dwpe[..]),
         token_type: explicit.then_some(&mut dtte[..]),
     };
     ops::embedding_backward(grads, &dout, &inp, c, Default::default());
-    let positions = if explicit { Positions::Explicit(&pos_ids) } else { Positions::Offset(0) };
+    let positions = match (pos_table, explicit) {
+        (false, _) => Positions::None,
+        (true, true) => Positions::Explicit(&pos_ids),
+        (true, false) => Positions::Offset(0),
+    };
     let types = explicit.then_some(type_ids.as_slice());
     let batch = EmbeddingBatch::new(dev, b, t, &ids, positions, types, vocab, n_pos, n_types).unwrap();
     let up = |x: &[f32]| dev.upload(&store::<T>(x)).unwrap();
     let (d_wte, d_wpe, d_tte, d_dout) = (up(&wte), up(&wpe), up(&tte), up(&dout));
     let tte_view = d_tte.as_view();
     let mut d_out = dev.zeros::<T>(n * c).unwrap();
-    dev.embedding_forward(&mut d_out.as_view_mut(), &batch, &d_wte.as_view(), Some(&d_wpe.as_view()), explicit.then_some(&tte_view))
-        .unwrap();
+    dev.embedding_forward(
+        &mut d_out.as_view_mut(),
+        &batch,
+        &d_wte.as_view(),
+        pos_table.then_some(&d_wpe.as_view()),
+        explicit.then_some(&tte_view),
+    )
+    .unwrap();
     check(dev, &format!("{tag} forward"), &d_out, &out, T::TOL);
     let run = || {
         let (mut a, mut p, mut ty) = (dev.upload(&dwte0).unwrap(), dev.upload(&dwpe0).unwrap(), dev.upload(&dtte0).unwrap());
         let mut ty_view = ty.as_view_mut();
         dev.embedding_backward(
             &mut a.as_view_mut(),
-            Some(&mut p.as_view_mut()),
+            pos_table.then_some(&mut p.as_view_mut()),
             explicit.then_some(&mut ty_view),
             &d_dout.as_view(),
             &batch,
@@ -695,20 +711,23 @@ fn embedding_case<T: Elem>(dev: &CudaDevice, b: usize, t: usize, c: usize, expli
 #[test]
 fn embedding_f32() {
     on_device("embedding_f32", |dev| {
-        embedding_case::<f32>(dev, 2, 7, 45, false, 500);
-        embedding_case::<f32>(dev, 1, 129, 771, false, 501);
-        embedding_case::<f32>(dev, 3, 127, 45, true, 502);
-        embedding_case::<f32>(dev, 2, 1, 45, true, 503);
+        embedding_case::<f32>(dev, 2, 7, 45, false, true, 500);
+        embedding_case::<f32>(dev, 1, 129, 771, false, true, 501);
+        embedding_case::<f32>(dev, 3, 127, 45, true, true, 502);
+        embedding_case::<f32>(dev, 2, 1, 45, true, true, 503);
+        embedding_case::<f32>(dev, 2, 7, 45, true, false, 504);
+        embedding_case::<f32>(dev, 1, 129, 771, false, false, 505);
     });
 }
 
 #[test]
 fn embedding_bf16() {
     on_device("embedding_bf16", |dev| {
-        embedding_case::<bf16>(dev, 2, 7, 45, false, 510);
-        embedding_case::<bf16>(dev, 1, 129, 771, false, 511);
-        embedding_case::<bf16>(dev, 3, 127, 45, true, 512);
-        embedding_case::<bf16>(dev, 2, 1, 45, true, 513);
+        embedding_case::<bf16>(dev, 2, 7, 45, false, true, 510);
+        embedding_case::<bf16>(dev, 1, 129, 771, false, true, 511);
+        embedding_case::<bf16>(dev, 3, 127, 45, true, true, 512);
+        embedding_case::<bf16>(dev, 2, 1, 45, true, true, 513);
+        embedding_case::<bf16>(dev, 2, 7, 45, true, false, 514);
     });
 }
 
