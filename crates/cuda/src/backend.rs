@@ -47,7 +47,7 @@ use lmtrain_backend::{
 
 use crate::kernels::{Typed, TypedMut, elem_cfg};
 use crate::launch::Launch;
-use crate::{AttnOptions, ClassifierRows, CudaDevice, CudaError, EmbeddingBatch, KernelDtype, Positions, grad_norm_scratch};
+use crate::{AttnOptions, ClassifierRows, CudaDevice, CudaError, EmbeddingBatch, KernelDtype, Positions, RelTables, grad_norm_scratch};
 use crate::{bias_backward_scratch, disentangled_backward_scratch, layernorm_backward_scratch};
 
 impl From<CudaError> for BackendError {
@@ -204,6 +204,9 @@ pub struct CudaBackend<T: KernelDtype = f32> {
     dev: CudaDevice,
     blas: CudaBlas,
     scratch: Mutex<Option<CudaSlice<f32>>>,
+    /// The disentangled attention's relative-position tables of the last shape (every layer and
+    /// step of a run has the same).
+    rel_tables: Mutex<Option<RelTables>>,
     dtype: PhantomData<T>,
 }
 
@@ -223,7 +226,7 @@ impl<T: KernelDtype> CudaBackend<T> {
         }
         let blas = CudaBlas::new(dev.stream().clone())
             .map_err(|e| CudaError::Blas { context: "creating a cuBLAS handle".into(), detail: e.to_string() })?;
-        Ok(Self { dev, blas, scratch: Mutex::new(None), dtype: PhantomData })
+        Ok(Self { dev, blas, scratch: Mutex::new(None), rel_tables: Mutex::new(None), dtype: PhantomData })
     }
 
     /// The device.
@@ -240,6 +243,19 @@ impl<T: KernelDtype> CudaBackend<T> {
         };
         let r = f(&mut buf.slice_mut(0..n));
         *guard = Some(buf);
+        r
+    }
+
+    /// Runs `f` on the relative-position tables of shape `s` (uploaded when the shape differs
+    /// from the last one's).
+    fn with_rel_tables<R>(&self, s: &DisentangledShape, f: impl FnOnce(&RelTables) -> Result<R>) -> Result<R> {
+        let mut guard = self.rel_tables.lock().map_err(|_| BackendError("CUDA relative-position tables: lock poisoned".into()))?;
+        let tables = match guard.take() {
+            Some(t) if t.fits(s) => t,
+            _ => RelTables::new(&self.dev, s)?,
+        };
+        let r = f(&tables);
+        *guard = Some(tables);
         r
     }
 
@@ -700,7 +716,19 @@ impl<T: KernelDtype> Backend for CudaBackend<T> {
         let kv = batch.key_valid.as_ref().map(|k| k.as_view());
         let (qkv, pk, pq) = (qkv.cuda(), pos_key.map(|v| v.cuda()), pos_query.map(|v| v.cuda()));
         let mut probs = probs.slice_mut(0..s.attn.probs_len().min(probs.len()));
-        Ok(self.dev.disentangled_attention_forward(&mut out, &mut probs, &qkv, pk.as_ref(), pq.as_ref(), kv.as_ref(), s, dropout)?)
+        self.with_rel_tables(&s, |rel| {
+            Ok(self.dev.disentangled_attention_forward(
+                &mut out,
+                &mut probs,
+                &qkv,
+                pk.as_ref(),
+                pq.as_ref(),
+                kv.as_ref(),
+                rel,
+                s,
+                dropout,
+            )?)
+        })
     }
     fn disentangled_attention_backward(
         &self,
@@ -719,21 +747,24 @@ impl<T: KernelDtype> Backend for CudaBackend<T> {
         let kv = batch.key_valid.as_ref().map(|k| k.as_view());
         let (dout, qkv, pk, pq) = (dout.cuda(), qkv.cuda(), pos_key.map(|v| v.cuda()), pos_query.map(|v| v.cuda()));
         let probs = probs.slice(0..s.attn.probs_len().min(probs.len()));
-        self.with_scratch(disentangled_backward_scratch(s), |sc| {
-            Ok(self.dev.disentangled_attention_backward(
-                &mut dqkv,
-                dpos_key.as_mut(),
-                dpos_query.as_mut(),
-                sc,
-                &dout,
-                &qkv,
-                pk.as_ref(),
-                pq.as_ref(),
-                &probs,
-                kv.as_ref(),
-                s,
-                dropout,
-            )?)
+        self.with_rel_tables(&s, |rel| {
+            self.with_scratch(disentangled_backward_scratch(s), |sc| {
+                Ok(self.dev.disentangled_attention_backward(
+                    &mut dqkv,
+                    dpos_key.as_mut(),
+                    dpos_query.as_mut(),
+                    sc,
+                    &dout,
+                    &qkv,
+                    pk.as_ref(),
+                    pq.as_ref(),
+                    &probs,
+                    kv.as_ref(),
+                    rel,
+                    s,
+                    dropout,
+                )?)
+            })
         })
     }
     fn zero_padded_rows(&self, mut x: CudaViewMut<'_, T>, batch: &CudaBatch, cols: usize) -> Result<()> {

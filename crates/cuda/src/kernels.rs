@@ -14,7 +14,7 @@ mod deberta;
 mod fused;
 
 pub use attention::AttnOptions;
-pub use deberta::disentangled_backward_scratch;
+pub use deberta::{RelTables, disentangled_backward_scratch};
 pub use fused::{ClassifierRows, EmbeddingBatch, Positions, bias_backward_scratch, grad_norm_scratch};
 pub(crate) use sealed::{Typed, TypedMut};
 

@@ -29,7 +29,7 @@ pub use blas::LtMatmul;
 pub use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, DeviceRepr};
 pub use device::{CudaDevice, DeviceKind};
 pub use kernels::{
-    AttnOptions, ClassifierRows, EmbeddingBatch, KernelDtype, Positions, bias_backward_scratch, disentangled_backward_scratch,
+    AttnOptions, ClassifierRows, EmbeddingBatch, KernelDtype, Positions, RelTables, bias_backward_scratch, disentangled_backward_scratch,
     grad_norm_scratch, layernorm_backward_scratch,
 };
 

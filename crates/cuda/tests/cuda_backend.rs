@@ -358,15 +358,10 @@ fn copy_counts<T: KernelDtype>(be: &CudaBackend<T>) -> Option<(u64, u64)> {
     }
 }
 
-/// Copies between host and device in each of 3 training steps (two micro-batches) of a GPT-2 of
-/// `n_layer` layers on `be` (`None` on a GPU).
-fn step_copies<T: KernelDtype>(be: CudaBackend<T>, n_layer: usize) -> Option<Vec<(u64, u64)>> {
-    let cfg = Gpt2Config { vocab_size: 67, n_positions: 16, n_embd: 32, n_layer, n_head: 2, ..Gpt2Config::default() };
-    let ids: Vec<u32> = (0..18u32).map(|i| (i * 37 + 11) % 67).collect();
-    let labels: Vec<i32> = ids.iter().map(|&x| x as i32).collect();
-    let batch = Batch { b: 2, t: 9, ids, labels, mask: None, types: None };
-    let before = copy_counts(&be);
-    let mut m = Gpt2::new(be, cfg, 5).unwrap();
+/// Copies between host and device in each of 3 training steps (two micro-batches) of `m` on
+/// `batch` (`None` on a GPU).
+fn step_copies<T: KernelDtype, M: LanguageModel<CudaBackend<T>>>(mut m: M, batch: &Batch) -> Option<Vec<(u64, u64)>> {
+    let before = copy_counts(m.backend());
     let params = m.params_to_host().unwrap();
     let segments = decay_segments(m.param_infos().iter().map(|p| (p.offset, p.len, p.decay)), 0.0);
     let mut opt = AdamW::new(m.backend(), AdamWConfig::default(), &params, segments).unwrap();
@@ -387,25 +382,52 @@ fn step_copies<T: KernelDtype>(be: CudaBackend<T>, n_layer: usize) -> Option<Vec
     before.map(|_| counts.into_iter().flatten().collect())
 }
 
+/// [`step_copies`] of a GPT-2 of `n_layer` layers.
+fn gpt2_copies<T: KernelDtype>(be: CudaBackend<T>, n_layer: usize) -> Option<Vec<(u64, u64)>> {
+    let cfg = Gpt2Config { vocab_size: 67, n_positions: 16, n_embd: 32, n_layer, n_head: 2, ..Gpt2Config::default() };
+    let ids: Vec<u32> = (0..18u32).map(|i| (i * 37 + 11) % 67).collect();
+    let labels: Vec<i32> = ids.iter().map(|&x| x as i32).collect();
+    step_copies(Gpt2::new(be, cfg, 5).unwrap(), &Batch { b: 2, t: 9, ids, labels, mask: None, types: None })
+}
+
+/// [`step_copies`] of the DeBERTa-v3 of [`deberta_config`] with `n_layer` layers, on its padded
+/// masked-LM batch.
+fn deberta_copies<T: KernelDtype>(be: CudaBackend<T>, n_layer: usize) -> Option<Vec<(u64, u64)>> {
+    let cfg = DebertaV2Config { num_hidden_layers: n_layer, ..deberta_config(true) };
+    let batch = mlm_batch(&cfg, 0, false);
+    step_copies(Deberta::new(be, cfg, 5).unwrap(), &batch)
+}
+
 /// Copies between host and device in one training step after the first (two micro-batches):
 /// the batch's arrays going in and the one read of the step scalars coming out, the same
 /// number whatever the depth of the model (nothing per layer or per op), on the f32 and the
-/// bf16 backend alike.
+/// bf16 backend alike; for GPT-2 and for DeBERTa (whose relative-position tables are uploaded
+/// once, not per layer or step).
 #[test]
 fn a_step_copies_only_the_batch_and_the_stats() {
     on_device("a_step_copies_only_the_batch_and_the_stats", |_| {
-        let mut per_depth = Vec::new();
-        for (dtype, n_layer) in [("f32", 1), ("f32", 3), ("bf16", 1), ("bf16", 3)] {
-            let counts = if dtype == "f32" { step_copies(backend(), n_layer) } else { step_copies(backend_bf16(), n_layer) };
-            let Some(counts) = counts else {
-                return support::skip("a_step_copies_only_the_batch_and_the_stats", "the copy counters are the emulator's");
-            };
-            println!("GPT-2 {dtype}, {n_layer} layer(s): copies per step (host to device, device to host): {counts:?}");
-            assert_eq!(counts[1], counts[2], "{dtype}: every step after the first copies the same");
-            assert_eq!(counts[1].1, 2, "{dtype}: one read of the step scalars (loss and norm) per step");
-            per_depth.push(counts[1]);
+        type Copies = fn(usize) -> Option<Vec<(u64, u64)>>;
+        let families: [(&str, Copies, Copies); 2] = [
+            ("GPT-2", |n| gpt2_copies(backend(), n), |n| gpt2_copies(backend_bf16(), n)),
+            ("DeBERTa", |n| deberta_copies(backend(), n), |n| deberta_copies(backend_bf16(), n)),
+        ];
+        for (name, f32_copies, bf16_copies) in families {
+            let mut per_depth = Vec::new();
+            for (dtype, n_layer) in [("f32", 1), ("f32", 3), ("bf16", 1), ("bf16", 3)] {
+                let counts = if dtype == "f32" { f32_copies(n_layer) } else { bf16_copies(n_layer) };
+                let Some(counts) = counts else {
+                    return support::skip("a_step_copies_only_the_batch_and_the_stats", "the copy counters are the emulator's");
+                };
+                println!("{name} {dtype}, {n_layer} layer(s): copies per step (host to device, device to host): {counts:?}");
+                assert_eq!(counts[1], counts[2], "{name} {dtype}: every step after the first copies the same");
+                assert_eq!(counts[1].1, 2, "{name} {dtype}: one read of the step scalars (loss and norm) per step");
+                per_depth.push(counts[1]);
+            }
+            assert!(
+                per_depth.iter().all(|&c| c == per_depth[0]),
+                "{name}: copies per step depend on the depth or the dtype: {per_depth:?}"
+            );
         }
-        assert!(per_depth.iter().all(|&c| c == per_depth[0]), "copies per step depend on the depth or the dtype: {per_depth:?}");
     });
 }
 

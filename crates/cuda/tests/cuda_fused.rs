@@ -17,7 +17,7 @@ use cudarc::driver::CudaSlice;
 use half::bf16;
 use lmtrain_backend::{AttnMask, AttnShape, DisentangledShape, Dropout, RelPositions};
 use lmtrain_cpu::ops;
-use lmtrain_cuda::{AttnOptions, ClassifierRows, CudaDevice, EmbeddingBatch, Positions, disentangled_backward_scratch};
+use lmtrain_cuda::{AttnOptions, ClassifierRows, CudaDevice, EmbeddingBatch, Positions, RelTables, disentangled_backward_scratch};
 use support::{Child, Elem, F32_TOL, Mode, Rng, assert_close, check, load, on_device, quantize, run_children, store};
 
 /// The bits of a device buffer, for the determinism checks.
@@ -470,11 +470,22 @@ fn deberta_case<T: Elem>(dev: &CudaDevice, k: &DebertaCase, seed: u64) {
     let d_kv = dev.upload(&kp.iter().map(|&v| u8::from(v)).collect::<Vec<u8>>()).unwrap();
     let kv_view = d_kv.as_view();
     let kv = k.pad.then_some(&kv_view);
+    let rel = RelTables::new(dev, &s).unwrap();
     let run = || {
         let mut d_out = dev.zeros::<T>(n * c).unwrap();
         let mut d_probs = dev.zeros::<f32>(s.attn.probs_len()).unwrap();
-        dev.disentangled_attention_forward(&mut d_out.as_view_mut(), &mut d_probs.as_view_mut(), &d_qkv.as_view(), g_pk, g_pq, kv, s, drop)
-            .unwrap();
+        dev.disentangled_attention_forward(
+            &mut d_out.as_view_mut(),
+            &mut d_probs.as_view_mut(),
+            &d_qkv.as_view(),
+            g_pk,
+            g_pq,
+            kv,
+            &rel,
+            s,
+            drop,
+        )
+        .unwrap();
         let (mut d_dqkv, mut d_dpk, mut d_dpq) = (up(&dqkv0), up(&dpk0), up(&dpq0));
         let mut scratch = dev.zeros::<f32>(disentangled_backward_scratch(s)).unwrap();
         let (mut vk, mut vq) = (d_dpk.as_view_mut(), d_dpq.as_view_mut());
@@ -489,6 +500,7 @@ fn deberta_case<T: Elem>(dev: &CudaDevice, k: &DebertaCase, seed: u64) {
             g_pq,
             &d_probs.as_view(),
             kv,
+            &rel,
             s,
             drop,
         )
@@ -507,6 +519,12 @@ fn deberta_case<T: Elem>(dev: &CudaDevice, k: &DebertaCase, seed: u64) {
     assert_same_bits(dev, &format!("{tag} dqkv"), &d_dqkv, &dqkv2);
     assert_same_bits(dev, &format!("{tag} dpos_key"), &d_dpk, &dpk2);
     assert_same_bits(dev, &format!("{tag} dpos_query"), &d_dpq, &dpq2);
+    // tables of another sequence length are refused before the launch
+    let other = RelTables::new(dev, &DisentangledShape { attn: AttnShape { t: k.t + 1, ..s.attn }, ..s }).unwrap();
+    let (mut o, mut p) = (dev.zeros::<T>(n * c).unwrap(), dev.zeros::<f32>(s.attn.probs_len()).unwrap());
+    let e =
+        dev.disentangled_attention_forward(&mut o.as_view_mut(), &mut p.as_view_mut(), &d_qkv.as_view(), g_pk, g_pq, kv, &other, s, drop);
+    assert!(e.is_err(), "{tag}: tables of t + 1");
 }
 
 /// Log buckets shorter than the sequence (clamped and bucketed rows), no buckets at a span

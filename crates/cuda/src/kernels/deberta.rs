@@ -2,7 +2,7 @@
 //! backward, the probabilities saved) and the `im2col` of its convolution layer.
 
 use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, LaunchConfig};
-use lmtrain_backend::{DisentangledShape, Dropout};
+use lmtrain_backend::{DisentangledShape, Dropout, RelPositions};
 
 use super::fused::upload_i32;
 use super::{KernelDtype, SMEM_LIMIT, check_len, elem_cfg, to_i32};
@@ -18,18 +18,25 @@ pub fn disentangled_backward_scratch(s: DisentangledShape) -> usize {
     s.attn.probs_len()
 }
 
-/// The relative positions of one sequence length on the device: `rel[d + t - 1]` =
-/// `RelPositions::index` of every difference `d = i - j`, and the differences of each table row
-/// (`rows_delta[rows_start[r]..rows_start[r + 1]]`, increasing).
-struct RelTables {
+/// The relative positions of one sequence length on the device, for the disentangled attention
+/// kernels: `RelPositions::index` of every difference `d = i - j` (exact: the CPU's f32 log
+/// buckets), and the differences of each table row. Built once per shape (a backend keeps
+/// them between layers and steps, so a step copies nothing for them).
+pub struct RelTables {
+    t: usize,
+    rel_positions: RelPositions,
+    /// `rel[d + t - 1]`: the table row of difference `d`.
     rel: CudaSlice<i32>,
+    /// `rows_delta[rows_start[r]..rows_start[r + 1]]`: the differences of row `r`, increasing.
     rows_start: CudaSlice<i32>,
     rows_delta: CudaSlice<i32>,
 }
 
 impl RelTables {
-    fn new(dev: &CudaDevice, s: &DisentangledShape) -> Result<Self> {
-        let t = s.attn.t as i64;
+    /// The tables of shape `s` (its sequence length and relative positions), uploaded to `dev`;
+    /// empty without relative positions (`span` 0).
+    pub fn new(dev: &CudaDevice, s: &DisentangledShape) -> Result<Self> {
+        let t = if s.rel.span == 0 { 0 } else { s.attn.t as i64 };
         let deltas: Vec<i64> = (1 - t..t).collect();
         let rel: Vec<i32> = deltas.iter().map(|&d| s.rel.index(d.max(0) as usize, (-d).max(0) as usize) as i32).collect();
         let rows = s.rel_rows();
@@ -46,7 +53,18 @@ impl RelTables {
             rows_delta[fill[r as usize] as usize] = d as i32;
             fill[r as usize] += 1;
         }
-        Ok(Self { rel: upload_i32(dev, &rel)?, rows_start: upload_i32(dev, &rows_start)?, rows_delta: upload_i32(dev, &rows_delta)? })
+        Ok(Self {
+            t: s.attn.t,
+            rel_positions: s.rel,
+            rel: upload_i32(dev, &rel)?,
+            rows_start: upload_i32(dev, &rows_start)?,
+            rows_delta: upload_i32(dev, &rows_delta)?,
+        })
+    }
+
+    /// Whether these are the tables of shape `s`.
+    pub fn fits(&self, s: &DisentangledShape) -> bool {
+        self.t == s.attn.t && self.rel_positions == s.rel
     }
 }
 
@@ -59,10 +77,14 @@ fn sizes<T>(
     pos_key: Option<&CudaView<'_, T>>,
     pos_query: Option<&CudaView<'_, T>>,
     key_valid: Option<&CudaView<'_, u8>>,
+    tables: &RelTables,
     probs: usize,
     dropout: Dropout,
 ) -> Result<[i32; 4]> {
     let a = s.attn;
+    if !tables.fits(s) {
+        return Err(shape(op, "relative-position tables of another shape"));
+    }
     let c = a.channels();
     check_len(op, "qkv", qkv.len(), a.b * a.t * 3 * c)?;
     check_len(op, "probabilities", probs, a.probs_len())?;
@@ -106,6 +128,7 @@ impl CudaDevice {
     /// (`[b, t, C]`), the c2p term when `pos_key` is given, p2c when `pos_query` is (both
     /// `[2 * span, C]`), pairs with a padded query or key (`key_valid` 0) at `f32::MIN`, dropout on
     /// the probabilities; `probs` (`[b, n_head, t, t]`) receives the probabilities before dropout.
+    /// `tables` are [`RelTables`] of this shape.
     #[allow(clippy::too_many_arguments)]
     pub fn disentangled_attention_forward<T: KernelDtype>(
         &self,
@@ -115,19 +138,19 @@ impl CudaDevice {
         pos_key: Option<&CudaView<'_, T>>,
         pos_query: Option<&CudaView<'_, T>>,
         key_valid: Option<&CudaView<'_, u8>>,
+        tables: &RelTables,
         s: DisentangledShape,
         dropout: Dropout,
     ) -> Result<()> {
         const OP: &str = "disentangled_attention_forward";
-        let [b, t, nh, hs] = sizes(OP, &s, qkv, pos_key, pos_query, key_valid, probs.len(), dropout)?;
+        let [b, t, nh, hs] = sizes(OP, &s, qkv, pos_key, pos_query, key_valid, tables, probs.len(), dropout)?;
         let a = s.attn;
         check_len(OP, "out", out.len(), a.b * a.t * a.channels())?;
         if a.b * a.t * a.n_head == 0 {
             return Ok(());
         }
         let relative = pos_key.is_some() || pos_query.is_some();
-        let tables = relative.then(|| RelTables::new(self, &s)).transpose()?;
-        let rel = tables.as_ref().map(|r| r.rel.as_view());
+        let rel = relative.then(|| tables.rel.as_view());
         let (sc, p, seed) = (s.scale(), if dropout.active() { dropout.p } else { 0.0 }, dropout.seed);
         let mut l = Launch::new(self, format!("deberta_attn_fwd_{}", T::SUFFIX))?;
         l.output(out).output(probs).input(qkv).optional_input(pos_key).optional_input(pos_query);
@@ -158,11 +181,12 @@ impl CudaDevice {
         pos_query: Option<&CudaView<'_, T>>,
         probs: &CudaView<'_, f32>,
         key_valid: Option<&CudaView<'_, u8>>,
+        tables: &RelTables,
         s: DisentangledShape,
         dropout: Dropout,
     ) -> Result<()> {
         const OP: &str = "disentangled_attention_backward";
-        let [b, t, nh, hs] = sizes(OP, &s, qkv, pos_key, pos_query, key_valid, probs.len(), dropout)?;
+        let [b, t, nh, hs] = sizes(OP, &s, qkv, pos_key, pos_query, key_valid, tables, probs.len(), dropout)?;
         let a = s.attn;
         let c = a.channels();
         check_len(OP, "dqkv", dqkv.len(), qkv.len())?;
@@ -178,8 +202,7 @@ impl CudaDevice {
             return Ok(());
         }
         let relative = pos_key.is_some() || pos_query.is_some();
-        let tables = relative.then(|| RelTables::new(self, &s)).transpose()?;
-        let rel = tables.as_ref().map(|r| r.rel.as_view());
+        let rel = relative.then(|| tables.rel.as_view());
         let (sc, p, seed) = (s.scale(), if dropout.active() { dropout.p } else { 0.0 }, dropout.seed);
         let heads = a.b * a.n_head;
         let ch = channel_threads(a.head_size);
@@ -205,13 +228,11 @@ impl CudaDevice {
         // with two columns of t floats of dynamic shared memory.
         unsafe { l.launch(rows_cfg(a.t, heads, ch, 2 * a.t * 4)) }?;
 
-        if let Some(tab) = &tables {
-            if let Some(g) = dpos_key {
-                self.deberta_rel_grad(g, &ds, qkv, tab, &s, 0)?;
-            }
-            if let Some(g) = dpos_query {
-                self.deberta_rel_grad(g, &ds, qkv, tab, &s, 1)?;
-            }
+        if let Some(g) = dpos_key {
+            self.deberta_rel_grad(g, &ds, qkv, tables, &s, 0)?;
+        }
+        if let Some(g) = dpos_query {
+            self.deberta_rel_grad(g, &ds, qkv, tables, &s, 1)?;
         }
         Ok(())
     }
