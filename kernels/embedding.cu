@@ -1,10 +1,11 @@
 // Embeddings: word + position (+ token type) lookup, and a deterministic backward.
 //
 // Forward, for each token n = b*T + t:
-//   out[n, :] = wte[ids[n], :] + wpe[pos[n], :] (+ tte[types[n], :] when tte is given)
+//   out[n, :] = wte[ids[n], :] (+ wpe[pos[n], :] when wpe is given: DeBERTa-v3 has no position
+//   table) (+ tte[types[n], :] when tte is given)
 // (pos = explicit position ids, or pos_offset + t built by the host). Ids are validated on the
 // host before upload (crates/cuda EmbeddingBatch), so the kernel does not range-check.
-// Bytes: N*C*E written, N*C*E * (2 or 3) read. FLOPs N*C (or 2 N*C).
+// Bytes: N*C*E written, N*C*E * (1 to 3) read. FLOPs 0 to 2 N*C.
 //
 // Backward, per table: the host groups the tokens by id ("buckets": the rows of each distinct
 // id in increasing order, as llm.c sorts them); one thread per (bucket, channel) sums its rows
@@ -26,7 +27,8 @@ __device__ void embedding_forward(T* __restrict__ out, const int* __restrict__ i
   const uint64_t total = uint64_t(n_tokens) * C;
   for (uint64_t i = lm::global_thread(); i < total; i += lm::grid_threads()) {
     const int n = int(i / C), c = int(i % C);
-    float v = lm::to_f32(wte[size_t(ids[n]) * C + c]) + lm::to_f32(wpe[size_t(pos[n]) * C + c]);
+    float v = lm::to_f32(wte[size_t(ids[n]) * C + c]);
+    if (wpe) v += lm::to_f32(wpe[size_t(pos[n]) * C + c]);
     if (tte) v += lm::to_f32(tte[size_t(types[n]) * C + c]);
     out[i] = lm::from_f32<T>(v);
   }

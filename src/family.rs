@@ -40,7 +40,7 @@ pub enum Device {
     /// The CPU backend (every family; the reference of the others).
     #[default]
     Cpu,
-    /// The first NVIDIA GPU (GPT-2, BERT, DistilBERT, RoBERTa).
+    /// The first NVIDIA GPU (every family too).
     Cuda,
 }
 
@@ -104,21 +104,15 @@ pub fn on_target<F: ForBackend>(target: Target, f: F) -> anyhow::Result<F::Outpu
 /// Runs `f` for the family named `model_type` on the backend `target` names.
 pub fn dispatch<F: ForFamily>(model_type: &str, target: Target, f: F) -> anyhow::Result<F::Output> {
     check_runs_on(model_type, target)?;
-    if model_type == "deberta-v2" {
-        return f.run::<Cpu, Deberta<Cpu>>(Cpu);
-    }
     on_target(target, Families { model_type, f })
 }
 
-/// Refuses an unknown family, and a family the backend `target` names cannot run, before
-/// anything is opened or read.
+/// Refuses an unknown family, and a backend `target` that does not exist, before anything is
+/// opened or read (every backend runs every family).
 pub fn check_runs_on(model_type: &str, target: Target) -> anyhow::Result<()> {
     target.check()?;
     if !KNOWN.contains(&model_type) {
         bail!("model type {model_type:?} is not supported ({MODEL_TYPES})");
-    }
-    if model_type == "deberta-v2" && target.device != Device::Cpu {
-        bail!("deberta-v2 does not run on CUDA yet (its disentangled attention has no kernel); use --device cpu");
     }
     Ok(())
 }
@@ -130,7 +124,7 @@ fn open_cuda<T: KernelDtype>() -> anyhow::Result<CudaBackend<T>> {
     Ok(backend)
 }
 
-/// A family command for the families every backend runs (all but DeBERTa).
+/// A family command on one backend, the family by name.
 struct Families<'a, F> {
     model_type: &'a str,
     f: F,
@@ -145,6 +139,7 @@ impl<F: ForFamily> ForBackend for Families<'_, F> {
             "bert" => self.f.run::<B, Bert<B>>(backend),
             "distilbert" => self.f.run::<B, DistilBert<B>>(backend),
             "roberta" => self.f.run::<B, Roberta<B>>(backend),
+            "deberta-v2" => self.f.run::<B, Deberta<B>>(backend),
             other => bail!("model type {other:?} is not supported ({MODEL_TYPES})"),
         }
     }

@@ -121,6 +121,9 @@ impl Backend for Timed {
     fn alloc_attn_state(&self, s: AttnShape) -> Result<Vec<f32>> {
         self.inner.alloc_attn_state(s)
     }
+    fn alloc_disentangled_state(&self, s: DisentangledShape) -> Result<Vec<f32>> {
+        self.inner.alloc_disentangled_state(s)
+    }
     fn fill_zero(&self, x: &mut [f32]) -> Result<()> {
         timed("fill_zero", || self.inner.fill_zero(x))
     }

@@ -15,7 +15,8 @@
 //!   host once per optimizer step with [`Backend::read_stats`];
 //! - every op returns a [`Result`], so a device failure reaches the user as one line;
 //! - attention keeps what its backward needs in a backend-chosen [`Backend::AttnState`] (the CPU
-//!   keeps the probabilities; a flash kernel keeps the row log-sum-exp);
+//!   keeps the probabilities; a flash kernel keeps the row log-sum-exp; DeBERTa's disentangled
+//!   attention keeps the probabilities on every backend);
 //! - [`Backend::gather_rows`] / [`Backend::scatter_add_rows`] let a head run on the labelled rows;
 //! - [`GemmDesc`] carries leading dimensions and strided batches, and [`Epilogue`] the bias and
 //!   GELU epilogues a cuBLASLt matmul applies for free.
@@ -468,6 +469,10 @@ pub trait Backend: Send + Sync + Sized + 'static {
     fn read_stats(&self, stats: &Self::Stats) -> Result<StepStats>;
     /// Attention state for one layer of shape `s`.
     fn alloc_attn_state(&self, s: AttnShape) -> Result<Self::AttnState>;
+    /// Attention state for one disentangled attention layer of shape `s`
+    /// ([`Backend::disentangled_attention_forward`]): every backend keeps the probabilities
+    /// `[b, n_head, t, t]` in f32.
+    fn alloc_disentangled_state(&self, s: DisentangledShape) -> Result<Self::AttnState>;
 
     // ---- elementwise ----------------------------------------------------------------------
     /// `x = 0`.
@@ -593,7 +598,7 @@ pub trait Backend: Send + Sync + Sized + 'static {
     /// `[2 * span, C]`, heads contiguous, `rel` = [`RelPositions::index`]). Pairs where the
     /// query or the key is padding get `f32::MIN` (so a padded query attends uniformly to every
     /// key, as Hugging Face's `masked_fill`); softmax, dropout, `· v`. Saves what the backward
-    /// needs in `state`.
+    /// needs in `state` (from [`Backend::alloc_disentangled_state`]).
     #[allow(clippy::too_many_arguments)]
     fn disentangled_attention_forward(
         &self,

@@ -10,7 +10,8 @@
 //! [`Backend::Buf`] elements at the compute dtype's width (4 bytes for f32, 2 for bf16; the
 //! const parameter `F32` says which, and is [`Backend::F32_COMPUTE`], so an optimizer on a bf16
 //! meter allocates f32 master weights as it would on the device), [`Backend::Master`] elements
-//! at 4 bytes, attention state as the backend keeps it ([`AttnSaves`]).
+//! at 4 bytes, attention state as the backend keeps it ([`AttnSaves`]; the disentangled
+//! attention's probabilities on every backend, and on CUDA the scratch its backward grows).
 
 use std::marker::PhantomData;
 use std::sync::Arc;
@@ -31,6 +32,16 @@ pub enum AttnSaves {
 }
 
 impl AttnSaves {
+    /// Bytes of the scratch buffer the disentangled attention's backward of shape `s` grows the
+    /// backend's to: the score gradients `[b, n_head, t, t]` in f32 on the CUDA backend (one
+    /// buffer for every layer); none on the CPU, whose per-task temporaries are freed at once.
+    pub fn disentangled_scratch(self, s: DisentangledShape) -> u64 {
+        match self {
+            AttnSaves::Probabilities => 0,
+            AttnSaves::RowLogSumExp => 4 * s.attn.probs_len() as u64,
+        }
+    }
+
     /// Bytes of one layer's state for shape `s`.
     pub fn bytes(self, s: AttnShape) -> u64 {
         let rows = (s.b * s.n_head * s.t) as u64;
@@ -63,11 +74,13 @@ impl From<AttnSaves> for Profile {
     }
 }
 
-/// The live and peak byte counts a meter and its buffers share.
+/// The live and peak byte counts a meter and its buffers share, and the bytes of the backend's
+/// own scratch buffer (grown to the largest request and kept, so counted as live from then on).
 #[derive(Debug, Default)]
 struct Counter {
     live: AtomicU64,
     peak: AtomicU64,
+    scratch: AtomicU64,
 }
 
 impl Counter {
@@ -117,6 +130,14 @@ impl<const F32: bool> Meter<F32> {
     fn bytes(&self, len: usize, bytes: u64) -> MeterBuf {
         self.counter.add(bytes);
         MeterBuf { len, bytes, counter: self.counter.clone() }
+    }
+
+    /// Grows the backend's scratch buffer to `bytes` (it never shrinks).
+    fn scratch(&self, bytes: u64) {
+        let held = self.counter.scratch.fetch_max(bytes, Ordering::Relaxed);
+        if bytes > held {
+            self.counter.add(bytes - held);
+        }
     }
 }
 
@@ -270,6 +291,10 @@ impl<const F32: bool> Backend for Meter<F32> {
     fn alloc_attn_state(&self, s: AttnShape) -> Result<MeterBuf> {
         Ok(self.bytes(s.probs_len(), self.profile.attn.bytes(s)))
     }
+    fn alloc_disentangled_state(&self, s: DisentangledShape) -> Result<MeterBuf> {
+        // the probabilities in f32 on every backend
+        Ok(self.bytes(s.attn.probs_len(), AttnSaves::Probabilities.bytes(s.attn)))
+    }
 
     fn fill_zero(&self, _: MeterViewMut<'_>) -> Result<()> {
         Ok(())
@@ -408,10 +433,11 @@ impl<const F32: bool> Backend for Meter<F32> {
         _: Option<MeterView<'_>>,
         _: Option<MeterView<'_>>,
         _: &MeterBuf,
-        _: DisentangledShape,
+        s: DisentangledShape,
         _: &MeterBuf,
         _: Dropout,
     ) -> Result<()> {
+        self.scratch(self.profile.attn.disentangled_scratch(s));
         Ok(())
     }
     fn zero_padded_rows(&self, _: MeterViewMut<'_>, _: &MeterBuf, _: usize) -> Result<()> {
@@ -485,6 +511,29 @@ mod tests {
         let f32_meter = Meter::<true>::new(AttnSaves::Probabilities);
         assert_eq!(f32_meter.from_host(vec![0.0; 10]).unwrap().bytes(), 40);
         assert_eq!(f32_meter.alloc_attn_state(s).unwrap().bytes(), 4 * s.probs_len() as u64);
+    }
+
+    #[test]
+    fn disentangled_attention_counts_its_probabilities_and_the_cuda_scratch() {
+        use crate::RelPositions;
+        let d = DisentangledShape {
+            attn: AttnShape { b: 2, t: 8, n_head: 3, head_size: 4 },
+            rel: RelPositions { span: 4, buckets: 4, max_position: 8 },
+            scale_factor: 3,
+        };
+        let probs = 4 * d.attn.probs_len() as u64;
+        for (attn, scratch) in [(AttnSaves::Probabilities, 0), (AttnSaves::RowLogSumExp, probs)] {
+            let m = Meter::<false>::new(attn);
+            let state = m.alloc_disentangled_state(d).unwrap();
+            assert_eq!(state.bytes(), probs);
+            let (x, mut dx, batch) = (m.alloc(1).unwrap(), m.alloc(1).unwrap(), m.alloc(0).unwrap());
+            // two layers' backwards share one scratch buffer
+            for _ in 0..2 {
+                let (xv, dv) = (Meter::<false>::view(&x), Meter::<false>::view_mut(&mut dx));
+                m.disentangled_attention_backward(dv, None, None, xv, xv, None, None, &state, d, &batch, Dropout::NONE).unwrap();
+            }
+            assert_eq!(m.live(), probs + 4 + scratch, "{attn:?}");
+        }
     }
 
     #[test]

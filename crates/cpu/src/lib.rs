@@ -121,6 +121,9 @@ impl Backend for Cpu {
     fn alloc_attn_state(&self, s: AttnShape) -> Result<Vec<f32>> {
         self.alloc(s.probs_len())
     }
+    fn alloc_disentangled_state(&self, s: DisentangledShape) -> Result<Vec<f32>> {
+        self.alloc(s.attn.probs_len())
+    }
 
     fn fill_zero(&self, x: &mut [f32]) -> Result<()> {
         ops::fill_zero(x);

@@ -32,8 +32,11 @@
 //! targets at their first use, when the table sizes they are validated against are known). The
 //! step scalars ([`CudaStats`]) stay on the device until [`Backend::read_stats`].
 //!
-//! Not on CUDA yet (each returns an error naming the op): DeBERTa's disentangled attention,
-//! `conv1d_unfold` / `conv1d_fold`, and embeddings without a position table.
+//! DeBERTa: the disentangled attention keeps its probabilities (`[b, n_head, t, t]` f32,
+//! [`Backend::alloc_disentangled_state`]) instead of the flash kernels' row log-sum-exp, and its
+//! backward takes the score gradients (as many floats again) from the shared scratch buffer;
+//! `kernels/deberta.cu` has the kernels, with the convolution's `im2col` and its fold.
+//! Embeddings may lack a position table (DeBERTa-v3).
 
 use std::marker::PhantomData;
 use std::mem::ManuallyDrop;
@@ -48,17 +51,15 @@ use lmtrain_backend::{
 
 use crate::kernels::{Typed, TypedMut, elem_cfg};
 use crate::launch::Launch;
-use crate::{AttnOptions, ClassifierRows, CudaDevice, CudaError, EmbeddingBatch, KernelDtype, LtMatmul, Positions, grad_norm_scratch};
-use crate::{bias_backward_scratch, layernorm_backward_scratch};
+use crate::{
+    AttnOptions, ClassifierRows, CudaDevice, CudaError, EmbeddingBatch, KernelDtype, LtMatmul, Positions, RelTables, grad_norm_scratch,
+};
+use crate::{bias_backward_scratch, disentangled_backward_scratch, layernorm_backward_scratch};
 
 impl From<CudaError> for BackendError {
     fn from(e: CudaError) -> Self {
         BackendError(e.to_string())
     }
-}
-
-fn unsupported(op: &str) -> BackendError {
-    BackendError(format!("{op} is not implemented on CUDA yet"))
 }
 
 fn check(op: &str, what: &str, len: usize, want: usize) -> Result<()> {
@@ -170,14 +171,17 @@ pub struct CudaBatch {
 }
 
 impl CudaBatch {
-    /// The token ids, positions and token types, uploaded at the first call (validated against
-    /// the table sizes then).
-    fn embedding(&self, dev: &CudaDevice, vocab: usize, n_pos: usize, n_types: Option<usize>) -> Result<&EmbeddingBatch> {
+    /// The token ids, positions (without a position table, `n_pos` `None`: none) and token
+    /// types, uploaded at the first call (validated against the table sizes then).
+    fn embedding(&self, dev: &CudaDevice, vocab: usize, n_pos: Option<usize>, n_types: Option<usize>) -> Result<&EmbeddingBatch> {
         if let Some(e) = self.emb.get() {
             return Ok(e);
         }
         let h = &self.host;
-        let positions = h.positions.as_deref().map_or(Positions::Offset(0), Positions::Explicit);
+        let positions = match n_pos {
+            None => Positions::None,
+            Some(_) => h.positions.as_deref().map_or(Positions::Offset(0), Positions::Explicit),
+        };
         // a token-type table without token-type ids: every token has type 0 (as the CPU backend)
         let zeros;
         let types = match (n_types, h.token_types.as_deref()) {
@@ -188,7 +192,7 @@ impl CudaBatch {
                 Some(&zeros[..])
             }
         };
-        let e = EmbeddingBatch::new(dev, h.b, h.t, &h.ids, positions, types, vocab, n_pos, n_types.unwrap_or(0))?;
+        let e = EmbeddingBatch::new(dev, h.b, h.t, &h.ids, positions, types, vocab, n_pos.unwrap_or(0), n_types.unwrap_or(0))?;
         Ok(self.emb.get_or_init(|| e))
     }
 
@@ -223,7 +227,8 @@ pub struct CudaStats {
 
 /// The CUDA backend storing `T` (f32, or bf16 with f32 master weights: see the module docs): a
 /// device, a cuBLAS handle on its stream and an f32 scratch buffer for the ops that need one
-/// (LayerNorm and bias gradients, attention backward, AdamW's gradient factor), grown to the
+/// (LayerNorm and bias gradients, attention backward, the disentangled attention's score
+/// gradients, AdamW's gradient factor), grown to the
 /// largest request and reused (one stream orders every use).
 pub struct CudaBackend<T: KernelDtype = f32> {
     dev: CudaDevice,
@@ -234,6 +239,9 @@ pub struct CudaBackend<T: KernelDtype = f32> {
     /// What every empty buffer points into (CUDA refuses empty allocations; an empty buffer is
     /// never read or written).
     empty: Arc<CudaSlice<u8>>,
+    /// The disentangled attention's relative-position tables of the last shape (every layer and
+    /// step of a run has the same).
+    rel_tables: Mutex<Option<RelTables>>,
     dtype: PhantomData<T>,
 }
 
@@ -255,7 +263,7 @@ impl<T: KernelDtype> CudaBackend<T> {
             .map_err(|e| CudaError::Blas { context: "creating a cuBLAS handle".into(), detail: e.to_string() })?;
         let empty = Arc::new(dev.zeros::<u8>(EMPTY_BYTES)?);
         let lt = if T::IS_F32 { None } else { Some(LtMatmul::new(&dev)?) };
-        Ok(Self { dev, blas, lt, scratch: Mutex::new(None), empty, dtype: PhantomData })
+        Ok(Self { dev, blas, lt, scratch: Mutex::new(None), rel_tables: Mutex::new(None), empty, dtype: PhantomData })
     }
 
     /// The device.
@@ -291,6 +299,19 @@ impl<T: KernelDtype> CudaBackend<T> {
         };
         let r = f(&mut buf.slice_mut(0..n));
         *guard = Some(buf);
+        r
+    }
+
+    /// Runs `f` on the relative-position tables of shape `s` (uploaded when the shape differs
+    /// from the last one's).
+    fn with_rel_tables<R>(&self, s: &DisentangledShape, f: impl FnOnce(&RelTables) -> Result<R>) -> Result<R> {
+        let mut guard = self.rel_tables.lock().map_err(|_| BackendError("CUDA relative-position tables: lock poisoned".into()))?;
+        let tables = match guard.take() {
+            Some(t) if t.fits(s) => t,
+            _ => RelTables::new(&self.dev, s)?,
+        };
+        let r = f(&tables);
+        *guard = Some(tables);
         r
     }
 
@@ -445,7 +466,8 @@ impl<T: KernelDtype> Backend for CudaBackend<T> {
     type Master = CuBuf<f32>;
     type Batch = CudaBatch;
     type Stats = CudaStats;
-    /// The row log-sum-exp `[b, n_head, t]` of the fused attention.
+    /// The row log-sum-exp `[b, n_head, t]` of the fused attention; the probabilities
+    /// `[b, n_head, t, t]` of the disentangled one.
     type AttnState = CudaSlice<f32>;
 
     const F32_COMPUTE: bool = T::IS_F32;
@@ -593,6 +615,9 @@ impl<T: KernelDtype> Backend for CudaBackend<T> {
     }
     fn alloc_attn_state(&self, s: AttnShape) -> Result<CudaSlice<f32>> {
         Ok(self.dev.zeros((s.b * s.n_head * s.t).max(1))?)
+    }
+    fn alloc_disentangled_state(&self, s: DisentangledShape) -> Result<CudaSlice<f32>> {
+        Ok(self.dev.zeros(s.attn.probs_len().max(1))?)
     }
 
     fn fill_zero(&self, mut x: CudaViewMut<'_, T>) -> Result<()> {
@@ -750,11 +775,10 @@ impl<T: KernelDtype> Backend for CudaBackend<T> {
         batch: &CudaBatch,
         c: usize,
     ) -> Result<()> {
-        let Some(position) = tables.position else { return Err(unsupported("embedding without a position table")) };
         let rows = |v: CuView<'_, T>| v.len() / c.max(1);
-        let e = batch.embedding(&self.dev, rows(tables.word), rows(position), tables.token_type.map(rows))?;
-        let (wte, wpe, tte) = (tables.word.cuda(), position.cuda(), tables.token_type.map(|t| t.cuda()));
-        Ok(self.dev.embedding_forward(&mut out, e, &wte, &wpe, tte.as_ref())?)
+        let e = batch.embedding(&self.dev, rows(tables.word), tables.position.map(rows), tables.token_type.map(rows))?;
+        let (wte, wpe, tte) = (tables.word.cuda(), tables.position.map(|p| p.cuda()), tables.token_type.map(|t| t.cuda()));
+        Ok(self.dev.embedding_forward(&mut out, e, &wte, wpe.as_ref(), tte.as_ref())?)
     }
     fn embedding_backward(
         &self,
@@ -764,12 +788,10 @@ impl<T: KernelDtype> Backend for CudaBackend<T> {
         c: usize,
         pad: PaddingIdx,
     ) -> Result<()> {
-        let EmbeddingTables { word: mut dwte, position, token_type } = grads;
-        let Some(mut dwpe) = position else { return Err(unsupported("embedding without a position table")) };
+        let EmbeddingTables { word: mut dwte, position: mut dwpe, token_type: mut dtte } = grads;
         let rows = |n: usize| n / c.max(1);
-        let mut dtte = token_type;
-        let e = batch.embedding(&self.dev, rows(dwte.len()), rows(dwpe.len()), dtte.as_ref().map(|t| rows(t.len())))?;
-        Ok(self.dev.embedding_backward_skipping(&mut dwte, &mut dwpe, dtte.as_mut(), &dout.cuda(), e, pad)?)
+        let e = batch.embedding(&self.dev, rows(dwte.len()), dwpe.as_ref().map(|p| rows(p.len())), dtte.as_ref().map(|t| rows(t.len())))?;
+        Ok(self.dev.embedding_backward_skipping(&mut dwte, dwpe.as_mut(), dtte.as_mut(), &dout.cuda(), e, pad)?)
     }
     fn attention_forward(
         &self,
@@ -817,32 +839,68 @@ impl<T: KernelDtype> Backend for CudaBackend<T> {
     }
     fn disentangled_attention_forward(
         &self,
-        _out: CudaViewMut<'_, T>,
-        _state: &mut CudaSlice<f32>,
-        _qkv: CuView<'_, T>,
-        _pos_key: Option<CuView<'_, T>>,
-        _pos_query: Option<CuView<'_, T>>,
-        _s: DisentangledShape,
-        _batch: &CudaBatch,
-        _dropout: Dropout,
+        mut out: CudaViewMut<'_, T>,
+        probs: &mut CudaSlice<f32>,
+        qkv: CuView<'_, T>,
+        pos_key: Option<CuView<'_, T>>,
+        pos_query: Option<CuView<'_, T>>,
+        s: DisentangledShape,
+        batch: &CudaBatch,
+        dropout: Dropout,
     ) -> Result<()> {
-        Err(unsupported("disentangled_attention_forward (DeBERTa)"))
+        let kv = batch.key_valid.as_ref().map(|k| k.as_view());
+        let (qkv, pk, pq) = (qkv.cuda(), pos_key.map(|v| v.cuda()), pos_query.map(|v| v.cuda()));
+        let mut probs = probs.slice_mut(0..s.attn.probs_len().min(probs.len()));
+        self.with_rel_tables(&s, |rel| {
+            Ok(self.dev.disentangled_attention_forward(
+                &mut out,
+                &mut probs,
+                &qkv,
+                pk.as_ref(),
+                pq.as_ref(),
+                kv.as_ref(),
+                rel,
+                s,
+                dropout,
+            )?)
+        })
     }
     fn disentangled_attention_backward(
         &self,
-        _dqkv: CudaViewMut<'_, T>,
-        _dpos_key: Option<CudaViewMut<'_, T>>,
-        _dpos_query: Option<CudaViewMut<'_, T>>,
-        _dout: CuView<'_, T>,
-        _qkv: CuView<'_, T>,
-        _pos_key: Option<CuView<'_, T>>,
-        _pos_query: Option<CuView<'_, T>>,
-        _state: &CudaSlice<f32>,
-        _s: DisentangledShape,
-        _batch: &CudaBatch,
-        _dropout: Dropout,
+        mut dqkv: CudaViewMut<'_, T>,
+        mut dpos_key: Option<CudaViewMut<'_, T>>,
+        mut dpos_query: Option<CudaViewMut<'_, T>>,
+        dout: CuView<'_, T>,
+        qkv: CuView<'_, T>,
+        pos_key: Option<CuView<'_, T>>,
+        pos_query: Option<CuView<'_, T>>,
+        probs: &CudaSlice<f32>,
+        s: DisentangledShape,
+        batch: &CudaBatch,
+        dropout: Dropout,
     ) -> Result<()> {
-        Err(unsupported("disentangled_attention_backward (DeBERTa)"))
+        let kv = batch.key_valid.as_ref().map(|k| k.as_view());
+        let (dout, qkv, pk, pq) = (dout.cuda(), qkv.cuda(), pos_key.map(|v| v.cuda()), pos_query.map(|v| v.cuda()));
+        let probs = probs.slice(0..s.attn.probs_len().min(probs.len()));
+        self.with_rel_tables(&s, |rel| {
+            self.with_scratch(disentangled_backward_scratch(s), |sc| {
+                Ok(self.dev.disentangled_attention_backward(
+                    &mut dqkv,
+                    dpos_key.as_mut(),
+                    dpos_query.as_mut(),
+                    sc,
+                    &dout,
+                    &qkv,
+                    pk.as_ref(),
+                    pq.as_ref(),
+                    &probs,
+                    kv.as_ref(),
+                    rel,
+                    s,
+                    dropout,
+                )?)
+            })
+        })
     }
     fn zero_padded_rows(&self, mut x: CudaViewMut<'_, T>, batch: &CudaBatch, cols: usize) -> Result<()> {
         let Some(valid) = batch.key_valid.as_ref() else { return Ok(()) };
@@ -853,11 +911,11 @@ impl<T: KernelDtype> Backend for CudaBackend<T> {
         l.output(&mut x).input(&valid).scalar(&r).scalar(&k);
         run_elem(l, rows * cols)
     }
-    fn conv1d_unfold(&self, _out: CudaViewMut<'_, T>, _x: CuView<'_, T>, _b: usize, _t: usize, _c: usize, _k: usize) -> Result<()> {
-        Err(unsupported("conv1d_unfold (DeBERTa)"))
+    fn conv1d_unfold(&self, mut out: CudaViewMut<'_, T>, x: CuView<'_, T>, b: usize, t: usize, c: usize, k: usize) -> Result<()> {
+        Ok(self.dev.conv1d_unfold(&mut out, &x.cuda(), b, t, c, k)?)
     }
-    fn conv1d_fold(&self, _dx: CudaViewMut<'_, T>, _dcol: CuView<'_, T>, _b: usize, _t: usize, _c: usize, _k: usize) -> Result<()> {
-        Err(unsupported("conv1d_fold (DeBERTa)"))
+    fn conv1d_fold(&self, mut dx: CudaViewMut<'_, T>, dcol: CuView<'_, T>, b: usize, t: usize, c: usize, k: usize) -> Result<()> {
+        Ok(self.dev.conv1d_fold(&mut dx, &dcol.cuda(), b, t, c, k)?)
     }
     fn gather_rows(&self, mut out: CudaViewMut<'_, T>, x: CuView<'_, T>, batch: &CudaBatch, cols: usize) -> Result<()> {
         let n = batch.host.n_labels();

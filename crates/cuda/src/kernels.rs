@@ -10,9 +10,11 @@ use crate::launch::Launch;
 use crate::{CudaDevice, Result, shape};
 
 mod attention;
+mod deberta;
 mod fused;
 
 pub use attention::AttnOptions;
+pub use deberta::{RelTables, disentangled_backward_scratch};
 pub use fused::{ClassifierRows, EmbeddingBatch, Positions, bias_backward_scratch, grad_norm_scratch};
 pub(crate) use sealed::{Typed, TypedMut};
 

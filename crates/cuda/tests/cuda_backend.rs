@@ -2,7 +2,9 @@
 //! the CPU backend, from the same parameters: a tiny GPT-2 (causal, dropout on), a tiny BERT
 //! (padding inside the batch, the padding id also at a real position, token types, -100 labels,
 //! the masked-LM head on the labelled rows and on every row, dropout on), RoBERTa (position ids
-//! from the padding, the position table's padding index) and DistilBERT. One forward + backward:
+//! from the padding, the position table's padding index), DistilBERT and DeBERTa (the v3 shape
+//! without a position table, and a v2 with one, token types and the convolution layer; relative
+//! attention with c2p and p2c over log buckets, dropout on). One forward + backward:
 //! the loss within 1e-5 relative and every parameter's gradient within 1e-4 (max-norm relative
 //! error, `max |got - want| / max |want|`); then a few AdamW steps (two accumulated
 //! micro-batches, weight decay, gradient clipping active) whose losses and gradient norms stay
@@ -14,9 +16,9 @@
 //! from bf16-representable parameters: its ops one by one (each within one or two bf16 roundings
 //! of the CPU), one whole step of GPT-2 and of BERT (padding, -100 labels; loss within 1e-2
 //! relative, every parameter gradient's cosine similarity at least 0.999, AdamW's moments and
-//! update, the stochastically rounded working copy), two steps from one state giving the same
-//! bits, and 20-step training curves of GPT-2 and BERT on f32 and bf16 (every step's loss within
-//! 1e-4 / 2e-2 of the CPU's).
+//! update, the stochastically rounded working copy) and of DeBERTa, two steps from one state
+//! giving the same bits, and 20-step training curves of GPT-2, BERT and DeBERTa on f32 and bf16
+//! (every step's loss within 1e-4 / 2e-2 of the CPU's).
 //!
 //! Runs on the CPU emulator (both thread orders, and once under AddressSanitizer; the training
 //! curves once, forward order: their kernels are the steps') or, with LMTRAIN_CUDA_REAL=1, on a
@@ -29,13 +31,18 @@ use lmtrain_backend::{Backend, EmbeddingTables, Epilogue, GeluKind, GemmDesc, Ge
 use lmtrain_cpu::Cpu;
 use lmtrain_cuda::{CuBuf, CudaBackend, DeviceKind, KernelDtype};
 use lmtrain_model::bert::{BertConfig, RobertaConfig};
+use lmtrain_model::deberta::{Deberta, DebertaV2Config, PosAttType};
 use lmtrain_model::distilbert::DistilBertConfig;
 use lmtrain_model::encoder::{EncoderConfig, MaskedLm};
 use lmtrain_model::gpt2::{Gpt2, Gpt2Config};
-use lmtrain_model::{IGNORE_INDEX, Input, LanguageModel};
+use lmtrain_model::{IGNORE_INDEX, Input, LanguageModel, ModelConfig};
 use lmtrain_optim::{AdamW, AdamWConfig, decay_segments};
 use support::{Child, Mode, on_device, on_device_once, rel_err, run_children};
 
+/// Biases whose exact gradient is 0: each adds a constant to a whole softmax row (a key bias to
+/// every score `q_i . k_j` of a row; DeBERTa's `pos_key_proj` bias to every c2p term `q_i . kr`
+/// of a row, when the relative keys have their own projection).
+const ZERO_GRADIENT_BIASES: [&str; 3] = ["key.bias", "k_lin.bias", "pos_key_proj.bias"];
 /// Loss tolerance of one step (f32 on both sides; only summation orders differ).
 const LOSS_TOL: f64 = 1e-5;
 /// Gradient tolerance (max-norm relative error per parameter tensor).
@@ -112,7 +119,7 @@ fn compare<C: LanguageModel<Cpu>, G: LanguageModel<CudaBackend>>(name: &str, mut
         assert!(c.iter().any(|&x| x != 0.0), "{name}: {} has no gradient on the CPU", p.name);
         // A key bias adds a constant to a whole softmax row: its exact gradient is 0 and both
         // backends hold round-off, so it is measured against the model's largest gradient.
-        let e = if ["key.bias", "k_lin.bias"].iter().any(|n| p.name.ends_with(n)) {
+        let e = if ZERO_GRADIENT_BIASES.iter().any(|n| p.name.ends_with(n)) {
             g.iter().zip(c).map(|(x, y)| (x - y).abs() as f64).fold(0.0, f64::max) / largest
         } else {
             rel_err(g, c)
@@ -155,7 +162,7 @@ fn gpt2_step_matches_cpu() {
 /// A masked-LM batch for `cfg`: 3 rows ending in 0, 2 and 4 padding positions (id `pad`, the
 /// padding index, also once at a real position: its gradient must still not reach the word
 /// table's padding row), ~30% of the real positions labelled.
-fn mlm_batch<C: EncoderConfig>(cfg: &C, pad: u32, token_types: bool) -> Batch {
+fn mlm_batch<C: ModelConfig>(cfg: &C, pad: u32, token_types: bool) -> Batch {
     let (b, t, vocab) = (3, 11, cfg.vocab_size() as u32);
     let mask: Vec<bool> = (0..b * t).map(|i| i % t < t - 2 * (i / t)).collect();
     let mut ids: Vec<u32> = (0..b * t).map(|i| if mask[i] { 5 + (i as u32 * 53 + 7) % (vocab - 5) } else { pad }).collect();
@@ -287,10 +294,52 @@ fn other_ops_match_cpu() {
         be.zero_padded_rows(CudaBackend::view_mut(&mut gh), &be.upload_batch(&host).unwrap(), cols).unwrap();
         assert_eq!(down(&gh), want, "zero_padded_rows");
         assert_eq!(want.iter().filter(|&&v| v == 0.0).count(), 3 * cols, "three rows zeroed");
-        // no CUDA kernel yet: one line naming the op
-        let mut out = be.alloc(b * t * cols * 3).unwrap();
-        let e = be.conv1d_unfold(CudaBackend::view_mut(&mut out), CudaBackend::view(&gh), b, t, cols, 3).unwrap_err();
-        assert_eq!(e.to_string(), "conv1d_unfold (DeBERTa) is not implemented on CUDA yet");
+    });
+}
+
+/// A tiny DeBERTa-v2 (`v3`: the DeBERTa-v3 shape, without a position table or token types) or a
+/// v2 with an absolute position table, token types, a narrower embedding and the convolution
+/// layer. Both: relative attention with c2p and p2c over 4 log buckets (shorter than the
+/// sequence), dropout on.
+fn deberta_config(v3: bool) -> DebertaV2Config {
+    DebertaV2Config {
+        vocab_size: 61,
+        hidden_size: 32,
+        embedding_size: Some(if v3 { 32 } else { 24 }),
+        num_hidden_layers: 2,
+        num_attention_heads: 2,
+        intermediate_size: 40,
+        max_position_embeddings: 16,
+        type_vocab_size: if v3 { 0 } else { 2 },
+        hidden_dropout_prob: 0.1,
+        attention_probs_dropout_prob: 0.1,
+        relative_attention: true,
+        position_buckets: 4,
+        max_relative_positions: 12,
+        pos_att_type: Some(PosAttType::List(vec!["p2c".into(), "c2p".into()])),
+        share_att_key: v3,
+        norm_rel_ebd: if v3 { "layer_norm".into() } else { "none".into() },
+        position_biased_input: !v3,
+        conv_kernel_size: if v3 { 0 } else { 3 },
+        legacy: !v3,
+        ..DebertaV2Config::default()
+    }
+}
+
+/// A DeBERTa masked-LM step and a few AdamW steps on the f32 backend against the CPU (see
+/// [`compare`]), with padding and -100 labels, the head on the labelled rows and on every row.
+#[test]
+fn deberta_step_matches_cpu() {
+    on_device("deberta_step_matches_cpu", |_| {
+        for (v3, rows) in [(true, Rows::Labelled), (false, Rows::All)] {
+            let cfg = deberta_config(v3);
+            let batch = mlm_batch(&cfg, 0, !v3);
+            let mut cpu = Deberta::new(Cpu, cfg.clone(), 9).unwrap();
+            cpu.set_head_rows(rows);
+            let mut cuda = Deberta::from_params(backend(), cfg, cpu.params_to_host().unwrap()).unwrap();
+            cuda.set_head_rows(rows);
+            compare(&format!("deberta (v3 {v3}, head on {rows:?})"), cpu, cuda, &batch);
+        }
     });
 }
 
@@ -321,8 +370,8 @@ fn alloc_counts<T: KernelDtype>(be: &CudaBackend<T>) -> Option<(u64, u64)> {
     emu_counters(be, b"cuemu_alloc_counts")
 }
 
-/// What the emulator counted while a GPT-2 of `n_layer` layers on `be` was set up for training
-/// and took 3 training steps (two micro-batches each).
+/// What the emulator counted while a model was set up for training and took 3 training steps
+/// (two micro-batches each).
 struct StepCounts {
     /// Allocations made by moving the parameters into the training state.
     state_allocs: u64,
@@ -330,15 +379,9 @@ struct StepCounts {
     steps: Vec<(u64, u64, u64)>,
 }
 
-/// [`StepCounts`] of a GPT-2 of `n_layer` layers on `be`, set up as the trainer does
-/// (`ParamStore::into_training`, `AdamW::with_state`; `None` on a GPU).
-fn step_counts<T: KernelDtype>(be: CudaBackend<T>, n_layer: usize) -> Option<StepCounts> {
-    let cfg = Gpt2Config { vocab_size: 67, n_positions: 16, n_embd: 32, n_layer, n_head: 2, ..Gpt2Config::default() };
-    let ids: Vec<u32> = (0..18u32).map(|i| (i * 37 + 11) % 67).collect();
-    let labels: Vec<i32> = ids.iter().map(|&x| x as i32).collect();
-    let batch = Batch { b: 2, t: 9, ids, labels, mask: None, types: None };
-    alloc_counts(&be)?;
-    let mut m = Gpt2::new(be, cfg, 5).unwrap();
+/// [`StepCounts`] of `m` on `batch`, set up as the trainer does (`ParamStore::into_training`,
+/// `AdamW::with_state`; `None` on a GPU).
+fn step_counts<T: KernelDtype, M: LanguageModel<CudaBackend<T>>>(mut m: M, batch: &Batch) -> Option<StepCounts> {
     let params = m.params_to_host().unwrap();
     let segments = decay_segments(m.param_infos().iter().map(|p| (p.offset, p.len, p.decay)), 0.0);
     let (be, store) = m.parts_mut();
@@ -366,34 +409,58 @@ fn step_counts<T: KernelDtype>(be: CudaBackend<T>, n_layer: usize) -> Option<Ste
     Some(StepCounts { state_allocs: made1 - made0, steps })
 }
 
+/// [`step_counts`] of a GPT-2 of `n_layer` layers.
+fn gpt2_counts<T: KernelDtype>(be: CudaBackend<T>, n_layer: usize) -> Option<StepCounts> {
+    let cfg = Gpt2Config { vocab_size: 67, n_positions: 16, n_embd: 32, n_layer, n_head: 2, ..Gpt2Config::default() };
+    let ids: Vec<u32> = (0..18u32).map(|i| (i * 37 + 11) % 67).collect();
+    let labels: Vec<i32> = ids.iter().map(|&x| x as i32).collect();
+    step_counts(Gpt2::new(be, cfg, 5).unwrap(), &Batch { b: 2, t: 9, ids, labels, mask: None, types: None })
+}
+
+/// [`step_counts`] of the DeBERTa-v3 of [`deberta_config`] with `n_layer` layers, on its padded
+/// masked-LM batch.
+fn deberta_counts<T: KernelDtype>(be: CudaBackend<T>, n_layer: usize) -> Option<StepCounts> {
+    let cfg = DebertaV2Config { num_hidden_layers: n_layer, ..deberta_config(true) };
+    let batch = mlm_batch(&cfg, 0, false);
+    step_counts(Deberta::new(be, cfg, 5).unwrap(), &batch)
+}
+
 /// The training state (parameters, gradients, AdamW's moments and, for bf16, the master
 /// weights) is ONE device allocation; a training step after the first copies only the batch's
 /// arrays in and the one read of the step scalars out, and allocates only the batch's arrays
 /// and the step scalars: the same numbers whatever the depth of the model (nothing per layer or
-/// per op), on the f32 and the bf16 backend alike.
+/// per op), on the f32 and the bf16 backend alike; for GPT-2 and for DeBERTa (whose
+/// relative-position tables are uploaded once, not per layer or step).
 #[test]
 fn the_training_state_is_one_allocation_and_a_step_copies_only_the_batch_and_the_stats() {
     const NAME: &str = "the_training_state_is_one_allocation_and_a_step_copies_only_the_batch_and_the_stats";
     on_device(NAME, |_| {
-        let mut per_depth = Vec::new();
-        for (dtype, n_layer) in [("f32", 1), ("f32", 3), ("bf16", 1), ("bf16", 3)] {
-            let counts = if dtype == "f32" { step_counts(backend(), n_layer) } else { step_counts(backend_bf16(), n_layer) };
-            let Some(StepCounts { state_allocs, steps }) = counts else {
-                return support::skip(NAME, "the copy and allocation counters are the emulator's");
-            };
-            println!(
-                "GPT-2 {dtype}, {n_layer} layer(s): training state {state_allocs} allocation(s); per step (copies host to device, device to host, allocations): {steps:?}"
+        type Counts = fn(usize) -> Option<StepCounts>;
+        let families: [(&str, Counts, Counts); 2] = [
+            ("GPT-2", |n| gpt2_counts(backend(), n), |n| gpt2_counts(backend_bf16(), n)),
+            ("DeBERTa", |n| deberta_counts(backend(), n), |n| deberta_counts(backend_bf16(), n)),
+        ];
+        for (name, f32_counts, bf16_counts) in families {
+            let mut per_depth = Vec::new();
+            for (dtype, n_layer) in [("f32", 1), ("f32", 3), ("bf16", 1), ("bf16", 3)] {
+                let counts = if dtype == "f32" { f32_counts(n_layer) } else { bf16_counts(n_layer) };
+                let Some(StepCounts { state_allocs, steps }) = counts else {
+                    return support::skip(NAME, "the copy and allocation counters are the emulator's");
+                };
+                println!(
+                    "{name} {dtype}, {n_layer} layer(s): training state {state_allocs} allocation(s); per step (copies host to device, device to host, allocations): {steps:?}"
+                );
+                assert_eq!(state_allocs, 1, "{name} {dtype}: the training state takes one allocation");
+                assert_eq!(steps[1], steps[2], "{name} {dtype}: every step after the first copies and allocates the same");
+                assert_eq!(steps[1].1, 2, "{name} {dtype}: one read of the step scalars (loss and norm) per step");
+                assert!(steps[0].2 > steps[1].2, "{name} {dtype}: the first step allocates the activations, the later ones do not");
+                per_depth.push(steps[1]);
+            }
+            assert!(
+                per_depth.iter().all(|&c| c == per_depth[0]),
+                "{name}: copies or allocations per step depend on the depth or the dtype: {per_depth:?}"
             );
-            assert_eq!(state_allocs, 1, "{dtype}: the training state takes one allocation");
-            assert_eq!(steps[1], steps[2], "{dtype}: every step after the first copies and allocates the same");
-            assert_eq!(steps[1].1, 2, "{dtype}: one read of the step scalars (loss and norm) per step");
-            assert!(steps[0].2 > steps[1].2, "{dtype}: the first step allocates the activations, the later ones do not");
-            per_depth.push(steps[1]);
         }
-        assert!(
-            per_depth.iter().all(|&c| c == per_depth[0]),
-            "copies or allocations per step depend on the depth or the dtype: {per_depth:?}"
-        );
     });
 }
 
@@ -437,7 +504,7 @@ fn compare_bf16<C: LanguageModel<Cpu>, G: LanguageModel<CudaBackend<bf16>>>(name
         let (g, c) = (&grads_g[p.offset..p.offset + p.len], &grads_c[p.offset..p.offset + p.len]);
         // A key bias's exact gradient is 0 (see `compare`): both sides hold round-off, which has
         // no direction to agree on; it must stay round-off of the model's largest gradient.
-        if ["key.bias", "k_lin.bias"].iter().any(|n| p.name.ends_with(n)) {
+        if ZERO_GRADIENT_BIASES.iter().any(|n| p.name.ends_with(n)) {
             let e = g.iter().zip(c).map(|(x, y)| (x - y).abs() as f64).fold(0.0, f64::max) / largest;
             worst_zero = Some(worst_zero.map_or(e, |w| w.max(e)));
             continue;
@@ -740,6 +807,29 @@ fn bf16_steps_are_deterministic() {
     });
 }
 
+/// DeBERTa (both shapes of [`deberta_config`]) on the bf16 backend against the CPU, one step.
+#[test]
+fn bf16_deberta_step_matches_cpu() {
+    on_device("bf16_deberta_step_matches_cpu", |_| {
+        for v3 in [true, false] {
+            let cfg = deberta_config(v3);
+            let batch = mlm_batch(&cfg, 0, !v3);
+            // relative embeddings 10x their initialisation, so that the key bias's gradient (0 from
+            // the content scores, a constant per softmax row) has a p2c part well above bf16's
+            // round-off of the content part
+            let m = Deberta::new(Cpu, cfg.clone(), 9).unwrap();
+            let mut params = m.params_to_host().unwrap();
+            for p in m.param_infos().iter().filter(|p| p.name.ends_with("rel_embeddings.weight")) {
+                params[p.offset..p.offset + p.len].iter_mut().for_each(|x| *x *= 10.0);
+            }
+            let params = to_bf16(params);
+            let cpu = Deberta::from_params(Cpu, cfg.clone(), params.clone()).unwrap();
+            let gpu = Deberta::from_params(backend_bf16(), cfg, params).unwrap();
+            compare_bf16(&format!("deberta (v3 {v3})"), cpu, gpu, &batch);
+        }
+    });
+}
+
 fn bits_of(v: &[f32]) -> Vec<u32> {
     v.iter().map(|x| x.to_bits()).collect()
 }
@@ -822,6 +912,20 @@ fn bert_training_curves_match_cpu() {
     });
 }
 
+#[test]
+fn deberta_training_curves_match_cpu() {
+    on_device_once("deberta_training_curves_match_cpu", |_| {
+        let cfg = deberta_config(true);
+        let params = to_bf16(Deberta::new(Cpu, cfg.clone(), 9).unwrap().params_to_host().unwrap());
+        let models = (
+            Deberta::from_params(Cpu, cfg.clone(), params.clone()).unwrap(),
+            Deberta::from_params(backend(), cfg.clone(), params.clone()).unwrap(),
+            Deberta::from_params(backend_bf16(), cfg.clone(), params).unwrap(),
+        );
+        compare_curves("deberta", models, &mlm_batch(&cfg, 0, false), 3e-3);
+    });
+}
+
 /// Every device test above but the training curves once more in one child whose fake libraries
 /// are built with AddressSanitizer.
 #[test]
@@ -839,6 +943,8 @@ fn address_sanitizer_pass() {
                     "the_training_state_is_one_allocation_and_a_step_copies_only_the_batch_and_the_stats",
                     "bf16_ops_match_cpu",
                     "bf16_gpt2_step_matches_cpu",
+                    "deberta_step_matches_cpu",
+                    "bf16_deberta_step_matches_cpu",
                     "bf16_bert_step_matches_cpu",
                     "bf16_steps_are_deterministic",
                 ],

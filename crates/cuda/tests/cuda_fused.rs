@@ -1,5 +1,6 @@
-//! The fused kernels (attention, classifier, deterministic LayerNorm, embeddings, AdamW with
-//! stochastic rounding and the global norm, bias gradients, dropout) launched from Rust through
+//! The fused kernels (attention, DeBERTa's disentangled attention and convolution im2col,
+//! classifier, deterministic LayerNorm, embeddings, AdamW with stochastic rounding and the
+//! global norm, bias gradients, dropout) launched from Rust through
 //! cudarc, compared with the CPU backend (`lmtrain_cpu::ops`) on odd shapes (T = 1, 7, 127, 129;
 //! C not a multiple of 64; vocabularies not a multiple of 128; padding rows). Runs on the CPU
 //! emulator (both thread orders, and once under AddressSanitizer) or, with LMTRAIN_CUDA_REAL=1,
@@ -14,9 +15,9 @@ mod support;
 
 use cudarc::driver::CudaSlice;
 use half::bf16;
-use lmtrain_backend::{AttnMask, AttnShape, Dropout};
+use lmtrain_backend::{AttnMask, AttnShape, DisentangledShape, Dropout, RelPositions};
 use lmtrain_cpu::ops;
-use lmtrain_cuda::{AttnOptions, ClassifierRows, CudaDevice, EmbeddingBatch, Positions};
+use lmtrain_cuda::{AttnOptions, ClassifierRows, CudaDevice, EmbeddingBatch, Positions, RelTables, disentangled_backward_scratch};
 use support::{Child, Elem, F32_TOL, Mode, Rng, assert_close, check, load, on_device, quantize, run_children, store};
 
 /// The bits of a device buffer, for the determinism checks.
@@ -400,11 +401,249 @@ fn layernorm_fused_bf16() {
     });
 }
 
+// ---- DeBERTa ---------------------------------------------------------------------------------
+
+struct DebertaCase {
+    b: usize,
+    t: usize,
+    nh: usize,
+    hs: usize,
+    c2p: bool,
+    p2c: bool,
+    pad: bool,
+    p: f32,
+    rel: RelPositions,
+}
+
+fn deberta_case<T: Elem>(dev: &CudaDevice, k: &DebertaCase, seed: u64) {
+    let terms = usize::from(k.c2p) + usize::from(k.p2c);
+    let s = DisentangledShape { attn: AttnShape { b: k.b, t: k.t, n_head: k.nh, head_size: k.hs }, rel: k.rel, scale_factor: 1 + terms };
+    let tag = format!(
+        "disentangled b{} t{} h{} hs{} c2p={} p2c={} pad={} p={} {:?} {}",
+        k.b,
+        k.t,
+        k.nh,
+        k.hs,
+        k.c2p,
+        k.p2c,
+        k.pad,
+        k.p,
+        k.rel,
+        T::SUFFIX
+    );
+    let (c, rows, n) = (s.attn.channels(), s.rel_rows(), k.b * k.t);
+    let mut rng = Rng::new(seed);
+    let qkv = quantize::<T>(rng.vec(n * 3 * c, 1.5, 0.0));
+    let pk = quantize::<T>(rng.vec(rows * c, 1.5, 0.0));
+    let pq = quantize::<T>(rng.vec(rows * c, 1.5, 0.0));
+    let kp = key_padding(k.b, k.t);
+    let kp_opt = k.pad.then_some(kp.as_slice());
+    let drop = Dropout { p: k.p, seed: 0xDEB ^ seed };
+    let (cpk, cpq) = (k.c2p.then_some(pk.as_slice()), k.p2c.then_some(pq.as_slice()));
+    let (mut out, mut probs) = (vec![0f32; n * c], vec![0f32; s.attn.probs_len()]);
+    ops::disentangled_attention_forward(&mut out, &mut probs, &qkv, cpk, cpq, s, kp_opt, drop);
+    let dout = quantize::<T>(rng.vec(n * c, 1.0, 0.0));
+    let (dqkv0, dpk0, dpq0) = (
+        quantize::<T>(rng.vec(n * 3 * c, 0.1, 0.0)),
+        quantize::<T>(rng.vec(rows * c, 0.1, 0.0)),
+        quantize::<T>(rng.vec(rows * c, 0.1, 0.0)),
+    );
+    let (mut dqkv, mut dpk, mut dpq) = (dqkv0.clone(), dpk0.clone(), dpq0.clone());
+    ops::disentangled_attention_backward(
+        &mut dqkv,
+        k.c2p.then_some(&mut dpk[..]),
+        k.p2c.then_some(&mut dpq[..]),
+        &dout,
+        &qkv,
+        cpk,
+        cpq,
+        &probs,
+        s,
+        kp_opt,
+        drop,
+    );
+
+    let up = |x: &[f32]| dev.upload(&store::<T>(x)).unwrap();
+    let (d_qkv, d_pk, d_pq, d_dout) = (up(&qkv), up(&pk), up(&pq), up(&dout));
+    let (v_pk, v_pq) = (d_pk.as_view(), d_pq.as_view());
+    let (g_pk, g_pq) = (k.c2p.then_some(&v_pk), k.p2c.then_some(&v_pq));
+    let d_kv = dev.upload(&kp.iter().map(|&v| u8::from(v)).collect::<Vec<u8>>()).unwrap();
+    let kv_view = d_kv.as_view();
+    let kv = k.pad.then_some(&kv_view);
+    let rel = RelTables::new(dev, &s).unwrap();
+    let run = || {
+        let mut d_out = dev.zeros::<T>(n * c).unwrap();
+        let mut d_probs = dev.zeros::<f32>(s.attn.probs_len()).unwrap();
+        dev.disentangled_attention_forward(
+            &mut d_out.as_view_mut(),
+            &mut d_probs.as_view_mut(),
+            &d_qkv.as_view(),
+            g_pk,
+            g_pq,
+            kv,
+            &rel,
+            s,
+            drop,
+        )
+        .unwrap();
+        let (mut d_dqkv, mut d_dpk, mut d_dpq) = (up(&dqkv0), up(&dpk0), up(&dpq0));
+        let mut scratch = dev.zeros::<f32>(disentangled_backward_scratch(s)).unwrap();
+        let (mut vk, mut vq) = (d_dpk.as_view_mut(), d_dpq.as_view_mut());
+        dev.disentangled_attention_backward(
+            &mut d_dqkv.as_view_mut(),
+            k.c2p.then_some(&mut vk),
+            k.p2c.then_some(&mut vq),
+            &mut scratch.as_view_mut(),
+            &d_dout.as_view(),
+            &d_qkv.as_view(),
+            g_pk,
+            g_pq,
+            &d_probs.as_view(),
+            kv,
+            &rel,
+            s,
+            drop,
+        )
+        .unwrap();
+        (d_out, d_probs, d_dqkv, d_dpk, d_dpq)
+    };
+    let (d_out, d_probs, d_dqkv, d_dpk, d_dpq) = run();
+    check(dev, &format!("{tag} forward out"), &d_out, &out, T::TOL);
+    check(dev, &format!("{tag} forward probabilities"), &d_probs, &probs, F32_TOL);
+    check(dev, &format!("{tag} backward dqkv"), &d_dqkv, &dqkv, T::TOL);
+    check(dev, &format!("{tag} backward dpos_key"), &d_dpk, &dpk, T::TOL);
+    check(dev, &format!("{tag} backward dpos_query"), &d_dpq, &dpq, T::TOL);
+    let (out2, probs2, dqkv2, dpk2, dpq2) = run();
+    assert_same_bits(dev, &format!("{tag} out"), &d_out, &out2);
+    assert_same_bits(dev, &format!("{tag} probabilities"), &d_probs, &probs2);
+    assert_same_bits(dev, &format!("{tag} dqkv"), &d_dqkv, &dqkv2);
+    assert_same_bits(dev, &format!("{tag} dpos_key"), &d_dpk, &dpk2);
+    assert_same_bits(dev, &format!("{tag} dpos_query"), &d_dpq, &dpq2);
+    // tables of another sequence length are refused before the launch
+    let other = RelTables::new(dev, &DisentangledShape { attn: AttnShape { t: k.t + 1, ..s.attn }, ..s }).unwrap();
+    let (mut o, mut p) = (dev.zeros::<T>(n * c).unwrap(), dev.zeros::<f32>(s.attn.probs_len()).unwrap());
+    let e =
+        dev.disentangled_attention_forward(&mut o.as_view_mut(), &mut p.as_view_mut(), &d_qkv.as_view(), g_pk, g_pq, kv, &other, s, drop);
+    assert!(e.is_err(), "{tag}: tables of t + 1");
+}
+
+/// Log buckets shorter than the sequence (clamped and bucketed rows), no buckets at a span
+/// shorter than the sequence, a single token, and no position terms; C = 48, 16, 40, 24.
+const DEBERTA_CASES: &[DebertaCase] = &[
+    DebertaCase {
+        b: 2,
+        t: 7,
+        nh: 2,
+        hs: 24,
+        c2p: true,
+        p2c: true,
+        pad: true,
+        p: 0.1,
+        rel: RelPositions { span: 4, buckets: 4, max_position: 12 },
+    },
+    DebertaCase {
+        b: 1,
+        t: 1,
+        nh: 2,
+        hs: 8,
+        c2p: true,
+        p2c: false,
+        pad: false,
+        p: 0.0,
+        rel: RelPositions { span: 4, buckets: 4, max_position: 12 },
+    },
+    DebertaCase {
+        b: 2,
+        t: 129,
+        nh: 1,
+        hs: 40,
+        c2p: false,
+        p2c: true,
+        pad: true,
+        p: 0.2,
+        rel: RelPositions { span: 48, buckets: 0, max_position: 48 },
+    },
+    DebertaCase {
+        b: 3,
+        t: 9,
+        nh: 3,
+        hs: 8,
+        c2p: false,
+        p2c: false,
+        pad: true,
+        p: 0.1,
+        rel: RelPositions { span: 4, buckets: 0, max_position: 4 },
+    },
+    DebertaCase {
+        b: 1,
+        t: 129,
+        nh: 2,
+        hs: 12,
+        c2p: true,
+        p2c: true,
+        pad: false,
+        p: 0.0,
+        rel: RelPositions { span: 32, buckets: 32, max_position: 256 },
+    },
+];
+
+fn conv1d_case<T: Elem>(dev: &CudaDevice, b: usize, t: usize, c: usize, k: usize, seed: u64) {
+    let tag = format!("conv1d b{b} t{t} c{c} k{k} {}", T::SUFFIX);
+    let mut rng = Rng::new(seed);
+    let (x, dcol, dx0) = (
+        quantize::<T>(rng.vec(b * t * c, 1.0, 0.0)),
+        quantize::<T>(rng.vec(b * t * c * k, 1.0, 0.0)),
+        quantize::<T>(rng.vec(b * t * c, 0.1, 0.0)),
+    );
+    let (mut col, mut dx) = (vec![0f32; b * t * c * k], dx0.clone());
+    ops::conv1d_unfold(&mut col, &x, b, t, c, k);
+    ops::conv1d_fold(&mut dx, &dcol, b, t, c, k);
+    let up = |v: &[f32]| dev.upload(&store::<T>(v)).unwrap();
+    let (d_x, d_dcol) = (up(&x), up(&dcol));
+    let run = || {
+        let (mut d_col, mut d_dx) = (dev.zeros::<T>(b * t * c * k).unwrap(), up(&dx0));
+        dev.conv1d_unfold(&mut d_col.as_view_mut(), &d_x.as_view(), b, t, c, k).unwrap();
+        dev.conv1d_fold(&mut d_dx.as_view_mut(), &d_dcol.as_view(), b, t, c, k).unwrap();
+        (d_col, d_dx)
+    };
+    let (d_col, d_dx) = run();
+    // the unfold copies: exact
+    assert_eq!(load(&dev.download(&d_col).unwrap()), col, "{tag}: unfold");
+    check(dev, &format!("{tag} fold"), &d_dx, &dx, T::TOL);
+    let (_, d_dx2) = run();
+    assert_same_bits(dev, &format!("{tag} fold"), &d_dx, &d_dx2);
+}
+
+#[test]
+fn deberta_f32() {
+    on_device("deberta_f32", |dev| {
+        for (i, k) in DEBERTA_CASES.iter().enumerate() {
+            deberta_case::<f32>(dev, k, 300 + i as u64);
+        }
+        conv1d_case::<f32>(dev, 2, 7, 45, 3, 310);
+        conv1d_case::<f32>(dev, 1, 1, 5, 5, 311);
+        conv1d_case::<f32>(dev, 2, 129, 13, 3, 312);
+    });
+}
+
+#[test]
+fn deberta_bf16() {
+    on_device("deberta_bf16", |dev| {
+        for (i, k) in DEBERTA_CASES.iter().enumerate() {
+            deberta_case::<bf16>(dev, k, 320 + i as u64);
+        }
+        conv1d_case::<bf16>(dev, 2, 7, 45, 3, 330);
+        conv1d_case::<bf16>(dev, 2, 129, 13, 5, 331);
+    });
+}
+
 // ---- embeddings ------------------------------------------------------------------------------
 
-fn embedding_case<T: Elem>(dev: &CudaDevice, b: usize, t: usize, c: usize, explicit: bool, seed: u64) {
+/// `explicit`: explicit position ids and token types; `pos_table`: the model has a position table
+/// (without one, DeBERTa-v3's, its gradient stays untouched).
+fn embedding_case<T: Elem>(dev: &CudaDevice, b: usize, t: usize, c: usize, explicit: bool, pos_table: bool, seed: u64) {
     let (vocab, n_pos, n_types) = (101, t + 11, 2);
-    let tag = format!("embedding b{b} t{t} c{c} explicit={explicit} {}", T::SUFFIX);
+    let tag = format!("embedding b{b} t{t} c{c} explicit={explicit} pos_table={pos_table} {}", T::SUFFIX);
     let mut rng = Rng::new(seed);
     let n = b * t;
     // a small vocabulary: ids repeat, so the backward buckets hold several rows
@@ -428,28 +667,49 @@ fn embedding_case<T: Elem>(dev: &CudaDevice, b: usize, t: usize, c: usize, expli
         position_ids: explicit.then_some(pos_ids.as_slice()),
     };
     let inp = lmtrain_backend::Inputs::new(&host);
-    let tables = lmtrain_backend::EmbeddingTables { word: &wte[..], position: Some(&wpe[..]), token_type: explicit.then_some(&tte[..]) };
+    let tables = lmtrain_backend::EmbeddingTables {
+        word: &wte[..],
+        position: pos_table.then_some(&wpe[..]),
+        token_type: explicit.then_some(&tte[..]),
+    };
     ops::embedding_forward(&mut out, tables, &inp, c);
     let grads = lmtrain_backend::EmbeddingTables {
         word: &mut dwte[..],
-        position: Some(&mut dwpe[..]),
+        position: pos_table.then_some(&mut dwpe[..]),
         token_type: explicit.then_some(&mut dtte[..]),
     };
     ops::embedding_backward(grads, &dout, &inp, c, Default::default());
-    let positions = if explicit { Positions::Explicit(&pos_ids) } else { Positions::Offset(0) };
+    let positions = match (pos_table, explicit) {
+        (false, _) => Positions::None,
+        (true, true) => Positions::Explicit(&pos_ids),
+        (true, false) => Positions::Offset(0),
+    };
     let types = explicit.then_some(type_ids.as_slice());
     let batch = EmbeddingBatch::new(dev, b, t, &ids, positions, types, vocab, n_pos, n_types).unwrap();
     let up = |x: &[f32]| dev.upload(&store::<T>(x)).unwrap();
     let (d_wte, d_wpe, d_tte, d_dout) = (up(&wte), up(&wpe), up(&tte), up(&dout));
     let tte_view = d_tte.as_view();
     let mut d_out = dev.zeros::<T>(n * c).unwrap();
-    dev.embedding_forward(&mut d_out.as_view_mut(), &batch, &d_wte.as_view(), &d_wpe.as_view(), explicit.then_some(&tte_view)).unwrap();
+    dev.embedding_forward(
+        &mut d_out.as_view_mut(),
+        &batch,
+        &d_wte.as_view(),
+        pos_table.then_some(&d_wpe.as_view()),
+        explicit.then_some(&tte_view),
+    )
+    .unwrap();
     check(dev, &format!("{tag} forward"), &d_out, &out, T::TOL);
     let run = || {
         let (mut a, mut p, mut ty) = (dev.upload(&dwte0).unwrap(), dev.upload(&dwpe0).unwrap(), dev.upload(&dtte0).unwrap());
         let mut ty_view = ty.as_view_mut();
-        dev.embedding_backward(&mut a.as_view_mut(), &mut p.as_view_mut(), explicit.then_some(&mut ty_view), &d_dout.as_view(), &batch)
-            .unwrap();
+        dev.embedding_backward(
+            &mut a.as_view_mut(),
+            pos_table.then_some(&mut p.as_view_mut()),
+            explicit.then_some(&mut ty_view),
+            &d_dout.as_view(),
+            &batch,
+        )
+        .unwrap();
         (a, p, ty)
     };
     let (a, p, ty) = run();
@@ -469,20 +729,23 @@ fn embedding_case<T: Elem>(dev: &CudaDevice, b: usize, t: usize, c: usize, expli
 #[test]
 fn embedding_f32() {
     on_device("embedding_f32", |dev| {
-        embedding_case::<f32>(dev, 2, 7, 45, false, 500);
-        embedding_case::<f32>(dev, 1, 129, 771, false, 501);
-        embedding_case::<f32>(dev, 3, 127, 45, true, 502);
-        embedding_case::<f32>(dev, 2, 1, 45, true, 503);
+        embedding_case::<f32>(dev, 2, 7, 45, false, true, 500);
+        embedding_case::<f32>(dev, 1, 129, 771, false, true, 501);
+        embedding_case::<f32>(dev, 3, 127, 45, true, true, 502);
+        embedding_case::<f32>(dev, 2, 1, 45, true, true, 503);
+        embedding_case::<f32>(dev, 2, 7, 45, true, false, 504);
+        embedding_case::<f32>(dev, 1, 129, 771, false, false, 505);
     });
 }
 
 #[test]
 fn embedding_bf16() {
     on_device("embedding_bf16", |dev| {
-        embedding_case::<bf16>(dev, 2, 7, 45, false, 510);
-        embedding_case::<bf16>(dev, 1, 129, 771, false, 511);
-        embedding_case::<bf16>(dev, 3, 127, 45, true, 512);
-        embedding_case::<bf16>(dev, 2, 1, 45, true, 513);
+        embedding_case::<bf16>(dev, 2, 7, 45, false, true, 510);
+        embedding_case::<bf16>(dev, 1, 129, 771, false, true, 511);
+        embedding_case::<bf16>(dev, 3, 127, 45, true, true, 512);
+        embedding_case::<bf16>(dev, 2, 1, 45, true, true, 513);
+        embedding_case::<bf16>(dev, 2, 7, 45, true, false, 514);
     });
 }
 
@@ -654,6 +917,8 @@ fn address_sanitizer_pass() {
         "classifier_bf16",
         "layernorm_fused_f32",
         "layernorm_fused_bf16",
+        "deberta_f32",
+        "deberta_bf16",
         "embedding_f32",
         "embedding_bf16",
         "grad_norm_and_clip",

@@ -19,7 +19,7 @@ const IGNORE_INDEX: i32 = -100;
 /// Threads per block of the classifier and of the norm kernels.
 const RED_BLOCK: u32 = 256;
 
-fn upload_i32(dev: &CudaDevice, v: &[i32]) -> Result<CudaSlice<i32>> {
+pub(super) fn upload_i32(dev: &CudaDevice, v: &[i32]) -> Result<CudaSlice<i32>> {
     // cudarc refuses empty copies; a one-element buffer stands in (never read).
     if v.is_empty() { dev.zeros::<i32>(1) } else { dev.upload(v) }
 }
@@ -60,6 +60,9 @@ pub enum Positions<'a> {
     Offset(usize),
     /// One explicit position id per token (`[b, t]`), e.g. RoBERTa's padding-aware positions.
     Explicit(&'a [u32]),
+    /// No position table (DeBERTa-v3, whose positions enter through its attention): nothing is
+    /// added, and the position table arguments are `None`.
+    None,
 }
 
 /// One batch of token ids (and positions, token types) on the device, validated against the
@@ -70,16 +73,16 @@ pub struct EmbeddingBatch {
     n_pos: usize,
     n_types: usize,
     ids: CudaSlice<i32>,
-    pos: CudaSlice<i32>,
+    pos: Option<CudaSlice<i32>>,
     types: Option<CudaSlice<i32>>,
     tok_buckets: Buckets,
-    pos_buckets: Buckets,
+    pos_buckets: Option<Buckets>,
     type_buckets: Option<Buckets>,
 }
 
 impl EmbeddingBatch {
-    /// Validates and uploads `ids` (`< vocab`), the positions (`< n_pos`) and the optional token
-    /// types (`< n_types`), all `[b, t]` flattened.
+    /// Validates and uploads `ids` (`< vocab`), the positions (`< n_pos`; none with
+    /// [`Positions::None`]) and the optional token types (`< n_types`), all `[b, t]` flattened.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         dev: &CudaDevice,
@@ -105,12 +108,13 @@ impl EmbeddingBatch {
                 if off + t > n_pos {
                     return Err(shape(OP, format!("position {} >= {n_pos}", off + t - 1)));
                 }
-                (0..n).map(|i| (off + i % t) as i32).collect()
+                Some((0..n).map(|i| (off + i % t) as i32).collect())
             }
             Positions::Explicit(p) => {
                 check_len(OP, "position ids", p.len(), n)?;
-                checked("position id", p, n_pos)?
+                Some(checked("position id", p, n_pos)?)
             }
+            Positions::None => None,
         };
         let types_i = match types {
             Some(ty) => {
@@ -125,10 +129,10 @@ impl EmbeddingBatch {
             n_pos,
             n_types,
             ids: upload_i32(dev, &ids_i)?,
-            pos: upload_i32(dev, &pos_i)?,
+            pos: pos_i.as_deref().map(|v| upload_i32(dev, v)).transpose()?,
             types: types_i.as_deref().map(|v| upload_i32(dev, v)).transpose()?,
             tok_buckets: Buckets::new(dev, &ids_i)?,
-            pos_buckets: Buckets::new(dev, &pos_i)?,
+            pos_buckets: pos_i.as_deref().map(|v| Buckets::new(dev, v)).transpose()?,
             type_buckets: types_i.as_deref().map(|v| Buckets::new(dev, v)).transpose()?,
         })
     }
@@ -237,14 +241,14 @@ impl CudaDevice {
         unsafe { l.launch(cfg) }
     }
 
-    /// `out[n] = wte[ids[n]] + wpe[pos[n]] (+ tte[types[n]])` for the batch's tokens; `tte`
-    /// must be given exactly when the batch has token types.
+    /// `out[n] = wte[ids[n]] (+ wpe[pos[n]]) (+ tte[types[n]])` for the batch's tokens; `wpe`
+    /// must be given exactly when the batch has positions, `tte` when it has token types.
     pub fn embedding_forward<T: KernelDtype>(
         &self,
         out: &mut CudaViewMut<'_, T>,
         batch: &EmbeddingBatch,
         wte: &CudaView<'_, T>,
-        wpe: &CudaView<'_, T>,
+        wpe: Option<&CudaView<'_, T>>,
         tte: Option<&CudaView<'_, T>>,
     ) -> Result<()> {
         const OP: &str = "embedding_forward";
@@ -257,7 +261,12 @@ impl CudaDevice {
         }
         let c = out.len() / n;
         check_len(OP, "wte", wte.len(), batch.vocab * c)?;
-        check_len(OP, "wpe", wpe.len(), batch.n_pos * c)?;
+        if wpe.is_some() != batch.pos.is_some() {
+            return Err(shape(OP, "position table and positions go together"));
+        }
+        if let Some(p) = wpe {
+            check_len(OP, "wpe", p.len(), batch.n_pos * c)?;
+        }
         if tte.is_some() != batch.types.is_some() {
             return Err(shape(OP, "token-type table and token-type ids go together"));
         }
@@ -265,25 +274,25 @@ impl CudaDevice {
             check_len(OP, "tte", tt.len(), batch.n_types * c)?;
         }
         let (n_i, c_i) = (to_i32(OP, "tokens", n)?, to_i32(OP, "C", c)?);
-        let (ids, pos) = (batch.ids.as_view(), batch.pos.as_view());
+        let (ids, pos) = (batch.ids.as_view(), batch.pos.as_ref().map(|p| p.as_view()));
         let types = batch.types.as_ref().map(|t| t.as_view());
         let mut l = Launch::new(self, format!("embedding_fwd_{}", T::SUFFIX))?;
-        l.output(out).input(&ids).input(&pos).optional_input(types.as_ref());
-        l.input(wte).input(wpe).optional_input(tte);
+        l.output(out).input(&ids).optional_input(pos.as_ref()).optional_input(types.as_ref());
+        l.input(wte).optional_input(wpe).optional_input(tte);
         l.scalar(&n_i).scalar(&c_i);
         // SAFETY: out has n*c elements; ids/pos/types were validated against vocab/n_pos/n_types
         // and the tables have exactly that many rows of c (checked).
         unsafe { l.launch(elem_cfg(n * c)) }
     }
 
-    /// Embedding backward, deterministic: `dwte[ids[n]] += dout[n]`, `dwpe[pos[n]] += dout[n]`,
-    /// `dtte[types[n]] += dout[n]` (table gradients of type `G`: f32, or bf16 with bf16 `dout`,
+    /// Embedding backward, deterministic: `dwte[ids[n]] += dout[n]`, `dwpe[pos[n]] += dout[n]`
+    /// (given exactly when the batch has positions), `dtte[types[n]] += dout[n]` (table gradients of type `G`: f32, or bf16 with bf16 `dout`,
     /// the sum in f32 rounded once), each table row summed by one thread per channel over its
     /// tokens in order (no atomics).
     pub fn embedding_backward<T: KernelDtype, G: KernelDtype>(
         &self,
         dwte: &mut CudaViewMut<'_, G>,
-        dwpe: &mut CudaViewMut<'_, G>,
+        dwpe: Option<&mut CudaViewMut<'_, G>>,
         dtte: Option<&mut CudaViewMut<'_, G>>,
         dout: &CudaView<'_, T>,
         batch: &EmbeddingBatch,
@@ -297,7 +306,7 @@ impl CudaDevice {
     pub fn embedding_backward_skipping<T: KernelDtype, G: KernelDtype>(
         &self,
         dwte: &mut CudaViewMut<'_, G>,
-        dwpe: &mut CudaViewMut<'_, G>,
+        dwpe: Option<&mut CudaViewMut<'_, G>>,
         dtte: Option<&mut CudaViewMut<'_, G>>,
         dout: &CudaView<'_, T>,
         batch: &EmbeddingBatch,
@@ -316,7 +325,12 @@ impl CudaDevice {
             return Err(shape(OP, format!("{} table gradients need {} dout", G::SUFFIX, G::SUFFIX)));
         }
         check_len(OP, "dwte", dwte.len(), batch.vocab * c)?;
-        check_len(OP, "dwpe", dwpe.len(), batch.n_pos * c)?;
+        if dwpe.is_some() != batch.pos.is_some() {
+            return Err(shape(OP, "position gradient and positions go together"));
+        }
+        if let Some(d) = &dwpe {
+            check_len(OP, "dwpe", d.len(), batch.n_pos * c)?;
+        }
         if dtte.is_some() != batch.types.is_some() {
             return Err(shape(OP, "token-type gradient and token-type ids go together"));
         }
@@ -325,7 +339,9 @@ impl CudaDevice {
             check_len(OP, "dtte", d.len(), batch.n_types * c)?;
         }
         self.embedding_bwd_table(dwte, dout, &batch.tok_buckets, c, c_i, pad.word)?;
-        self.embedding_bwd_table(dwpe, dout, &batch.pos_buckets, c, c_i, pad.position)?;
+        if let (Some(d), Some(bk)) = (dwpe, batch.pos_buckets.as_ref()) {
+            self.embedding_bwd_table(d, dout, bk, c, c_i, pad.position)?;
+        }
         if let (Some(d), Some(bk)) = (dtte, batch.type_buckets.as_ref()) {
             self.embedding_bwd_table(d, dout, bk, c, c_i, None)?;
         }

@@ -91,10 +91,9 @@ impl Attention for DisentangledAttention {
 
     fn alloc<B: Backend>(&self, be: &B, b: usize, t: usize) -> Result<DisentangledSaved<B>> {
         let (bt, c, rows) = (b * t, self.c(), self.rel_rows());
-        let s = self.shape(b, t).attn;
         Ok(DisentangledSaved {
             qkv: be.alloc(bt * 3 * c)?,
-            state: be.alloc_attn_state(s)?,
+            state: be.alloc_disentangled_state(self.shape(b, t))?,
             atty: be.alloc(bt * c)?,
             rel: be.alloc(rows * c)?,
             kr: self.pos_key.map(|_| be.alloc(rows * c)).transpose()?,
