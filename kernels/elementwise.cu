@@ -6,9 +6,6 @@
 //   tanh_fwd:         out[i] = tanh(inp[i])                Bytes 2En, one tanh per element
 //   tanh_bwd:         dinp[i] += (1 - out[i]^2) dout[i]    Bytes 4En, FLOPs 3n
 //   zero_padded_rows: x[r, :] = 0 where valid[r] == 0      Bytes <= E rows*cols + rows
-// and the conversions between the two (the bf16 backend's LayerNorm statistics):
-//   to_bf16_f32:      out[i] = bf16(x[i]) (round to nearest even)   Bytes 6n
-//   to_f32_bf16:      out[i] = float(x[i]) (exact)                  Bytes 6n
 #include "common.cuh"
 
 namespace {
@@ -73,12 +70,4 @@ extern "C" __global__ void zero_padded_rows_f32(float* x, const unsigned char* v
 
 extern "C" __global__ void zero_padded_rows_bf16(lm::bf16* x, const unsigned char* valid, uint64_t rows, uint64_t cols) {
   zero_padded_rows(x, valid, rows, cols);
-}
-
-extern "C" __global__ void to_bf16_f32(lm::bf16* out, const float* x, uint64_t n) {
-  for (uint64_t i = lm::global_thread(); i < n; i += lm::grid_threads()) out[i] = lm::from_f32<lm::bf16>(x[i]);
-}
-
-extern "C" __global__ void to_f32_bf16(float* out, const lm::bf16* x, uint64_t n) {
-  for (uint64_t i = lm::global_thread(); i < n; i += lm::grid_threads()) out[i] = lm::to_f32(x[i]);
 }

@@ -164,8 +164,8 @@ impl Backend for Timed {
     fn layernorm_forward(
         &self,
         out: &mut [f32],
-        mean: &mut [f32],
-        rstd: &mut [f32],
+        mean: &mut Vec<f32>,
+        rstd: &mut Vec<f32>,
         inp: &[f32],
         weight: &[f32],
         bias: &[f32],
@@ -184,8 +184,8 @@ impl Backend for Timed {
         dout: &[f32],
         inp: &[f32],
         weight: &[f32],
-        mean: &[f32],
-        rstd: &[f32],
+        mean: &Vec<f32>,
+        rstd: &Vec<f32>,
         rows: usize,
         cols: usize,
     ) -> Result<()> {

@@ -491,13 +491,15 @@ pub trait Backend: Send + Sync + Sized + 'static {
     fn gemm(&self, c: Self::ViewMut<'_>, a: Self::View<'_>, b: Self::View<'_>, d: &GemmDesc, epi: Epilogue<'_, '_, Self>) -> Result<()>;
     /// `dbias += column sums of dout`.
     fn bias_backward(&self, dbias: Self::ViewMut<'_>, dout: Self::View<'_>, rows: usize, cols: usize) -> Result<()>;
-    /// LayerNorm over the last dimension; saves per-row mean and 1/std for backward.
+    /// LayerNorm over the last dimension; saves per-row mean and 1/std for backward in f32
+    /// whatever the compute dtype (the first `rows` entries of `mean` and `rstd`), so the
+    /// backward normalises exactly as the forward did.
     #[allow(clippy::too_many_arguments)]
     fn layernorm_forward(
         &self,
         out: Self::ViewMut<'_>,
-        mean: Self::ViewMut<'_>,
-        rstd: Self::ViewMut<'_>,
+        mean: &mut Self::Master,
+        rstd: &mut Self::Master,
         inp: Self::View<'_>,
         weight: Self::View<'_>,
         bias: Self::View<'_>,
@@ -515,8 +517,8 @@ pub trait Backend: Send + Sync + Sized + 'static {
         dout: Self::View<'_>,
         inp: Self::View<'_>,
         weight: Self::View<'_>,
-        mean: Self::View<'_>,
-        rstd: Self::View<'_>,
+        mean: &Self::Master,
+        rstd: &Self::Master,
         rows: usize,
         cols: usize,
     ) -> Result<()>;

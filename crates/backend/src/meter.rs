@@ -320,8 +320,8 @@ impl<const F32: bool> Backend for Meter<F32> {
     fn layernorm_forward(
         &self,
         _: MeterViewMut<'_>,
-        _: MeterViewMut<'_>,
-        _: MeterViewMut<'_>,
+        _: &mut MeterBuf,
+        _: &mut MeterBuf,
         _: MeterView<'_>,
         _: MeterView<'_>,
         _: MeterView<'_>,
@@ -339,8 +339,8 @@ impl<const F32: bool> Backend for Meter<F32> {
         _: MeterView<'_>,
         _: MeterView<'_>,
         _: MeterView<'_>,
-        _: MeterView<'_>,
-        _: MeterView<'_>,
+        _: &MeterBuf,
+        _: &MeterBuf,
         _: usize,
         _: usize,
     ) -> Result<()> {

@@ -170,8 +170,8 @@ impl Backend for Cpu {
     fn layernorm_forward(
         &self,
         out: &mut [f32],
-        mean: &mut [f32],
-        rstd: &mut [f32],
+        mean: &mut Vec<f32>,
+        rstd: &mut Vec<f32>,
         inp: &[f32],
         weight: &[f32],
         bias: &[f32],
@@ -179,7 +179,7 @@ impl Backend for Cpu {
         cols: usize,
         eps: f32,
     ) -> Result<()> {
-        ops::layernorm_forward(out, mean, rstd, inp, weight, bias, rows, cols, eps);
+        ops::layernorm_forward(out, &mut mean[..rows], &mut rstd[..rows], inp, weight, bias, rows, cols, eps);
         Ok(())
     }
     fn layernorm_backward(
@@ -190,12 +190,12 @@ impl Backend for Cpu {
         dout: &[f32],
         inp: &[f32],
         weight: &[f32],
-        mean: &[f32],
-        rstd: &[f32],
+        mean: &Vec<f32>,
+        rstd: &Vec<f32>,
         rows: usize,
         cols: usize,
     ) -> Result<()> {
-        ops::layernorm_backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd, rows, cols);
+        ops::layernorm_backward(dinp, dweight, dbias, dout, inp, weight, &mean[..rows], &rstd[..rows], rows, cols);
         Ok(())
     }
     fn gelu_forward(&self, out: &mut [f32], inp: &[f32], kind: GeluKind) -> Result<()> {

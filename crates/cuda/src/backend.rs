@@ -17,9 +17,8 @@
 //! `adamw_update` runs the `adamw_bf16` kernel on it, refreshing the bf16 weights by stochastic
 //! rounding seeded from the step number, so a step is reproducible), the parameter-gradient
 //! reductions (summed in f32, added to the bf16 gradient once), attention's row log-sum-exp, the
-//! head's row losses and the step scalars (f64 loss, f32 norm). LayerNorm's mean and rstd are
-//! computed in f32 and saved in the trait's bf16 views (rounded), which the backward widens back
-//! to f32: a per-row relative perturbation of at most 2^-8 of its normalisation. `from_host` /
+//! head's row losses, LayerNorm's per-row mean and rstd and the step scalars (f64 loss, f32
+//! norm). `from_host` /
 //! `to_host` convert on the host (round to nearest even / exact).
 //!
 //! Memory: buffers are [`CuBuf`]s (a `CudaSlice<T>`; CUDA refuses empty allocations, so every
@@ -412,6 +411,14 @@ impl<T: KernelDtype> CudaBackend<T> {
     }
 }
 
+/// The first `rows` entries of a LayerNorm statistics buffer.
+fn stat_rows<'a>(op: &str, s: &'a mut CuBuf<f32>, rows: usize) -> Result<CudaViewMut<'a, f32>> {
+    if s.len < rows {
+        return Err(BackendError(format!("{op}: the statistics have {} rows, expected {rows}", s.len)));
+    }
+    Ok(s.data.slice_mut(0..rows))
+}
+
 /// Bytes `offset..` of `arena` (at device address `base`) as a buffer of `len` elements of `U`
 /// that keeps the arena alive.
 ///
@@ -682,8 +689,8 @@ impl<T: KernelDtype> Backend for CudaBackend<T> {
     fn layernorm_forward(
         &self,
         mut out: CudaViewMut<'_, T>,
-        mean: CudaViewMut<'_, T>,
-        rstd: CudaViewMut<'_, T>,
+        mean: &mut CuBuf<f32>,
+        rstd: &mut CuBuf<f32>,
         inp: CuView<'_, T>,
         weight: CuView<'_, T>,
         bias: CuView<'_, T>,
@@ -692,23 +699,8 @@ impl<T: KernelDtype> Backend for CudaBackend<T> {
         eps: f32,
     ) -> Result<()> {
         let (inp, w, b) = (inp.cuda(), weight.cuda(), bias.cuda());
-        match (T::typed_mut(mean), T::typed_mut(rstd)) {
-            (TypedMut::F32(mut mean), TypedMut::F32(mut rstd)) => {
-                Ok(self.dev.layernorm_forward(&mut out, &mut mean, &mut rstd, &inp, &w, &b, rows, cols, eps)?)
-            }
-            // the kernel saves f32 statistics: through the scratch, rounded into the bf16 views
-            (TypedMut::Bf16(mut mean), TypedMut::Bf16(mut rstd)) => {
-                check("layernorm_forward", "mean", mean.len(), rows)?;
-                check("layernorm_forward", "rstd", rstd.len(), rows)?;
-                self.with_scratch(2 * rows, |s| {
-                    let (mut m, mut r) = s.split_at_mut(rows);
-                    self.dev.layernorm_forward(&mut out, &mut m, &mut r, &inp, &w, &b, rows, cols, eps)?;
-                    self.dev.convert(&mut mean, &m.as_view())?;
-                    Ok(self.dev.convert(&mut rstd, &r.as_view())?)
-                })
-            }
-            _ => unreachable!("mean and rstd have one type"),
-        }
+        let (mut mean, mut rstd) = (stat_rows("layernorm_forward", mean, rows)?, stat_rows("layernorm_forward", rstd, rows)?);
+        Ok(self.dev.layernorm_forward(&mut out, &mut mean, &mut rstd, &inp, &w, &b, rows, cols, eps)?)
     }
     fn layernorm_backward(
         &self,
@@ -718,32 +710,21 @@ impl<T: KernelDtype> Backend for CudaBackend<T> {
         dout: CuView<'_, T>,
         inp: CuView<'_, T>,
         weight: CuView<'_, T>,
-        mean: CuView<'_, T>,
-        rstd: CuView<'_, T>,
+        mean: &CuBuf<f32>,
+        rstd: &CuBuf<f32>,
         rows: usize,
         cols: usize,
     ) -> Result<()> {
         let (dout, inp, w) = (dout.cuda(), inp.cuda(), weight.cuda());
-        let part = layernorm_backward_scratch(rows, cols);
-        match (T::typed(mean.cuda()), T::typed(rstd.cuda())) {
-            (Typed::F32(mean), Typed::F32(rstd)) => self.with_scratch(part, |s| {
-                Ok(self.dev.layernorm_backward(&mut dinp, &mut dweight, &mut dbias, s, &dout, &inp, &w, &mean, &rstd, rows, cols)?)
-            }),
-            // the bf16 statistics back to f32 in the scratch, before the partial sums
-            (Typed::Bf16(mean), Typed::Bf16(rstd)) => {
-                check("layernorm_backward", "mean", mean.len(), rows)?;
-                check("layernorm_backward", "rstd", rstd.len(), rows)?;
-                self.with_scratch(2 * rows + part, |s| {
-                    let (mut m, mut rest) = s.split_at_mut(rows);
-                    let (mut r, mut p) = rest.split_at_mut(rows);
-                    self.dev.convert(&mut m, &mean)?;
-                    self.dev.convert(&mut r, &rstd)?;
-                    let (m, r) = (m.as_view(), r.as_view());
-                    Ok(self.dev.layernorm_backward(&mut dinp, &mut dweight, &mut dbias, &mut p, &dout, &inp, &w, &m, &r, rows, cols)?)
-                })
+        for (what, s) in [("mean", mean), ("rstd", rstd)] {
+            if s.len < rows {
+                return Err(BackendError(format!("layernorm_backward: {what} has {} rows, expected {rows}", s.len)));
             }
-            _ => unreachable!("mean and rstd have one type"),
         }
+        let (mean, rstd) = (mean.data.slice(0..rows), rstd.data.slice(0..rows));
+        self.with_scratch(layernorm_backward_scratch(rows, cols), |s| {
+            Ok(self.dev.layernorm_backward(&mut dinp, &mut dweight, &mut dbias, s, &dout, &inp, &w, &mean, &rstd, rows, cols)?)
+        })
     }
     fn gelu_forward(&self, mut out: CudaViewMut<'_, T>, inp: CuView<'_, T>, kind: GeluKind) -> Result<()> {
         Ok(self.dev.gelu_forward(&mut out, &inp.cuda(), kind)?)

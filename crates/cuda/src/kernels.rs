@@ -341,22 +341,6 @@ impl CudaDevice {
         unsafe { l.launch(cfg) }
     }
 
-    /// `out = x` converted to the type of `out` (f32 to bf16: round to nearest even; bf16 to
-    /// f32: exact).
-    pub fn convert<S: KernelDtype, D: KernelDtype>(&self, out: &mut CudaViewMut<'_, D>, x: &CudaView<'_, S>) -> Result<()> {
-        const OP: &str = "convert";
-        let n = x.len();
-        check_len(OP, "out", out.len(), n)?;
-        if n == 0 {
-            return Ok(());
-        }
-        let n64 = n as u64;
-        let mut l = Launch::new(self, format!("to_{}_{}", D::SUFFIX, S::SUFFIX))?;
-        l.output(out).input(x).scalar(&n64);
-        // SAFETY: out and x both have n elements, the kernel's loop bound.
-        unsafe { l.launch(elem_cfg(n)) }
-    }
-
     /// `out = gelu(inp)` element-wise.
     pub fn gelu_forward<T: KernelDtype>(&self, out: &mut CudaViewMut<'_, T>, inp: &CudaView<'_, T>, kind: GeluKind) -> Result<()> {
         const OP: &str = "gelu_forward";

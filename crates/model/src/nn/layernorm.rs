@@ -21,16 +21,16 @@ pub struct LayerNorm {
 pub struct LnSaved<B: Backend> {
     /// Output `[rows, c]`.
     pub out: B::Buf,
-    /// Per-row mean.
-    pub mean: B::Buf,
-    /// Per-row `1 / std`.
-    pub rstd: B::Buf,
+    /// Per-row mean (f32 on every backend).
+    pub mean: B::Master,
+    /// Per-row `1 / std` (f32 on every backend).
+    pub rstd: B::Master,
 }
 
 impl<B: Backend> LnSaved<B> {
     /// Buffers for `rows` rows of width `c`.
     pub fn new(be: &B, rows: usize, c: usize) -> Result<Self> {
-        Ok(LnSaved { out: be.alloc(rows * c)?, mean: be.alloc(rows)?, rstd: be.alloc(rows)? })
+        Ok(LnSaved { out: be.alloc(rows * c)?, mean: be.master_from_host(vec![0.0; rows])?, rstd: be.master_from_host(vec![0.0; rows])? })
     }
 }
 
@@ -47,8 +47,8 @@ impl LayerNorm {
         let c = self.c;
         be.layernorm_forward(
             B::slice_mut(B::view_mut(&mut s.out), 0, rows * c),
-            B::slice_mut(B::view_mut(&mut s.mean), 0, rows),
-            B::slice_mut(B::view_mut(&mut s.rstd), 0, rows),
+            &mut s.mean,
+            &mut s.rstd,
             x,
             w.get(self.w),
             w.get(self.b),
@@ -72,17 +72,6 @@ impl LayerNorm {
         rows: usize,
     ) -> Result<()> {
         let (dw, db) = g.pair(self.w, self.b);
-        be.layernorm_backward(
-            dx,
-            dw,
-            db,
-            dout,
-            x,
-            w.get(self.w),
-            B::slice(B::view(&s.mean), 0, rows),
-            B::slice(B::view(&s.rstd), 0, rows),
-            rows,
-            self.c,
-        )
+        be.layernorm_backward(dx, dw, db, dout, x, w.get(self.w), &s.mean, &s.rstd, rows, self.c)
     }
 }
