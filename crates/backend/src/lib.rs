@@ -445,17 +445,8 @@ pub trait Backend: Send + Sync + Sized + 'static {
     /// master weights equal to `params`. This default allocates each buffer apart; a device
     /// backend makes them ONE allocation (one free, no fragmentation between them).
     fn alloc_training_state(&self, params: Vec<f32>) -> Result<TrainingState<Self>> {
-        let n = params.len();
-        let master = if Self::F32_COMPUTE { None } else { Some(self.master_from_host(params.clone())?) };
-        Ok(TrainingState {
-            params: self.from_host(params)?,
-            grads: self.alloc(n)?,
-            optimizer: OptimizerState {
-                exp_avg: self.master_from_host(vec![0.0; n])?,
-                exp_avg_sq: self.master_from_host(vec![0.0; n])?,
-                master,
-            },
-        })
+        let (optimizer, grads) = (OptimizerState::alloc(self, &params)?, self.alloc(params.len())?);
+        Ok(TrainingState { params: self.from_host(params)?, grads, optimizer })
     }
 
     // ---- inputs and scalars ---------------------------------------------------------------
@@ -696,6 +687,16 @@ pub struct OptimizerState<B: Backend> {
     pub exp_avg_sq: B::Master,
     /// The f32 master weights (`None` when the parameters are f32 themselves).
     pub master: Option<B::Master>,
+}
+
+impl<B: Backend> OptimizerState<B> {
+    /// Zero moments and, without [`Backend::F32_COMPUTE`], master weights equal to `params`,
+    /// each an allocation of its own.
+    pub fn alloc(be: &B, params: &[f32]) -> Result<Self> {
+        let n = params.len();
+        let master = if B::F32_COMPUTE { None } else { Some(be.master_from_host(params.to_vec())?) };
+        Ok(OptimizerState { exp_avg: be.master_from_host(vec![0.0; n])?, exp_avg_sq: be.master_from_host(vec![0.0; n])?, master })
+    }
 }
 
 /// The buffers of a training run ([`Backend::alloc_training_state`]).

@@ -411,11 +411,17 @@ impl<T: KernelDtype> CudaBackend<T> {
     }
 }
 
-/// The first `rows` entries of a LayerNorm statistics buffer.
-fn stat_rows<'a>(op: &str, s: &'a mut CuBuf<f32>, rows: usize) -> Result<CudaViewMut<'a, f32>> {
+/// A LayerNorm statistics buffer must hold at least `rows` rows.
+fn check_stat_rows(op: &str, s: &CuBuf<f32>, rows: usize) -> Result<()> {
     if s.len < rows {
         return Err(BackendError(format!("{op}: the statistics have {} rows, expected {rows}", s.len)));
     }
+    Ok(())
+}
+
+/// The first `rows` entries of a LayerNorm statistics buffer.
+fn stat_rows<'a>(op: &str, s: &'a mut CuBuf<f32>, rows: usize) -> Result<CudaViewMut<'a, f32>> {
+    check_stat_rows(op, s, rows)?;
     Ok(s.data.slice_mut(0..rows))
 }
 
@@ -716,11 +722,8 @@ impl<T: KernelDtype> Backend for CudaBackend<T> {
         cols: usize,
     ) -> Result<()> {
         let (dout, inp, w) = (dout.cuda(), inp.cuda(), weight.cuda());
-        for (what, s) in [("mean", mean), ("rstd", rstd)] {
-            if s.len < rows {
-                return Err(BackendError(format!("layernorm_backward: {what} has {} rows, expected {rows}", s.len)));
-            }
-        }
+        check_stat_rows("layernorm_backward", mean, rows)?;
+        check_stat_rows("layernorm_backward", rstd, rows)?;
         let (mean, rstd) = (mean.data.slice(0..rows), rstd.data.slice(0..rows));
         self.with_scratch(layernorm_backward_scratch(rows, cols), |s| {
             Ok(self.dev.layernorm_backward(&mut dinp, &mut dweight, &mut dbias, s, &dout, &inp, &w, &mean, &rstd, rows, cols)?)

@@ -217,8 +217,8 @@ impl<B: Backend> std::fmt::Debug for AdamW<B> {
 impl<B: Backend> AdamW<B> {
     /// A fresh optimizer (zero moments on `backend`, step 0) for the parameters `params` (f32,
     /// host) with the given decay segments (see [`decay_segments`]; they must cover them all).
-    /// On a backend without f32 compute, `params` become the master weights (moved there when
-    /// given as a `Vec`, copied when borrowed). Each buffer is an allocation of its own; the
+    /// On a backend without f32 compute, `params` become the master weights
+    /// ([`OptimizerState::alloc`]). Each buffer is an allocation of its own; the
     /// trainer allocates them with the parameters instead ([`AdamW::with_state`]).
     pub fn new<'p>(
         backend: &B,
@@ -226,15 +226,7 @@ impl<B: Backend> AdamW<B> {
         params: impl Into<Cow<'p, [f32]>>,
         segments: Vec<DecaySegment>,
     ) -> Result<Self, OptimError> {
-        let params = params.into();
-        let n = params.len();
-        let master = if B::F32_COMPUTE { None } else { Some(backend.master_from_host(params.into_owned())?) };
-        let state = OptimizerState {
-            exp_avg: backend.master_from_host(vec![0.0; n])?,
-            exp_avg_sq: backend.master_from_host(vec![0.0; n])?,
-            master,
-        };
-        Ok(Self::with_state(config, state, segments))
+        Ok(Self::with_state(config, OptimizerState::alloc(backend, &params.into())?, segments))
     }
 
     /// An optimizer at step 0 over the given state (zero moments; see
